@@ -1,0 +1,352 @@
+//! The admin port (hyper): push API, metrics, health and inspection.
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /v1/push/{user}` | body = payload; answers `{"id":…,"delivered":…}` |
+//! | `POST /v1/push` | JSON array of `{"user":…,"data":…}` |
+//! | `GET /v1/users/{user}` | that user's connections on this node |
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET /healthz` | 200 while the process serves |
+//! | `GET /readyz` | 200, or 503 when at capacity or draining |
+//!
+//! With `--admin-token`, `/v1/*` requires `Authorization: Bearer <token>`; the probes and
+//! `/metrics` stay open for kubelets and scrapers.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+use tokio::net::TcpListener;
+
+use crate::hub::PushOutcome;
+use crate::metrics as m;
+use crate::protocol::http::percent_decode;
+use crate::protocol::message::Payload;
+use crate::server::Shared;
+
+/// Most messages in one batch request.
+pub const MAX_BATCH: usize = 10_000;
+
+type Resp = Response<Full<Bytes>>;
+
+/// Serves the admin port until the task is aborted.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(req, &shared).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Resp {
+    json_response(
+        status,
+        json!({ "error": code, "message": message.to_string() }),
+    )
+}
+
+async fn route(req: Request<Incoming>, shared: &Shared) -> Resp {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    if path.starts_with("/v1/") {
+        if let Some(expected) = &shared.config.admin_token {
+            if !bearer_matches(&req, expected) {
+                let mut r = error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "admin API requires `Authorization: Bearer <admin token>`",
+                );
+                r.headers_mut()
+                    .insert("WWW-Authenticate", HeaderValue::from_static("Bearer"));
+                return r;
+            }
+        }
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (Method::GET, ["healthz"]) => json_response(StatusCode::OK, json!({"status": "ok"})),
+        (Method::GET, ["readyz"]) => readyz(shared),
+        (Method::GET, ["metrics"]) => {
+            let mut r = Response::new(Full::new(Bytes::from(shared.prometheus.render())));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        (Method::POST, ["v1", "push"]) => push_batch(req, shared).await,
+        (Method::POST, ["v1", "push", user]) => match decode_user(user) {
+            Ok(user) => push_one(req, &user, shared).await,
+            Err(r) => r,
+        },
+        (Method::GET, ["v1", "users", user]) => match decode_user(user) {
+            Ok(user) => user_connections(&user, shared),
+            Err(r) => r,
+        },
+        (_, ["healthz" | "readyz" | "metrics"])
+        | (_, ["v1", "push"])
+        | (_, ["v1", "push", _])
+        | (_, ["v1", "users", _]) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "see docs/protocol.md for the admin routes",
+        ),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no admin route `{path}`"),
+        ),
+    }
+}
+
+fn bearer_matches(req: &Request<Incoming>, expected: &str) -> bool {
+    let Some(value) = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(token) = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+    else {
+        return false;
+    };
+    constant_time_eq(token.trim().as_bytes(), expected.as_bytes())
+}
+
+/// Compares without an early exit, so response time does not reveal a matching prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn decode_user(raw: &str) -> Result<String, Resp> {
+    match percent_decode(raw) {
+        Some(u) if !u.is_empty() && u.len() <= crate::auth::MAX_ID_LEN => Ok(u),
+        _ => Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_user",
+            format!(
+                "user ID must be 1 to {} bytes of percent-encoded UTF-8",
+                crate::auth::MAX_ID_LEN
+            ),
+        )),
+    }
+}
+
+fn readyz(shared: &Shared) -> Resp {
+    let open = shared.hub.open_total();
+    let capacity = shared.config.max_connections;
+    let body = |status: &str| json!({"status": status, "open": open, "capacity": capacity});
+    if shared.draining().is_some() {
+        json_response(StatusCode::SERVICE_UNAVAILABLE, body("draining"))
+    } else if shared.at_capacity() {
+        json_response(StatusCode::SERVICE_UNAVAILABLE, body("at_capacity"))
+    } else {
+        json_response(StatusCode::OK, body("ready"))
+    }
+}
+
+/// Reads a body of at most `limit` bytes, or answers 413.
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Resp> {
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("body exceeds {limit} bytes"),
+            ))
+        }
+        Err(e) => Err(error(StatusCode::BAD_REQUEST, "bad_body", e)),
+    }
+}
+
+fn is_json(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            let mime = v.split(';').next().unwrap_or("").trim();
+            mime.eq_ignore_ascii_case("application/json") || mime.ends_with("+json")
+        })
+}
+
+fn outcome_json(user: &str, o: PushOutcome) -> serde_json::Value {
+    json!({"user": user, "id": o.id, "delivered": o.delivered, "dropped": o.dropped})
+}
+
+async fn push_one(req: Request<Incoming>, user: &str, shared: &Shared) -> Resp {
+    let received = tokio::time::Instant::now();
+    let json = is_json(&req);
+    let body = match read_body(req, shared.config.max_message_bytes).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let payload = if json {
+        Payload::json(body).map_err(|e| e.to_string())
+    } else {
+        Payload::text(body).map_err(|e| format!("payload must be UTF-8 text: {e}"))
+    };
+    let payload = match payload {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_payload", e),
+    };
+    metrics::counter!(m::PUSHES).increment(1);
+    let outcome = shared.hub.push(user, &payload, received, shared.limits);
+    count_undelivered(outcome);
+    json_response(StatusCode::OK, outcome_json(user, outcome))
+}
+
+fn count_undelivered(o: PushOutcome) {
+    if o.id.is_none() {
+        metrics::counter!(m::MESSAGES_DROPPED, "reason" => "not_connected").increment(1);
+    }
+}
+
+#[derive(Deserialize)]
+struct BatchItem<'a> {
+    #[serde(borrow)]
+    user: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+async fn push_batch(req: Request<Incoming>, shared: &Shared) -> Resp {
+    let received = tokio::time::Instant::now();
+    // A batch may carry many messages of the maximum size, up to a bound.
+    let limit = shared.config.max_message_bytes.saturating_mul(64);
+    let body = match read_body(req, limit).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let items: Vec<BatchItem<'_>> = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_batch",
+                format!("expected a JSON array of {{\"user\":…,\"data\":…}}: {e}"),
+            )
+        }
+    };
+    if items.len() > MAX_BATCH {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many",
+            format!("at most {MAX_BATCH} messages per batch"),
+        );
+    }
+    // Validate everything first: a batch is applied whole or not at all.
+    let mut payloads = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        if item.user.is_empty() || item.user.len() > crate::auth::MAX_ID_LEN {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_user",
+                format!("item {i}: bad user ID"),
+            );
+        }
+        let raw = item.data.get();
+        let payload = if raw.starts_with('"') {
+            // A JSON string is a text payload: SSE clients get the string itself.
+            let text: String = serde_json::from_str(raw).expect("RawValue holds valid JSON");
+            Payload::text(Bytes::from(text)).expect("a Rust String is UTF-8")
+        } else {
+            Payload::json(Bytes::copy_from_slice(raw.as_bytes())).expect("valid JSON")
+        };
+        if payload.bytes.len() > shared.config.max_message_bytes {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "item {i}: data exceeds {} bytes",
+                    shared.config.max_message_bytes
+                ),
+            );
+        }
+        payloads.push(payload);
+    }
+    metrics::counter!(m::PUSHES).increment(items.len() as u64);
+    let mut delivered = 0;
+    let results: Vec<_> = items
+        .iter()
+        .zip(&payloads)
+        .map(|(item, payload)| {
+            let o = shared
+                .hub
+                .push(&item.user, payload, received, shared.limits);
+            count_undelivered(o);
+            delivered += o.delivered;
+            outcome_json(&item.user, o)
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        json!({"delivered": delivered, "results": results}),
+    )
+}
+
+fn user_connections(user: &str, shared: &Shared) -> Resp {
+    let conns: Vec<_> = shared
+        .hub
+        .connections(user)
+        .iter()
+        .map(|c| {
+            let st = c.state();
+            json!({
+                "conn_id": c.id,
+                "device": c.device.as_deref(),
+                "transport": c.transport.as_str(),
+                "remote": c.remote.to_string(),
+                "connected_at_unix_ms": c.connected_at_unix_ms,
+                "superseded": st.superseded,
+                "asked_to_reconnect": st.clock.asked_at.is_some(),
+                "queued": st.queued(),
+            })
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        json!({"user": user, "node": shared.config.node_id, "connections": conns}),
+    )
+}

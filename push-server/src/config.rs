@@ -1,0 +1,472 @@
+//! Configuration in two stages (as ripgrep does): raw values from flags, `PUSH_*` environment
+//! variables and an optional TOML file, then one validated [`Config`].
+//!
+//! Precedence, highest first: command-line flag, environment variable, `--config` file,
+//! built-in default. Every flag has an environment variable: `--max-connections` is
+//! `PUSH_MAX_CONNECTIONS`, and the file key is `max_connections`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::hub::SlowConsumerPolicy;
+use crate::lifecycle::Policy;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Settings of a push-server node, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Client port (WebSocket and SSE).
+    pub listen: SocketAddr,
+    /// Admin port (push API, metrics, health).
+    pub admin_listen: SocketAddr,
+    /// This node's ID in logs, metrics and (later) the registry.
+    pub node_id: String,
+    /// HS256 secret for client tokens. `None`: the server makes one at start and prints it.
+    pub auth_secret: Option<String>,
+    /// Refuse tokens without `exp`.
+    pub require_exp: bool,
+    /// Bearer token for the admin API's `/v1/*` routes.
+    pub admin_token: Option<String>,
+    /// Most client connections open at once.
+    pub max_connections: usize,
+    /// Let several processes bind the same client port (SO_REUSEPORT).
+    pub reuse_port: bool,
+    /// Listen backlog of the client port.
+    pub backlog: u32,
+    /// Lifetimes, heartbeats and drain.
+    pub lifecycle: Policy,
+    /// How long a client may take to send its request head.
+    pub handshake_timeout: Duration,
+    /// Largest request head accepted, bytes.
+    pub max_head_bytes: usize,
+    /// Largest message accepted (client frame, assembled message, admin payload), bytes.
+    pub max_message_bytes: usize,
+    /// Most frames queued for one slow connection.
+    pub max_queue: usize,
+    /// What to do when a connection's queue is full.
+    pub slow_consumer: SlowConsumerPolicy,
+    /// Connects per second allowed per client IP (0 disables).
+    pub per_ip_rate: f64,
+    /// Burst of connects allowed per client IP.
+    pub per_ip_burst: u32,
+    /// Most connections in their handshake at once.
+    pub max_pending_handshakes: usize,
+    /// How often the sweeper runs lifecycle checks.
+    pub sweep_interval: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("literal address"),
+            admin_listen: "127.0.0.1:9090".parse().expect("literal address"),
+            node_id: default_node_id(),
+            auth_secret: None,
+            require_exp: false,
+            admin_token: None,
+            max_connections: 100_000,
+            reuse_port: false,
+            // Reconnect storms (a peer node dies, its clients all come here) arrive faster
+            // than accept() drains; the kernel caps this at net.core.somaxconn.
+            backlog: 4096,
+            lifecycle: Policy::default(),
+            handshake_timeout: Duration::from_secs(10),
+            max_head_bytes: 8 * 1024,
+            max_message_bytes: 64 * 1024,
+            max_queue: 64,
+            slow_consumer: SlowConsumerPolicy::Disconnect,
+            per_ip_rate: 200.0,
+            per_ip_burst: 1000,
+            max_pending_handshakes: 4096,
+            sweep_interval: Duration::from_millis(500),
+            log_format: LogFormat::Human,
+        }
+    }
+}
+
+impl Config {
+    /// A configuration for tests and benchmarks: both ports on 127.0.0.1 port 0, a fixed
+    /// secret, no per-IP limit.
+    pub fn local_test(secret: &str) -> Self {
+        Self {
+            listen: "127.0.0.1:0".parse().expect("literal address"),
+            admin_listen: "127.0.0.1:0".parse().expect("literal address"),
+            node_id: "test".into(),
+            auth_secret: Some(secret.into()),
+            per_ip_rate: 0.0,
+            ..Self::default()
+        }
+    }
+}
+
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "node".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Raw settings from flags and `PUSH_*` variables (clap reads both).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (keys in snake_case).
+    #[arg(long, env = "PUSH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Client port address (WebSocket `/ws`, SSE `/sse`). Default 127.0.0.1:8080.
+    #[arg(long, env = "PUSH_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Admin port address (push API, /metrics, /healthz, /readyz). Default 127.0.0.1:9090.
+    #[arg(long, env = "PUSH_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Node ID. Default: hostname-pid.
+    #[arg(long, env = "PUSH_NODE_ID")]
+    pub node_id: Option<String>,
+    /// HS256 secret for client tokens. Without one, a random secret is made and printed.
+    #[arg(long, env = "PUSH_AUTH_SECRET", hide_env_values = true)]
+    pub auth_secret: Option<String>,
+    /// Refuse tokens that carry no `exp` claim.
+    #[arg(long, env = "PUSH_REQUIRE_EXP", num_args = 0..=1, default_missing_value = "true")]
+    pub require_exp: Option<bool>,
+    /// Bearer token required on the admin API's /v1/* routes.
+    #[arg(long, env = "PUSH_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Most client connections open at once; readiness fails and new clients get 503 beyond.
+    #[arg(long, env = "PUSH_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Set SO_REUSEPORT so several processes can share the client port.
+    #[arg(long, env = "PUSH_REUSE_PORT", num_args = 0..=1, default_missing_value = "true")]
+    pub reuse_port: Option<bool>,
+    /// Listen backlog for the client port (capped by net.core.somaxconn).
+    #[arg(long, env = "PUSH_BACKLOG")]
+    pub backlog: Option<u32>,
+    /// Mean connection lifetime before `reconnect`, e.g. 30m.
+    #[arg(long, env = "PUSH_LIFETIME", value_parser = parse_duration)]
+    pub lifetime: Option<Duration>,
+    /// Lifetime jitter as a fraction, e.g. 0.25 for ±25 %.
+    #[arg(long, env = "PUSH_LIFETIME_JITTER")]
+    pub lifetime_jitter: Option<f64>,
+    /// Time a client has to close after `reconnect` before the server closes, e.g. 30s.
+    #[arg(long, env = "PUSH_RECONNECT_GRACE", value_parser = parse_duration)]
+    pub reconnect_grace: Option<Duration>,
+    /// Heartbeat interval (WebSocket ping, SSE comment), e.g. 30s.
+    #[arg(long, env = "PUSH_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+    /// Silence after which a WebSocket client is taken for dead, e.g. 75s.
+    #[arg(long, env = "PUSH_HEARTBEAT_TIMEOUT", value_parser = parse_duration)]
+    pub heartbeat_timeout: Option<Duration>,
+    /// Window over which SIGTERM spreads `reconnect` to all clients, e.g. 60s.
+    #[arg(long, env = "PUSH_DRAIN_WINDOW", value_parser = parse_duration)]
+    pub drain_window: Option<Duration>,
+    /// Time allowed for a client's request head (slowloris guard), e.g. 10s.
+    #[arg(long, env = "PUSH_HANDSHAKE_TIMEOUT", value_parser = parse_duration)]
+    pub handshake_timeout: Option<Duration>,
+    /// Largest request head, bytes.
+    #[arg(long, env = "PUSH_MAX_HEAD_BYTES")]
+    pub max_head_bytes: Option<usize>,
+    /// Largest message (client frame or admin payload), bytes.
+    #[arg(long, env = "PUSH_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Most frames queued for one connection that reads slowly.
+    #[arg(long, env = "PUSH_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+    /// What to do with a connection whose queue is full.
+    #[arg(long, env = "PUSH_SLOW_CONSUMER", value_enum)]
+    pub slow_consumer: Option<SlowConsumerPolicy>,
+    /// Connects per second allowed per client IP (0 disables the limit).
+    #[arg(long, env = "PUSH_PER_IP_RATE")]
+    pub per_ip_rate: Option<f64>,
+    /// Burst of connects allowed per client IP.
+    #[arg(long, env = "PUSH_PER_IP_BURST")]
+    pub per_ip_burst: Option<u32>,
+    /// Most connections in their handshake at once.
+    #[arg(long, env = "PUSH_MAX_PENDING_HANDSHAKES")]
+    pub max_pending_handshakes: Option<usize>,
+    /// How often lifecycle checks run, e.g. 500ms.
+    #[arg(long, env = "PUSH_SWEEP_INTERVAL", value_parser = parse_duration)]
+    pub sweep_interval: Option<Duration>,
+    /// Log format.
+    #[arg(long, env = "PUSH_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The same settings as read from a TOML file. Unknown keys are an error, so a typo does
+/// not silently leave a default in place.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+    node_id: Option<String>,
+    auth_secret: Option<String>,
+    require_exp: Option<bool>,
+    admin_token: Option<String>,
+    max_connections: Option<usize>,
+    reuse_port: Option<bool>,
+    backlog: Option<u32>,
+    #[serde(default, with = "humantime_serde_opt")]
+    lifetime: Option<Duration>,
+    lifetime_jitter: Option<f64>,
+    #[serde(default, with = "humantime_serde_opt")]
+    reconnect_grace: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    heartbeat_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    heartbeat_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    drain_window: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    handshake_timeout: Option<Duration>,
+    max_head_bytes: Option<usize>,
+    max_message_bytes: Option<usize>,
+    max_queue: Option<usize>,
+    slow_consumer: Option<SlowConsumerPolicy>,
+    per_ip_rate: Option<f64>,
+    per_ip_burst: Option<u32>,
+    max_pending_handshakes: Option<usize>,
+    #[serde(default, with = "humantime_serde_opt")]
+    sweep_interval: Option<Duration>,
+    log_format: Option<LogFormat>,
+}
+
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = Option::<String>::deserialize(d)?;
+        s.map(|s| super::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Why the settings are not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for these settings.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid setting `{name}`: {message}")]
+    Invalid {
+        /// The setting.
+        name: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Parses a duration like `30s`, `250ms`, `30m`, `1h 30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("`{s}`: {e}"))
+}
+
+impl ServeArgs {
+    /// Reads the config file (if any) and merges everything into a validated [`Config`].
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        self.merge(file)
+    }
+
+    /// Merges these values over `file` over the defaults, then validates.
+    pub fn merge(&self, file: FileConfig) -> Result<Config, ConfigError> {
+        let d = Config::default();
+        let dl = d.lifecycle.clone();
+        macro_rules! pick {
+            ($field:ident, $default:expr) => {
+                self.$field
+                    .clone()
+                    .or(file.$field.clone())
+                    .unwrap_or($default)
+            };
+        }
+        let cfg = Config {
+            listen: pick!(listen, d.listen),
+            admin_listen: pick!(admin_listen, d.admin_listen),
+            node_id: pick!(node_id, d.node_id),
+            auth_secret: self.auth_secret.clone().or(file.auth_secret.clone()),
+            require_exp: pick!(require_exp, d.require_exp),
+            admin_token: self.admin_token.clone().or(file.admin_token.clone()),
+            max_connections: pick!(max_connections, d.max_connections),
+            reuse_port: pick!(reuse_port, d.reuse_port),
+            backlog: pick!(backlog, d.backlog),
+            lifecycle: Policy {
+                lifetime: pick!(lifetime, dl.lifetime),
+                lifetime_jitter: pick!(lifetime_jitter, dl.lifetime_jitter),
+                reconnect_grace: pick!(reconnect_grace, dl.reconnect_grace),
+                heartbeat_interval: pick!(heartbeat_interval, dl.heartbeat_interval),
+                heartbeat_timeout: pick!(heartbeat_timeout, dl.heartbeat_timeout),
+                drain_window: pick!(drain_window, dl.drain_window),
+            },
+            handshake_timeout: pick!(handshake_timeout, d.handshake_timeout),
+            max_head_bytes: pick!(max_head_bytes, d.max_head_bytes),
+            max_message_bytes: pick!(max_message_bytes, d.max_message_bytes),
+            max_queue: pick!(max_queue, d.max_queue),
+            slow_consumer: pick!(slow_consumer, d.slow_consumer),
+            per_ip_rate: pick!(per_ip_rate, d.per_ip_rate),
+            per_ip_burst: pick!(per_ip_burst, d.per_ip_burst),
+            max_pending_handshakes: pick!(max_pending_handshakes, d.max_pending_handshakes),
+            sweep_interval: pick!(sweep_interval, d.sweep_interval),
+            log_format: pick!(log_format, d.log_format),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+impl Config {
+    /// Checks ranges and relations between settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(name: &'static str, message: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                name,
+                message: message.into(),
+            }
+        }
+        let l = &self.lifecycle;
+        if !(0.0..1.0).contains(&l.lifetime_jitter) {
+            return Err(invalid("lifetime_jitter", "must be in [0, 1)"));
+        }
+        if l.lifetime.is_zero() {
+            return Err(invalid("lifetime", "must be above zero"));
+        }
+        if l.heartbeat_interval.is_zero() {
+            return Err(invalid("heartbeat_interval", "must be above zero"));
+        }
+        if l.heartbeat_timeout <= l.heartbeat_interval {
+            return Err(invalid(
+                "heartbeat_timeout",
+                format!(
+                    "must be longer than heartbeat_interval ({:?}), or every client would time out",
+                    l.heartbeat_interval
+                ),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1"));
+        }
+        if self.max_message_bytes < 128 {
+            return Err(invalid("max_message_bytes", "must be at least 128"));
+        }
+        if self.max_head_bytes < 512 {
+            return Err(invalid("max_head_bytes", "must be at least 512"));
+        }
+        if self.max_queue == 0 {
+            return Err(invalid("max_queue", "must be at least 1"));
+        }
+        if self.sweep_interval.is_zero() {
+            return Err(invalid("sweep_interval", "must be above zero"));
+        }
+        if self.auth_secret.as_deref().is_some_and(|s| s.len() < 16) {
+            return Err(invalid(
+                "auth_secret",
+                "must be at least 16 bytes (HS256 keys shorter than that are guessable)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn args(a: &[&str]) -> ServeArgs {
+        Cli::try_parse_from(std::iter::once("push-server").chain(a.iter().copied()))
+            .unwrap()
+            .serve
+    }
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            max_connections = 10
+            lifetime = "5m"
+            heartbeat_interval = "10s"
+            listen = "127.0.0.1:7000"
+            "#,
+        )
+        .unwrap();
+        let cfg = args(&["--max-connections", "20"]).merge(file).unwrap();
+        assert_eq!(cfg.max_connections, 20);
+        assert_eq!(cfg.lifecycle.lifetime, Duration::from_secs(300));
+        assert_eq!(cfg.lifecycle.heartbeat_interval, Duration::from_secs(10));
+        assert_eq!(cfg.listen, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(cfg.admin_listen, "127.0.0.1:9090".parse().unwrap());
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        assert!(toml::from_str::<FileConfig>("max_conections = 1").is_err());
+    }
+
+    #[test]
+    fn invalid_relations_are_refused() {
+        let err = args(&["--heartbeat-interval", "60s", "--heartbeat-timeout", "30s"])
+            .merge(FileConfig::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("heartbeat_timeout"), "{err}");
+        assert!(args(&["--auth-secret", "short"])
+            .merge(FileConfig::default())
+            .is_err());
+        assert!(args(&["--lifetime-jitter", "1.5"])
+            .merge(FileConfig::default())
+            .is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("soon").is_err());
+    }
+}

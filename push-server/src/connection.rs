@@ -1,0 +1,801 @@
+//! One client connection: the handshake, then the driver loop that moves bytes between the
+//! socket and the connection's [`ConnHandle`].
+//!
+//! Memory is the design constraint here (see docs/BENCHMARKS.md). An idle connection is one
+//! tokio task whose future holds the socket, the handle and a frame reader with no buffer:
+//! - the handshake runs in a boxed future that is freed before the connection goes idle,
+//!   so its request buffer and parsing state are not part of the long-lived task;
+//! - reads go into a per-worker-thread scratch buffer; only an incomplete frame is copied
+//!   into the connection ([`WsReader`]);
+//! - writes go straight from the shared encoded frame to the socket; only a frame the
+//!   kernel did not take whole stays queued;
+//! - timers are not per connection: the sweeper (server.rs) looks at each connection when
+//!   its `next_due` passes and wakes it through the handle.
+
+use std::cell::RefCell;
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use socket2::SockRef;
+use tokio::net::TcpStream;
+
+use crate::auth::{self, AuthError};
+use crate::hub::{ConnHandle, Next, Outbound, Transport};
+use crate::lifecycle::{DisconnectReason, Policy};
+use crate::metrics as m;
+use crate::protocol::http::{self, HeadError, RequestHead};
+use crate::protocol::message::{self, ClientMessage, ServerMessage};
+use crate::protocol::sse;
+use crate::protocol::ws::{self, close_code, Message, WsReader};
+use crate::server::{close_frame_for, Shared};
+
+/// Size of the per-worker read buffer. One read takes up to this much; a larger message
+/// arrives over several reads and is assembled in the connection's reader.
+const SCRATCH_LEN: usize = 16 * 1024;
+
+/// Reads per wake-up before yielding, so one busy client cannot starve the others on its
+/// worker thread. 8 × 16 KiB covers any message up to the default size limit.
+const MAX_READS_PER_WAKE: usize = 8;
+
+/// How long the server waits, after answering a client's close, for the client to close
+/// TCP first (so the client, not the server, holds TIME_WAIT).
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH_LEN].into_boxed_slice());
+}
+
+/// Serves one accepted socket to the end.
+pub(crate) async fn serve(stream: TcpStream, remote: SocketAddr, shared: Arc<Shared>) {
+    // Boxed so the handshake's state is freed when it ends instead of sizing this task.
+    let Some(accepted) = Box::pin(handshake(&stream, remote, &shared)).await else {
+        return;
+    };
+    let guard = Registered {
+        handle: accepted.handle,
+        shared,
+    };
+    let handle = &guard.handle;
+    let shared = &guard.shared;
+    let mut reader = WsReader::default();
+    let mut end = if accepted.leftover.is_empty() {
+        None
+    } else {
+        on_bytes(&accepted.leftover, &mut reader, handle, shared)
+    };
+    drop(accepted.leftover);
+    let end = loop {
+        if let Some(end) = end.take() {
+            break end;
+        }
+        let blocked = match flush(&stream, handle, shared) {
+            Flush::Idle => false,
+            Flush::Blocked => true,
+            Flush::Close(reason) => break End::server(reason),
+            Flush::Failed => break End::io(),
+        };
+        // One poll_fn instead of `select!` over three futures: the readiness of the socket
+        // and the handle's wake are polled in place, so the task carries no future state
+        // for them (this halved the task's size).
+        let event = std::future::poll_fn(|cx| {
+            if handle.poll_woken(cx).is_ready() {
+                return Poll::Ready(Event::Woken);
+            }
+            match stream.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => return Poll::Ready(Event::Readable),
+                Poll::Ready(Err(_)) => return Poll::Ready(Event::Failed),
+                Poll::Pending => {}
+            }
+            if blocked {
+                match stream.poll_write_ready(cx) {
+                    Poll::Ready(Ok(())) => return Poll::Ready(Event::Woken),
+                    Poll::Ready(Err(_)) => return Poll::Ready(Event::Failed),
+                    Poll::Pending => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        end = match event {
+            Event::Woken => None,
+            Event::Readable => on_readable(&stream, &mut reader, handle, shared),
+            Event::Failed => Some(End::io()),
+        };
+    };
+    // Boxed: the close path's timer and buffers are needed once, not for the whole life.
+    Box::pin(finish(&stream, handle, end)).await;
+    guard.set_reason(end.reason);
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy)]
+struct End {
+    reason: DisconnectReason,
+    /// WebSocket close frame to send: code and reason text.
+    close: Option<(u16, &'static str)>,
+    /// The client sent a close frame: answer it, then wait for its FIN.
+    client_close_frame: bool,
+    /// The server decided to close (send the reason's close frame, then FIN).
+    server_initiated: bool,
+}
+
+impl End {
+    fn io() -> Self {
+        Self {
+            reason: DisconnectReason::IoError,
+            close: None,
+            client_close_frame: false,
+            server_initiated: false,
+        }
+    }
+
+    fn server(reason: DisconnectReason) -> Self {
+        Self {
+            reason,
+            close: None,
+            client_close_frame: false,
+            server_initiated: true,
+        }
+    }
+
+    fn protocol(code: u16, text: &'static str) -> Self {
+        Self {
+            reason: DisconnectReason::ProtocolError,
+            close: Some((code, text)),
+            client_close_frame: false,
+            server_initiated: true,
+        }
+    }
+
+    fn client(handle: &ConnHandle, close_frame: Option<u16>) -> Self {
+        let st = handle.state();
+        Self {
+            reason: Policy::client_close_reason(&st.clock, st.superseded),
+            close: close_frame.map(|c| (c, "")),
+            client_close_frame: close_frame.is_some(),
+            server_initiated: false,
+        }
+    }
+}
+
+enum Event {
+    Woken,
+    Readable,
+    Failed,
+}
+
+enum Flush {
+    Idle,
+    Blocked,
+    Close(DisconnectReason),
+    Failed,
+}
+
+/// Writes queued frames until the queue is empty or the socket would block.
+fn flush(stream: &TcpStream, handle: &ConnHandle, shared: &Shared) -> Flush {
+    loop {
+        let mut out = match handle.next_outbound() {
+            Next::Idle => return Flush::Idle,
+            Next::Close(reason) => return Flush::Close(reason),
+            Next::Frame(out) => out,
+        };
+        match stream.try_write(&out.bytes) {
+            Ok(n) if n == out.bytes.len() => {
+                if let Some(received) = out.received_at {
+                    let t = match handle.transport {
+                        Transport::Ws => 0,
+                        Transport::Sse => 1,
+                    };
+                    shared.hot.delivered[t].increment(1);
+                    shared.hot.latency.record(received.elapsed().as_secs_f64());
+                }
+            }
+            Ok(n) => {
+                out.bytes.advance(n);
+                handle.requeue_front(out);
+                return Flush::Blocked;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                handle.requeue_front(out);
+                return Flush::Blocked;
+            }
+            Err(_) => return Flush::Failed,
+        }
+    }
+}
+
+/// Reads what the socket has, into the worker's scratch buffer.
+fn on_readable(
+    stream: &TcpStream,
+    reader: &mut WsReader,
+    handle: &ConnHandle,
+    shared: &Shared,
+) -> Option<End> {
+    SCRATCH.with(|scratch| {
+        let mut buf = scratch.borrow_mut();
+        let mut heard = false;
+        let mut end = None;
+        for _ in 0..MAX_READS_PER_WAKE {
+            match stream.try_read(&mut buf) {
+                Ok(0) => {
+                    end = Some(End::client(handle, None));
+                    break;
+                }
+                Ok(n) => {
+                    heard = true;
+                    if handle.transport == Transport::Ws {
+                        end = on_bytes(&buf[..n], reader, handle, shared);
+                    }
+                    // SSE clients have nothing to say after their request; what they send
+                    // is read and dropped so it cannot pile up.
+                    if end.is_some() || n < buf.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    end = Some(End::io());
+                    break;
+                }
+            }
+        }
+        if heard {
+            handle.state().clock.last_heard = shared.now();
+        }
+        end
+    })
+}
+
+/// Feeds client bytes to the frame reader and acts on each message.
+fn on_bytes(
+    data: &[u8],
+    reader: &mut WsReader,
+    handle: &ConnHandle,
+    shared: &Shared,
+) -> Option<End> {
+    let mut end = None;
+    let result = reader.feed(data, shared.config.max_message_bytes, |msg| {
+        if end.is_some() {
+            return;
+        }
+        match msg {
+            Message::Text(text) => match message::parse_client_message(&text) {
+                Ok(ClientMessage::Ack { .. }) => metrics::counter!(m::ACKS).increment(1),
+                Ok(ClientMessage::Ping) => reply(handle, shared, message::pong_frame()),
+                Err(e) => {
+                    metrics::counter!(m::BAD_CLIENT_MESSAGES, "kind" => "unparsable").increment(1);
+                    let detail = e.to_string();
+                    let err = ServerMessage::Error {
+                        code: "bad_message",
+                        message: &detail,
+                    };
+                    reply(handle, shared, err.ws_frame());
+                }
+            },
+            Message::Binary(_) => {
+                metrics::counter!(m::BAD_CLIENT_MESSAGES, "kind" => "binary").increment(1);
+                let err = ServerMessage::Error {
+                    code: "binary_unsupported",
+                    message: "client messages are JSON text frames",
+                };
+                reply(handle, shared, err.ws_frame());
+            }
+            Message::Ping(payload) => {
+                reply(handle, shared, ws::encode_frame(ws::OpCode::Pong, &payload));
+            }
+            Message::Pong => {}
+            Message::Close(code, _) => {
+                // Echo the client's code (RFC 6455 5.5.1); 1005 (no code) is answered with 1000.
+                end = Some(End::client(
+                    handle,
+                    Some(code.unwrap_or(close_code::NORMAL)),
+                ));
+            }
+        }
+    });
+    match result {
+        Ok(()) => end,
+        Err(e) => {
+            let text = match e {
+                ws::FrameError::TooBig { .. } => "message too big",
+                ws::FrameError::Utf8 => "invalid UTF-8",
+                ws::FrameError::Protocol(what) => what,
+            };
+            Some(End::protocol(e.close_code(), text))
+        }
+    }
+}
+
+fn reply(handle: &ConnHandle, shared: &Shared, bytes: Bytes) {
+    handle.enqueue(
+        Outbound {
+            bytes,
+            received_at: None,
+        },
+        shared.limits,
+    );
+}
+
+/// Ends the connection the way `end` says: answer or send a close frame, then let whoever
+/// should close TCP first do so.
+async fn finish(stream: &TcpStream, handle: &ConnHandle, end: End) {
+    let ws = handle.transport == Transport::Ws;
+    if ws {
+        let frame = match end.close {
+            Some((code, text)) => Some(ws::close_frame(code, text)),
+            None if end.server_initiated => close_frame_for(end.reason),
+            None => None,
+        };
+        if let Some(frame) = frame {
+            // Best effort: a slow consumer's buffer may be full; it is closed regardless.
+            let _ = stream.try_write(&frame);
+        }
+    }
+    if end.client_close_frame {
+        // The client started the close handshake: let it close TCP first.
+        let _ = tokio::time::timeout(CLOSE_LINGER, wait_eof(stream)).await;
+    } else if end.server_initiated {
+        let _ = SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+    }
+}
+
+async fn wait_eof(stream: &TcpStream) {
+    let mut buf = [0u8; 64];
+    loop {
+        if stream.readable().await.is_err() {
+            return;
+        }
+        match stream.try_read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// A registered connection: unregisters and counts the disconnect when dropped, so the
+/// accounting holds however the task ends.
+struct Registered {
+    handle: Arc<ConnHandle>,
+    shared: Arc<Shared>,
+}
+
+impl Registered {
+    fn set_reason(self, reason: DisconnectReason) {
+        metrics::counter!(m::DISCONNECTS, "reason" => reason.as_str()).increment(1);
+        tracing::debug!(conn = self.handle.id, user = %self.handle.user, reason = reason.as_str(), "disconnected");
+        // Drop runs the rest.
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let t = self.handle.transport;
+        self.shared.hub.unregister(&self.handle);
+        self.shared.hub.release(t);
+        let i = match t {
+            Transport::Ws => 0,
+            Transport::Sse => 1,
+        };
+        self.shared.hot.open[i].decrement(1.0);
+    }
+}
+
+/// A connection that passed its handshake.
+struct Accepted {
+    handle: Arc<ConnHandle>,
+    /// Bytes received after the request head (early WebSocket frames).
+    leftover: Vec<u8>,
+}
+
+/// Counts a connection in its handshake; the count is bounded by `max_pending_handshakes`.
+struct Pending<'a>(&'a Shared);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.pending_handshakes.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+enum ReadHeadError {
+    Head(HeadError),
+    Closed,
+}
+
+async fn read_head(
+    stream: &TcpStream,
+    max: usize,
+) -> Result<(RequestHead, Vec<u8>), ReadHeadError> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    loop {
+        stream.readable().await.map_err(|_| ReadHeadError::Closed)?;
+        match stream.try_read(&mut chunk) {
+            Ok(0) => return Err(ReadHeadError::Closed),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(ReadHeadError::Closed),
+        }
+        if let Some((head, used)) =
+            http::parse_request_head(&buf, max).map_err(ReadHeadError::Head)?
+        {
+            return Ok((head, buf.split_off(used)));
+        }
+    }
+}
+
+async fn write_all(stream: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A refusal: status, reason phrase, error code, message, extra headers.
+struct Refusal {
+    status: u16,
+    phrase: &'static str,
+    code: &'static str,
+    message: String,
+    headers: Vec<(&'static str, String)>,
+    /// The `push_connects_total` result label.
+    result: &'static str,
+}
+
+impl Refusal {
+    fn new(
+        status: u16,
+        phrase: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            phrase,
+            code,
+            message: message.into(),
+            headers: Vec::new(),
+            result: code,
+        }
+    }
+
+    fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+/// Writes a refusal and waits briefly for the client to close first.
+async fn refuse(stream: &TcpStream, r: Refusal) {
+    metrics::counter!(m::CONNECTS, "result" => r.result).increment(1);
+    let headers: Vec<(&str, &str)> = r.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let resp = http::simple_response(
+        r.status,
+        r.phrase,
+        &headers,
+        &http::error_body(r.code, &r.message),
+    );
+    if tokio::time::timeout(Duration::from_secs(1), write_all(stream, &resp))
+        .await
+        .is_ok()
+    {
+        // `Connection: close` and a Content-Length: the client closes once it has read the
+        // body, and keeps the TIME_WAIT. Bounded, so a client that stays does not hold us.
+        let _ = tokio::time::timeout(Duration::from_secs(1), wait_eof(stream)).await;
+    }
+}
+
+async fn handshake(
+    stream: &TcpStream,
+    remote: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Option<Accepted> {
+    let cfg = &shared.config;
+    let pending = shared.pending_handshakes.fetch_add(1, Ordering::AcqRel);
+    let _pending = Pending(shared);
+    if pending >= cfg.max_pending_handshakes {
+        refuse(
+            stream,
+            Refusal::new(
+                503,
+                "Service Unavailable",
+                "busy",
+                "too many connections in their handshake",
+            )
+            .header("Retry-After", "1"),
+        )
+        .await;
+        return None;
+    }
+    let (head, leftover) =
+        match tokio::time::timeout(cfg.handshake_timeout, read_head(stream, cfg.max_head_bytes))
+            .await
+        {
+            Err(_) => {
+                let r = Refusal::new(
+                    408,
+                    "Request Timeout",
+                    "timeout",
+                    "request head not received in time",
+                );
+                refuse(stream, r).await;
+                return None;
+            }
+            Ok(Err(ReadHeadError::Closed)) => {
+                metrics::counter!(m::CONNECTS, "result" => "closed_early").increment(1);
+                return None;
+            }
+            Ok(Err(ReadHeadError::Head(e @ HeadError::TooLarge { .. }))) => {
+                refuse(
+                    stream,
+                    Refusal::new(
+                        431,
+                        "Request Header Fields Too Large",
+                        "head_too_large",
+                        e.to_string(),
+                    ),
+                )
+                .await;
+                return None;
+            }
+            Ok(Err(ReadHeadError::Head(e))) => {
+                refuse(
+                    stream,
+                    Refusal::new(400, "Bad Request", "bad_request", e.to_string()),
+                )
+                .await;
+                return None;
+            }
+            Ok(Ok(x)) => x,
+        };
+    match admit(&head, remote, shared) {
+        Ok(admitted) => accept(stream, remote, shared, head, admitted, leftover).await,
+        Err(r) => {
+            refuse(stream, *r).await;
+            None
+        }
+    }
+}
+
+struct Admitted {
+    transport: Transport,
+    claims: auth::Claims,
+    /// WebSocket: the `Sec-WebSocket-Accept` value and the subprotocol to select.
+    ws: Option<(String, Option<String>)>,
+}
+
+/// Routing, limits and authentication, in order of cost. Reserves a place on success.
+fn admit(
+    head: &RequestHead,
+    remote: SocketAddr,
+    shared: &Shared,
+) -> Result<Admitted, Box<Refusal>> {
+    let cfg = &shared.config;
+    let transport = match head.path.as_str() {
+        "/ws" => Transport::Ws,
+        "/sse" => Transport::Sse,
+        _ => {
+            return Err(Box::new(Refusal::new(404, "Not Found", "not_found", format!(
+                "no such path `{}`: clients connect to /ws (WebSocket) or /sse (Server-Sent Events)",
+                head.path
+            ))))
+        }
+    };
+    if head.method != "GET" {
+        let r = Refusal::new(405, "Method Not Allowed", "method_not_allowed", "use GET")
+            .header("Allow", "GET");
+        return Err(Box::new(r));
+    }
+    if shared.draining().is_some() {
+        let r = Refusal::new(
+            503,
+            "Service Unavailable",
+            "draining",
+            "this node is draining; connect to another node",
+        )
+        .header("Retry-After", "1");
+        return Err(Box::new(r));
+    }
+    let allowed = shared
+        .rate_limiter
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .allow(remote.ip(), shared.now());
+    if !allowed {
+        let retry = shared
+            .rate_limiter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retry_after_secs();
+        let r = Refusal::new(
+            429,
+            "Too Many Requests",
+            "rate_limited",
+            "too many connects from this address",
+        )
+        .header("Retry-After", retry.to_string());
+        return Err(Box::new(r));
+    }
+    let ws = if transport == Transport::Ws {
+        match ws::check_upgrade(head) {
+            Ok(accept) => Some(accept),
+            Err(e @ ws::HandshakeError::Version) => {
+                let r = Refusal::new(426, "Upgrade Required", "bad_upgrade", e.to_string())
+                    .header("Sec-WebSocket-Version", "13");
+                return Err(Box::new(r));
+            }
+            Err(e) => {
+                return Err(Box::new(Refusal::new(
+                    400,
+                    "Bad Request",
+                    "bad_upgrade",
+                    e.to_string(),
+                )))
+            }
+        }
+    } else {
+        None
+    };
+    let token = auth::token_from_request(
+        head.authorization.as_deref(),
+        head.query_param("token"),
+        head.ws_protocol.as_deref().filter(|_| ws.is_some()),
+    );
+    let claims = token
+        .as_deref()
+        .ok_or(AuthError::Missing)
+        .and_then(|t| shared.auth.verify(t));
+    let claims = match claims {
+        Ok(c) => c,
+        Err(e) => {
+            let r = Refusal::new(401, "Unauthorized", "unauthorized", e.to_string())
+                .header("WWW-Authenticate", "Bearer");
+            return Err(Box::new(r));
+        }
+    };
+    if !shared.hub.reserve(transport, cfg.max_connections) {
+        let r = Refusal::new(
+            503,
+            "Service Unavailable",
+            "at_capacity",
+            format!(
+                "this node holds its maximum of {} connections; connect to another node",
+                cfg.max_connections
+            ),
+        )
+        .header("Retry-After", "5");
+        return Err(Box::new(r));
+    }
+    let ws = ws.map(|accept| {
+        let protocol = head.ws_protocol.as_deref().and_then(|offered| {
+            let items: Vec<&str> = offered.split(',').map(str::trim).collect();
+            if items.contains(&message::SUBPROTOCOL) {
+                Some(message::SUBPROTOCOL.to_owned())
+            } else {
+                // Browsers fail a handshake that selects no offered protocol; if the token
+                // was the only entry, select it.
+                token
+                    .as_deref()
+                    .filter(|t| items.contains(t))
+                    .map(str::to_owned)
+            }
+        });
+        (accept, protocol)
+    });
+    Ok(Admitted {
+        transport,
+        claims,
+        ws,
+    })
+}
+
+async fn accept(
+    stream: &TcpStream,
+    remote: SocketAddr,
+    shared: &Arc<Shared>,
+    _head: RequestHead,
+    admitted: Admitted,
+    leftover: Vec<u8>,
+) -> Option<Accepted> {
+    let cfg = &shared.config;
+    let now = shared.now();
+    let policy = &cfg.lifecycle;
+    let clock = policy.new_clock(now, rand::random::<f64>());
+    let lifetime_ms = clock.expires_at - now;
+    let id = shared.hub.next_conn_id();
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let transport = admitted.transport;
+    let handle = Arc::new(ConnHandle::new(
+        id,
+        admitted.claims.sub.as_str().into(),
+        admitted.claims.did.as_deref().map(Into::into),
+        transport,
+        remote,
+        clock,
+        unix_ms,
+    ));
+    let hello = ServerMessage::Hello {
+        version: message::PROTOCOL_VERSION,
+        conn_id: id,
+        node: &cfg.node_id,
+        user: &handle.user,
+        device: handle.device.as_deref(),
+        lifetime_ms,
+        heartbeat_ms: policy.heartbeat_interval.as_millis() as u64,
+    };
+    let mut response = match &admitted.ws {
+        Some((accept, protocol)) => ws::upgrade_response(accept, protocol.as_deref()),
+        None => sse::RESPONSE_HEAD.to_vec(),
+    };
+    response.extend_from_slice(&match transport {
+        Transport::Ws => hello.ws_frame(),
+        Transport::Sse => hello.sse_event(),
+    });
+    let written = tokio::time::timeout(cfg.handshake_timeout, write_all(stream, &response)).await;
+    if !matches!(written, Ok(Ok(()))) {
+        shared.hub.release(transport);
+        metrics::counter!(m::CONNECTS, "result" => "closed_early").increment(1);
+        return None;
+    }
+    let i = match transport {
+        Transport::Ws => 0,
+        Transport::Sse => 1,
+    };
+    shared.hot.open[i].increment(1.0);
+    metrics::counter!(m::CONNECTS, "result" => "ok").increment(1);
+    // Registered only once the hello is out, so that no message precedes it.
+    let hears = transport == Transport::Ws;
+    let slot = shared.draining().map(|d| policy.drain_slot(id, d));
+    handle.next_due.store(
+        policy.next_due(&handle.state().clock, slot, hears),
+        Ordering::Relaxed,
+    );
+    for old in shared.hub.register(handle.clone()) {
+        // The older connection of this device gets no more messages and has the grace
+        // period to close (it is normally the client's own rotation, closing it anyway).
+        let mut st = old.state();
+        st.clock.asked_at.get_or_insert(now);
+        drop(st);
+        old.next_due.store(0, Ordering::Relaxed);
+    }
+    tracing::debug!(conn = id, user = %handle.user, transport = transport.as_str(), %remote, "connected");
+    Some(Accepted { handle, leftover })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// The per-connection task is the largest per-connection allocation. Keep it small: see
+    /// the table in docs/BENCHMARKS.md (a 2.8 KB future cost 3.4 KiB per connection).
+    #[tokio::test]
+    async fn connection_future_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (server_side, remote) = listener.accept().await.unwrap();
+        let server = crate::Server::start(Config::local_test("0123456789abcdef0123"))
+            .await
+            .unwrap();
+        let fut = serve(server_side, remote, server.shared().clone());
+        let size = std::mem::size_of_val(&fut);
+        eprintln!("connection future: {size} bytes");
+        assert!(size <= 512, "connection future is {size} bytes");
+        drop(client);
+    }
+}

@@ -1,0 +1,620 @@
+//! The hub: which local connections belong to which user, and each connection's bounded
+//! outbound queue.
+//!
+//! A connection's driver task owns the socket; everything else reaches the connection
+//! through its [`ConnHandle`]: the admin API enqueues messages, the sweeper enqueues
+//! heartbeats and `reconnect`, or asks it to close. The driver is woken by the handle's
+//! `Notify` and writes what is queued.
+//!
+//! Locks are `std::sync::Mutex`, never held across an `.await` (clippy denies it): every
+//! critical section is a few pointer moves. Lock order: a hub shard, then a connection's
+//! state; never the reverse.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::task::AtomicWaker;
+
+use crate::lifecycle::{Clock, DisconnectReason};
+use crate::protocol::message::{self, Payload};
+
+/// The client transport of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// WebSocket on `/ws`.
+    Ws,
+    /// Server-Sent Events on `/sse`.
+    Sse,
+}
+
+impl Transport {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ws => "ws",
+            Self::Sse => "sse",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Self::Ws => 0,
+            Self::Sse => 1,
+        }
+    }
+}
+
+/// What to do when a connection's outbound queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlowConsumerPolicy {
+    /// Close the connection (the client reconnects and resumes from its last ID).
+    Disconnect,
+    /// Drop the oldest queued message and keep the connection.
+    DropOldest,
+}
+
+/// Limits applied to each connection's queue.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    /// Most frames queued for one connection.
+    pub max_frames: usize,
+    /// Policy when full.
+    pub policy: SlowConsumerPolicy,
+}
+
+/// One frame waiting to be written.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// Encoded frame or event, shared with the other receivers of the same message.
+    pub bytes: Bytes,
+    /// When the admin API received the message; `None` for control frames.
+    pub received_at: Option<tokio::time::Instant>,
+}
+
+/// The mutable state of a connection, behind its handle's lock.
+#[derive(Debug)]
+pub struct ConnState {
+    /// Lifecycle clock, driven by the sweeper.
+    pub clock: Clock,
+    /// Frames not yet written. Empty and unallocated while idle.
+    queue: VecDeque<Outbound>,
+    /// Set when the connection must close; the driver closes after writing what is queued.
+    close: Option<DisconnectReason>,
+    /// A newer connection for the same (user, device) exists; this one gets no messages.
+    pub superseded: bool,
+}
+
+impl ConnState {
+    /// Frames waiting to be written.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+}
+
+/// The shared side of one client connection.
+#[derive(Debug)]
+pub struct ConnHandle {
+    /// Connection ID, unique on this node.
+    pub id: u64,
+    /// Authenticated user.
+    pub user: Arc<str>,
+    /// Device ID from the token, if any.
+    pub device: Option<Box<str>>,
+    /// Transport.
+    pub transport: Transport,
+    /// Peer address.
+    pub remote: SocketAddr,
+    /// Wall-clock connect time, milliseconds since the Unix epoch (for operators).
+    pub connected_at_unix_ms: u64,
+    /// Earliest time the sweeper needs to look at this connection again.
+    pub next_due: AtomicU64,
+    state: Mutex<ConnState>,
+    /// The driver's waker, and whether it was woken since it last looked. Smaller than a
+    /// `Notify` and, polled from the driver's `poll_fn`, needs no future of its own.
+    waker: AtomicWaker,
+    woken: AtomicBool,
+}
+
+/// Result of offering a frame to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Queued.
+    Queued,
+    /// Queued after dropping the oldest frame (slow consumer, drop-oldest policy).
+    DroppedOldest,
+    /// Not queued: the connection is closing (or now closes as a slow consumer).
+    Refused,
+}
+
+impl ConnHandle {
+    /// A handle for a new connection.
+    pub fn new(
+        id: u64,
+        user: Arc<str>,
+        device: Option<Box<str>>,
+        transport: Transport,
+        remote: SocketAddr,
+        clock: Clock,
+        connected_at_unix_ms: u64,
+    ) -> Self {
+        Self {
+            id,
+            user,
+            device,
+            transport,
+            remote,
+            connected_at_unix_ms,
+            next_due: AtomicU64::new(0),
+            state: Mutex::new(ConnState {
+                clock,
+                queue: VecDeque::new(),
+                close: None,
+                superseded: false,
+            }),
+            waker: AtomicWaker::new(),
+            woken: AtomicBool::new(false),
+        }
+    }
+
+    /// Locks the connection's state.
+    pub fn state(&self) -> MutexGuard<'_, ConnState> {
+        // A panic while holding this lock leaves plain data in a consistent state.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Offers a frame. Wakes the driver if it was queued.
+    pub fn enqueue(&self, out: Outbound, limits: QueueLimits) -> Enqueued {
+        let result = {
+            let mut st = self.state();
+            if st.close.is_some() {
+                Enqueued::Refused
+            } else if st.queue.len() < limits.max_frames {
+                st.queue.push_back(out);
+                Enqueued::Queued
+            } else {
+                match limits.policy {
+                    SlowConsumerPolicy::DropOldest => {
+                        st.queue.pop_front();
+                        st.queue.push_back(out);
+                        Enqueued::DroppedOldest
+                    }
+                    SlowConsumerPolicy::Disconnect => {
+                        st.queue = VecDeque::new();
+                        st.close = Some(DisconnectReason::SlowConsumer);
+                        Enqueued::Refused
+                    }
+                }
+            }
+        };
+        self.wake();
+        result
+    }
+
+    /// Asks the driver to close the connection for `reason` once the queue is written
+    /// (or at once, for a slow consumer whose queue was dropped).
+    pub fn close(&self, reason: DisconnectReason) {
+        {
+            let mut st = self.state();
+            if st.close.is_none() {
+                st.close = Some(reason);
+            }
+        }
+        self.wake();
+    }
+
+    /// Takes the next frame to write, or the close reason once the queue is empty.
+    pub fn next_outbound(&self) -> Next {
+        let mut st = self.state();
+        match st.queue.pop_front() {
+            Some(out) => {
+                if st.queue.is_empty() && st.queue.capacity() > 4 {
+                    // A burst grew the queue; give the memory back while idle.
+                    st.queue = VecDeque::new();
+                }
+                Next::Frame(out)
+            }
+            None => match st.close {
+                Some(reason) => Next::Close(reason),
+                None => Next::Idle,
+            },
+        }
+    }
+
+    /// Puts back the unwritten rest of a frame at the front of the queue.
+    pub fn requeue_front(&self, out: Outbound) {
+        self.state().queue.push_front(out);
+    }
+
+    fn wake(&self) {
+        self.woken.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready once something was enqueued or a close requested since the last ready poll.
+    pub fn poll_woken(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // Register first, then check: a wake between the two is not lost.
+        self.waker.register(cx.waker());
+        if self.woken.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Frames waiting to be written.
+    pub fn queued(&self) -> usize {
+        self.state().queued()
+    }
+}
+
+/// What the driver should do next.
+#[derive(Debug)]
+pub enum Next {
+    /// Write this frame.
+    Frame(Outbound),
+    /// Nothing queued; wait.
+    Idle,
+    /// Queue written; close for this reason.
+    Close(DisconnectReason),
+}
+
+/// The result of a push to a user on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PushOutcome {
+    /// The message ID, if the user has connections here.
+    pub id: Option<u64>,
+    /// Connections the message was queued for.
+    pub delivered: usize,
+    /// Connections that refused it (closing, or slow consumers).
+    pub dropped: usize,
+}
+
+struct UserEntry {
+    /// Last message ID given to this user.
+    last_id: u64,
+    conns: Vec<Arc<ConnHandle>>,
+}
+
+/// Number of lock shards. A power of two well above the core count keeps contention low
+/// between admin pushes, connects and the sweeper.
+const SHARDS: usize = 64;
+
+/// Users to connections, sharded by user.
+pub struct Hub {
+    shards: Box<[Mutex<HashMap<Arc<str>, UserEntry>>]>,
+    open: [AtomicUsize; 2],
+    next_conn_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("open_ws", &self.open[0])
+            .field("open_sse", &self.open[1])
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            open: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            next_conn_id: AtomicU64::new(1),
+        }
+    }
+
+    fn shard(&self, user: &str) -> MutexGuard<'_, HashMap<Arc<str>, UserEntry>> {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        // A fixed hasher: shard choice only needs spread, and must be stable.
+        let mut h =
+            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .build_hasher();
+        user.hash(&mut h);
+        self.shards[(h.finish() as usize) % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fresh connection ID.
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Connections open, by transport.
+    pub fn open(&self, transport: Transport) -> usize {
+        self.open[transport.index()].load(Ordering::Relaxed)
+    }
+
+    /// Connections open in all.
+    pub fn open_total(&self) -> usize {
+        self.open(Transport::Ws) + self.open(Transport::Sse)
+    }
+
+    /// Reserves a place for a connection if fewer than `max` are open or reserved.
+    /// Returns false at capacity. A reservation becomes a connection by [`Hub::register`]
+    /// or is given back by [`Hub::release`].
+    pub fn reserve(&self, transport: Transport, max: usize) -> bool {
+        let counter = &self.open[transport.index()];
+        let prev = counter.fetch_add(1, Ordering::AcqRel);
+        if prev + self.open(other(transport)) >= max {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            false
+        } else {
+            true
+        }
+    }
+
+    /// Gives back a reservation or a closed connection's place.
+    pub fn release(&self, transport: Transport) {
+        self.open[transport.index()].fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Adds a connection (whose place was reserved). A previous connection for the same
+    /// user and device is marked superseded: it gets no more messages, and it is returned so
+    /// that the caller can start its grace period.
+    pub fn register(&self, handle: Arc<ConnHandle>) -> Vec<Arc<ConnHandle>> {
+        let mut shard = self.shard(&handle.user);
+        let entry = shard
+            .entry(handle.user.clone())
+            .or_insert_with(|| UserEntry {
+                last_id: initial_message_id(),
+                conns: Vec::with_capacity(1),
+            });
+        let mut superseded = Vec::new();
+        if handle.device.is_some() {
+            for c in &entry.conns {
+                if c.device == handle.device {
+                    let mut st = c.state();
+                    if !st.superseded {
+                        st.superseded = true;
+                        superseded.push(c.clone());
+                    }
+                }
+            }
+        }
+        entry.conns.push(handle);
+        superseded
+    }
+
+    /// Removes a connection. The user's entry goes with its last connection.
+    pub fn unregister(&self, handle: &ConnHandle) {
+        let mut shard = self.shard(&handle.user);
+        if let Some(entry) = shard.get_mut(&handle.user) {
+            entry.conns.retain(|c| c.id != handle.id);
+            if entry.conns.is_empty() {
+                shard.remove(&handle.user);
+            }
+        }
+    }
+
+    /// Pushes a message to every live connection of `user` on this node.
+    ///
+    /// The ID is taken and the frames are queued under the user's shard lock, so that
+    /// concurrent pushes to one user reach each connection in ID order. The frame is encoded
+    /// once per transport and shared.
+    pub fn push(
+        &self,
+        user: &str,
+        payload: &Payload,
+        received_at: tokio::time::Instant,
+        limits: QueueLimits,
+    ) -> PushOutcome {
+        let mut shard = self.shard(user);
+        let Some(entry) = shard.get_mut(user) else {
+            return PushOutcome::default();
+        };
+        entry.last_id += 1;
+        let id = entry.last_id;
+        let mut ws_frame = None;
+        let mut sse_frame = None;
+        let mut outcome = PushOutcome {
+            id: Some(id),
+            ..PushOutcome::default()
+        };
+        for conn in &entry.conns {
+            if conn.state().superseded {
+                continue;
+            }
+            let bytes = match conn.transport {
+                Transport::Ws => ws_frame
+                    .get_or_insert_with(|| message::message_ws_frame(id, payload))
+                    .clone(),
+                Transport::Sse => sse_frame
+                    .get_or_insert_with(|| message::message_sse_event(id, payload))
+                    .clone(),
+            };
+            let out = Outbound {
+                bytes,
+                received_at: Some(received_at),
+            };
+            match conn.enqueue(out, limits) {
+                Enqueued::Queued => outcome.delivered += 1,
+                Enqueued::DroppedOldest => {
+                    outcome.delivered += 1;
+                    metrics::counter!(crate::metrics::MESSAGES_DROPPED, "reason" => "slow_consumer_drop_oldest").increment(1);
+                }
+                Enqueued::Refused => {
+                    outcome.dropped += 1;
+                    metrics::counter!(crate::metrics::MESSAGES_DROPPED, "reason" => "connection_closing").increment(1);
+                }
+            }
+        }
+        outcome
+    }
+
+    /// The connections of `user` on this node.
+    pub fn connections(&self, user: &str) -> Vec<Arc<ConnHandle>> {
+        self.shard(user)
+            .get(user)
+            .map(|e| e.conns.clone())
+            .unwrap_or_default()
+    }
+
+    /// Calls `f` on every connection, one shard at a time (the shard stays locked during
+    /// its calls, so `f` must be quick and must not touch the hub).
+    pub fn for_each(&self, mut f: impl FnMut(&Arc<ConnHandle>)) {
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for entry in shard.values() {
+                entry.conns.iter().for_each(&mut f);
+            }
+        }
+    }
+}
+
+fn other(t: Transport) -> Transport {
+    match t {
+        Transport::Ws => Transport::Sse,
+        Transport::Sse => Transport::Ws,
+    }
+}
+
+/// The first message ID of a user who connects: the wall clock in microseconds.
+///
+/// Why: IDs must keep increasing for a user across reconnections (clients resume and dedup
+/// by ID), but this node forgets a user with their last connection. Starting from the
+/// clock keeps IDs increasing unless a user is sent more than a million messages a second.
+/// IDs are opaque, increasing, not consecutive (docs/protocol.md).
+fn initial_message_id() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::Policy;
+
+    const LIMITS: QueueLimits = QueueLimits {
+        max_frames: 2,
+        policy: SlowConsumerPolicy::Disconnect,
+    };
+
+    fn conn(hub: &Hub, user: &str, device: Option<&str>, t: Transport) -> Arc<ConnHandle> {
+        assert!(hub.reserve(t, 100));
+        let h = Arc::new(ConnHandle::new(
+            hub.next_conn_id(),
+            user.into(),
+            device.map(Into::into),
+            t,
+            "127.0.0.1:1".parse().unwrap(),
+            Policy::default().new_clock(0, 0.5),
+            0,
+        ));
+        hub.register(h.clone());
+        h
+    }
+
+    fn drain(h: &ConnHandle) -> Vec<Bytes> {
+        let mut v = Vec::new();
+        while let Next::Frame(o) = h.next_outbound() {
+            v.push(o.bytes);
+        }
+        v
+    }
+
+    fn text(p: &str) -> Payload {
+        Payload::text(Bytes::copy_from_slice(p.as_bytes())).unwrap()
+    }
+
+    #[test]
+    fn push_reaches_every_device_once_with_increasing_ids() {
+        let hub = Hub::new();
+        let a = conn(&hub, "u", Some("phone"), Transport::Ws);
+        let b = conn(&hub, "u", Some("laptop"), Transport::Sse);
+        let other = conn(&hub, "v", None, Transport::Ws);
+        let now = tokio::time::Instant::now();
+        let limits = QueueLimits {
+            max_frames: 10,
+            ..LIMITS
+        };
+        let o1 = hub.push("u", &text("one"), now, limits);
+        let o2 = hub.push("u", &text("two"), now, limits);
+        assert_eq!(o1.delivered, 2);
+        assert!(o2.id.unwrap() == o1.id.unwrap() + 1);
+        assert_eq!(drain(&a).len(), 2);
+        let sse = drain(&b);
+        assert!(std::str::from_utf8(&sse[1]).unwrap().contains("data: two"));
+        assert!(drain(&other).is_empty());
+        assert_eq!(
+            hub.push("nobody", &text("x"), now, limits),
+            PushOutcome::default()
+        );
+    }
+
+    #[test]
+    fn newer_connection_of_a_device_supersedes_the_older() {
+        let hub = Hub::new();
+        let old = conn(&hub, "u", Some("phone"), Transport::Ws);
+        let new = conn(&hub, "u", Some("phone"), Transport::Ws);
+        assert!(old.state().superseded);
+        let o = hub.push(
+            "u",
+            &text("x"),
+            tokio::time::Instant::now(),
+            QueueLimits {
+                max_frames: 10,
+                ..LIMITS
+            },
+        );
+        assert_eq!(o.delivered, 1);
+        assert!(drain(&old).is_empty());
+        assert_eq!(drain(&new).len(), 1);
+        hub.unregister(&old);
+        hub.unregister(&new);
+        assert!(hub.connections("u").is_empty());
+    }
+
+    #[test]
+    fn slow_consumer_policies() {
+        let hub = Hub::new();
+        let c = conn(&hub, "u", None, Transport::Ws);
+        let now = tokio::time::Instant::now();
+        hub.push("u", &text("1"), now, LIMITS);
+        hub.push("u", &text("2"), now, LIMITS);
+        let o = hub.push("u", &text("3"), now, LIMITS);
+        assert_eq!(o.dropped, 1);
+        assert!(matches!(
+            c.next_outbound(),
+            Next::Close(DisconnectReason::SlowConsumer)
+        ));
+
+        let d = conn(&hub, "w", None, Transport::Ws);
+        let keep = QueueLimits {
+            max_frames: 2,
+            policy: SlowConsumerPolicy::DropOldest,
+        };
+        for p in ["1", "2", "3"] {
+            hub.push("w", &text(p), now, keep);
+        }
+        let frames = drain(&d);
+        assert_eq!(frames.len(), 2);
+        assert!(String::from_utf8_lossy(&frames[1]).contains("\"3\""));
+    }
+
+    #[test]
+    fn capacity_reservations() {
+        let hub = Hub::new();
+        assert!(hub.reserve(Transport::Ws, 2));
+        assert!(hub.reserve(Transport::Sse, 2));
+        assert!(!hub.reserve(Transport::Ws, 2));
+        hub.release(Transport::Sse);
+        assert!(hub.reserve(Transport::Ws, 2));
+        assert_eq!(hub.open(Transport::Ws), 2);
+    }
+}

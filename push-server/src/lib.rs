@@ -1,0 +1,37 @@
+//! push-server: the edge of the push platform. It holds one long-lived WebSocket or SSE
+//! connection per client and writes a message to a user's connections the moment the admin
+//! API (or, later, the message processor) asks.
+//!
+//! Layers, lowest first; a layer never uses one above it:
+//!
+//! | module | role |
+//! |---|---|
+//! | [`protocol`] | sans-I/O: HTTP request head, WebSocket frames, SSE events, client messages |
+//! | [`auth`] | HS256 JWT verification and minting |
+//! | [`lifecycle`] | pure policy with `now` passed in: lifetimes, heartbeats, drain slots |
+//! | [`ratelimit`] | per-IP connect token buckets (pure) |
+//! | [`hub`] | user → local connections; each connection's bounded outbound queue |
+//! | `connection` | one socket: handshake, then the driver loop (I/O) |
+//! | `listener` | client port socket options and accept loop |
+//! | `admin` | admin HTTP on hyper: push API, metrics, probes |
+//! | [`server`] | wires the above: [`Server::start`], the sweeper, drain |
+//! | [`config`] | flags, `PUSH_*` environment, TOML file → [`Config`] |
+//! | [`metrics`] | metric names and the Prometheus recorder |
+//!
+//! The client protocol is documented in `docs/protocol.md`.
+
+pub mod auth;
+pub mod config;
+pub mod hub;
+pub mod lifecycle;
+pub mod metrics;
+pub mod protocol;
+pub mod ratelimit;
+pub mod server;
+
+mod admin;
+mod connection;
+mod listener;
+
+pub use config::Config;
+pub use server::Server;

@@ -1,0 +1,138 @@
+//! The `push-server` binary: `push-server [flags]` serves; `push-server token` mints a token.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use push_server::auth::Authenticator;
+use push_server::config::{parse_duration, LogFormat, ServeArgs};
+use push_server::Server;
+
+/// Push connection server: holds WebSocket and SSE clients and pushes messages to users.
+#[derive(Parser, Debug)]
+#[command(name = "push-server", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print a client token signed with the configured secret.
+    Token {
+        /// User ID (`sub` claim).
+        #[arg(long)]
+        user: String,
+        /// Device ID (`did` claim).
+        #[arg(long)]
+        device: Option<String>,
+        /// Validity, e.g. 1h, 7d.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("push-server: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Some(Command::Token {
+            user,
+            device,
+            ttl,
+            serve,
+        }) => {
+            let cfg = serve.resolve()?;
+            let secret = cfg.auth_secret.context(
+                "no secret configured: pass --auth-secret, set PUSH_AUTH_SECRET, or put auth_secret in the --config file",
+            )?;
+            let auth = Authenticator::new(secret.as_bytes(), false);
+            println!("{}", auth.mint(&user, device.as_deref(), ttl));
+            Ok(())
+        }
+        None => {
+            let cfg = cli.serve.resolve()?;
+            init_logging(cfg.log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?;
+            runtime.block_on(serve(cfg))
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(cfg: push_server::Config) -> anyhow::Result<()> {
+    let server = Server::start(cfg).await?;
+    print_banner(&server);
+    wait_for_signal().await?;
+    tracing::info!("signal received: draining");
+    server.drain();
+    tokio::select! {
+        () = server.drained() => tracing::info!("drain complete"),
+        _ = wait_for_signal() => tracing::warn!("second signal: exiting without waiting for the drain"),
+    }
+    server.stop();
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        r = tokio::signal::ctrl_c() => r.context("cannot listen for SIGINT")?,
+    }
+    Ok(())
+}
+
+/// What an operator trying the server for the first time needs: where it listens, a token,
+/// and commands to paste.
+fn print_banner(server: &Server) {
+    let client = server.client_addr();
+    let admin = server.admin_addr();
+    let (secret, generated) = server.secret();
+    let token = server.mint_token("demo", None, Duration::from_secs(24 * 3600));
+    println!("push-server {} ready", env!("CARGO_PKG_VERSION"));
+    println!("  clients  ws://{client}/ws   http://{client}/sse");
+    println!("  admin    http://{admin}  (/v1/push/<user>, /metrics, /healthz, /readyz)");
+    if generated {
+        println!("  secret   {secret}");
+        println!(
+            "           (generated; set PUSH_AUTH_SECRET to keep tokens valid across restarts)"
+        );
+    }
+    println!("  token    user \"demo\", valid 24h:");
+    println!("           {token}");
+    println!();
+    println!("  listen (SSE):   curl -N -H 'Authorization: Bearer {token}' http://{client}/sse");
+    println!("  listen (WS):    websocat 'ws://{client}/ws?token={token}'");
+    println!("  push:           curl -X POST http://{admin}/v1/push/demo -d 'hello'");
+    println!();
+}

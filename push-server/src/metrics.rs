@@ -1,0 +1,86 @@
+//! Metric names and the Prometheus recorder.
+//!
+//! Operators autoscale on `push_connections_open` against `push_connections_capacity`:
+//! a push node is bound by open connections, not by requests per second or CPU.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Gauge, label `transport` (`ws`, `sse`): connections open now.
+pub const CONNECTIONS_OPEN: &str = "push_connections_open";
+/// Gauge: the node's `--max-connections`.
+pub const CONNECTIONS_CAPACITY: &str = "push_connections_capacity";
+/// Gauge: 1 while the node drains.
+pub const DRAINING: &str = "push_draining";
+/// Counter, label `result`: connection attempts by outcome.
+pub const CONNECTS: &str = "push_connects_total";
+/// Counter, label `reason`: closed connections by reason.
+pub const DISCONNECTS: &str = "push_disconnects_total";
+/// Counter, label `transport`: messages written to client sockets.
+pub const MESSAGES_DELIVERED: &str = "push_messages_delivered_total";
+/// Counter, label `reason`: messages not delivered.
+pub const MESSAGES_DROPPED: &str = "push_messages_dropped_total";
+/// Counter: pushes accepted on the admin API.
+pub const PUSHES: &str = "push_admin_pushes_total";
+/// Counter: acks received from WebSocket clients.
+pub const ACKS: &str = "push_acks_total";
+/// Counter, label `kind`: client messages that could not be understood.
+pub const BAD_CLIENT_MESSAGES: &str = "push_bad_client_messages_total";
+/// Histogram (seconds): admin request received to message written to the socket.
+pub const DELIVERY_LATENCY: &str = "push_delivery_latency_seconds";
+/// Counter: accept() failures (for example out of file descriptors).
+pub const ACCEPT_ERRORS: &str = "push_accept_errors_total";
+
+/// Latency buckets: a push on loopback takes tens of microseconds; a loaded node, tens of
+/// milliseconds; anything past a second is an incident.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5,
+];
+
+/// Installs the process-wide Prometheus recorder once and returns its handle. Several
+/// servers in one process (tests, benches) share it.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(DELIVERY_LATENCY.into()), LATENCY_BUCKETS)
+                .expect("bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was installed first (an embedding program's);
+            // then metrics go there and /metrics renders what this recorder saw (nothing).
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Client connections open now, by transport."
+    );
+    describe_gauge!(
+        CONNECTIONS_CAPACITY,
+        "Most client connections this node accepts."
+    );
+    describe_gauge!(DRAINING, "1 while the node is draining.");
+    describe_counter!(CONNECTS, "Connection attempts, by result.");
+    describe_counter!(DISCONNECTS, "Closed client connections, by reason.");
+    describe_counter!(MESSAGES_DELIVERED, "Messages written to client sockets.");
+    describe_counter!(MESSAGES_DROPPED, "Messages not delivered, by reason.");
+    describe_counter!(PUSHES, "Messages accepted on the admin API.");
+    describe_counter!(ACKS, "Acks received from WebSocket clients.");
+    describe_counter!(BAD_CLIENT_MESSAGES, "Client messages not understood.");
+    describe_histogram!(
+        DELIVERY_LATENCY,
+        Unit::Seconds,
+        "Admin receive to socket write, per message and connection."
+    );
+    describe_counter!(ACCEPT_ERRORS, "Failed accept() calls.");
+}

@@ -1,0 +1,363 @@
+//! The node: binds both ports, runs the accept loop, the admin API and the sweeper, and
+//! drains on request.
+//!
+//! [`Server::start`] returns once both ports are bound, so tests can read the addresses of
+//! ports bound to 0. [`Server::drain`] starts a drain; [`Server::drained`] resolves when the
+//! last client has gone or the drain deadline has passed.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::task::JoinHandle;
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::hub::{ConnHandle, Hub, Outbound, QueueLimits, Transport};
+use crate::lifecycle::{Action, Millis};
+use crate::metrics as m;
+use crate::protocol::message::{ReconnectReason, ServerMessage};
+use crate::protocol::{sse, ws};
+use crate::ratelimit::RateLimiter;
+use crate::{admin, listener};
+
+/// Most IPs the per-IP rate limiter tracks at once (about 64 bytes each).
+const RATE_LIMIT_MAX_IPS: usize = 100_000;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A port could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Which port: "client" or "admin".
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The settings are invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// Metric handles used on the hot path, resolved once instead of per message.
+#[derive(Debug)]
+pub(crate) struct HotMetrics {
+    pub delivered: [metrics::Counter; 2],
+    pub latency: metrics::Histogram,
+    pub open: [metrics::Gauge; 2],
+}
+
+/// State shared by every task of a node.
+#[derive(Debug)]
+pub struct Shared {
+    /// The node's settings.
+    pub config: Config,
+    /// Local connections by user.
+    pub hub: Hub,
+    /// Token verification.
+    pub auth: Authenticator,
+    pub(crate) limits: QueueLimits,
+    pub(crate) epoch: tokio::time::Instant,
+    /// `u64::MAX` while not draining, else the drain's start in [`Millis`].
+    drain_started: AtomicU64,
+    pub(crate) rate_limiter: Mutex<RateLimiter>,
+    pub(crate) pending_handshakes: AtomicUsize,
+    pub(crate) prometheus: PrometheusHandle,
+    pub(crate) hot: HotMetrics,
+    /// Prebuilt frames: `[reason][transport]` for `reconnect`.
+    reconnect_frames: [[Bytes; 2]; 2],
+}
+
+impl Shared {
+    fn new(config: Config, secret: &str) -> Self {
+        let prometheus = m::install();
+        let grace_ms = config.lifecycle.reconnect_grace.as_millis() as u64;
+        let frames = |reason| {
+            let msg = ServerMessage::Reconnect { reason, grace_ms };
+            [msg.ws_frame(), msg.sse_event()]
+        };
+        metrics::gauge!(m::CONNECTIONS_CAPACITY).set(config.max_connections as f64);
+        metrics::gauge!(m::DRAINING).set(0.0);
+        Self {
+            auth: Authenticator::new(secret.as_bytes(), config.require_exp),
+            limits: QueueLimits {
+                max_frames: config.max_queue,
+                policy: config.slow_consumer,
+            },
+            rate_limiter: Mutex::new(RateLimiter::new(
+                config.per_ip_rate,
+                config.per_ip_burst,
+                RATE_LIMIT_MAX_IPS,
+            )),
+            reconnect_frames: [
+                frames(ReconnectReason::Rotate),
+                frames(ReconnectReason::Drain),
+            ],
+            hot: HotMetrics {
+                delivered: [
+                    metrics::counter!(m::MESSAGES_DELIVERED, "transport" => "ws"),
+                    metrics::counter!(m::MESSAGES_DELIVERED, "transport" => "sse"),
+                ],
+                latency: metrics::histogram!(m::DELIVERY_LATENCY),
+                open: [
+                    metrics::gauge!(m::CONNECTIONS_OPEN, "transport" => "ws"),
+                    metrics::gauge!(m::CONNECTIONS_OPEN, "transport" => "sse"),
+                ],
+            },
+            config,
+            hub: Hub::new(),
+            epoch: tokio::time::Instant::now(),
+            drain_started: AtomicU64::new(u64::MAX),
+            pending_handshakes: AtomicUsize::new(0),
+            prometheus,
+        }
+    }
+
+    /// Milliseconds since the node started (tokio's clock, so paused time applies).
+    pub fn now(&self) -> Millis {
+        self.epoch.elapsed().as_millis() as Millis
+    }
+
+    /// When the drain started, if one is in progress.
+    pub fn draining(&self) -> Option<Millis> {
+        match self.drain_started.load(Ordering::Acquire) {
+            u64::MAX => None,
+            t => Some(t),
+        }
+    }
+
+    /// Whether the node is at capacity.
+    pub fn at_capacity(&self) -> bool {
+        self.hub.open_total() >= self.config.max_connections
+    }
+
+    /// Starts a drain now (idempotent).
+    pub fn begin_drain(&self) {
+        let now = self.now();
+        if self
+            .drain_started
+            .compare_exchange(u64::MAX, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            metrics::gauge!(m::DRAINING).set(1.0);
+            tracing::info!(
+                connections = self.hub.open_total(),
+                window = ?self.config.lifecycle.drain_window,
+                "drain started: spreading reconnect over the window"
+            );
+            // Every connection must be looked at again to get its drain slot.
+            self.hub
+                .for_each(|c| c.next_due.store(0, Ordering::Relaxed));
+        }
+    }
+
+    /// Time after which a drain stops waiting for clients.
+    fn drain_deadline(&self, started: Millis) -> Millis {
+        let l = &self.config.lifecycle;
+        started
+            + (l.drain_window + l.reconnect_grace + Duration::from_secs(1)).as_millis() as Millis
+    }
+
+    pub(crate) fn reconnect_frame(&self, reason: ReconnectReason, t: Transport) -> Bytes {
+        let r = match reason {
+            ReconnectReason::Rotate => 0,
+            ReconnectReason::Drain => 1,
+        };
+        let i = match t {
+            Transport::Ws => 0,
+            Transport::Sse => 1,
+        };
+        self.reconnect_frames[r][i].clone()
+    }
+
+    /// One pass of lifecycle checks over every connection.
+    pub(crate) fn sweep(&self) {
+        let now = self.now();
+        let drain = self.draining();
+        let policy = &self.config.lifecycle;
+        self.hub.for_each(|c| {
+            if now < c.next_due.load(Ordering::Relaxed) {
+                return;
+            }
+            let hears = c.transport == Transport::Ws;
+            let slot = drain.map(|d| policy.drain_slot(c.id, d));
+            let action = {
+                let mut st = c.state();
+                let action = policy.on_tick(&mut st.clock, now, slot, hears);
+                c.next_due
+                    .store(policy.next_due(&st.clock, slot, hears), Ordering::Relaxed);
+                action
+            };
+            self.apply(c, action);
+        });
+    }
+
+    fn apply(&self, c: &ConnHandle, action: Action) {
+        let bytes = match action {
+            Action::Nothing => return,
+            Action::Close(reason) => return c.close(reason),
+            Action::Heartbeat => match c.transport {
+                Transport::Ws => Bytes::from_static(PING_FRAME),
+                Transport::Sse => Bytes::from_static(sse::HEARTBEAT),
+            },
+            Action::AskReconnect(reason) => self.reconnect_frame(reason, c.transport),
+        };
+        c.enqueue(
+            Outbound {
+                bytes,
+                received_at: None,
+            },
+            self.limits,
+        );
+    }
+}
+
+/// An empty WebSocket ping: `0x89 0x00`.
+const PING_FRAME: &[u8] = &[0x89, 0x00];
+
+/// A running node.
+#[derive(Debug)]
+pub struct Server {
+    shared: Arc<Shared>,
+    client_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    secret: String,
+    secret_generated: bool,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Validates `config`, binds both ports and starts serving.
+    pub async fn start(mut config: Config) -> Result<Self, StartError> {
+        config.validate()?;
+        let (secret, secret_generated) = match config.auth_secret.take() {
+            Some(s) => (s, false),
+            None => (random_secret(), true),
+        };
+        let client =
+            listener::bind(config.listen, config.reuse_port, config.backlog).map_err(|source| {
+                StartError::Bind {
+                    addr: config.listen,
+                    what: "client",
+                    source,
+                }
+            })?;
+        let admin = tokio::net::TcpListener::bind(config.admin_listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.admin_listen,
+                what: "admin",
+                source,
+            })?;
+        let client_addr = client.local_addr().expect("bound socket has an address");
+        let admin_addr = admin.local_addr().expect("bound socket has an address");
+        let shared = Arc::new(Shared::new(config, &secret));
+        let tasks = vec![
+            tokio::spawn(listener::accept_loop(client, shared.clone())),
+            tokio::spawn(admin::serve(admin, shared.clone())),
+            tokio::spawn(sweep_loop(shared.clone())),
+        ];
+        tracing::info!(%client_addr, %admin_addr, node = %shared.config.node_id, "push-server started");
+        Ok(Self {
+            shared,
+            client_addr,
+            admin_addr,
+            secret,
+            secret_generated,
+            tasks,
+        })
+    }
+
+    /// The bound client port.
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_addr
+    }
+
+    /// The bound admin port.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The token secret in use, and whether it was generated at start.
+    pub fn secret(&self) -> (&str, bool) {
+        (&self.secret, self.secret_generated)
+    }
+
+    /// The node's shared state (hub, authenticator, settings).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Mints a client token with this node's secret.
+    pub fn mint_token(&self, user: &str, device: Option<&str>, ttl: Duration) -> String {
+        self.shared.auth.mint(user, device, ttl)
+    }
+
+    /// Starts draining: readiness fails, new clients are refused, and every client is asked
+    /// to reconnect at its own point in the drain window.
+    pub fn drain(&self) {
+        self.shared.begin_drain();
+    }
+
+    /// Resolves when a drain has finished: every client has gone, or the window and the
+    /// grace period are over (the remaining connections are then dropped by [`Server::stop`]).
+    pub async fn drained(&self) {
+        let poll = Duration::from_millis(50);
+        loop {
+            if let Some(started) = self.shared.draining() {
+                if self.shared.hub.open_total() == 0
+                    || self.shared.now() >= self.shared.drain_deadline(started)
+                {
+                    return;
+                }
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+
+    /// Stops accepting and serving. Open connections' tasks end when their sockets close
+    /// with the runtime, or when the process exits.
+    pub fn stop(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        // Close what is left: drivers see the close request and end their connections.
+        self.shared
+            .hub
+            .for_each(|c| c.close(crate::lifecycle::DisconnectReason::Drain));
+    }
+}
+
+async fn sweep_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.config.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        shared.sweep();
+    }
+}
+
+fn random_secret() -> String {
+    use base64::Engine as _;
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The close frame for a server-initiated close of `reason`, if one is sent.
+pub(crate) fn close_frame_for(reason: crate::lifecycle::DisconnectReason) -> Option<Bytes> {
+    use crate::lifecycle::DisconnectReason as R;
+    let (code, text) = match reason {
+        R::ForcedAfterGrace => (ws::close_code::RECONNECT_TIMEOUT, "reconnect grace expired"),
+        R::HeartbeatTimeout => (ws::close_code::HEARTBEAT_TIMEOUT, "heartbeat timeout"),
+        R::SlowConsumer => (ws::close_code::SLOW_CONSUMER, "slow consumer"),
+        R::Drain => (ws::close_code::GOING_AWAY, "node shutting down"),
+        _ => return None,
+    };
+    Some(ws::close_frame(code, text))
+}
