@@ -80,6 +80,28 @@ fn error(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Res
     )
 }
 
+/// A refusal on the admin API: small to return, made into a response at the edge.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl std::fmt::Display) -> Self {
+        Self {
+            status,
+            code,
+            message: message.to_string(),
+        }
+    }
+
+    fn into_response(self) -> Resp {
+        error(self.status, self.code, self.message)
+    }
+}
+
 async fn route(req: Request<Incoming>, shared: &Shared) -> Resp {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
@@ -112,11 +134,11 @@ async fn route(req: Request<Incoming>, shared: &Shared) -> Resp {
         (Method::POST, ["v1", "push"]) => push_batch(req, shared).await,
         (Method::POST, ["v1", "push", user]) => match decode_user(user) {
             Ok(user) => push_one(req, &user, shared).await,
-            Err(r) => r,
+            Err(e) => e.into_response(),
         },
         (Method::GET, ["v1", "users", user]) => match decode_user(user) {
             Ok(user) => user_connections(&user, shared),
-            Err(r) => r,
+            Err(e) => e.into_response(),
         },
         (_, ["healthz" | "readyz" | "metrics"])
         | (_, ["v1", "push"])
@@ -156,10 +178,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn decode_user(raw: &str) -> Result<String, Resp> {
+fn decode_user(raw: &str) -> Result<String, ApiError> {
     match percent_decode(raw) {
         Some(u) if !u.is_empty() && u.len() <= crate::auth::MAX_ID_LEN => Ok(u),
-        _ => Err(error(
+        _ => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_user",
             format!(
@@ -184,20 +206,15 @@ fn readyz(shared: &Shared) -> Resp {
 }
 
 /// Reads a body of at most `limit` bytes, or answers 413.
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Resp> {
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("body exceeds {limit} bytes"),
-            ))
-        }
-        Err(e) => Err(error(StatusCode::BAD_REQUEST, "bad_body", e)),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("body exceeds {limit} bytes"),
+        )),
+        Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_body", e)),
     }
 }
 
@@ -220,7 +237,7 @@ async fn push_one(req: Request<Incoming>, user: &str, shared: &Shared) -> Resp {
     let json = is_json(&req);
     let body = match read_body(req, shared.config.max_message_bytes).await {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let payload = if json {
         Payload::json(body).map_err(|e| e.to_string())
@@ -257,7 +274,7 @@ async fn push_batch(req: Request<Incoming>, shared: &Shared) -> Resp {
     let limit = shared.config.max_message_bytes.saturating_mul(64);
     let body = match read_body(req, limit).await {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let items: Vec<BatchItem<'_>> = match serde_json::from_slice(&body) {
         Ok(v) => v,

@@ -284,9 +284,11 @@ struct UserEntry {
 /// between admin pushes, connects and the sweeper.
 const SHARDS: usize = 64;
 
+type Shard = Mutex<HashMap<Arc<str>, UserEntry>>;
+
 /// Users to connections, sharded by user.
 pub struct Hub {
-    shards: Box<[Mutex<HashMap<Arc<str>, UserEntry>>]>,
+    shards: Box<[Shard]>,
     open: [AtomicUsize; 2],
     next_conn_id: AtomicU64,
 }
@@ -317,13 +319,12 @@ impl Hub {
     }
 
     fn shard(&self, user: &str) -> MutexGuard<'_, HashMap<Arc<str>, UserEntry>> {
-        use std::hash::{BuildHasher, Hash, Hasher};
+        use std::hash::BuildHasher;
         // A fixed hasher: shard choice only needs spread, and must be stable.
-        let mut h =
+        let h =
             std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                .build_hasher();
-        user.hash(&mut h);
-        self.shards[(h.finish() as usize) % SHARDS]
+                .hash_one(user);
+        self.shards[(h as usize) % SHARDS]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
