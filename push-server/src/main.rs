@@ -67,12 +67,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         None => {
             let cfg = cli.serve.resolve()?;
             init_logging(cfg.log_format);
+            check_open_files(cfg.max_connections);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("cannot start the tokio runtime")?;
             runtime.block_on(serve(cfg))
         }
+    }
+}
+
+/// Raises the soft open-files limit to the hard limit (each connection is a descriptor) and
+/// warns when `--max-connections` cannot be reached within it.
+fn check_open_files(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "cannot raise the open-files limit");
+        }
+    }
+    let soft = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    // Descriptors for the listeners, admin connections, logs and the runtime itself.
+    const RESERVED: u64 = 64;
+    if (max_connections as u64).saturating_add(RESERVED) > soft {
+        tracing::warn!(
+            open_files_limit = soft,
+            max_connections,
+            "max-connections exceeds what the open-files limit allows; accept() will fail past about {} connections: run several processes with --reuse-port",
+            soft.saturating_sub(RESERVED)
+        );
     }
 }
 
