@@ -187,10 +187,7 @@ fn flush(stream: &TcpStream, handle: &ConnHandle, shared: &Shared) -> Flush {
         match stream.try_write(&out.bytes) {
             Ok(n) if n == out.bytes.len() => {
                 if let Some(received) = out.received_at {
-                    let t = match handle.transport {
-                        Transport::Ws => 0,
-                        Transport::Sse => 1,
-                    };
+                    let t = handle.transport.index();
                     shared.hot.delivered[t].increment(1);
                     shared.hot.latency.record(received.elapsed().as_secs_f64());
                 }
@@ -379,10 +376,7 @@ impl Drop for Registered {
         let t = self.handle.transport;
         self.shared.hub.unregister(&self.handle);
         self.shared.hub.release(t);
-        let i = match t {
-            Transport::Ws => 0,
-            Transport::Sse => 1,
-        };
+        let i = t.index();
         self.shared.hot.open[i].decrement(1.0);
     }
 }
@@ -745,19 +739,9 @@ async fn accept(
         Transport::Ws => hello.ws_frame(),
         Transport::Sse => hello.sse_event(),
     });
-    let written = tokio::time::timeout(cfg.handshake_timeout, write_all(stream, &response)).await;
-    if !matches!(written, Ok(Ok(()))) {
-        shared.hub.release(transport);
-        metrics::counter!(m::CONNECTS, "result" => "closed_early").increment(1);
-        return None;
-    }
-    let i = match transport {
-        Transport::Ws => 0,
-        Transport::Sse => 1,
-    };
-    shared.hot.open[i].increment(1.0);
-    metrics::counter!(m::CONNECTS, "result" => "ok").increment(1);
-    // Registered only once the hello is out, so that no message precedes it.
+    // Registered before the hello is written: a client that pushes to itself as soon as it
+    // reads `hello` must find its connection. No message can precede the hello, because
+    // queued messages are written only by the driver, which starts after this returns.
     let hears = transport == Transport::Ws;
     let slot = shared.draining().map(|d| policy.drain_slot(id, d));
     handle.next_due.store(
@@ -772,6 +756,16 @@ async fn accept(
         drop(st);
         old.next_due.store(0, Ordering::Relaxed);
     }
+    let written = tokio::time::timeout(cfg.handshake_timeout, write_all(stream, &response)).await;
+    if !matches!(written, Ok(Ok(()))) {
+        shared.hub.unregister(&handle);
+        shared.hub.release(transport);
+        metrics::counter!(m::CONNECTS, "result" => "closed_early").increment(1);
+        return None;
+    }
+    let i = transport.index();
+    shared.hot.open[i].increment(1.0);
+    metrics::counter!(m::CONNECTS, "result" => "ok").increment(1);
     tracing::debug!(conn = id, user = %handle.user, transport = transport.as_str(), %remote, "connected");
     Some(Accepted { handle, leftover })
 }

@@ -40,7 +40,8 @@ impl Transport {
         }
     }
 
-    fn index(self) -> usize {
+    /// Index into per-transport arrays (metrics, counters).
+    pub(crate) fn index(self) -> usize {
         match self {
             Self::Ws => 0,
             Self::Sse => 1,

@@ -67,7 +67,8 @@ pub struct Shared {
     /// `u64::MAX` while not draining, else the drain's start in [`Millis`].
     drain_started: AtomicU64,
     pub(crate) rate_limiter: Mutex<RateLimiter>,
-    pub(crate) pending_handshakes: AtomicUsize,
+    /// Connections in their handshake now.
+    pub pending_handshakes: AtomicUsize,
     pub(crate) prometheus: PrometheusHandle,
     pub(crate) hot: HotMetrics,
     /// Prebuilt frames: `[reason][transport]` for `reconnect`.
@@ -169,10 +170,7 @@ impl Shared {
             ReconnectReason::Rotate => 0,
             ReconnectReason::Drain => 1,
         };
-        let i = match t {
-            Transport::Ws => 0,
-            Transport::Sse => 1,
-        };
+        let i = t.index();
         self.reconnect_frames[r][i].clone()
     }
 

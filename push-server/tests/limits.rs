@@ -294,3 +294,61 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n"
     assert!(resp.starts_with("HTTP/1.1 426"), "{resp}");
     assert!(resp.contains("Sec-WebSocket-Version: 13"));
 }
+
+#[tokio::test]
+async fn handshakes_in_flight_are_bounded() {
+    let mut cfg = config();
+    cfg.max_pending_handshakes = 2;
+    let server = start(cfg).await;
+    // Two clients that connect and send nothing hold both handshake places...
+    let _a = TcpStream::connect(server.client_addr()).await.unwrap();
+    let _b = TcpStream::connect(server.client_addr()).await.unwrap();
+    eventually("both handshakes to be pending", || async {
+        server
+            .shared()
+            .pending_handshakes
+            .load(std::sync::atomic::Ordering::Acquire)
+            >= 2
+    })
+    .await;
+    // ...so the next one is refused at once instead of queueing without bound.
+    let mut c = TcpStream::connect(server.client_addr()).await.unwrap();
+    let mut resp = String::new();
+    tokio::time::timeout(WAIT, c.read_to_string(&mut resp))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    assert!(resp.contains("\"busy\""), "{resp}");
+}
+
+#[tokio::test]
+async fn reuse_port_lets_two_nodes_share_the_client_port() {
+    let mut a_cfg = config();
+    a_cfg.reuse_port = true;
+    let a = start(a_cfg).await;
+    let mut b_cfg = config();
+    b_cfg.reuse_port = true;
+    b_cfg.listen = a.client_addr();
+    let b = start(b_cfg).await;
+    assert_eq!(a.client_addr(), b.client_addr());
+    // Clients spread over both processes; each node serves the ones it accepted.
+    let mut served = [0usize; 2];
+    let mut clients = Vec::new();
+    for i in 0..40 {
+        let mut ws = ws_connect(&a, &token(&a, &format!("u{i}"), None)).await;
+        ws_next_json(&mut ws).await;
+        clients.push(ws);
+    }
+    served[0] = a.shared().hub.open_total();
+    served[1] = b.shared().hub.open_total();
+    assert_eq!(served[0] + served[1], 40);
+    assert!(served[0] > 0 && served[1] > 0, "kernel spread: {served:?}");
+
+    let mut without = config();
+    without.listen = a.client_addr();
+    assert!(
+        push_server::Server::start(without).await.is_err(),
+        "without SO_REUSEPORT the port is taken"
+    );
+}
