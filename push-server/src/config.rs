@@ -56,6 +56,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Most frames queued for one slow connection.
     pub max_queue: usize,
+    /// Most bytes queued for one slow connection.
+    pub max_queue_bytes: usize,
     /// What to do when a connection's queue is full.
     pub slow_consumer: SlowConsumerPolicy,
     /// Connects per second allowed per client IP (0 disables).
@@ -89,6 +91,8 @@ impl Default for Config {
             max_head_bytes: 8 * 1024,
             max_message_bytes: 64 * 1024,
             max_queue: 64,
+            // 16 messages of the largest size: a slow reader costs at most this much.
+            max_queue_bytes: 1024 * 1024,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             per_ip_rate: 200.0,
             per_ip_burst: 1000,
@@ -184,6 +188,9 @@ pub struct ServeArgs {
     /// Most frames queued for one connection that reads slowly.
     #[arg(long, env = "PUSH_MAX_QUEUE")]
     pub max_queue: Option<usize>,
+    /// Most bytes queued for one connection that reads slowly.
+    #[arg(long, env = "PUSH_MAX_QUEUE_BYTES")]
+    pub max_queue_bytes: Option<usize>,
     /// What to do with a connection whose queue is full.
     #[arg(long, env = "PUSH_SLOW_CONSUMER", value_enum)]
     pub slow_consumer: Option<SlowConsumerPolicy>,
@@ -234,6 +241,7 @@ pub struct FileConfig {
     max_head_bytes: Option<usize>,
     max_message_bytes: Option<usize>,
     max_queue: Option<usize>,
+    max_queue_bytes: Option<usize>,
     slow_consumer: Option<SlowConsumerPolicy>,
     per_ip_rate: Option<f64>,
     per_ip_burst: Option<u32>,
@@ -342,6 +350,7 @@ impl ServeArgs {
             max_head_bytes: pick!(max_head_bytes, d.max_head_bytes),
             max_message_bytes: pick!(max_message_bytes, d.max_message_bytes),
             max_queue: pick!(max_queue, d.max_queue),
+            max_queue_bytes: pick!(max_queue_bytes, d.max_queue_bytes),
             slow_consumer: pick!(slow_consumer, d.slow_consumer),
             per_ip_rate: pick!(per_ip_rate, d.per_ip_rate),
             per_ip_burst: pick!(per_ip_burst, d.per_ip_burst),
@@ -393,6 +402,15 @@ impl Config {
         }
         if self.max_queue == 0 {
             return Err(invalid("max_queue", "must be at least 1"));
+        }
+        if self.max_queue_bytes < self.max_message_bytes {
+            return Err(invalid(
+                "max_queue_bytes",
+                format!(
+                    "must be at least max_message_bytes ({})",
+                    self.max_message_bytes
+                ),
+            ));
         }
         if self.sweep_interval.is_zero() {
             return Err(invalid("sweep_interval", "must be above zero"));

@@ -64,6 +64,9 @@ pub enum SlowConsumerPolicy {
 pub struct QueueLimits {
     /// Most frames queued for one connection.
     pub max_frames: usize,
+    /// Most bytes queued for one connection (a single frame is always accepted into an
+    /// empty queue).
+    pub max_bytes: usize,
     /// Policy when full.
     pub policy: SlowConsumerPolicy,
 }
@@ -84,6 +87,8 @@ pub struct ConnState {
     pub clock: Clock,
     /// Frames not yet written. Empty and unallocated while idle.
     queue: VecDeque<Outbound>,
+    /// Bytes in `queue`.
+    queued_bytes: usize,
     /// Set when the connection must close; the driver closes after writing what is queued.
     close: Option<DisconnectReason>,
     /// A newer connection for the same (user, device) exists; this one gets no messages.
@@ -94,6 +99,17 @@ impl ConnState {
     /// Frames waiting to be written.
     pub fn queued(&self) -> usize {
         self.queue.len()
+    }
+
+    fn push_back(&mut self, out: Outbound) {
+        self.queued_bytes += out.bytes.len();
+        self.queue.push_back(out);
+    }
+
+    fn pop_front(&mut self) -> Option<Outbound> {
+        let out = self.queue.pop_front()?;
+        self.queued_bytes -= out.bytes.len();
+        Some(out)
     }
 }
 
@@ -154,6 +170,7 @@ impl ConnHandle {
             state: Mutex::new(ConnState {
                 clock,
                 queue: VecDeque::new(),
+                queued_bytes: 0,
                 close: None,
                 superseded: false,
             }),
@@ -172,20 +189,28 @@ impl ConnHandle {
     pub fn enqueue(&self, out: Outbound, limits: QueueLimits) -> Enqueued {
         let result = {
             let mut st = self.state();
+            let fits = |st: &ConnState| {
+                st.queue.is_empty()
+                    || (st.queue.len() < limits.max_frames
+                        && st.queued_bytes + out.bytes.len() <= limits.max_bytes)
+            };
             if st.close.is_some() {
                 Enqueued::Refused
-            } else if st.queue.len() < limits.max_frames {
-                st.queue.push_back(out);
+            } else if fits(&st) {
+                st.push_back(out);
                 Enqueued::Queued
             } else {
                 match limits.policy {
                     SlowConsumerPolicy::DropOldest => {
-                        st.queue.pop_front();
-                        st.queue.push_back(out);
+                        while !fits(&st) {
+                            st.pop_front();
+                        }
+                        st.push_back(out);
                         Enqueued::DroppedOldest
                     }
                     SlowConsumerPolicy::Disconnect => {
                         st.queue = VecDeque::new();
+                        st.queued_bytes = 0;
                         st.close = Some(DisconnectReason::SlowConsumer);
                         Enqueued::Refused
                     }
@@ -211,7 +236,7 @@ impl ConnHandle {
     /// Takes the next frame to write, or the close reason once the queue is empty.
     pub fn next_outbound(&self) -> Next {
         let mut st = self.state();
-        match st.queue.pop_front() {
+        match st.pop_front() {
             Some(out) => {
                 if st.queue.is_empty() && st.queue.capacity() > 4 {
                     // A burst grew the queue; give the memory back while idle.
@@ -228,7 +253,9 @@ impl ConnHandle {
 
     /// Puts back the unwritten rest of a frame at the front of the queue.
     pub fn requeue_front(&self, out: Outbound) {
-        self.state().queue.push_front(out);
+        let mut st = self.state();
+        st.queued_bytes += out.bytes.len();
+        st.queue.push_front(out);
     }
 
     fn wake(&self) {
@@ -504,6 +531,7 @@ mod tests {
 
     const LIMITS: QueueLimits = QueueLimits {
         max_frames: 2,
+        max_bytes: 1 << 20,
         policy: SlowConsumerPolicy::Disconnect,
     };
 
@@ -599,6 +627,7 @@ mod tests {
         let d = conn(&hub, "w", None, Transport::Ws);
         let keep = QueueLimits {
             max_frames: 2,
+            max_bytes: 1 << 20,
             policy: SlowConsumerPolicy::DropOldest,
         };
         for p in ["1", "2", "3"] {
@@ -607,6 +636,34 @@ mod tests {
         let frames = drain(&d);
         assert_eq!(frames.len(), 2);
         assert!(String::from_utf8_lossy(&frames[1]).contains("\"3\""));
+    }
+
+    #[test]
+    fn queue_is_bounded_in_bytes_too() {
+        let hub = Hub::new();
+        let c = conn(&hub, "u", None, Transport::Sse);
+        let limits = QueueLimits {
+            max_frames: 100,
+            max_bytes: 250,
+            policy: SlowConsumerPolicy::DropOldest,
+        };
+        let now = tokio::time::Instant::now();
+        let big = "x".repeat(100);
+        for _ in 0..5 {
+            hub.push("u", &text(&big), now, limits);
+        }
+        let st = c.state();
+        assert!(st.queued_bytes <= 250, "{} bytes queued", st.queued_bytes);
+        assert_eq!(
+            st.queued_bytes,
+            st.queue.iter().map(|o| o.bytes.len()).sum::<usize>()
+        );
+        drop(st);
+        // One frame larger than the budget still goes through an empty queue.
+        let d = conn(&hub, "w", None, Transport::Sse);
+        let o = hub.push("w", &text(&"y".repeat(1000)), now, limits);
+        assert_eq!(o.delivered, 1);
+        assert_eq!(drain(&d).len(), 1);
     }
 
     #[test]

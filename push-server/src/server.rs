@@ -89,6 +89,7 @@ impl Shared {
             auth: Authenticator::new(secret.as_bytes(), config.require_exp),
             limits: QueueLimits {
                 max_frames: config.max_queue,
+                max_bytes: config.max_queue_bytes,
                 policy: config.slow_consumer,
             },
             rate_limiter: Mutex::new(RateLimiter::new(
