@@ -1,0 +1,72 @@
+//! push-registry: who is connected where. Each push-server registers its connections here; the
+//! message processor looks users up to find the node that holds them.
+//!
+//! Layers, lowest first; a layer never uses one above it:
+//!
+//! | module | role |
+//! |---|---|
+//! | [`record`] | [`Record`], its stored form with an absolute expiry, the clock |
+//! | [`error`] | [`Error`]: which storage node failed and why |
+//! | [`registry`] | the [`Registry`] trait every backend implements, [`Stats`], [`NodePing`] |
+//! | [`murmur3`] | MurmurHash3 x86 32-bit, for the ring's token placement |
+//! | `store` | the Redis data model: keys, Lua scripts, command builders and decoders (no I/O) |
+//! | `node` | one standalone Redis connection with timeouts, reconnecting after failures |
+//! | [`memory`] | `memory`: in-process map with lazy expiry and a bound |
+//! | [`redis_single`] | `redis://`: one Redis or a Dynomite proxy |
+//! | [`cluster`] | `redis-cluster://`: Redis Cluster |
+//! | [`ring`] | `ring://`: Dynomite's racks, token ring and quorums, run client-side |
+//! | [`url`] | registry URL → [`url::BackendUrl`] |
+//!
+//! [`open`] turns a URL into a backend. The `push-registry` binary (`src/main.rs`) is the
+//! operator CLI on top.
+
+pub mod cluster;
+pub mod error;
+pub mod memory;
+pub mod murmur3;
+pub mod record;
+pub mod redis_single;
+pub mod registry;
+pub mod ring;
+pub mod url;
+
+mod node;
+mod store;
+
+use std::sync::Arc;
+
+pub use cluster::ClusterRegistry;
+pub use error::{Error, Result};
+pub use memory::MemoryRegistry;
+pub use node::Timeouts;
+pub use record::{now_ms, Record};
+pub use redis_single::RedisRegistry;
+pub use registry::{NodePing, RefreshOutcome, Registry, Stats};
+pub use ring::{Consistency, RingRegistry};
+
+/// Opens the backend a registry URL names (see [`url`] for the forms). Only the
+/// `redis-cluster` backend connects here (it needs the slot map); the others connect on first
+/// use, so a storage node that is down at start-up does not stop the caller from starting.
+pub async fn open(url: &str) -> Result<Arc<dyn Registry>> {
+    Ok(match url::parse(url)? {
+        url::BackendUrl::Memory { max_entries } => Arc::new(MemoryRegistry::new(max_entries)),
+        url::BackendUrl::Redis { url, timeout_ms } => Arc::new(RedisRegistry::with_timeouts(
+            &url,
+            url::timeouts(timeout_ms),
+        )?),
+        url::BackendUrl::Cluster { nodes, timeout_ms } => {
+            Arc::new(ClusterRegistry::connect(&nodes, url::timeouts(timeout_ms)).await?)
+        }
+        url::BackendUrl::Ring {
+            racks,
+            read,
+            write,
+            timeout_ms,
+        } => Arc::new(RingRegistry::new(
+            &racks,
+            read,
+            write,
+            url::timeouts(timeout_ms),
+        )?),
+    })
+}
