@@ -70,6 +70,13 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// Log format.
     pub log_format: LogFormat,
+    /// Registry URL (push-registry): `memory`, `redis://…`, `redis-cluster://…`, `ring://…`.
+    pub registry: String,
+    /// Lifetime of a registry record without refresh; records are refreshed every third.
+    pub registry_ttl: Duration,
+    /// Address other components use to deliver to this node (`host:port` of the admin port).
+    /// Default: the bound admin address.
+    pub advertise_addr: Option<String>,
 }
 
 impl Default for Config {
@@ -99,6 +106,9 @@ impl Default for Config {
             max_pending_handshakes: 4096,
             sweep_interval: Duration::from_millis(500),
             log_format: LogFormat::Human,
+            registry: "memory".into(),
+            registry_ttl: Duration::from_secs(90),
+            advertise_addr: None,
         }
     }
 }
@@ -209,6 +219,16 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "PUSH_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Registry URL: memory, redis://host:port, redis-cluster://h1:p1,h2:p2,
+    /// ring://h1:p1,…?racks=3&read=quorum&write=quorum.
+    #[arg(long, env = "PUSH_REGISTRY")]
+    pub registry: Option<String>,
+    /// Registry record TTL without refresh, e.g. 90s (refreshed every third of it).
+    #[arg(long, env = "PUSH_REGISTRY_TTL", value_parser = parse_duration)]
+    pub registry_ttl: Option<Duration>,
+    /// host:port at which the message processor reaches this node's admin port.
+    #[arg(long, env = "PUSH_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
 }
 
 /// The same settings as read from a TOML file. Unknown keys are an error, so a typo does
@@ -249,6 +269,10 @@ pub struct FileConfig {
     #[serde(default, with = "humantime_serde_opt")]
     sweep_interval: Option<Duration>,
     log_format: Option<LogFormat>,
+    registry: Option<String>,
+    #[serde(default, with = "humantime_serde_opt")]
+    registry_ttl: Option<Duration>,
+    advertise_addr: Option<String>,
 }
 
 mod humantime_serde_opt {
@@ -357,6 +381,9 @@ impl ServeArgs {
             max_pending_handshakes: pick!(max_pending_handshakes, d.max_pending_handshakes),
             sweep_interval: pick!(sweep_interval, d.sweep_interval),
             log_format: pick!(log_format, d.log_format),
+            registry: pick!(registry, d.registry),
+            registry_ttl: pick!(registry_ttl, d.registry_ttl),
+            advertise_addr: self.advertise_addr.clone().or(file.advertise_addr.clone()),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -412,6 +439,11 @@ impl Config {
                 ),
             ));
         }
+        if self.registry_ttl < Duration::from_secs(3) {
+            return Err(invalid("registry_ttl", "must be at least 3s"));
+        }
+        push_registry::url::parse(&self.registry)
+            .map_err(|e| invalid("registry", e.to_string()))?;
         if self.sweep_interval.is_zero() {
             return Err(invalid("sweep_interval", "must be above zero"));
         }

@@ -375,6 +375,9 @@ impl Drop for Registered {
     fn drop(&mut self) {
         let t = self.handle.transport;
         self.shared.hub.unregister(&self.handle);
+        if let Some(presence) = &self.shared.presence {
+            presence.unregister(&self.handle);
+        }
         self.shared.hub.release(t);
         let i = t.index();
         self.shared.hot.open[i].decrement(1.0);
@@ -749,16 +752,17 @@ async fn accept(
         Ordering::Relaxed,
     );
     for old in shared.hub.register(handle.clone()) {
-        // The older connection of this device gets no more messages and has the grace
-        // period to close (it is normally the client's own rotation, closing it anyway).
-        let mut st = old.state();
-        st.clock.asked_at.get_or_insert(now);
-        drop(st);
-        old.next_due.store(0, Ordering::Relaxed);
+        old.supersede(now);
+    }
+    if let Some(presence) = &shared.presence {
+        presence.register(&handle).await;
     }
     let written = tokio::time::timeout(cfg.handshake_timeout, write_all(stream, &response)).await;
     if !matches!(written, Ok(Ok(()))) {
         shared.hub.unregister(&handle);
+        if let Some(presence) = &shared.presence {
+            presence.unregister(&handle);
+        }
         shared.hub.release(transport);
         metrics::counter!(m::CONNECTS, "result" => "closed_early").increment(1);
         return None;

@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 
-use crate::lifecycle::{Clock, DisconnectReason};
+use crate::lifecycle::{Clock, DisconnectReason, Millis};
 use crate::protocol::message::{self, Payload};
 
 /// The client transport of a connection.
@@ -231,6 +231,17 @@ impl ConnHandle {
             }
         }
         self.wake();
+    }
+
+    /// Marks the connection as taken over by a newer one of the same (user, device): it gets
+    /// no more messages, and the reconnect grace period starts (the client is normally closing
+    /// it anyway, as the last step of its own reconnect).
+    pub fn supersede(&self, now: Millis) {
+        let mut st = self.state();
+        st.superseded = true;
+        st.clock.asked_at.get_or_insert(now);
+        drop(st);
+        self.next_due.store(0, Ordering::Relaxed);
     }
 
     /// Takes the next frame to write, or the close reason once the queue is empty.

@@ -11,6 +11,7 @@
 //! | [`lifecycle`] | pure policy with `now` passed in: lifetimes, heartbeats, drain slots |
 //! | [`ratelimit`] | per-IP connect token buckets (pure) |
 //! | [`hub`] | user → local connections; each connection's bounded outbound queue |
+//! | [`presence`] | keeps the registry (push-registry) in step with local connections |
 //! | `connection` | one socket: handshake, then the driver loop (I/O) |
 //! | `listener` | client port socket options and accept loop |
 //! | `admin` | admin HTTP on hyper: push API, metrics, probes |
@@ -25,6 +26,7 @@ pub mod config;
 pub mod hub;
 pub mod lifecycle;
 pub mod metrics;
+pub mod presence;
 pub mod protocol;
 pub mod ratelimit;
 pub mod server;

@@ -29,6 +29,10 @@ pub const ACKS: &str = "push_acks_total";
 pub const BAD_CLIENT_MESSAGES: &str = "push_bad_client_messages_total";
 /// Histogram (seconds): admin request received to message written to the socket.
 pub const DELIVERY_LATENCY: &str = "push_delivery_latency_seconds";
+/// Counter, label `op` (`register`, `unregister`, `refresh`): registry calls made.
+pub const REGISTRY_OPS: &str = "push_registry_ops_total";
+/// Counter, label `op`: registry calls that failed (retried by the next refresh).
+pub const REGISTRY_ERRORS: &str = "push_registry_errors_total";
 /// Counter: accept() failures (for example out of file descriptors).
 pub const ACCEPT_ERRORS: &str = "push_accept_errors_total";
 
@@ -83,4 +87,6 @@ fn describe() {
         "Admin receive to socket write, per message and connection."
     );
     describe_counter!(ACCEPT_ERRORS, "Failed accept() calls.");
+    describe_counter!(REGISTRY_OPS, "Registry calls, by operation.");
+    describe_counter!(REGISTRY_ERRORS, "Failed registry calls, by operation.");
 }

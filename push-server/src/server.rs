@@ -43,6 +43,9 @@ pub enum StartError {
     /// The settings are invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The registry could not be opened.
+    #[error("cannot open the registry: {0}")]
+    Registry(#[from] push_registry::Error),
 }
 
 /// Metric handles used on the hot path, resolved once instead of per message.
@@ -71,12 +74,14 @@ pub struct Shared {
     pub pending_handshakes: AtomicUsize,
     pub(crate) prometheus: PrometheusHandle,
     pub(crate) hot: HotMetrics,
+    /// The registry link.
+    pub presence: Option<crate::presence::Presence>,
     /// Prebuilt frames: `[reason][transport]` for `reconnect`.
     reconnect_frames: [[Bytes; 2]; 2],
 }
 
 impl Shared {
-    fn new(config: Config, secret: &str) -> Self {
+    fn new(config: Config, secret: &str, presence: Option<crate::presence::Presence>) -> Self {
         let prometheus = m::install();
         let grace_ms = config.lifecycle.reconnect_grace.as_millis() as u64;
         let frames = |reason| {
@@ -112,6 +117,7 @@ impl Shared {
                     metrics::gauge!(m::CONNECTIONS_OPEN, "transport" => "sse"),
                 ],
             },
+            presence,
             config,
             hub: Hub::new(),
             epoch: tokio::time::Instant::now(),
@@ -256,8 +262,20 @@ impl Server {
             })?;
         let client_addr = client.local_addr().expect("bound socket has an address");
         let admin_addr = admin.local_addr().expect("bound socket has an address");
-        let shared = Arc::new(Shared::new(config, &secret));
+        let registry = push_registry::open(&config.registry).await?;
+        let node_addr = config
+            .advertise_addr
+            .clone()
+            .unwrap_or_else(|| admin_addr.to_string());
+        let presence = crate::presence::Presence::start(
+            registry,
+            &config.node_id,
+            node_addr,
+            config.registry_ttl,
+        );
+        let shared = Arc::new(Shared::new(config, &secret, Some(presence)));
         let tasks = vec![
+            crate::presence::Presence::spawn_refresher(shared.clone()),
             tokio::spawn(listener::accept_loop(client, shared.clone())),
             tokio::spawn(admin::serve(admin, shared.clone())),
             tokio::spawn(sweep_loop(shared.clone())),

@@ -3,73 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
-
-const BIN: &str = env!("CARGO_BIN_EXE_push-server");
-
-/// A server process, killed if the test ends early.
-struct Proc {
-    child: Child,
-    client: SocketAddr,
-    admin: SocketAddr,
-    token: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .env_remove("PUSH_AUTH_SECRET");
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn push-server");
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let (mut client, mut admin, mut token) = (None, None, None);
-    let mut prev = String::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let t = line.trim();
-        if let Some(rest) = t.strip_prefix("clients  ws://") {
-            client = rest.split('/').next().and_then(|a| a.parse().ok());
-        }
-        if let Some(rest) = t.strip_prefix("admin    http://") {
-            admin = rest.split_whitespace().next().and_then(|a| a.parse().ok());
-        }
-        if prev.starts_with("token ") {
-            token = Some(t.to_owned());
-        }
-        prev = t.to_owned();
-        if t.starts_with("push:") {
-            break;
-        }
-    }
-    // Keep draining stdout so the process never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Proc {
-        child,
-        client: client.expect("banner names the client address"),
-        admin: admin.expect("banner names the admin address"),
-        token: token.expect("banner prints a sample token"),
-    }
-}
 
 #[tokio::test]
 async fn banner_token_works_and_sigterm_drains_then_exits() {

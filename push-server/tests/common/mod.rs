@@ -3,7 +3,9 @@
 
 #![allow(dead_code)] // each test file uses a different part
 
+use std::io::BufRead as _;
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -382,5 +384,65 @@ impl RawWs {
 
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
+    }
+}
+
+/// A `push-server` process, killed if the test ends early.
+pub const BIN: &str = env!("CARGO_BIN_EXE_push-server");
+
+pub struct Proc {
+    pub child: Child,
+    pub client: SocketAddr,
+    pub admin: SocketAddr,
+    pub token: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the `push-server` binary on port 0 and reads its banner.
+pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .env_remove("PUSH_AUTH_SECRET");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn push-server");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let (mut client, mut admin, mut token) = (None, None, None);
+    let mut prev = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let t = line.trim();
+        if let Some(rest) = t.strip_prefix("clients  ws://") {
+            client = rest.split('/').next().and_then(|a| a.parse().ok());
+        }
+        if let Some(rest) = t.strip_prefix("admin    http://") {
+            admin = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+        }
+        if prev.starts_with("token ") {
+            token = Some(t.to_owned());
+        }
+        prev = t.to_owned();
+        if t.starts_with("push:") {
+            break;
+        }
+    }
+    // Keep draining stdout so the process never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Proc {
+        child,
+        client: client.expect("banner names the client address"),
+        admin: admin.expect("banner names the admin address"),
+        token: token.expect("banner prints a sample token"),
     }
 }

@@ -1,0 +1,213 @@
+//! push-server with a shared Redis registry (a real redis-server per test): nodes register
+//! their connections, see each other's users, refresh, and unregister on close.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use futures_util::SinkExt;
+use push_server::{Config, Server};
+use testkit::RedisServer;
+use tokio_tungstenite::tungstenite::Message;
+
+fn node(id: &str, registry: &str) -> Config {
+    let mut cfg = config();
+    cfg.node_id = id.into();
+    cfg.registry = registry.into();
+    cfg.registry_ttl = Duration::from_secs(3);
+    cfg
+}
+
+async fn lookup(url: &str, user: &str) -> Vec<push_registry::Record> {
+    let registry = push_registry::open(url).await.unwrap();
+    registry.lookup(user).await.unwrap()
+}
+
+/// The `push-registry` binary built beside this test (`cargo nextest run --workspace` and
+/// `scripts/test` build every binary of the workspace first).
+fn registry_cli() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let cli = dir.join("push-registry");
+    assert!(
+        cli.exists(),
+        "{} not built: run the tests with `scripts/test` (it builds the whole workspace)",
+        cli.display()
+    );
+    cli
+}
+
+#[tokio::test]
+async fn two_nodes_sharing_redis_see_each_others_users() {
+    let redis = RedisServer::start();
+    let a = start(node("node-a", &redis.url())).await;
+    let b = start(node("node-b", &redis.url())).await;
+    let mut alice = ws_connect(&a, &token(&a, "alice", Some("phone"))).await;
+    ws_next_json(&mut alice).await;
+    let mut bob = sse_connect(&b, &token(&b, "bob", None)).await;
+    bob.next_event().await.unwrap();
+
+    let url = redis.url();
+    eventually("both users to be registered", || async {
+        lookup(&url, "alice").await.len() == 1 && lookup(&url, "bob").await.len() == 1
+    })
+    .await;
+    let rec = &lookup(&url, "alice").await[0];
+    assert_eq!(rec.node_id, "node-a");
+    assert_eq!(rec.node_addr, a.admin_addr().to_string());
+    assert_eq!(rec.device.as_deref(), Some("phone"));
+    assert_eq!(lookup(&url, "bob").await[0].node_id, "node-b");
+
+    // The operator CLI shows the same.
+    let out = Command::new(registry_cli())
+        .args(["--registry", &url, "lookup", "bob"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("node-b"));
+
+    // Closing unregisters.
+    alice.send(Message::Close(None)).await.unwrap();
+    let _ = ws_close_code(&mut alice).await;
+    drop(alice);
+    eventually("alice's entry to be removed", || async {
+        lookup(&url, "alice").await.is_empty()
+    })
+    .await;
+    let out = Command::new(registry_cli())
+        .args(["--registry", &url, "lookup", "alice"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "not found");
+}
+
+#[tokio::test]
+async fn records_of_a_crashed_node_expire() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut p = spawn(
+        &[
+            "--registry",
+            &url,
+            "--registry-ttl",
+            "3s",
+            "--node-id",
+            "doomed",
+        ],
+        &[],
+    );
+    let ws_url = format!("ws://{}/ws?token={}", p.client, p.token);
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    ws_next_json(&mut ws).await;
+    eventually("demo to be registered", || async {
+        lookup(&url, "demo").await.len() == 1
+    })
+    .await;
+    // Refreshes keep the record past its 3 s TTL...
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        lookup(&url, "demo").await.len(),
+        1,
+        "refreshed inside the TTL"
+    );
+    // ...and when the node dies without unregistering anything, the record expires.
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+    let killed = std::time::Instant::now();
+    eventually("the record to expire", || async {
+        lookup(&url, "demo").await.is_empty()
+    })
+    .await;
+    assert!(
+        killed.elapsed() <= Duration::from_secs(4),
+        "expired within the TTL"
+    );
+    drop(ws);
+}
+
+#[tokio::test]
+async fn a_device_that_moves_to_another_node_is_retired_on_the_old_one() {
+    let redis = RedisServer::start();
+    let a = start(node("node-a", &redis.url())).await;
+    let b = start(node("node-b", &redis.url())).await;
+    let t = token(&a, "dave", Some("tablet"));
+    let mut on_a = ws_connect(&a, &t).await;
+    ws_next_json(&mut on_a).await;
+    let url = redis.url();
+    eventually("dave on node-a", || async {
+        lookup(&url, "dave")
+            .await
+            .first()
+            .map(|r| r.node_id.clone())
+            == Some("node-a".into())
+    })
+    .await;
+    let mut on_b = ws_connect(&b, &t).await;
+    ws_next_json(&mut on_b).await;
+    eventually("dave on node-b", || async {
+        lookup(&url, "dave")
+            .await
+            .first()
+            .map(|r| r.node_id.clone())
+            == Some("node-b".into())
+    })
+    .await;
+    // Node A's next refresh finds the newer registration and stops delivering there.
+    eventually("node-a to retire its connection", || async {
+        a.shared()
+            .hub
+            .connections("dave")
+            .iter()
+            .all(|c| c.state().superseded)
+    })
+    .await;
+    let r = push(&a, "dave", "x").await;
+    assert_eq!(r["delivered"], 0);
+    // The old connection's close does not remove the new registration.
+    on_a.send(Message::Close(None)).await.unwrap();
+    let _ = ws_close_code(&mut on_a).await;
+    drop(on_a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let recs = lookup(&url, "dave").await;
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].node_id, "node-b");
+}
+
+#[tokio::test]
+async fn clients_are_served_while_the_registry_is_down_and_registered_when_it_returns() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    redis.kill();
+    let a: Server = start(node("node-a", &url)).await;
+    let mut ws = ws_connect(&a, &token(&a, "erin", None)).await;
+    ws_next_json(&mut ws).await;
+    push(&a, "erin", "still delivered").await;
+    assert_eq!(ws_next_json(&mut ws).await["data"], "still delivered");
+    eventually("the failed registration to be counted", || async {
+        metric(&a, r#"push_registry_errors_total{op="register"}"#).await >= 1.0
+    })
+    .await;
+    redis.restart();
+    // The next refresh writes the missing record.
+    eventually(
+        "erin to be registered after the registry returns",
+        || async { lookup(&url, "erin").await.len() == 1 },
+    )
+    .await;
+    drop(ws);
+}
+
+#[tokio::test]
+async fn an_invalid_registry_url_stops_the_start_with_a_clear_error() {
+    let mut cfg = config();
+    cfg.registry = "postgres://nope".into();
+    let err = Server::start(cfg).await.unwrap_err().to_string();
+    assert!(err.contains("registry"), "{err}");
+}
