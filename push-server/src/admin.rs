@@ -5,11 +5,12 @@
 //! | `POST /v1/push/{user}` | body = payload; answers `{"id":…,"delivered":…}` |
 //! | `POST /v1/push` | JSON array of `{"user":…,"data":…}` |
 //! | `GET /v1/users/{user}` | that user's connections on this node |
+//! | `POST /internal/v1/deliver` | the message processor's batch, an outcome per item |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /healthz` | 200 while the process serves |
 //! | `GET /readyz` | 200, or 503 when at capacity or draining |
 //!
-//! With `--admin-token`, `/v1/*` requires `Authorization: Bearer <token>`; the probes and
+//! With `--admin-token`, `/v1/*` and `/internal/*` require `Authorization: Bearer <token>`; the probes and
 //! `/metrics` stay open for kubelets and scrapers.
 
 use std::convert::Infallible;
@@ -26,7 +27,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use tokio::net::TcpListener;
 
-use crate::hub::PushOutcome;
+use crate::hub::{PushOutcome, PushRequest};
 use crate::metrics as m;
 use crate::protocol::http::percent_decode;
 use crate::protocol::message::Payload;
@@ -109,7 +110,7 @@ impl ApiError {
 async fn route(req: Request<Incoming>, shared: &Shared) -> Resp {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
-    if path.starts_with("/v1/") {
+    if path.starts_with("/v1/") || path.starts_with("/internal/") {
         if let Some(expected) = &shared.config.admin_token {
             if !bearer_matches(&req, expected) {
                 let mut r = error(
@@ -136,6 +137,7 @@ async fn route(req: Request<Incoming>, shared: &Shared) -> Resp {
             r
         }
         (Method::POST, ["v1", "push"]) => push_batch(req, shared).await,
+        (Method::POST, ["internal", "v1", "deliver"]) => deliver(req, shared).await,
         (Method::POST, ["v1", "push", user]) => match decode_user(user) {
             Ok(user) => push_one(req, &user, shared).await,
             Err(e) => e.into_response(),
@@ -147,7 +149,8 @@ async fn route(req: Request<Incoming>, shared: &Shared) -> Resp {
         (_, ["healthz" | "readyz" | "metrics"])
         | (_, ["v1", "push"])
         | (_, ["v1", "push", _])
-        | (_, ["v1", "users", _]) => error(
+        | (_, ["v1", "users", _])
+        | (_, ["internal", "v1", "deliver"]) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "see docs/protocol.md for the admin routes",
@@ -253,7 +256,11 @@ async fn push_one(req: Request<Incoming>, user: &str, shared: &Shared) -> Resp {
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_payload", e),
     };
     metrics::counter!(m::PUSHES).increment(1);
-    let outcome = shared.hub.push(user, &payload, received, shared.limits);
+    let outcome = shared.hub.push(
+        &PushRequest::to_user(user, &payload),
+        received,
+        shared.limits,
+    );
     count_undelivered(outcome);
     json_response(StatusCode::OK, outcome_json(user, outcome))
 }
@@ -268,64 +275,96 @@ fn count_undelivered(o: PushOutcome) {
 struct BatchItem<'a> {
     #[serde(borrow)]
     user: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    device: Option<std::borrow::Cow<'a, str>>,
+    /// The queue's message ID (push-lib envelope), for deduplication.
+    #[serde(default, borrow)]
+    message_id: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     data: &'a RawValue,
 }
 
-async fn push_batch(req: Request<Incoming>, shared: &Shared) -> Resp {
-    let received = tokio::time::Instant::now();
+impl BatchItem<'_> {
+    /// The item's payload, or why it cannot be sent. A JSON string is a text payload (SSE
+    /// clients get the string itself); any other JSON value is a JSON payload.
+    fn payload(&self, max_bytes: usize) -> Result<Payload, String> {
+        if self.user.is_empty() || self.user.len() > crate::auth::MAX_ID_LEN {
+            return Err(format!(
+                "user ID must be 1 to {} bytes",
+                crate::auth::MAX_ID_LEN
+            ));
+        }
+        let raw = self.data.get();
+        let payload = if raw.starts_with('"') {
+            let text: String = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+            Payload::text(Bytes::from(text)).map_err(|e| e.to_string())?
+        } else {
+            Payload::json(Bytes::copy_from_slice(raw.as_bytes())).map_err(|e| e.to_string())?
+        };
+        if payload.bytes.len() > max_bytes {
+            return Err(format!("data exceeds {max_bytes} bytes"));
+        }
+        Ok(payload)
+    }
+
+    fn request<'b>(&'b self, payload: &'b Payload) -> PushRequest<'b> {
+        PushRequest {
+            user: &self.user,
+            device: self.device.as_deref(),
+            message_id: self.message_id.as_deref(),
+            payload,
+        }
+    }
+}
+
+/// Reads and parses a JSON array of [`BatchItem`]s.
+async fn read_batch(req: Request<Incoming>, shared: &Shared) -> Result<Bytes, ApiError> {
     // A batch may carry many messages of the maximum size, up to a bound.
     let limit = shared.config.max_message_bytes.saturating_mul(64);
-    let body = match read_body(req, limit).await {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let items: Vec<BatchItem<'_>> = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_batch",
-                format!("expected a JSON array of {{\"user\":…,\"data\":…}}: {e}"),
-            )
-        }
-    };
+    read_body(req, limit).await
+}
+
+fn parse_batch(body: &[u8]) -> Result<Vec<BatchItem<'_>>, ApiError> {
+    let items: Vec<BatchItem<'_>> = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_batch",
+            format!("expected a JSON array of {{\"user\":…,\"data\":…}}: {e}"),
+        )
+    })?;
     if items.len() > MAX_BATCH {
-        return error(
+        return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_many",
             format!("at most {MAX_BATCH} messages per batch"),
-        );
+        ));
     }
-    // Validate everything first: a batch is applied whole or not at all.
+    Ok(items)
+}
+
+/// `POST /v1/push`: validated whole, then applied; one bad item refuses the batch.
+async fn push_batch(req: Request<Incoming>, shared: &Shared) -> Resp {
+    let received = tokio::time::Instant::now();
+    let body = match read_batch(req, shared).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let items = match parse_batch(&body) {
+        Ok(items) => items,
+        Err(e) => return e.into_response(),
+    };
     let mut payloads = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        if item.user.is_empty() || item.user.len() > crate::auth::MAX_ID_LEN {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_user",
-                format!("item {i}: bad user ID"),
-            );
+        match item.payload(shared.config.max_message_bytes) {
+            Ok(p) => payloads.push(p),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_item",
+                    format!("item {i}: {e}"),
+                )
+            }
         }
-        let raw = item.data.get();
-        let payload = if raw.starts_with('"') {
-            // A JSON string is a text payload: SSE clients get the string itself.
-            let text: String = serde_json::from_str(raw).expect("RawValue holds valid JSON");
-            Payload::text(Bytes::from(text)).expect("a Rust String is UTF-8")
-        } else {
-            Payload::json(Bytes::copy_from_slice(raw.as_bytes())).expect("valid JSON")
-        };
-        if payload.bytes.len() > shared.config.max_message_bytes {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!(
-                    "item {i}: data exceeds {} bytes",
-                    shared.config.max_message_bytes
-                ),
-            );
-        }
-        payloads.push(payload);
     }
     metrics::counter!(m::PUSHES).increment(items.len() as u64);
     let mut delivered = 0;
@@ -335,7 +374,7 @@ async fn push_batch(req: Request<Incoming>, shared: &Shared) -> Resp {
         .map(|(item, payload)| {
             let o = shared
                 .hub
-                .push(&item.user, payload, received, shared.limits);
+                .push(&item.request(payload), received, shared.limits);
             count_undelivered(o);
             delivered += o.delivered;
             outcome_json(&item.user, o)
@@ -345,6 +384,44 @@ async fn push_batch(req: Request<Incoming>, shared: &Shared) -> Resp {
         StatusCode::OK,
         json!({"delivered": delivered, "results": results}),
     )
+}
+
+/// `POST /internal/v1/deliver`: the message processor's batch. Each item gets its own
+/// outcome, in order: `delivered`, `duplicate` (sent before under the same `message_id`),
+/// `not_connected` (no live connection of that user/device here: look the user up again),
+/// or `invalid` (never deliverable: dead-letter it).
+async fn deliver(req: Request<Incoming>, shared: &Shared) -> Resp {
+    let received = tokio::time::Instant::now();
+    let body = match read_batch(req, shared).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let items = match parse_batch(&body) {
+        Ok(items) => items,
+        Err(e) => return e.into_response(),
+    };
+    metrics::counter!(m::PUSHES).increment(items.len() as u64);
+    let results: Vec<_> = items
+        .iter()
+        .map(|item| match item.payload(shared.config.max_message_bytes) {
+            Err(reason) => json!({"outcome": "invalid", "reason": reason}),
+            Ok(payload) => {
+                let o = shared
+                    .hub
+                    .push(&item.request(&payload), received, shared.limits);
+                count_undelivered(o);
+                let outcome = if o.duplicate {
+                    "duplicate"
+                } else if o.id.is_none() || o.delivered == 0 {
+                    "not_connected"
+                } else {
+                    "delivered"
+                };
+                json!({"outcome": outcome, "id": o.id, "delivered": o.delivered})
+            }
+        })
+        .collect();
+    json_response(StatusCode::OK, json!({ "results": results }))
 }
 
 fn user_connections(user: &str, shared: &Shared) -> Resp {

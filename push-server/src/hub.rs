@@ -307,6 +307,8 @@ pub enum Next {
 pub struct PushOutcome {
     /// The message ID, if the user has connections here.
     pub id: Option<u64>,
+    /// The message was sent to this user before (same queue message ID): not sent again.
+    pub duplicate: bool,
     /// Connections the message was queued for.
     pub delivered: usize,
     /// Connections that refused it (closing, or slow consumers).
@@ -317,6 +319,66 @@ struct UserEntry {
     /// Last message ID given to this user.
     last_id: u64,
     conns: Vec<Arc<ConnHandle>>,
+    /// Queue message IDs recently sent to this user, to drop redeliveries.
+    recent: RecentIds,
+}
+
+/// How many recent queue message IDs a user remembers. A redelivery after a processor
+/// restart comes within the batch that was not committed, a few messages per user.
+const RECENT_IDS: usize = 16;
+
+/// Hashes of the last [`RECENT_IDS`] queue message IDs of a user. Empty (no allocation) for
+/// users who only get admin pushes.
+#[derive(Default)]
+struct RecentIds {
+    hashes: Vec<u64>,
+    next: usize,
+}
+
+impl RecentIds {
+    /// Records `mid`; false if it was already there.
+    fn remember(&mut self, mid: &str) -> bool {
+        use std::hash::BuildHasher;
+        let h =
+            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .hash_one(mid);
+        if self.hashes.contains(&h) {
+            return false;
+        }
+        if self.hashes.len() < RECENT_IDS {
+            self.hashes.push(h);
+        } else {
+            self.hashes[self.next] = h;
+            self.next = (self.next + 1) % RECENT_IDS;
+        }
+        true
+    }
+}
+
+/// One message for one user, as the admin API or the message processor hands it over.
+#[derive(Debug, Clone, Copy)]
+pub struct PushRequest<'a> {
+    /// The user.
+    pub user: &'a str,
+    /// Only this device's connection, if set.
+    pub device: Option<&'a str>,
+    /// The queue's message ID (push-lib envelope), for deduplication and shown to
+    /// WebSocket clients as `mid`.
+    pub message_id: Option<&'a str>,
+    /// The payload.
+    pub payload: &'a Payload,
+}
+
+impl<'a> PushRequest<'a> {
+    /// A push to every connection of `user`.
+    pub fn to_user(user: &'a str, payload: &'a Payload) -> Self {
+        Self {
+            user,
+            device: None,
+            message_id: None,
+            payload,
+        }
+    }
 }
 
 /// Number of lock shards. A power of two well above the core count keeps contention low
@@ -412,6 +474,7 @@ impl Hub {
             .or_insert_with(|| UserEntry {
                 last_id: initial_message_id(),
                 conns: Vec::with_capacity(1),
+                recent: RecentIds::default(),
             });
         let mut superseded = Vec::new();
         if handle.device.is_some() {
@@ -440,22 +503,37 @@ impl Hub {
         }
     }
 
-    /// Pushes a message to every live connection of `user` on this node.
+    /// Pushes a message to the live connections of a user on this node (all of them, or the
+    /// one device named in the request).
     ///
     /// The ID is taken and the frames are queued under the user's shard lock, so that
     /// concurrent pushes to one user reach each connection in ID order. The frame is encoded
-    /// once per transport and shared.
+    /// once per transport and shared. A request whose `message_id` this user was sent
+    /// recently is a duplicate (a redelivery from the queue) and is not sent again.
     pub fn push(
         &self,
-        user: &str,
-        payload: &Payload,
+        req: &PushRequest<'_>,
         received_at: tokio::time::Instant,
         limits: QueueLimits,
     ) -> PushOutcome {
-        let mut shard = self.shard(user);
-        let Some(entry) = shard.get_mut(user) else {
+        let mut shard = self.shard(req.user);
+        let Some(entry) = shard.get_mut(req.user) else {
             return PushOutcome::default();
         };
+        let targets = |c: &&Arc<ConnHandle>| {
+            req.device.is_none_or(|d| c.device.as_deref() == Some(d)) && !c.state().superseded
+        };
+        if !entry.conns.iter().any(|c| targets(&c)) {
+            return PushOutcome::default();
+        }
+        if let Some(mid) = req.message_id {
+            if !entry.recent.remember(mid) {
+                return PushOutcome {
+                    duplicate: true,
+                    ..PushOutcome::default()
+                };
+            }
+        }
         entry.last_id += 1;
         let id = entry.last_id;
         let mut ws_frame = None;
@@ -464,16 +542,15 @@ impl Hub {
             id: Some(id),
             ..PushOutcome::default()
         };
-        for conn in &entry.conns {
-            if conn.state().superseded {
-                continue;
-            }
+        for conn in entry.conns.iter().filter(targets) {
             let bytes = match conn.transport {
                 Transport::Ws => ws_frame
-                    .get_or_insert_with(|| message::message_ws_frame(id, payload))
+                    .get_or_insert_with(|| {
+                        message::message_ws_frame(id, req.message_id, req.payload)
+                    })
                     .clone(),
                 Transport::Sse => sse_frame
-                    .get_or_insert_with(|| message::message_sse_event(id, payload))
+                    .get_or_insert_with(|| message::message_sse_event(id, req.payload))
                     .clone(),
             };
             let out = Outbound {
@@ -584,8 +661,8 @@ mod tests {
             max_frames: 10,
             ..LIMITS
         };
-        let o1 = hub.push("u", &text("one"), now, limits);
-        let o2 = hub.push("u", &text("two"), now, limits);
+        let o1 = hub.push(&PushRequest::to_user("u", &text("one")), now, limits);
+        let o2 = hub.push(&PushRequest::to_user("u", &text("two")), now, limits);
         assert_eq!(o1.delivered, 2);
         assert!(o2.id.unwrap() == o1.id.unwrap() + 1);
         assert_eq!(drain(&a).len(), 2);
@@ -593,7 +670,7 @@ mod tests {
         assert!(std::str::from_utf8(&sse[1]).unwrap().contains("data: two"));
         assert!(drain(&other).is_empty());
         assert_eq!(
-            hub.push("nobody", &text("x"), now, limits),
+            hub.push(&PushRequest::to_user("nobody", &text("x")), now, limits),
             PushOutcome::default()
         );
     }
@@ -605,8 +682,7 @@ mod tests {
         let new = conn(&hub, "u", Some("phone"), Transport::Ws);
         assert!(old.state().superseded);
         let o = hub.push(
-            "u",
-            &text("x"),
+            &PushRequest::to_user("u", &text("x")),
             tokio::time::Instant::now(),
             QueueLimits {
                 max_frames: 10,
@@ -626,9 +702,9 @@ mod tests {
         let hub = Hub::new();
         let c = conn(&hub, "u", None, Transport::Ws);
         let now = tokio::time::Instant::now();
-        hub.push("u", &text("1"), now, LIMITS);
-        hub.push("u", &text("2"), now, LIMITS);
-        let o = hub.push("u", &text("3"), now, LIMITS);
+        hub.push(&PushRequest::to_user("u", &text("1")), now, LIMITS);
+        hub.push(&PushRequest::to_user("u", &text("2")), now, LIMITS);
+        let o = hub.push(&PushRequest::to_user("u", &text("3")), now, LIMITS);
         assert_eq!(o.dropped, 1);
         assert!(matches!(
             c.next_outbound(),
@@ -642,7 +718,7 @@ mod tests {
             policy: SlowConsumerPolicy::DropOldest,
         };
         for p in ["1", "2", "3"] {
-            hub.push("w", &text(p), now, keep);
+            hub.push(&PushRequest::to_user("w", &text(p)), now, keep);
         }
         let frames = drain(&d);
         assert_eq!(frames.len(), 2);
@@ -661,7 +737,7 @@ mod tests {
         let now = tokio::time::Instant::now();
         let big = "x".repeat(100);
         for _ in 0..5 {
-            hub.push("u", &text(&big), now, limits);
+            hub.push(&PushRequest::to_user("u", &text(&big)), now, limits);
         }
         let st = c.state();
         assert!(st.queued_bytes <= 250, "{} bytes queued", st.queued_bytes);
@@ -672,7 +748,11 @@ mod tests {
         drop(st);
         // One frame larger than the budget still goes through an empty queue.
         let d = conn(&hub, "w", None, Transport::Sse);
-        let o = hub.push("w", &text(&"y".repeat(1000)), now, limits);
+        let o = hub.push(
+            &PushRequest::to_user("w", &text(&"y".repeat(1000))),
+            now,
+            limits,
+        );
         assert_eq!(o.delivered, 1);
         assert_eq!(drain(&d).len(), 1);
     }

@@ -349,3 +349,83 @@ async fn newer_connection_of_a_device_takes_over_delivery() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn internal_deliver_reports_an_outcome_per_message_and_drops_redeliveries() {
+    let mut cfg = config();
+    cfg.admin_token = Some("shared-secret".into());
+    let server = start(cfg).await;
+    let mut phone = ws_connect(&server, &token(&server, "kim", Some("phone"))).await;
+    let mut laptop = ws_connect(&server, &token(&server, "kim", Some("laptop"))).await;
+    ws_next_json(&mut phone).await;
+    ws_next_json(&mut laptop).await;
+    let batch = json!([
+        {"user": "kim", "message_id": "m-1", "data": "to all"},
+        {"user": "kim", "device": "laptop", "message_id": "m-2", "data": {"only": "laptop"}},
+        {"user": "kim", "message_id": "m-1", "data": "to all"},
+        {"user": "kim", "device": "watch", "message_id": "m-3", "data": "no watch here"},
+        {"user": "nobody", "message_id": "m-4", "data": "x"},
+        {"user": "", "message_id": "m-5", "data": "x"}
+    ]);
+    let auth = [("Authorization", "Bearer shared-secret")];
+    let r = http(
+        server.admin_addr(),
+        "POST",
+        "/internal/v1/deliver",
+        &auth,
+        batch.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let outcomes: Vec<String> = r.json()["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["outcome"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            "delivered",
+            "delivered",
+            "duplicate",
+            "not_connected",
+            "not_connected",
+            "invalid"
+        ]
+    );
+    let m = ws_next_json(&mut phone).await;
+    assert_eq!(
+        (m["mid"].as_str(), m["data"].as_str()),
+        (Some("m-1"), Some("to all"))
+    );
+    assert_eq!(ws_next_json(&mut laptop).await["mid"], "m-1");
+    let m = ws_next_json(&mut laptop).await;
+    assert_eq!(m["mid"], "m-2");
+    assert_eq!(m["data"], json!({"only": "laptop"}));
+    // The phone got nothing more: the next message it sees is this one.
+    push_with_token(&server, "kim", "after").await;
+    assert_eq!(ws_next_json(&mut phone).await["data"], "after");
+
+    let r = http(
+        server.admin_addr(),
+        "POST",
+        "/internal/v1/deliver",
+        &[],
+        b"[]",
+    )
+    .await;
+    assert_eq!(r.status, 401, "the shared secret is required");
+}
+
+async fn push_with_token(server: &push_server::Server, user: &str, body: &str) {
+    let r = http(
+        server.admin_addr(),
+        "POST",
+        &format!("/v1/push/{user}"),
+        &[("Authorization", "Bearer shared-secret")],
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}

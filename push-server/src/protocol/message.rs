@@ -121,14 +121,21 @@ impl ServerMessage<'_> {
     }
 }
 
-/// The WebSocket frame for a data message: `{"type":"message","id":N,"data":…}`.
-pub fn message_ws_frame(id: u64, payload: &Payload) -> Bytes {
+/// The WebSocket frame for a data message: `{"type":"message","id":N,"data":…}`, with
+/// `"mid":"…"` (the queue's message ID, the same on a redelivery) when there is one.
+pub fn message_ws_frame(id: u64, mid: Option<&str>, payload: &Payload) -> Bytes {
     let data = if payload.is_json {
         payload.as_str().to_owned()
     } else {
         serde_json::to_string(payload.as_str()).expect("strings serialize")
     };
-    let json = format!(r#"{{"type":"message","id":{id},"data":{data}}}"#);
+    let json = match mid {
+        Some(mid) => {
+            let mid = serde_json::to_string(mid).expect("strings serialize");
+            format!(r#"{{"type":"message","id":{id},"mid":{mid},"data":{data}}}"#)
+        }
+        None => format!(r#"{{"type":"message","id":{id},"data":{data}}}"#),
+    };
     ws::encode_frame(ws::OpCode::Text, json.as_bytes())
 }
 
@@ -173,7 +180,7 @@ mod tests {
     #[test]
     fn text_payload_is_a_json_string() {
         let p = Payload::text(Bytes::from_static(b"hello \"you\"")).unwrap();
-        let v = ws_text(&message_ws_frame(3, &p));
+        let v = ws_text(&message_ws_frame(3, None, &p));
         assert_eq!(
             v,
             serde_json::json!({"type":"message","id":3,"data":"hello \"you\""})
@@ -183,7 +190,8 @@ mod tests {
     #[test]
     fn json_payload_is_embedded() {
         let p = Payload::json(Bytes::from_static(br#"{"a":[1,2]}"#)).unwrap();
-        let v = ws_text(&message_ws_frame(4, &p));
+        let v = ws_text(&message_ws_frame(4, Some("m-1"), &p));
+        assert_eq!(v["mid"], "m-1");
         assert_eq!(v["data"], serde_json::json!({"a":[1,2]}));
         assert!(Payload::json(Bytes::from_static(b"{nope")).is_err());
         assert!(Payload::json(Bytes::from_static(b"1 2")).is_err());
