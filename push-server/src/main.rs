@@ -65,9 +65,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         None => {
-            let cfg = cli.serve.resolve()?;
+            let mut cfg = cli.serve.resolve()?;
             init_logging(cfg.log_format);
-            check_open_files(cfg.max_connections);
+            cfg.max_connections = fit_open_files(cfg.max_connections);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -77,9 +77,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Raises the soft open-files limit to the hard limit (each connection is a descriptor) and
-/// warns when `--max-connections` cannot be reached within it.
-fn check_open_files(max_connections: usize) {
+/// Raises the soft open-files limit to the hard limit (each connection is a descriptor), and
+/// lowers `max_connections` to what the limit allows, so that clients past it get a clear 503
+/// and readiness fails, rather than accept() failing silently.
+fn fit_open_files(max_connections: usize) -> usize {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let limit = getrlimit(Resource::Nofile);
     if limit.current != limit.maximum {
@@ -92,15 +93,17 @@ fn check_open_files(max_connections: usize) {
         }
     }
     let soft = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
-    // Descriptors for the listeners, admin connections, logs and the runtime itself.
+    // Descriptors for the listeners, admin and registry connections, logs and the runtime.
     const RESERVED: u64 = 64;
-    if (max_connections as u64).saturating_add(RESERVED) > soft {
+    let fits = usize::try_from(soft.saturating_sub(RESERVED)).unwrap_or(usize::MAX);
+    if max_connections > fits {
         tracing::warn!(
             open_files_limit = soft,
-            max_connections,
-            "max-connections exceeds what the open-files limit allows; accept() will fail past about {} connections: run several processes with --reuse-port",
-            soft.saturating_sub(RESERVED)
+            "max-connections lowered from {max_connections} to {fits} to fit the open-files limit; for more, run several processes with --reuse-port"
         );
+        fits
+    } else {
+        max_connections
     }
 }
 
