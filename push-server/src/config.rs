@@ -70,7 +70,8 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// Log format.
     pub log_format: LogFormat,
-    /// Registry URL (push-registry): `memory`, `redis://…`, `redis-cluster://…`, `ring://…`.
+    /// Registry URL (push-registry): `memory`, `redis://…`, `redis-cluster://…`, `ring://…`,
+    /// or `none` to register nowhere.
     pub registry: String,
     /// Lifetime of a registry record without refresh; records are refreshed every third.
     pub registry_ttl: Duration,
@@ -220,7 +221,8 @@ pub struct ServeArgs {
     #[arg(long, env = "PUSH_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
     /// Registry URL: memory, redis://host:port, redis-cluster://h1:p1,h2:p2,
-    /// ring://h1:p1,…?racks=3&read=quorum&write=quorum.
+    /// ring://h1:p1,…?racks=3&read=quorum&write=quorum, or none (pushes only through this
+    /// node's admin API).
     #[arg(long, env = "PUSH_REGISTRY")]
     pub registry: Option<String>,
     /// Registry record TTL without refresh, e.g. 90s (refreshed every third of it).
@@ -442,8 +444,10 @@ impl Config {
         if self.registry_ttl < Duration::from_secs(3) {
             return Err(invalid("registry_ttl", "must be at least 3s"));
         }
-        push_registry::url::parse(&self.registry)
-            .map_err(|e| invalid("registry", e.to_string()))?;
+        if self.registry != crate::server::NO_REGISTRY {
+            push_registry::url::parse(&self.registry)
+                .map_err(|e| invalid("registry", e.to_string()))?;
+        }
         if self.sweep_interval.is_zero() {
             return Err(invalid("sweep_interval", "must be above zero"));
         }

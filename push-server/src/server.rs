@@ -24,6 +24,10 @@ use crate::protocol::{sse, ws};
 use crate::ratelimit::RateLimiter;
 use crate::{admin, listener};
 
+/// The `--registry` value for a node that registers nowhere: pushes reach it only through its
+/// own admin API. Saves the registry's memory on a single node without a message processor.
+pub const NO_REGISTRY: &str = "none";
+
 /// Most IPs the per-IP rate limiter tracks at once (about 64 bytes each).
 const RATE_LIMIT_MAX_IPS: usize = 100_000;
 
@@ -262,18 +266,22 @@ impl Server {
             })?;
         let client_addr = client.local_addr().expect("bound socket has an address");
         let admin_addr = admin.local_addr().expect("bound socket has an address");
-        let registry = push_registry::open(&config.registry).await?;
-        let node_addr = config
-            .advertise_addr
-            .clone()
-            .unwrap_or_else(|| admin_addr.to_string());
-        let presence = crate::presence::Presence::start(
-            registry,
-            &config.node_id,
-            node_addr,
-            config.registry_ttl,
-        );
-        let shared = Arc::new(Shared::new(config, &secret, Some(presence)));
+        let presence = if config.registry == NO_REGISTRY {
+            None
+        } else {
+            let registry = push_registry::open(&config.registry).await?;
+            let node_addr = config
+                .advertise_addr
+                .clone()
+                .unwrap_or_else(|| admin_addr.to_string());
+            Some(crate::presence::Presence::start(
+                registry,
+                &config.node_id,
+                node_addr,
+                config.registry_ttl,
+            ))
+        };
+        let shared = Arc::new(Shared::new(config, &secret, presence));
         let tasks = vec![
             crate::presence::Presence::spawn_refresher(shared.clone()),
             tokio::spawn(listener::accept_loop(client, shared.clone())),
