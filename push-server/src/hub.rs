@@ -324,8 +324,10 @@ struct UserEntry {
 }
 
 /// How many recent queue message IDs a user remembers. A redelivery after a processor
-/// restart comes within the batch that was not committed, a few messages per user.
-const RECENT_IDS: usize = 16;
+/// crash repeats what was not committed yet: up to a batch per partition plus about a second
+/// of deliveries, rarely more than a few dozen messages for one user. 512 bytes, allocated
+/// only for users who get messages through the queue.
+const RECENT_IDS: usize = 64;
 
 /// Hashes of the last [`RECENT_IDS`] queue message IDs of a user. Empty (no allocation) for
 /// users who only get admin pushes.

@@ -1,0 +1,253 @@
+//! Flags and `MSGPROC_*` environment variables → [`Settings`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// A processor's settings, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// The topic push-lib writes to.
+    pub topic: String,
+    /// Consumer group: processors with the same group share the partitions.
+    pub group: String,
+    /// Registry URL (push-registry): `redis://…`, `ring://…`, ...
+    pub registry: String,
+    /// The nodes' `--admin-token` (shared secret of the internal deliver endpoint).
+    pub admin_token: Option<String>,
+    /// Where malformed, refused and undeliverable messages go; `None` drops them (counted).
+    pub dead_letter_topic: Option<String>,
+    /// Most messages of one partition processed as one batch (one registry round trip).
+    pub batch_size: usize,
+    /// How long a partition waits to fill a batch once it has a message. Zero: take what
+    /// has arrived.
+    pub batch_linger: Duration,
+    /// Most batches in flight at once over all partitions.
+    pub concurrency: usize,
+    /// Messages buffered per partition ahead of its worker.
+    pub partition_buffer: usize,
+    /// Most messages per deliver request to a node.
+    pub node_batch_max: usize,
+    /// Deadline of one deliver request.
+    pub deliver_timeout: Duration,
+    /// Idle keep-alive connections per node.
+    pub node_connections: usize,
+    /// Delivery rounds per message before an unreachable node makes it undeliverable.
+    pub max_attempts: u32,
+    /// First backoff after a round with an unreachable node; doubles up to `retry_backoff_max`.
+    pub retry_backoff: Duration,
+    /// Longest backoff between rounds.
+    pub retry_backoff_max: Duration,
+    /// Where to serve `/metrics`; `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Kafka consumer session timeout: how long a crashed processor holds its partitions.
+    pub session_timeout: Duration,
+    /// How long a graceful shutdown waits for batches in flight.
+    pub shutdown_timeout: Duration,
+    /// Extra librdkafka properties for the consumer and the dead-letter producer.
+    pub kafka: Vec<(String, String)>,
+}
+
+impl Settings {
+    /// Defaults for everything but where to connect.
+    pub fn new(
+        brokers: impl Into<String>,
+        topic: impl Into<String>,
+        group: impl Into<String>,
+        registry: impl Into<String>,
+    ) -> Self {
+        Self {
+            brokers: brokers.into(),
+            topic: topic.into(),
+            group: group.into(),
+            registry: registry.into(),
+            admin_token: None,
+            dead_letter_topic: None,
+            batch_size: 500,
+            batch_linger: Duration::from_millis(2),
+            concurrency: 64,
+            partition_buffer: 1000,
+            node_batch_max: 1000,
+            deliver_timeout: Duration::from_secs(5),
+            node_connections: 8,
+            max_attempts: 8,
+            retry_backoff: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_secs(2),
+            metrics_listen: None,
+            session_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(10),
+            kafka: Vec::new(),
+        }
+    }
+
+    /// Checks the bounds the processor relies on.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("batch-size", self.batch_size),
+            ("concurrency", self.concurrency),
+            ("partition-buffer", self.partition_buffer),
+            ("node-batch-max", self.node_batch_max),
+            ("max-attempts", self.max_attempts as usize),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(format!("--{name} must be at least 1"));
+            }
+        }
+        // push-server refuses batches over 10,000 items.
+        if self.node_batch_max > push_lib::direct::MAX_ITEMS_PER_REQUEST {
+            return Err(format!(
+                "--node-batch-max must be at most {}",
+                push_lib::direct::MAX_ITEMS_PER_REQUEST
+            ));
+        }
+        if self.brokers.is_empty() || self.topic.is_empty() || self.group.is_empty() {
+            return Err("--brokers, --topic and --group must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// Command-line flags; each also reads `MSGPROC_<NAME>` from the environment.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "msg-processor",
+    version,
+    about = "Consumes the push topic and delivers each message to the node that holds the user"
+)]
+pub struct Args {
+    /// Kafka bootstrap servers, `host:port,...`.
+    #[arg(long, env = "MSGPROC_BROKERS")]
+    pub brokers: String,
+    /// Topic to consume.
+    #[arg(long, env = "MSGPROC_TOPIC", default_value = "push")]
+    pub topic: String,
+    /// Consumer group shared by all processors.
+    #[arg(long, env = "MSGPROC_GROUP", default_value = "msg-processor")]
+    pub group: String,
+    /// Registry URL: `redis://host:port`, `redis-cluster://…`, `ring://…` (see push-registry).
+    #[arg(long, env = "MSGPROC_REGISTRY")]
+    pub registry: String,
+    /// The nodes' admin token (shared secret of `/internal/v1/deliver`).
+    #[arg(long, env = "MSGPROC_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+    /// Topic for malformed, refused and undeliverable messages; without it they are dropped
+    /// (and counted).
+    #[arg(long, env = "MSGPROC_DEAD_LETTER_TOPIC")]
+    pub dead_letter_topic: Option<String>,
+    /// Most messages of a partition per batch.
+    #[arg(long, env = "MSGPROC_BATCH_SIZE", default_value_t = 500)]
+    pub batch_size: usize,
+    /// Wait this long to fill a batch (e.g. `2ms`; `0s` disables).
+    #[arg(long, env = "MSGPROC_BATCH_LINGER", default_value = "2ms", value_parser = humantime::parse_duration)]
+    pub batch_linger: Duration,
+    /// Most batches in flight at once over all partitions.
+    #[arg(long, env = "MSGPROC_CONCURRENCY", default_value_t = 64)]
+    pub concurrency: usize,
+    /// Messages buffered per partition.
+    #[arg(long, env = "MSGPROC_PARTITION_BUFFER", default_value_t = 1000)]
+    pub partition_buffer: usize,
+    /// Most messages per deliver request.
+    #[arg(long, env = "MSGPROC_NODE_BATCH_MAX", default_value_t = 1000)]
+    pub node_batch_max: usize,
+    /// Deadline of one deliver request.
+    #[arg(long, env = "MSGPROC_DELIVER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub deliver_timeout: Duration,
+    /// Idle keep-alive connections per node.
+    #[arg(long, env = "MSGPROC_NODE_CONNECTIONS", default_value_t = 8)]
+    pub node_connections: usize,
+    /// Delivery rounds before a message whose node stays unreachable is dead-lettered.
+    #[arg(long, env = "MSGPROC_MAX_ATTEMPTS", default_value_t = 8)]
+    pub max_attempts: u32,
+    /// First retry backoff (doubles each round).
+    #[arg(long, env = "MSGPROC_RETRY_BACKOFF", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub retry_backoff: Duration,
+    /// Longest retry backoff.
+    #[arg(long, env = "MSGPROC_RETRY_BACKOFF_MAX", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub retry_backoff_max: Duration,
+    /// Serve `/metrics` and `/healthz` here.
+    #[arg(long, env = "MSGPROC_METRICS_LISTEN", default_value = "127.0.0.1:9100")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long a crashed processor keeps its partitions before the group reassigns them.
+    #[arg(long, env = "MSGPROC_SESSION_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub session_timeout: Duration,
+    /// How long SIGTERM waits for batches in flight before leaving the group.
+    #[arg(long, env = "MSGPROC_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Extra librdkafka property, `key=value` (repeatable), e.g. `security.protocol=ssl`.
+    #[arg(long = "kafka-set", value_name = "KEY=VALUE")]
+    pub kafka_set: Vec<String>,
+    /// Log format: `human` or `json`; level from `RUST_LOG`.
+    #[arg(long, env = "MSGPROC_LOG_FORMAT", default_value = "human")]
+    pub log_format: String,
+}
+
+impl Args {
+    /// Validated settings.
+    pub fn settings(&self) -> Result<Settings, String> {
+        let mut s = Settings::new(&self.brokers, &self.topic, &self.group, &self.registry);
+        s.admin_token = self.admin_token.clone();
+        s.dead_letter_topic = self.dead_letter_topic.clone();
+        s.batch_size = self.batch_size;
+        s.batch_linger = self.batch_linger;
+        s.concurrency = self.concurrency;
+        s.partition_buffer = self.partition_buffer;
+        s.node_batch_max = self.node_batch_max;
+        s.deliver_timeout = self.deliver_timeout;
+        s.node_connections = self.node_connections;
+        s.max_attempts = self.max_attempts;
+        s.retry_backoff = self.retry_backoff;
+        s.retry_backoff_max = self.retry_backoff_max;
+        s.metrics_listen = self.metrics_listen;
+        s.session_timeout = self.session_timeout;
+        s.shutdown_timeout = self.shutdown_timeout;
+        for kv in &self.kafka_set {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("--kafka-set {kv:?}: expected KEY=VALUE"))?;
+            s.kafka.push((k.to_owned(), v.to_owned()));
+        }
+        s.validate()?;
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[test]
+    fn flags_become_settings() {
+        let args = Args::try_parse_from([
+            "msg-processor",
+            "--brokers",
+            "b:9092",
+            "--registry",
+            "redis://127.0.0.1:6379",
+            "--batch-size",
+            "50",
+            "--retry-backoff",
+            "10ms",
+            "--kafka-set",
+            "fetch.wait.max.ms=10",
+        ])
+        .unwrap();
+        let s = args.settings().unwrap();
+        assert_eq!(s.topic, "push");
+        assert_eq!(s.batch_size, 50);
+        assert_eq!(s.retry_backoff, Duration::from_millis(10));
+        assert_eq!(s.kafka, [("fetch.wait.max.ms".into(), "10".into())]);
+    }
+
+    #[test]
+    fn bounds_are_checked() {
+        let mut s = Settings::new("b", "t", "g", "memory");
+        s.node_batch_max = 20_000;
+        assert!(s.validate().unwrap_err().contains("node-batch-max"));
+        s.node_batch_max = 1;
+        s.batch_size = 0;
+        assert!(s.validate().unwrap_err().contains("batch-size"));
+    }
+}

@@ -1,0 +1,257 @@
+//! One batch of one partition, from records to outcomes: decode, TTL, registry lookup,
+//! delivery rounds to the nodes, dead letters. Knows nothing of consumer groups or offsets:
+//! when [`Engine::process`] returns, every record of the batch has an outcome.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use push_lib::{DeliverClient, Envelope};
+use push_registry::{Record, Registry};
+use rand::Rng as _;
+use rdkafka::message::{Message as _, OwnedMessage};
+use tokio::sync::Semaphore;
+
+use crate::config::Settings;
+use crate::dead_letter::{DeadLetters, Source};
+use crate::metrics::{self as m, Stats};
+use crate::route::{self, Delivery, Final, Next};
+
+/// Largest deliver request body we build, roughly. push-server accepts 64 messages of its
+/// largest size (4 MiB by default); a quarter of that keeps every node configuration safe
+/// while still carrying hundreds of typical messages.
+const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Everything a batch needs, shared by all partitions of a processor.
+#[derive(Debug)]
+pub struct Engine {
+    /// The processor's settings.
+    pub settings: Settings,
+    /// Who is connected where.
+    pub registry: Arc<dyn Registry>,
+    /// Keep-alive HTTP to the nodes.
+    pub nodes: DeliverClient,
+    /// The dead-letter producer, if a topic is configured.
+    pub dead_letters: Option<DeadLetters>,
+    /// Counts for tests and logs.
+    pub stats: Arc<Stats>,
+    /// Bounds the batches in flight over all partitions (`--concurrency`).
+    pub permits: Semaphore,
+}
+
+impl Engine {
+    /// Gives every record of `batch` (consecutive records of one partition) an outcome.
+    pub async fn process(&self, batch: &[OwnedMessage]) {
+        metrics::histogram!(m::BATCH_SIZE).record(batch.len() as f64);
+        Stats::add(&self.stats.batches, 1);
+        let now = push_lib::envelope::now_ms();
+        let mut active: Vec<(usize, Delivery)> = Vec::with_capacity(batch.len());
+        for (i, msg) in batch.iter().enumerate() {
+            let wire_len = msg.payload().map_or(0, <[u8]>::len);
+            let decoded = match msg.payload() {
+                None => Err("malformed: record has no value".to_owned()),
+                Some(bytes) => Envelope::decode(bytes).map_err(|e| format!("malformed: {e}")),
+            };
+            match decoded {
+                Err(reason) => self.dead_letter(msg, &reason).await,
+                Ok(env) if env.is_expired(now) => self.expired(),
+                Ok(env) => active.push((i, Delivery::new(env, wire_len))),
+            }
+        }
+        for (i, _delivery, outcome) in self.deliver(active).await {
+            match outcome {
+                Final::Delivered => Stats::add(&self.stats.delivered, 1),
+                Final::NotConnected => {
+                    // Kept for resume once the resume store exists; dropped (and counted) now.
+                    metrics::counter!(m::NOT_CONNECTED).increment(1);
+                    Stats::add(&self.stats.not_connected, 1);
+                }
+                Final::Expired => self.expired(),
+                Final::DeadLetter(reason) => self.dead_letter(&batch[i], &reason).await,
+            }
+        }
+    }
+
+    fn expired(&self) {
+        metrics::counter!(m::EXPIRED).increment(1);
+        Stats::add(&self.stats.expired, 1);
+    }
+
+    /// Delivery rounds until every message is finished (see [`crate::route`]).
+    async fn deliver(&self, mut active: Vec<(usize, Delivery)>) -> Vec<(usize, Delivery, Final)> {
+        let mut finished = Vec::with_capacity(active.len());
+        let mut backoff = self.settings.retry_backoff;
+        let rounds = self.settings.max_attempts.max(1);
+        for round in 0..rounds {
+            if active.is_empty() {
+                break;
+            }
+            let last = round + 1 == rounds;
+            let records = self.lookup(&active).await;
+            // Node → indexes into `active`, in partition order.
+            let mut per_node: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+            let mut had_targets = vec![false; active.len()];
+            for (ai, (_, d)) in active.iter().enumerate() {
+                let recs = records
+                    .get(d.env.user.as_str())
+                    .map_or(&[][..], Vec::as_slice);
+                for node in d.targets(recs) {
+                    per_node.entry(node).or_default().push(ai);
+                    had_targets[ai] = true;
+                }
+            }
+            if round > 0 {
+                let n = had_targets.iter().filter(|t| **t).count() as u64;
+                metrics::counter!(m::RETRIES).increment(n);
+                Stats::add(&self.stats.retries, n);
+            }
+            let answers = join_all(
+                per_node
+                    .iter()
+                    .map(|(node, idxs)| self.send_to_node(node, idxs, &active)),
+            )
+            .await;
+            let now = push_lib::envelope::now_ms();
+            for (node, results) in per_node.keys().zip(answers) {
+                for (ai, answer) in results {
+                    let d = &mut active[ai].1;
+                    let before = d.delivered();
+                    d.apply(node, answer.as_ref().map_err(String::as_str));
+                    if !before && d.delivered() && d.env.created_at > 0 {
+                        let secs = now.saturating_sub(d.env.created_at) as f64 / 1000.0;
+                        metrics::histogram!(m::END_TO_END_LATENCY).record(secs);
+                    }
+                }
+            }
+            let mut wait = false;
+            let mut still = Vec::with_capacity(active.len());
+            for (ai, (i, mut d)) in active.into_iter().enumerate() {
+                match d.next(had_targets[ai], last) {
+                    Next::Again { .. } if d.env.is_expired(now) => {
+                        finished.push((i, d, Final::Expired));
+                    }
+                    Next::Again { backoff } => {
+                        wait |= backoff;
+                        still.push((i, d));
+                    }
+                    Next::Done(f) => finished.push((i, d, f)),
+                }
+            }
+            active = still;
+            if wait && !active.is_empty() {
+                // Jitter spreads the retries of many processors hitting one recovering node.
+                let jitter = rand::rng().random_range(0.8..1.2);
+                tokio::time::sleep(backoff.mul_f64(jitter)).await;
+                backoff = (backoff * 2).min(self.settings.retry_backoff_max);
+            }
+        }
+        finished
+    }
+
+    /// Sends the messages `idxs` of `active` to `node`, in order, in requests of at most
+    /// `node_batch_max`. Returns one answer per message (`Err`: why the node was unreachable).
+    async fn send_to_node(
+        &self,
+        node: &str,
+        idxs: &[usize],
+        active: &[(usize, Delivery)],
+    ) -> Vec<(usize, Result<push_lib::Outcome, String>)> {
+        let mut out = Vec::with_capacity(idxs.len());
+        let mut failed: Option<String> = None;
+        let requests = route::chunks(
+            idxs,
+            |ai| active[ai].1.wire_len,
+            self.settings.node_batch_max,
+            MAX_REQUEST_BYTES,
+        );
+        for chunk in requests {
+            if let Some(e) = &failed {
+                // A later chunk must not overtake an earlier one that will be retried:
+                // that could reorder a user's messages.
+                out.extend(chunk.iter().map(|&ai| (ai, Err(e.clone()))));
+                continue;
+            }
+            metrics::histogram!(m::NODE_BATCH_SIZE).record(chunk.len() as f64);
+            let envs: Vec<&Envelope> = chunk.iter().map(|&ai| &active[ai].1.env).collect();
+            match self.nodes.deliver(node, &envs).await {
+                Ok(outcomes) => {
+                    metrics::counter!(m::DELIVER_REQUESTS, "result" => "ok").increment(1);
+                    for (&ai, o) in chunk.iter().zip(outcomes) {
+                        let how = match o {
+                            push_lib::Outcome::Delivered { .. } => Some("delivered"),
+                            push_lib::Outcome::Duplicate => Some("duplicate"),
+                            _ => None,
+                        };
+                        if let Some(how) = how {
+                            metrics::counter!(m::DELIVERED, "how" => how).increment(1);
+                        }
+                        out.push((ai, Ok(o)));
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!(m::DELIVER_REQUESTS, "result" => "error").increment(1);
+                    if matches!(e, push_lib::Error::Http { status: 401, .. }) {
+                        tracing::error!(%node, "node refused the admin token: check --admin-token");
+                    } else {
+                        tracing::warn!(%node, error = %e, "deliver failed; will retry");
+                    }
+                    let e = e.to_string();
+                    out.extend(chunk.iter().map(|&ai| (ai, Err(e.clone()))));
+                    failed = Some(e);
+                }
+            }
+        }
+        out
+    }
+
+    /// Looks up every user of `active` (one pipelined call), retrying until the registry
+    /// answers: without it nothing can be delivered, and lag is the right signal.
+    async fn lookup(&self, active: &[(usize, Delivery)]) -> HashMap<String, Vec<Record>> {
+        let mut users: Vec<String> = active.iter().map(|(_, d)| d.env.user.clone()).collect();
+        users.sort();
+        users.dedup();
+        let mut backoff = self.settings.retry_backoff;
+        loop {
+            match self.registry.lookup_many(&users).await {
+                Ok(records) => return users.into_iter().zip(records).collect(),
+                Err(e) => {
+                    metrics::counter!(m::REGISTRY_ERRORS).increment(1);
+                    tracing::warn!(error = %e, users = users.len(), "registry lookup failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.settings.retry_backoff_max);
+                }
+            }
+        }
+    }
+
+    /// Sends a record to the dead-letter topic, retrying until the broker takes it (the
+    /// record's offset must not be committed before). Without a topic: logged and dropped.
+    async fn dead_letter(&self, msg: &OwnedMessage, reason: &str) {
+        let kind = reason.split(':').next().unwrap_or("other").to_owned();
+        metrics::counter!(m::DEAD_LETTERED, "reason" => kind).increment(1);
+        Stats::add(&self.stats.dead_lettered, 1);
+        let source = Source {
+            topic: msg.topic(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+        };
+        let Some(dl) = &self.dead_letters else {
+            tracing::warn!(?source, %reason, "dropping a message (no --dead-letter-topic)");
+            return;
+        };
+        let mut backoff = self.settings.retry_backoff;
+        loop {
+            match dl.send(msg.key(), msg.payload(), reason, &source).await {
+                Ok(()) => {
+                    tracing::info!(?source, %reason, topic = dl.topic(), "dead-lettered");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "dead-letter topic unavailable; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.settings.retry_backoff_max);
+                }
+            }
+        }
+    }
+}

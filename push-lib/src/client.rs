@@ -1,0 +1,201 @@
+//! [`PushClient`]: one API over both transports.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::direct::{DeliverConfig, DirectTransport, Outcome};
+use crate::envelope::{Envelope, MessageId};
+use crate::error::Result;
+use crate::kafka::{KafkaAck, KafkaConfig, KafkaTransport};
+
+/// Per-message options of [`PushClient::send`].
+#[derive(Debug, Clone, Default)]
+pub struct SendOptions {
+    /// Only this device of the user.
+    pub device: Option<String>,
+    /// Drop the message if it cannot be delivered within this time of its creation.
+    pub ttl: Option<Duration>,
+    /// Collapse key (see [`Envelope::collapse_key`]).
+    pub collapse_key: Option<String>,
+    /// W3C `traceparent` of the calling span.
+    pub traceparent: Option<String>,
+    /// A caller-chosen message ID (e.g. an idempotency key); generated when `None`.
+    pub id: Option<MessageId>,
+}
+
+impl SendOptions {
+    /// Builds the envelope these options describe.
+    pub fn envelope(&self, user: impl Into<String>, data: impl Into<Value>) -> Envelope {
+        let mut env = Envelope::new(user, data);
+        env.device = self.device.clone();
+        env.ttl_ms = self
+            .ttl
+            .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
+        env.collapse_key = self.collapse_key.clone();
+        env.traceparent = self.traceparent.clone();
+        if let Some(id) = &self.id {
+            env.id = id.clone();
+        }
+        env
+    }
+}
+
+/// What a successful send means depends on the transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// Kafka acknowledged the record: it will be delivered at least once while the user is
+    /// connected (or dead-lettered), by the message processors.
+    Queued(KafkaAck),
+    /// The node answered for the message.
+    Direct(Outcome),
+}
+
+/// The answer to a send: the message ID (what clients will see as `mid`) and how it went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The envelope's message ID.
+    pub id: MessageId,
+    /// What the transport did with it.
+    pub accepted: Accepted,
+}
+
+/// A send in flight: resolves when the transport has answered.
+pub type PendingSend = Pin<Box<dyn Future<Output = Result<Receipt>> + Send>>;
+
+#[derive(Debug, Clone)]
+enum Transport {
+    Kafka(KafkaTransport),
+    Direct(DirectTransport),
+}
+
+/// Pushes to users by user ID. Cheap to clone; clones share the producer or HTTP pool.
+#[derive(Debug, Clone)]
+pub struct PushClient {
+    transport: Transport,
+}
+
+impl PushClient {
+    /// Through Kafka: decoupled from delivery, survives node and processor restarts.
+    pub fn kafka(config: &KafkaConfig) -> Result<Self> {
+        Ok(Self {
+            transport: Transport::Kafka(KafkaTransport::new(config)?),
+        })
+    }
+
+    /// Straight to one push-server node's admin port (`http://host:port`), for small setups.
+    pub fn direct(url: &str, config: &DeliverConfig) -> Result<Self> {
+        Ok(Self {
+            transport: Transport::Direct(DirectTransport::new(url, config)?),
+        })
+    }
+
+    /// Sends `data` (a JSON string is text; anything else is JSON) to `user`.
+    pub async fn send(
+        &self,
+        user: &str,
+        data: impl Into<Value>,
+        options: &SendOptions,
+    ) -> Result<Receipt> {
+        self.send_envelope(options.envelope(user, data)).await
+    }
+
+    /// Sends a prepared envelope and waits for the transport's answer.
+    pub async fn send_envelope(&self, env: Envelope) -> Result<Receipt> {
+        self.enqueue(env).await?.await
+    }
+
+    /// Hands the envelope to the transport and returns a future of its answer. Calls made one
+    /// after another keep their order per user, so a caller can have many sends in flight
+    /// (enqueue in order, await later) without reordering a user's messages.
+    ///
+    /// Kafka: waits only while librdkafka's local queue is full. Direct: performs the request
+    /// (the returned future is then ready).
+    pub async fn enqueue(&self, env: Envelope) -> Result<PendingSend> {
+        let id = env.id.clone();
+        match &self.transport {
+            Transport::Kafka(k) => {
+                let ack = k.enqueue(&env).await?;
+                Ok(Box::pin(async move {
+                    Ok(Receipt {
+                        id,
+                        accepted: Accepted::Queued(ack.await?),
+                    })
+                }))
+            }
+            Transport::Direct(d) => {
+                let outcome = d
+                    .send_batch(std::slice::from_ref(&env))
+                    .await?
+                    .pop()
+                    .expect("one outcome per envelope");
+                Ok(Box::pin(std::future::ready(Ok(Receipt {
+                    id,
+                    accepted: Accepted::Direct(outcome),
+                }))))
+            }
+        }
+    }
+
+    /// Sends many envelopes; one result per envelope, in order. Kafka: all are enqueued
+    /// first (in order), then the acknowledgements awaited together. Direct: one request per
+    /// 10,000 envelopes; a failed request fails each of its envelopes.
+    pub async fn send_batch(&self, envs: Vec<Envelope>) -> Vec<Result<Receipt>> {
+        match &self.transport {
+            Transport::Kafka(_) => {
+                let mut pending = Vec::with_capacity(envs.len());
+                for env in envs {
+                    pending.push(self.enqueue(env).await);
+                }
+                let mut out = Vec::with_capacity(pending.len());
+                for p in pending {
+                    out.push(match p {
+                        Ok(fut) => fut.await,
+                        Err(e) => Err(e),
+                    });
+                }
+                out
+            }
+            Transport::Direct(d) => {
+                if let Some(bad) = envs.iter().position(|e| e.validate().is_err()) {
+                    // One invalid envelope would make the node refuse the whole request:
+                    // send none, and say per envelope why.
+                    return envs
+                        .iter()
+                        .map(|env| match env.validate() {
+                            Err(e) => Err(e.into()),
+                            Ok(()) => Err(crate::Error::NotSent(format!(
+                                "envelope {bad} of the batch is invalid"
+                            ))),
+                        })
+                        .collect();
+                }
+                let mut out = Vec::with_capacity(envs.len());
+                for chunk in envs.chunks(crate::direct::MAX_ITEMS_PER_REQUEST) {
+                    match d.send_batch(chunk).await {
+                        Ok(outcomes) => out.extend(chunk.iter().zip(outcomes).map(|(e, o)| {
+                            Ok(Receipt {
+                                id: e.id.clone(),
+                                accepted: Accepted::Direct(o),
+                            })
+                        })),
+                        Err(e) => out.extend(chunk.iter().map(|_| Err(e.replicate()))),
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// Kafka: blocks until every enqueued record is acknowledged or failed, at most
+    /// `timeout` (call before exiting; it blocks the thread, so use `spawn_blocking` on a
+    /// busy runtime). Direct: nothing to flush.
+    pub fn flush(&self, timeout: Duration) -> Result<()> {
+        match &self.transport {
+            Transport::Kafka(k) => k.flush(timeout),
+            Transport::Direct(_) => Ok(()),
+        }
+    }
+}

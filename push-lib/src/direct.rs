@@ -1,0 +1,292 @@
+//! The direct transport: HTTP to a push-server node's internal deliver endpoint.
+//!
+//! `POST http://{node}/internal/v1/deliver` takes a JSON array of
+//! `{"user","device","message_id","data"}` and answers one outcome per item, in order
+//! (`docs/protocol.md`). The message processor uses [`DeliverClient`] for every node it
+//! delivers to; small setups without Kafka use [`DirectTransport`] to reach their one node.
+//!
+//! The client keeps connections alive in a small pool per node: a steady stream of batches
+//! then costs no TCP or HTTP handshake each.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::Envelope;
+use crate::error::{Error, Result};
+
+/// The node's answer for one item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Written to `connections` of the user's connections; `id` is the per-user message ID.
+    Delivered {
+        /// The per-user message ID the clients saw.
+        id: Option<u64>,
+        /// How many connections it was written to.
+        connections: u64,
+    },
+    /// Already delivered under this message ID (a redelivery): as good as delivered.
+    Duplicate,
+    /// The user (or device) has no connection on that node.
+    NotConnected,
+    /// The node refused the item (bad user ID, payload too large, ...): it never will.
+    Invalid {
+        /// The node's reason.
+        reason: String,
+    },
+}
+
+impl Outcome {
+    /// Delivered now or earlier.
+    pub fn is_delivered(&self) -> bool {
+        matches!(self, Outcome::Delivered { .. } | Outcome::Duplicate)
+    }
+}
+
+/// Settings of a [`DeliverClient`].
+#[derive(Debug, Clone)]
+pub struct DeliverConfig {
+    /// The nodes' `--admin-token`; `None` when they run without one.
+    pub admin_token: Option<String>,
+    /// Whole-request deadline: connect, send, answer.
+    pub timeout: Duration,
+    /// Connect deadline. Short: a dead node should be found out fast and retried elsewhere.
+    pub connect_timeout: Duration,
+    /// Idle keep-alive connections kept per node.
+    pub max_idle_per_node: usize,
+}
+
+impl Default for DeliverConfig {
+    fn default() -> Self {
+        Self {
+            admin_token: None,
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+            max_idle_per_node: 8,
+        }
+    }
+}
+
+/// A keep-alive HTTP client for the deliver endpoint of any number of nodes.
+#[derive(Clone)]
+pub struct DeliverClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+    auth: Option<HeaderValue>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for DeliverClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeliverClient")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize)]
+struct Item<'a> {
+    user: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<&'a str>,
+    message_id: &'a str,
+    data: &'a serde_json::Value,
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    results: Vec<WireOutcome>,
+}
+
+#[derive(Deserialize)]
+struct WireOutcome {
+    outcome: String,
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default)]
+    delivered: Option<u64>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+impl DeliverClient {
+    /// A client with its own connection pool.
+    pub fn new(config: &DeliverConfig) -> Result<Self> {
+        let auth = match &config.admin_token {
+            Some(t) => {
+                let mut v = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| {
+                    Error::InvalidUrl {
+                        url: "(admin token)".into(),
+                        reason: "admin token must be visible ASCII".into(),
+                    }
+                })?;
+                // Keeps the secret out of debug output of the request.
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(config.max_idle_per_node)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Ok(Self {
+            client,
+            auth,
+            timeout: config.timeout,
+        })
+    }
+
+    /// Delivers `items` through node `addr` (`host:port` of its admin port, as the registry
+    /// records it) and returns one outcome per item, in order.
+    pub async fn deliver(&self, addr: &str, items: &[&Envelope]) -> Result<Vec<Outcome>> {
+        let body: Vec<Item<'_>> = items
+            .iter()
+            .map(|e| Item {
+                user: &e.user,
+                device: e.device.as_deref(),
+                message_id: e.id.as_str(),
+                data: &e.data,
+            })
+            .collect();
+        let body = serde_json::to_vec(&body).expect("deliver items always serialize");
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{addr}/internal/v1/deliver"))
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| Error::InvalidUrl {
+                url: addr.to_owned(),
+                reason: e.to_string(),
+            })?;
+        if let Some(auth) = &self.auth {
+            req.headers_mut().insert(AUTHORIZATION, auth.clone());
+        }
+        let unreachable = |reason: String| Error::Unreachable {
+            addr: addr.to_owned(),
+            reason,
+        };
+        let exchange = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| unreachable(error_chain(&e)))?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?
+                .to_bytes();
+            Ok::<_, Error>((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| unreachable(format!("no answer within {:?}", self.timeout)))??;
+        if !status.is_success() {
+            return Err(Error::Http {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&bytes).into_owned(),
+            });
+        }
+        let answer: Answer = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::BadResponse(format!("{e}: {}", String::from_utf8_lossy(&bytes))))?;
+        if answer.results.len() != items.len() {
+            return Err(Error::BadResponse(format!(
+                "{} results for {} items",
+                answer.results.len(),
+                items.len()
+            )));
+        }
+        answer
+            .results
+            .into_iter()
+            .map(|r| match r.outcome.as_str() {
+                "delivered" => Ok(Outcome::Delivered {
+                    id: r.id,
+                    connections: r.delivered.unwrap_or(0),
+                }),
+                "duplicate" => Ok(Outcome::Duplicate),
+                "not_connected" => Ok(Outcome::NotConnected),
+                "invalid" => Ok(Outcome::Invalid {
+                    reason: r.reason.unwrap_or_default(),
+                }),
+                other => Err(Error::BadResponse(format!("unknown outcome {other:?}"))),
+            })
+            .collect()
+    }
+}
+
+/// hyper-util's errors say "client error (Connect)" at the top and the useful part
+/// ("Connection refused") in the sources.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// Sends straight to one push-server node, without a queue: for small setups with a single
+/// node (a user on another node is `NotConnected`).
+#[derive(Debug, Clone)]
+pub struct DirectTransport {
+    client: DeliverClient,
+    addr: String,
+}
+
+/// Most items per request: push-server's batch limit.
+pub const MAX_ITEMS_PER_REQUEST: usize = 10_000;
+
+impl DirectTransport {
+    /// `url` is the node's admin address, `http://host:port` or `host:port`.
+    pub fn new(url: &str, config: &DeliverConfig) -> Result<Self> {
+        let addr = url
+            .strip_prefix("http://")
+            .unwrap_or(url)
+            .trim_end_matches('/');
+        if addr.is_empty() || addr.contains('/') || !addr.contains(':') {
+            return Err(Error::InvalidUrl {
+                url: url.to_owned(),
+                reason: "expected http://host:port of the node's admin port (no path, no TLS)"
+                    .into(),
+            });
+        }
+        Ok(Self {
+            client: DeliverClient::new(config)?,
+            addr: addr.to_owned(),
+        })
+    }
+
+    /// The node's `host:port`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Delivers a batch (split into requests of at most [`MAX_ITEMS_PER_REQUEST`]), one
+    /// outcome per envelope. Envelopes are validated first; an invalid one fails the batch.
+    pub async fn send_batch(&self, envs: &[Envelope]) -> Result<Vec<Outcome>> {
+        for e in envs {
+            e.validate()?;
+        }
+        let mut out = Vec::with_capacity(envs.len());
+        for chunk in envs.chunks(MAX_ITEMS_PER_REQUEST) {
+            let refs: Vec<&Envelope> = chunk.iter().collect();
+            out.extend(self.client.deliver(&self.addr, &refs).await?);
+        }
+        Ok(out)
+    }
+}
