@@ -1,0 +1,185 @@
+//! `bench hold`: opens N client connections and holds them, in a process of its own.
+//!
+//! Protocol with the parent (`idle-memory`), one JSON object per stdout line:
+//! - `{"event":"connected","ok":..,"failed":..,"errors":{..},..}` once every connection has
+//!   either its `hello` or an error;
+//! - `{"event":"done","closed_during_hold":..,"heartbeats_seen":..}` when it stops: stdin closed (the parent is done or gone) or the
+//!   `--hold-secs` deadline passed, so it never outlives a crashed parent for long.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use push_server::auth::Authenticator;
+use serde_json::json;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::client::{self, Ended, Transport};
+use crate::sys;
+
+/// File descriptors a process needs besides its sockets (stdio, epoll, runtime, binary).
+pub const SPARE_FDS: u64 = 64;
+
+/// Arguments of `bench hold`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Transport of every connection.
+    #[arg(long, value_enum)]
+    transport: Transport,
+    /// The server's client address.
+    #[arg(long)]
+    server: SocketAddr,
+    /// Connections to open.
+    #[arg(long)]
+    conns: usize,
+    /// Spread clients over source addresses 127.0.0.2 .. 127.0.0.(2+N-1).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u8).range(1..=253))]
+    sources: u8,
+    /// Connection attempts in flight at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// HS256 secret shared with the server; tokens are minted for users u0 .. u(N-1).
+    #[arg(long)]
+    secret: String,
+    /// Stop by itself after this many seconds, whatever happens.
+    #[arg(long, default_value_t = 600)]
+    hold_secs: u64,
+    /// Time one connection has for its connect, request and hello.
+    #[arg(long, default_value_t = 30)]
+    connect_timeout_secs: u64,
+}
+
+/// Runs `bench hold` on a multi-threaded runtime.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let limit = sys::nofile_limit();
+    if args.conns as u64 + SPARE_FDS > limit {
+        bail!(
+            "{} connections need about {} open files; this process may open {limit}",
+            args.conns,
+            args.conns as u64 + SPARE_FDS
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let result = runtime.block_on(hold(args));
+    // The stdin reader is a blocking thread that may never return: do not wait for it.
+    runtime.shutdown_background();
+    result
+}
+
+async fn hold(args: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let deadline = tokio::time::sleep(Duration::from_secs(args.hold_secs));
+    tokio::pin!(deadline);
+    let auth = Authenticator::new(args.secret.as_bytes(), false);
+    // Bounded so that the server's accept queue and handshake limit are not the thing
+    // measured, and so that a failure shows up early instead of as 15,000 timeouts.
+    let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let (results, mut connected) = mpsc::unbounded_channel::<Result<(), String>>();
+    let closed = Arc::new(AtomicUsize::new(0));
+    let heartbeats = Arc::new(AtomicUsize::new(0));
+    let connect_timeout = Duration::from_secs(args.connect_timeout_secs);
+    // Tokens outlive the bench by far; expiry is not what this measures.
+    let token_ttl = Duration::from_secs(args.hold_secs + 3600);
+
+    for i in 0..args.conns {
+        let token = auth.mint(&format!("u{i}"), None, token_ttl);
+        let source = IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            2 + (i % usize::from(args.sources)) as u8,
+        ));
+        let permits = permits.clone();
+        let results = results.clone();
+        let closed = closed.clone();
+        let heartbeats = heartbeats.clone();
+        let (server, transport) = (args.server, args.transport);
+        tokio::spawn(async move {
+            let permit = permits.acquire_owned().await;
+            let opened = tokio::time::timeout(
+                connect_timeout,
+                client::open(source, server, transport, &token),
+            )
+            .await;
+            drop(permit);
+            drop(token);
+            let conn = match opened {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    let _ = results.send(Err(format!("{e:#}")));
+                    return;
+                }
+                Err(_) => {
+                    let _ = results.send(Err(format!("no hello within {connect_timeout:?}")));
+                    return;
+                }
+            };
+            let _ = results.send(Ok(()));
+            drop(results);
+            let ended = conn.hold(&heartbeats).await;
+            closed.fetch_add(1, Ordering::Relaxed);
+            if ended != Ended::Eof {
+                eprintln!("bench hold: connection {i} ended: {ended:?}");
+            }
+        });
+    }
+    drop(results);
+
+    let (mut ok, mut failed) = (0usize, 0usize);
+    // Error text → count, so 15,000 identical failures print as one line.
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    while ok + failed < args.conns {
+        tokio::select! {
+            r = connected.recv() => match r {
+                Some(Ok(())) => ok += 1,
+                Some(Err(e)) => {
+                    failed += 1;
+                    *errors.entry(e).or_default() += 1;
+                }
+                None => break,
+            },
+            () = &mut deadline => bail!("deadline passed with {ok} connected and {failed} failed"),
+        }
+    }
+    let memory = sys::memory(std::process::id()).ok();
+    println!(
+        "{}",
+        json!({
+            "event": "connected",
+            "ok": ok,
+            "failed": failed,
+            "errors": errors,
+            "connect_secs": started.elapsed().as_secs_f64(),
+            "rss_kib": memory.map(|m| m.rss_kib),
+        })
+    );
+
+    let mut stdin = tokio::io::stdin();
+    let mut sink = [0u8; 64];
+    let reason = loop {
+        tokio::select! {
+            r = stdin.read(&mut sink) => match r {
+                Ok(0) | Err(_) => break "stdin closed",
+                Ok(_) => {}
+            },
+            () = &mut deadline => break "deadline",
+        }
+    };
+    println!(
+        "{}",
+        json!({
+            "event": "done",
+            "reason": reason,
+            "closed_during_hold": closed.load(Ordering::Relaxed),
+            "heartbeats_seen": heartbeats.load(Ordering::Relaxed),
+        })
+    );
+    Ok(())
+}
