@@ -349,23 +349,28 @@ async fn push_batch(req: Request<Incoming>, shared: &Shared) -> Resp {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let items = match parse_batch(&body) {
-        Ok(items) => items,
-        Err(e) => return e.into_response(),
-    };
-    let mut payloads = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        match item.payload(shared.config.max_message_bytes) {
-            Ok(p) => payloads.push(p),
-            Err(e) => {
-                return error(
+    push_batch_items(&body, received, shared).unwrap_or_else(ApiError::into_response)
+}
+
+fn push_batch_items(
+    body: &[u8],
+    received: tokio::time::Instant,
+    shared: &Shared,
+) -> Result<Resp, ApiError> {
+    let items = parse_batch(body)?;
+    let payloads = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            item.payload(shared.config.max_message_bytes).map_err(|e| {
+                ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "bad_item",
                     format!("item {i}: {e}"),
                 )
-            }
-        }
-    }
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     metrics::counter!(m::PUSHES).increment(items.len() as u64);
     let mut delivered = 0;
     let results: Vec<_> = items
@@ -380,10 +385,10 @@ async fn push_batch(req: Request<Incoming>, shared: &Shared) -> Resp {
             outcome_json(&item.user, o)
         })
         .collect();
-    json_response(
+    Ok(json_response(
         StatusCode::OK,
         json!({"delivered": delivered, "results": results}),
-    )
+    ))
 }
 
 /// `POST /internal/v1/deliver`: the message processor's batch. Each item gets its own
@@ -396,10 +401,15 @@ async fn deliver(req: Request<Incoming>, shared: &Shared) -> Resp {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let items = match parse_batch(&body) {
-        Ok(items) => items,
-        Err(e) => return e.into_response(),
-    };
+    deliver_items(&body, received, shared).unwrap_or_else(ApiError::into_response)
+}
+
+fn deliver_items(
+    body: &[u8],
+    received: tokio::time::Instant,
+    shared: &Shared,
+) -> Result<Resp, ApiError> {
+    let items = parse_batch(body)?;
     metrics::counter!(m::PUSHES).increment(items.len() as u64);
     let results: Vec<_> = items
         .iter()
@@ -421,7 +431,7 @@ async fn deliver(req: Request<Incoming>, shared: &Shared) -> Resp {
             }
         })
         .collect();
-    json_response(StatusCode::OK, json!({ "results": results }))
+    Ok(json_response(StatusCode::OK, json!({ "results": results })))
 }
 
 fn user_connections(user: &str, shared: &Shared) -> Resp {
