@@ -1,0 +1,569 @@
+//! One raw client connection (WebSocket or SSE) to a push-server node.
+//!
+//! Hand-written on a `TcpStream` rather than tokio-tungstenite: a worker process holds up to
+//! about 19,900 connections (the 20,000 open-files limit), and tungstenite keeps read and
+//! write buffers per connection (128 KiB each by default, still KiBs when shrunk). Here an
+//! idle connection keeps only its socket and an empty `Vec`: reads go into a stack scratch
+//! buffer after `readable()`, and only a partial frame or event is kept between reads.
+//!
+//! [`Conn::next_event`] is cancel-safe (it is raced in `select!`): it never writes, and all
+//! state between awaits lives in `self`. Writes (pongs, acks, close) are separate calls that
+//! the caller makes outside any `select!`, so a write is never cut in half.
+
+use std::io::ErrorKind;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use push_server::protocol::ws;
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// The transport of one client.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// WebSocket on `/ws`.
+    Ws,
+    /// Server-Sent Events on `/sse`.
+    Sse,
+}
+
+/// Any valid 16-byte base64 key: the client checks the server's accept value against it.
+const WS_KEY: &str = "bG9hZHRlc3Qta2V5LTAwMQ==";
+
+/// Largest response head plus hello accepted; the server's are a few hundred bytes.
+const MAX_HANDSHAKE: usize = 16 * 1024;
+
+/// Largest partial frame or event kept between reads. Load-test payloads are small; a
+/// server that sends more than this is broken or not a push-server.
+const MAX_PENDING: usize = 1024 * 1024;
+
+/// Masking key of client frames. RFC 6455 wants it unpredictable to protect proxies from
+/// cache poisoning by browser scripts; a load generator talking to its own server does not
+/// need that, and a constant saves a random draw per frame.
+const MASK: [u8; 4] = [0x6c, 0x74, 0x21, 0x07];
+
+/// The `hello` that opens every connection.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Hello {
+    /// Connection ID on its node.
+    pub conn_id: u64,
+    /// Node ID.
+    pub node: String,
+    /// When the server will ask this connection to reconnect, ms from now.
+    #[serde(default)]
+    pub lifetime_ms: u64,
+    /// The server's heartbeat interval, ms.
+    #[serde(default)]
+    pub heartbeat_ms: u64,
+}
+
+/// What arrived on a connection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A push: the per-user `id`, the queue's `mid` if any, and the payload as JSON text.
+    Message {
+        /// Per-user increasing ID.
+        id: u64,
+        /// Message ID from the queue (push-lib), if it came that way.
+        mid: Option<String>,
+        /// The payload (WebSocket `data`, SSE `data:` lines joined).
+        data: String,
+    },
+    /// The server asks for a new connection: `rotate` or `drain`.
+    Reconnect {
+        /// `rotate` or `drain`.
+        reason: String,
+    },
+    /// A WebSocket ping: answer it with [`Conn::pong`].
+    Ping(Vec<u8>),
+    /// A heartbeat that needs no answer (SSE comment, WebSocket pong, other control data).
+    Heartbeat,
+    /// A second `hello`, an `error`, or another message the client does not act on.
+    Other(String),
+    /// The server sent a WebSocket close frame (with its code), or closed TCP (`None`).
+    Closed(Option<u16>),
+}
+
+/// A connection that has received its `hello`.
+#[derive(Debug)]
+pub struct Conn {
+    stream: TcpStream,
+    transport: Transport,
+    /// Bytes of an incomplete frame or event.
+    pending: Vec<u8>,
+    /// The hello.
+    pub hello: Hello,
+    /// A close frame was sent (WebSocket) or the socket shut down.
+    closing: bool,
+}
+
+/// How a connection attempt failed, for the report's error table.
+pub fn error_kind(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    if let Some(i) = text.find("server answered `") {
+        // "server answered `HTTP/1.1 503 Service Unavailable`: {...draining...}"
+        let rest = &text[i + "server answered `".len()..];
+        let status = rest.split_whitespace().nth(1).unwrap_or("?");
+        let code = ["draining", "at_capacity", "rate_limited", "unauthorized"]
+            .into_iter()
+            .find(|c| rest.contains(c))
+            .unwrap_or("refused");
+        return format!("http_{status}_{code}");
+    }
+    for (needle, kind) in [
+        ("Connection refused", "connection_refused"),
+        ("Cannot assign requested address", "no_source_port"),
+        ("Too many open files", "too_many_open_files"),
+        ("timed out", "timeout"),
+        ("closed the connection", "closed_before_hello"),
+        ("Connection reset", "connection_reset"),
+    ] {
+        if text.contains(needle) {
+            return kind.into();
+        }
+    }
+    "other".into()
+}
+
+/// Opens a connection from `source` to `server` with `token`, resuming after `since` if
+/// given (WebSocket `?since=`, SSE `Last-Event-ID`; the server may ignore both), and waits
+/// for the `hello` for at most `timeout`.
+pub async fn open(
+    source: IpAddr,
+    server: SocketAddr,
+    transport: Transport,
+    token: &str,
+    since: Option<u64>,
+    timeout: Duration,
+) -> anyhow::Result<Conn> {
+    tokio::time::timeout(timeout, open_inner(source, server, transport, token, since))
+        .await
+        .map_err(|_| anyhow::anyhow!("no hello within {timeout:?}: timed out"))?
+}
+
+async fn open_inner(
+    source: IpAddr,
+    server: SocketAddr,
+    transport: Transport,
+    token: &str,
+    since: Option<u64>,
+) -> anyhow::Result<Conn> {
+    let socket = match source {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // One source address has only ~28k ephemeral ports towards one server port; binding
+    // each client to one of many 127.0.0.x addresses lifts that limit.
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .with_context(|| format!("cannot bind {source}:0"))?;
+    let mut stream = socket
+        .connect(server)
+        .await
+        .with_context(|| format!("connect {source} -> {server}"))?;
+    let request = request(server, transport, token, since);
+    stream.write_all(request.as_bytes()).await?;
+
+    let mut buf = Vec::with_capacity(1024);
+    let head_end = loop {
+        read_some(&mut stream, &mut buf).await?;
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let status_line = head.lines().next().unwrap_or_default();
+    let expected = match transport {
+        Transport::Ws => "101",
+        Transport::Sse => "200",
+    };
+    if status_line.split_whitespace().nth(1) != Some(expected) {
+        // Refusals carry a short JSON body saying why (`draining`, `at_capacity`, ...).
+        let body = String::from_utf8_lossy(&buf[head_end..]);
+        bail!("server answered `{status_line}`: {}", body.trim());
+    }
+    if transport == Transport::Ws {
+        let accept = ws::accept_key(WS_KEY);
+        let ok = head.lines().any(|l| {
+            l.split_once(':').is_some_and(|(n, v)| {
+                n.eq_ignore_ascii_case("sec-websocket-accept") && v.trim() == accept
+            })
+        });
+        if !ok {
+            bail!("101 without the right Sec-WebSocket-Accept");
+        }
+    }
+    let pending = buf.split_off(head_end);
+    let mut conn = Conn {
+        stream,
+        transport,
+        pending,
+        hello: Hello {
+            conn_id: 0,
+            node: String::new(),
+            lifetime_ms: 0,
+            heartbeat_ms: 0,
+        },
+        closing: false,
+    };
+    // The protocol says the hello is the first message; anything else is a violation the
+    // caller counts, so it is an error here.
+    loop {
+        match conn.next_event().await {
+            Event::Other(json) => match parse_hello(&json) {
+                Some(hello) => {
+                    conn.hello = hello;
+                    break;
+                }
+                None => bail!("hello_not_first: first message is `{json}`"),
+            },
+            Event::Ping(p) => conn.pong(&p).await?,
+            Event::Heartbeat => {}
+            Event::Closed(code) => bail!("server closed the connection before hello ({code:?})"),
+            other => bail!("hello_not_first: first message is {other:?}"),
+        }
+    }
+    conn.pending.shrink_to_fit();
+    Ok(conn)
+}
+
+/// The HTTP request that opens a connection. The token travels in `Authorization`, the
+/// header every non-browser client can set.
+fn request(server: SocketAddr, transport: Transport, token: &str, since: Option<u64>) -> String {
+    match transport {
+        Transport::Ws => {
+            let query = since.map(|s| format!("?since={s}")).unwrap_or_default();
+            format!(
+                "GET /ws{query} HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\n\
+                 Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
+            )
+        }
+        Transport::Sse => {
+            let resume = since
+                .map(|s| format!("Last-Event-ID: {s}\r\n"))
+                .unwrap_or_default();
+            format!(
+                "GET /sse HTTP/1.1\r\nHost: {server}\r\nAccept: text/event-stream\r\n\
+                 {resume}Authorization: Bearer {token}\r\n\r\n"
+            )
+        }
+    }
+}
+
+fn parse_hello(json: &str) -> Option<Hello> {
+    #[derive(Deserialize)]
+    struct Typed {
+        #[serde(rename = "type")]
+        kind: String,
+    }
+    let typed: Typed = serde_json::from_str(json).ok()?;
+    if typed.kind != "hello" {
+        return None;
+    }
+    serde_json::from_str(json).ok()
+}
+
+impl Conn {
+    /// The next event. Cancel-safe: a partial frame stays in `self.pending`.
+    pub async fn next_event(&mut self) -> Event {
+        loop {
+            match self.parse_pending() {
+                Ok(Some(ev)) => return ev,
+                Ok(None) => {}
+                Err(e) => return Event::Other(format!("protocol_error: {e}")),
+            }
+            if self.pending.len() > MAX_PENDING {
+                return Event::Closed(None);
+            }
+            if self.stream.readable().await.is_err() {
+                return Event::Closed(None);
+            }
+            // The scratch buffer lives only in this block, never across an await, so it is
+            // not part of the client task's future: idle clients stay small.
+            let mut buf = [0u8; 2048];
+            match self.stream.try_read(&mut buf) {
+                Ok(0) => return Event::Closed(None),
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(_) => return Event::Closed(None),
+            }
+        }
+    }
+
+    /// One complete event from the front of `pending`, if there is one.
+    fn parse_pending(&mut self) -> anyhow::Result<Option<Event>> {
+        let parsed = match self.transport {
+            Transport::Ws => parse_ws(&self.pending)?,
+            Transport::Sse => parse_sse(&self.pending),
+        };
+        let Some((event, used)) = parsed else {
+            return Ok(None);
+        };
+        self.pending.drain(..used);
+        if self.pending.is_empty() {
+            // Give the allocation back: an idle client should hold no buffer.
+            self.pending = Vec::new();
+        }
+        Ok(Some(event))
+    }
+
+    /// Answers a WebSocket ping.
+    pub async fn pong(&mut self, payload: &[u8]) -> std::io::Result<()> {
+        let frame = ws::encode_client_frame(true, ws::OpCode::Pong, payload, MASK);
+        self.stream.write_all(&frame).await
+    }
+
+    /// Sends `{"type":"ack","id":N}`; `Ok(false)` on SSE, which has no client → server
+    /// channel.
+    pub async fn ack(&mut self, id: u64) -> std::io::Result<bool> {
+        if self.transport != Transport::Ws {
+            return Ok(false);
+        }
+        let text = format!(r#"{{"type":"ack","id":{id}}}"#);
+        let frame = ws::encode_client_frame(true, ws::OpCode::Text, text.as_bytes(), MASK);
+        self.stream.write_all(&frame).await.map(|()| true)
+    }
+
+    /// Starts a client-initiated close: a close frame (WebSocket) or a shutdown (SSE). The
+    /// caller keeps reading until [`Event::Closed`], so the server's last frames are seen
+    /// and the client, not the server, ends up holding TIME_WAIT.
+    pub async fn start_close(&mut self) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        match self.transport {
+            Transport::Ws => {
+                let payload = ws::close_code::NORMAL.to_be_bytes();
+                let frame = ws::encode_client_frame(true, ws::OpCode::Close, &payload, MASK);
+                let _ = self.stream.write_all(&frame).await;
+            }
+            Transport::Sse => {
+                let _ = self.stream.shutdown().await;
+            }
+        }
+    }
+}
+
+/// Parses one server frame at the front of `buf`: `Ok(None)` until it is complete.
+fn parse_ws(buf: &[u8]) -> anyhow::Result<Option<(Event, usize)>> {
+    let [b0, b1, ..] = *buf else {
+        return Ok(None);
+    };
+    if b1 & 0x80 != 0 {
+        bail!("server frames must not be masked");
+    }
+    let (len, start) = match b1 & 0x7f {
+        126 => match buf.get(2..4) {
+            Some(b) => (usize::from(u16::from_be_bytes([b[0], b[1]])), 4),
+            None => return Ok(None),
+        },
+        127 => match buf.get(2..10) {
+            Some(b) => {
+                let len = u64::from_be_bytes(b.try_into().expect("8 bytes"));
+                (usize::try_from(len).context("frame too large")?, 10)
+            }
+            None => return Ok(None),
+        },
+        n => (usize::from(n), 2),
+    };
+    if buf.len() < start + len {
+        return Ok(None);
+    }
+    let payload = &buf[start..start + len];
+    let event = match b0 & 0x0f {
+        0x1 => text_event(std::str::from_utf8(payload).context("text frame not UTF-8")?),
+        0x8 => Event::Closed(Some(
+            payload
+                .get(..2)
+                .map_or(ws::close_code::NORMAL, |c| u16::from_be_bytes([c[0], c[1]])),
+        )),
+        0x9 => Event::Ping(payload.to_vec()),
+        _ => Event::Heartbeat,
+    };
+    Ok(Some((event, start + len)))
+}
+
+/// A WebSocket text message → event.
+fn text_event(text: &str) -> Event {
+    #[derive(Deserialize)]
+    struct Msg<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        id: Option<u64>,
+        mid: Option<String>,
+        data: Option<&'a serde_json::value::RawValue>,
+        reason: Option<String>,
+    }
+    match serde_json::from_str::<Msg<'_>>(text) {
+        Ok(Msg {
+            kind: "message",
+            id: Some(id),
+            mid,
+            data,
+            ..
+        }) => Event::Message {
+            id,
+            mid,
+            data: data.map(|d| d.get().to_owned()).unwrap_or_default(),
+        },
+        Ok(Msg {
+            kind: "reconnect",
+            reason,
+            ..
+        }) => Event::Reconnect {
+            reason: reason.unwrap_or_default(),
+        },
+        _ => Event::Other(text.to_owned()),
+    }
+}
+
+/// Parses one SSE event (or heartbeat comment block) at the front of `buf`.
+///
+/// The server ends lines with `\n` only; `\r\n` is accepted too. `data:` lines are joined
+/// with `\n`, as `EventSource` does.
+fn parse_sse(buf: &[u8]) -> Option<(Event, usize)> {
+    let end = find(buf, b"\n\n")
+        .map(|i| i + 2)
+        .or_else(|| find(buf, b"\r\n\r\n").map(|i| i + 4))?;
+    let block = String::from_utf8_lossy(&buf[..end]);
+    let (mut event, mut id, mut data) = (None::<String>, None::<u64>, Vec::<&str>::new());
+    for line in block.lines() {
+        let line = line.trim_end_matches('\r');
+        if line.is_empty() || line.starts_with(':') {
+            continue;
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "event" => event = Some(value.to_owned()),
+            "id" => id = value.parse().ok(),
+            "data" => data.push(value),
+            _ => {}
+        }
+    }
+    let data = data.join("\n");
+    let ev = match (event.as_deref(), id) {
+        (None, _) if data.is_empty() => Event::Heartbeat,
+        (Some("message") | None, Some(id)) => Event::Message {
+            id,
+            mid: None,
+            data,
+        },
+        (Some("reconnect"), _) => match text_event(&data) {
+            ev @ Event::Reconnect { .. } => ev,
+            _ => Event::Other(data),
+        },
+        _ => Event::Other(data),
+    };
+    Some((ev, end))
+}
+
+/// Appends what the socket has to `buf`; a closed socket or an oversized head is an error.
+async fn read_some(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+    if buf.len() > MAX_HANDSHAKE {
+        bail!("handshake larger than {MAX_HANDSHAKE} bytes");
+    }
+    let mut chunk = [0u8; 1024];
+    let n = stream.read(&mut chunk).await?;
+    if n == 0 {
+        bail!(
+            "server closed the connection after: {}",
+            String::from_utf8_lossy(buf).trim()
+        );
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use push_server::protocol::{message, sse};
+
+    #[test]
+    fn parses_ws_frames_whole_or_not_at_all() {
+        let payload = message::Payload::json(br#"{"s":3,"t":5}"#.to_vec().into()).unwrap();
+        let frame = message::message_ws_frame(42, Some("m1"), &payload);
+        assert!(parse_ws(&frame[..frame.len() - 1]).unwrap().is_none());
+        let (ev, used) = parse_ws(&frame).unwrap().unwrap();
+        assert_eq!(used, frame.len());
+        assert_eq!(
+            ev,
+            Event::Message {
+                id: 42,
+                mid: Some("m1".into()),
+                data: r#"{"s":3,"t":5}"#.into()
+            }
+        );
+        let ping = ws::encode_frame(ws::OpCode::Ping, b"x");
+        assert_eq!(
+            parse_ws(&ping).unwrap().unwrap().0,
+            Event::Ping(b"x".to_vec())
+        );
+        let close = ws::close_frame(4003, "late");
+        assert_eq!(
+            parse_ws(&close).unwrap().unwrap().0,
+            Event::Closed(Some(4003))
+        );
+        let masked = ws::encode_client_frame(true, ws::OpCode::Text, b"x", MASK);
+        assert!(parse_ws(&masked).is_err());
+    }
+
+    #[test]
+    fn parses_sse_events_and_heartbeats() {
+        let payload = message::Payload::json(br#"{"s":1,"t":2}"#.to_vec().into()).unwrap();
+        let mut bytes = sse::HEARTBEAT.to_vec();
+        bytes.extend_from_slice(&message::message_sse_event(7, &payload));
+        let (ev, used) = parse_sse(&bytes).unwrap();
+        assert_eq!(ev, Event::Heartbeat);
+        let (ev, used2) = parse_sse(&bytes[used..]).unwrap();
+        assert_eq!(used + used2, bytes.len());
+        assert_eq!(
+            ev,
+            Event::Message {
+                id: 7,
+                mid: None,
+                data: r#"{"s":1,"t":2}"#.into()
+            }
+        );
+        let reconnect = message::ServerMessage::Reconnect {
+            reason: message::ReconnectReason::Drain,
+            grace_ms: 10,
+        }
+        .sse_event();
+        assert_eq!(
+            parse_sse(&reconnect).unwrap().0,
+            Event::Reconnect {
+                reason: "drain".into()
+            }
+        );
+        assert!(parse_sse(b"id: 1\nevent: message\ndata: x\n").is_none());
+    }
+
+    #[test]
+    fn hello_is_recognised() {
+        let json = r#"{"type":"hello","version":1,"conn_id":3,"node":"n","user":"u","lifetime_ms":5,"heartbeat_ms":9}"#;
+        let h = parse_hello(json).unwrap();
+        assert_eq!((h.conn_id, h.lifetime_ms, h.heartbeat_ms), (3, 5, 9));
+        assert!(parse_hello(r#"{"type":"message","id":1}"#).is_none());
+    }
+
+    #[test]
+    fn resume_travels_in_query_or_header() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert!(request(addr, Transport::Ws, "t", Some(9)).starts_with("GET /ws?since=9 "));
+        assert!(request(addr, Transport::Sse, "t", Some(9)).contains("Last-Event-ID: 9\r\n"));
+        assert!(!request(addr, Transport::Sse, "t", None).contains("Last-Event-ID"));
+    }
+}
