@@ -158,7 +158,18 @@ impl Conn {
     /// Holds the connection until the server ends it: reads and drops SSE heartbeats and
     /// events, answers WebSocket pings with pongs. Counts heartbeats seen (WebSocket pings,
     /// reads holding an SSE heartbeat comment) in `heartbeats`.
-    pub async fn hold(mut self, heartbeats: &AtomicUsize) -> Ended {
+    pub async fn hold(self, heartbeats: &AtomicUsize) -> Ended {
+        self.receive(heartbeats, |_| {}).await
+    }
+
+    /// Like [`hold`](Self::hold), and hands the payload of every WebSocket text frame after
+    /// the hello (the `message` JSON) to `on_text`. SSE events are not parsed: they are read
+    /// and dropped, as in `hold`.
+    pub async fn receive(
+        mut self,
+        heartbeats: &AtomicUsize,
+        mut on_text: impl FnMut(&[u8]),
+    ) -> Ended {
         loop {
             if self.stream.readable().await.is_err() {
                 return Ended::Error;
@@ -205,6 +216,7 @@ impl Conn {
                             return Ended::Error;
                         }
                     }
+                    0x1 => on_text(payload),
                     _ => {}
                 }
                 self.pending.drain(..frame.len);

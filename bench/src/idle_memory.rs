@@ -290,7 +290,7 @@ fn round2(x: f64) -> f64 {
 }
 
 /// Polls `/healthz` until it answers 200; fails if the server exits or takes too long.
-async fn wait_healthy(server: &mut Child, admin_addr: SocketAddr) -> anyhow::Result<()> {
+pub(crate) async fn wait_healthy(server: &mut Child, admin_addr: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     loop {
         if let Some(status) = server.try_wait()? {

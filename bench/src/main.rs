@@ -3,6 +3,10 @@
 //! | module | role |
 //! |---|---|
 //! | [`idle_memory`] | `bench idle-memory`: server RSS per idle connection |
+//! | [`registry`] | `bench registry`: `lookup_many` against one Redis and `redis-benchmark`; the ring's cost |
+//! | [`pipeline`] | `bench pipeline`: push-lib → Kafka → msg-processor → push-server → clients, end to end |
+//! | [`receive`] | `bench receive` (hidden): holds one WebSocket per user, counts, orders and times messages |
+//! | [`redis`] | `redis-server` children on free ports, killed on drop |
 //! | [`hold`] | `bench hold` (hidden): a separate process that opens and holds the clients |
 //! | [`client`] | a minimal WebSocket / SSE client on raw TCP: handshake, hello, pongs |
 //! | [`admin`] | tiny HTTP/1.1 GET for the server's `/healthz` and `/metrics` |
@@ -19,6 +23,10 @@ mod admin;
 mod client;
 mod hold;
 mod idle_memory;
+mod pipeline;
+mod receive;
+mod redis;
+mod registry;
 mod sys;
 
 /// Scenario benchmarks for push-server.
@@ -37,6 +45,15 @@ enum Command {
     /// Open N connections and hold them (run by `idle-memory` as a child process).
     #[command(hide = true)]
     Hold(hold::Args),
+    /// Registry `lookup_many` throughput and latency against one local Redis, next to
+    /// `redis-benchmark` on that Redis, and the replicated ring's cost per operation.
+    Registry(registry::Args),
+    /// End to end through Kafka: messages per second and latency from send to client, at
+    /// several processor counts; fails if any message is lost.
+    Pipeline(pipeline::Args),
+    /// Hold one WebSocket per user and account for every message (run by `pipeline`).
+    #[command(hide = true)]
+    Receive(receive::Args),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +66,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::IdleMemory(args) => idle_memory::run(args),
         Command::Hold(args) => hold::run(args),
+        Command::Registry(args) => registry::run(args),
+        Command::Pipeline(args) => pipeline::run(args),
+        Command::Receive(args) => receive::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

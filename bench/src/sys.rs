@@ -103,3 +103,138 @@ pub fn machine() -> String {
         .unwrap_or_else(|| "unknown CPU".into());
     format!("{cpus} × {model}")
 }
+
+/// Linux reports `/proc/<pid>/stat` times in USER_HZ, which is 100 on every architecture
+/// this runs on (the kernel fixes it for the `/proc` ABI, whatever `CONFIG_HZ` is).
+const USER_HZ: f64 = 100.0;
+
+/// CPU time a process has used so far (user + system), seconds, from `/proc/<pid>/stat`.
+pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {path} (has the process exited?)"))?;
+    parse_cpu_secs(&text).with_context(|| format!("bad {path}: {text}"))
+}
+
+/// `utime + stime` of a `/proc/<pid>/stat` line, in seconds. The command name (field 2) is
+/// in parentheses and may hold spaces or parentheses, so fields are counted after the last `)`.
+fn parse_cpu_secs(stat: &str) -> Option<f64> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    // After the name: state is field 3, utime field 14, stime field 15 (1-based, man proc).
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / USER_HZ)
+}
+
+/// Busy CPU time of the whole machine so far (all cores, everything but idle and iowait),
+/// seconds, from the first line of `/proc/stat`.
+fn machine_busy_secs() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_machine_busy(text.lines().next()?)
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal …` (USER_HZ ticks) → busy seconds.
+fn parse_machine_busy(line: &str) -> Option<f64> {
+    let ticks: Vec<u64> = line
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .take(8)
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    let total: u64 = ticks.iter().sum();
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    Some((total - idle) as f64 / USER_HZ)
+}
+
+/// CPU used by a set of processes between two readings, as a share of one core; and what
+/// the rest of the machine used meanwhile (`others`), which shows a disturbed measurement:
+/// another engineer's build or benchmark on the same 2 cores.
+#[derive(Debug)]
+pub struct CpuMeter {
+    start: std::time::Instant,
+    before: Vec<(String, u32, f64)>,
+    machine_before: Option<f64>,
+}
+
+impl CpuMeter {
+    /// Starts measuring `(label, pid)` pairs; a process that cannot be read counts 0.
+    pub fn start(procs: &[(String, u32)]) -> Self {
+        let before = procs
+            .iter()
+            .map(|(label, pid)| (label.clone(), *pid, cpu_secs(*pid).unwrap_or(0.0)))
+            .collect();
+        Self {
+            start: std::time::Instant::now(),
+            before,
+            machine_before: machine_busy_secs(),
+        }
+    }
+
+    /// Per label: cores used on average since `start` (1.0 = one core busy all the time),
+    /// then `others`: the machine's busy cores minus those of the labelled processes.
+    pub fn stop(&self) -> Vec<(String, f64)> {
+        let wall = self.start.elapsed().as_secs_f64().max(1e-9);
+        let mut out: Vec<(String, f64)> = self
+            .before
+            .iter()
+            .map(|(label, pid, before)| {
+                let now = cpu_secs(*pid).unwrap_or(*before);
+                (label.clone(), (now - before) / wall)
+            })
+            .collect();
+        if let (Some(before), Some(now)) = (self.machine_before, machine_busy_secs()) {
+            let ours: f64 = out.iter().map(|(_, c)| c).sum();
+            out.push(("others".into(), ((now - before) / wall - ours).max(0.0)));
+        }
+        out.into_iter().map(|(l, c)| (l, round2(c))).collect()
+    }
+}
+
+/// Rounds to two decimals, for reports.
+pub fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// The median of some figures (the mean of the middle two for an even count); NaN if empty.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_cpu_time_past_a_tricky_command_name() {
+        // Fields 14 and 15 (utime, stime) are 250 and 50 ticks.
+        let stat = "1234 (we ird) name)) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0";
+        assert_eq!(parse_cpu_secs(stat), Some(3.0));
+        assert_eq!(parse_cpu_secs("garbage"), None);
+    }
+
+    #[test]
+    fn reads_machine_busy_time() {
+        // busy = user 100 + nice 0 + system 50 + irq 0 + softirq 10 + steal 0 = 160 ticks.
+        let line = "cpu  100 0 50 1000 40 0 10 0 0 0";
+        assert_eq!(parse_machine_busy(line), Some(1.6));
+        assert_eq!(parse_machine_busy("cpu0 1 2 3 4 5 6 7 8"), None);
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+}

@@ -1,0 +1,488 @@
+//! `bench receive` (hidden): holds one WebSocket connection per user, spread over several
+//! push-server nodes, and accounts for every message the pipeline benchmark sends.
+//!
+//! Per user it drops duplicates by `mid` (the queue's message ID: a redelivery carries the
+//! same one), checks that the server's per-connection `id` only grows, and that the sender's
+//! sequence number does too (the pipeline promises per-user order). Per run it counts what
+//! arrived and records the latency from the send time in the payload to the receive time.
+//!
+//! Protocol with the parent (`bench pipeline`), one JSON object per line:
+//! - stdout `{"event":"connected","ok":..,"failed":..,"errors":{..},"connect_secs":..}` once
+//!   every connection has its `hello` or an error;
+//! - stdin `report <run>` → stdout `{"event":"report","run":..,"received":..,"duplicates":..,
+//!   "out_of_order":..,"p50_us":..,"p99_us":..,"max_us":..,"first_us":..,"last_us":..,..}`;
+//! - it stops when stdin closes (the parent is done or gone) or `--hold-secs` pass.
+//!
+//! The payload the sender puts in `data`: `{"r":<run>,"s":<seq>,"t":<send time, µs since
+//! the Unix epoch>}` (the bench's own producer), or `{"r":<run>,"n":<n>}` (push-send, which
+//! has no time placeholder: the latency is then taken from the millisecond timestamp in the
+//! first 48 bits of the push-lib message ID).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use hdrhistogram::Histogram;
+use push_server::auth::Authenticator;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::client::{self, Ended, Transport};
+use crate::hold::SPARE_FDS;
+use crate::sys;
+
+/// Arguments of `bench receive`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A node's client address (repeatable); user i connects to node i mod (number of nodes).
+    #[arg(long = "server", required = true)]
+    servers: Vec<SocketAddr>,
+    /// Users to connect, `<prefix>0` … `<prefix>(N-1)`, one connection each (device `d`).
+    #[arg(long)]
+    users: usize,
+    /// Prefix of the user IDs (push-send's default is `user-`).
+    #[arg(long, default_value = "user-")]
+    user_prefix: String,
+    /// Spread clients over source addresses 127.0.0.2 .. 127.0.0.(2+N-1).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u8).range(1..=253))]
+    sources: u8,
+    /// Connection attempts in flight at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// HS256 secret shared with the nodes.
+    #[arg(long)]
+    secret: String,
+    /// Stop by itself after this many seconds, whatever happens.
+    #[arg(long, default_value_t = 900)]
+    hold_secs: u64,
+    /// Time one connection has for its connect, request and hello.
+    #[arg(long, default_value_t = 30)]
+    connect_timeout_secs: u64,
+}
+
+/// Runs `bench receive` on a multi-threaded runtime.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let limit = sys::nofile_limit();
+    if args.users as u64 + SPARE_FDS > limit {
+        bail!(
+            "{} connections need about {} open files; this process may open {limit}",
+            args.users,
+            args.users as u64 + SPARE_FDS
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let result = runtime.block_on(receive(args));
+    // The stdin reader is a blocking thread that may never return: do not wait for it.
+    runtime.shutdown_background();
+    result
+}
+
+/// The sender's part of a message: what `data` holds.
+#[derive(Debug, Deserialize)]
+struct Payload {
+    /// Run number (the parent runs several rounds through the same connections).
+    #[serde(default)]
+    r: u32,
+    /// Per-user sequence number (the bench's producer).
+    s: Option<u64>,
+    /// Global message index (push-send's `{n}`; it sends round robin, so it grows per user).
+    n: Option<u64>,
+    /// Send time, microseconds since the Unix epoch.
+    t: Option<u64>,
+}
+
+/// A server `message` frame, the fields the accounting needs.
+#[derive(Debug, Deserialize)]
+struct Frame {
+    #[serde(rename = "type")]
+    kind: String,
+    /// The server's per-connection message number.
+    id: Option<u64>,
+    /// The queue's message ID.
+    mid: Option<String>,
+    data: Option<Payload>,
+}
+
+/// One message, as the accounting sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Arrival {
+    pub conn_seq: Option<u64>,
+    pub mid: String,
+    pub run: u32,
+    pub seq: u64,
+    /// Send time, µs since the Unix epoch, when the sender gave one (or the ID carries it).
+    pub sent_us: Option<u64>,
+}
+
+/// Reads a `message` frame; `Ok(None)` for other frames (heartbeats as text, notices).
+fn parse_frame(text: &[u8]) -> anyhow::Result<Option<Arrival>> {
+    let frame: Frame = serde_json::from_slice(text).context("frame is not the expected JSON")?;
+    if frame.kind != "message" {
+        return Ok(None);
+    }
+    let mid = frame.mid.context("message without `mid`")?;
+    let data = frame.data.context("message without `data`")?;
+    let seq = data
+        .s
+        .or(data.n)
+        .context("payload has neither `s` nor `n`")?;
+    let sent_us = data.t.or_else(|| id_millis(&mid).map(|ms| ms * 1000));
+    Ok(Some(Arrival {
+        conn_seq: frame.id,
+        mid,
+        run: data.r,
+        seq,
+        sent_us,
+    }))
+}
+
+/// The creation time in a push-lib generated message ID: 32 hex digits whose first 12 are
+/// milliseconds since the Unix epoch (docs/envelope.md).
+fn id_millis(mid: &str) -> Option<u64> {
+    if mid.len() != 32 {
+        return None;
+    }
+    u64::from_str_radix(mid.get(..12)?, 16).ok()
+}
+
+/// What one arrival was, for one user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// First time this `mid` arrived, in order.
+    New,
+    /// First time, but its (run, sequence) is not above the last one seen: reordered.
+    OutOfOrder,
+    /// This `mid` arrived before: a redelivery that got through.
+    Duplicate,
+}
+
+/// Order and deduplication state of one user's connection.
+#[derive(Debug, Default)]
+pub struct UserTracker {
+    mids: HashSet<String>,
+    last: Option<(u32, u64)>,
+    last_conn_seq: Option<u64>,
+    /// Times the server's per-connection `id` did not grow.
+    pub conn_seq_regressions: u64,
+}
+
+impl UserTracker {
+    /// Accounts one arrival.
+    pub fn observe(&mut self, a: &Arrival) -> Seen {
+        if let Some(id) = a.conn_seq {
+            if self.last_conn_seq.is_some_and(|last| id <= last) {
+                self.conn_seq_regressions += 1;
+            }
+            self.last_conn_seq = Some(id);
+        }
+        if !self.mids.insert(a.mid.clone()) {
+            return Seen::Duplicate;
+        }
+        let key = (a.run, a.seq);
+        if self.last.is_some_and(|last| key <= last) {
+            return Seen::OutOfOrder;
+        }
+        self.last = Some(key);
+        Seen::New
+    }
+}
+
+/// One run's tally over all connections.
+#[derive(Debug)]
+struct RunStats {
+    received: u64,
+    duplicates: u64,
+    out_of_order: u64,
+    /// Arrivals without a send time (no latency recorded).
+    untimed: u64,
+    latency_us: Histogram<u64>,
+    first_us: u64,
+    last_us: u64,
+}
+
+impl RunStats {
+    fn new() -> Self {
+        Self {
+            received: 0,
+            duplicates: 0,
+            out_of_order: 0,
+            untimed: 0,
+            // 1 µs .. 10 min, three significant figures.
+            latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)
+                .expect("valid histogram bounds"),
+            first_us: u64::MAX,
+            last_us: 0,
+        }
+    }
+
+    fn add(&mut self, seen: Seen, sent_us: Option<u64>, now_us: u64) {
+        if seen == Seen::Duplicate {
+            self.duplicates += 1;
+            return;
+        }
+        self.received += 1;
+        if seen == Seen::OutOfOrder {
+            self.out_of_order += 1;
+        }
+        self.first_us = self.first_us.min(now_us);
+        self.last_us = self.last_us.max(now_us);
+        match sent_us {
+            // Same machine, same clock; clamp in case the sender's ms-precision time (from
+            // the ID) lies a little after the receive time.
+            Some(t) => self
+                .latency_us
+                .saturating_record(now_us.saturating_sub(t).max(1)),
+            None => self.untimed += 1,
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch: comparable with the sender's `t` on the same machine.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// Everything the connections report into.
+#[derive(Debug, Default)]
+struct Shared {
+    runs: Mutex<HashMap<u32, RunStats>>,
+    bad_frames: AtomicUsize,
+    conn_seq_regressions: AtomicUsize,
+    closed: AtomicUsize,
+}
+
+async fn receive(args: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let deadline = tokio::time::sleep(Duration::from_secs(args.hold_secs));
+    tokio::pin!(deadline);
+    let auth = Authenticator::new(args.secret.as_bytes(), false);
+    // Bounded so that the nodes' accept queues are not what is measured, and so that a
+    // failure shows up early instead of as 10,000 timeouts.
+    let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let (results, mut connected) = mpsc::unbounded_channel::<Result<(), String>>();
+    let shared = Arc::new(Shared::default());
+    let heartbeats = Arc::new(AtomicUsize::new(0));
+    let connect_timeout = Duration::from_secs(args.connect_timeout_secs);
+    let token_ttl = Duration::from_secs(args.hold_secs + 3600);
+
+    for i in 0..args.users {
+        let token = auth.mint(&format!("{}{i}", args.user_prefix), Some("d"), token_ttl);
+        let source = IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            2 + (i % usize::from(args.sources)) as u8,
+        ));
+        let server = args.servers[i % args.servers.len()];
+        let (permits, results, shared, heartbeats) = (
+            permits.clone(),
+            results.clone(),
+            shared.clone(),
+            heartbeats.clone(),
+        );
+        tokio::spawn(async move {
+            let permit = permits.acquire_owned().await;
+            let opened = tokio::time::timeout(
+                connect_timeout,
+                client::open(source, server, Transport::Ws, &token),
+            )
+            .await;
+            drop(permit);
+            let conn = match opened {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    let _ = results.send(Err(format!("{e:#}")));
+                    return;
+                }
+                Err(_) => {
+                    let _ = results.send(Err(format!("no hello within {connect_timeout:?}")));
+                    return;
+                }
+            };
+            let _ = results.send(Ok(()));
+            drop(results);
+            let mut tracker = UserTracker::default();
+            let ended = conn
+                .receive(&heartbeats, |text| {
+                    let now = now_us();
+                    match parse_frame(text) {
+                        Ok(Some(a)) => {
+                            let seen = tracker.observe(&a);
+                            let mut runs = shared.runs.lock().expect("no panics under the lock");
+                            runs.entry(a.run)
+                                .or_insert_with(RunStats::new)
+                                .add(seen, a.sent_us, now);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            // The first few say what is wrong; thousands more say nothing new.
+                            if shared.bad_frames.fetch_add(1, Ordering::Relaxed) < 5 {
+                                eprintln!(
+                                    "bench receive: {e:#}: {}",
+                                    String::from_utf8_lossy(text)
+                                );
+                            }
+                        }
+                    }
+                })
+                .await;
+            shared.closed.fetch_add(1, Ordering::Relaxed);
+            shared
+                .conn_seq_regressions
+                .fetch_add(tracker.conn_seq_regressions as usize, Ordering::Relaxed);
+            if ended != Ended::Eof {
+                eprintln!("bench receive: connection {i} ended: {ended:?}");
+            }
+        });
+    }
+    drop(results);
+
+    let (mut ok, mut failed) = (0usize, 0usize);
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    while ok + failed < args.users {
+        tokio::select! {
+            r = connected.recv() => match r {
+                Some(Ok(())) => ok += 1,
+                Some(Err(e)) => {
+                    failed += 1;
+                    *errors.entry(e).or_default() += 1;
+                }
+                None => break,
+            },
+            () = &mut deadline => bail!("deadline passed with {ok} connected and {failed} failed"),
+        }
+    }
+    println!(
+        "{}",
+        json!({
+            "event": "connected",
+            "ok": ok,
+            "failed": failed,
+            "errors": errors,
+            "connect_secs": started.elapsed().as_secs_f64(),
+        })
+    );
+
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        let line = tokio::select! {
+            line = stdin.next_line() => match line {
+                Ok(Some(line)) => line,
+                Ok(None) | Err(_) => break,
+            },
+            () = &mut deadline => break,
+        };
+        let Some(run) = line
+            .strip_prefix("report ")
+            .and_then(|r| r.trim().parse::<u32>().ok())
+        else {
+            eprintln!("bench receive: unknown command {line:?} (expected `report <run>`)");
+            continue;
+        };
+        let report = {
+            let runs = shared.runs.lock().expect("no panics under the lock");
+            match runs.get(&run) {
+                Some(s) => json!({
+                    "received": s.received,
+                    "duplicates": s.duplicates,
+                    "out_of_order": s.out_of_order,
+                    "untimed": s.untimed,
+                    "p50_us": s.latency_us.value_at_quantile(0.5),
+                    "p99_us": s.latency_us.value_at_quantile(0.99),
+                    "max_us": s.latency_us.max(),
+                    "first_us": s.first_us,
+                    "last_us": s.last_us,
+                }),
+                None => json!({ "received": 0, "duplicates": 0, "out_of_order": 0 }),
+            }
+        };
+        let mut report = report;
+        report["event"] = json!("report");
+        report["run"] = json!(run);
+        report["bad_frames"] = json!(shared.bad_frames.load(Ordering::Relaxed));
+        report["closed"] = json!(shared.closed.load(Ordering::Relaxed));
+        report["conn_seq_regressions"] = json!(shared.conn_seq_regressions.load(Ordering::Relaxed));
+        println!("{report}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arrival(mid: &str, run: u32, seq: u64, conn_seq: u64) -> Arrival {
+        Arrival {
+            conn_seq: Some(conn_seq),
+            mid: mid.into(),
+            run,
+            seq,
+            sent_us: None,
+        }
+    }
+
+    #[test]
+    fn drops_duplicates_by_mid_and_flags_reordering() {
+        let mut t = UserTracker::default();
+        assert_eq!(t.observe(&arrival("a", 1, 0, 1)), Seen::New);
+        assert_eq!(t.observe(&arrival("b", 1, 1, 2)), Seen::New);
+        // A redelivery of `a`: same mid, whatever order it comes in.
+        assert_eq!(t.observe(&arrival("a", 1, 0, 3)), Seen::Duplicate);
+        assert_eq!(t.observe(&arrival("c", 1, 3, 4)), Seen::New);
+        // A new message that was sent before `c`.
+        assert_eq!(t.observe(&arrival("d", 1, 2, 5)), Seen::OutOfOrder);
+        // A later run starts its sequence again at 0: still in order.
+        assert_eq!(t.observe(&arrival("e", 2, 0, 6)), Seen::New);
+        assert_eq!(t.conn_seq_regressions, 0);
+        t.observe(&arrival("f", 2, 1, 6));
+        assert_eq!(t.conn_seq_regressions, 1);
+    }
+
+    #[test]
+    fn parses_the_benchs_and_push_sends_payloads() {
+        let bench =
+            br#"{"type":"message","id":4,"mid":"m1","data":{"r":2,"s":7,"t":1700000000000000}}"#;
+        assert_eq!(
+            parse_frame(bench).unwrap(),
+            Some(Arrival {
+                conn_seq: Some(4),
+                mid: "m1".into(),
+                run: 2,
+                seq: 7,
+                sent_us: Some(1_700_000_000_000_000),
+            })
+        );
+        // push-send: `--json --data '{"r":1,"n":{n}}'`; the time comes from the ID.
+        let mid = format!("{:012x}{}", 1_700_000_000_123u64, "0".repeat(20));
+        let text = format!(r#"{{"type":"message","id":1,"mid":"{mid}","data":{{"r":1,"n":42}}}}"#);
+        let a = parse_frame(text.as_bytes()).unwrap().unwrap();
+        assert_eq!((a.run, a.seq), (1, 42));
+        assert_eq!(a.sent_us, Some(1_700_000_000_123_000));
+        assert_eq!(parse_frame(br#"{"type":"reconnect"}"#).unwrap(), None);
+        assert!(parse_frame(br#"{"type":"message","id":1,"data":{"r":1,"s":1}}"#).is_err());
+    }
+
+    #[test]
+    fn tallies_a_run() {
+        let mut s = RunStats::new();
+        s.add(Seen::New, Some(1_000), 3_000);
+        s.add(Seen::OutOfOrder, None, 4_000);
+        s.add(Seen::Duplicate, Some(1_000), 5_000);
+        assert_eq!(
+            (s.received, s.out_of_order, s.duplicates, s.untimed),
+            (2, 1, 1, 1)
+        );
+        assert_eq!((s.first_us, s.last_us), (3_000, 4_000));
+        assert_eq!(s.latency_us.max(), 2_000);
+    }
+}

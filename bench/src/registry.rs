@@ -1,0 +1,629 @@
+//! `bench registry`: what a `lookup_many` costs against one local Redis, next to what that
+//! Redis serves to `redis-benchmark`, and what the replicated ring costs per operation.
+//!
+//! One run:
+//! 1. Start a `redis-server` on a free port; open it as `redis://…` (push_registry::open) and
+//!    fill it with N users, one record each (batched `refresh`, which writes missing slots).
+//! 2. C concurrent callers call `lookup_many` on random batches of B users for D seconds (after
+//!    one unrecorded second to warm the connection): calls and users per second, latency per
+//!    call (p50/p99). Then the same with `register` (one record per call).
+//! 3. `redis-benchmark -t get -P 16` against that same Redis: GET requests per second, the
+//!    reference the lookup rate is divided by.
+//! 4. Start 3 racks × K `redis-server`s, open `ring://…?racks=3&read=R&write=W`, fill it the
+//!    same way and repeat step 2: ring ÷ single is the ring's cost per operation.
+//!
+//! `--runs N` repeats the whole run (fresh servers each time) and reports medians. Every
+//! `redis-server` is killed when its run ends, also on error or Ctrl-C.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use hdrhistogram::Histogram;
+use push_registry::{Record, Registry};
+use serde_json::{json, Value};
+use tokio::process::Command;
+
+use crate::redis::RedisProc;
+use crate::sys::{self, median, round2, CpuMeter};
+
+/// How long every record lives: far longer than a run, so nothing expires while measured.
+const RECORD_TTL: Duration = Duration::from_secs(3600);
+
+/// Records per `refresh` call while filling: one pipelined round trip per storage node, big
+/// enough that filling 100k users takes about a second, small enough to stay far below
+/// Redis's 512 MB query-buffer limit.
+const FILL_CHUNK: usize = 1000;
+
+/// Unrecorded time before each measurement: connections opened, Redis's hash tables grown.
+const WARMUP: Duration = Duration::from_secs(1);
+
+/// Upper bound for `redis-benchmark`; 1M pipelined GETs take a few seconds here.
+const REDIS_BENCHMARK_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Arguments of `bench registry`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Users in the registry, one record each (`user-0` … `user-(N-1)`, device `d`).
+    #[arg(long, default_value_t = 100_000)]
+    users: usize,
+    /// Users per `lookup_many` call.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Concurrent callers (tokio tasks sharing one registry handle, as the processor does).
+    #[arg(long, default_value_t = 16)]
+    callers: usize,
+    /// Seconds each operation is measured for, per backend.
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    /// Redis nodes per rack in the ring (3 racks): 1 or 2.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    nodes_per_rack: u8,
+    /// Ring read consistency: one, quorum or safe_quorum.
+    #[arg(long, default_value = "quorum")]
+    read: String,
+    /// Ring write consistency: one, quorum or safe_quorum.
+    #[arg(long, default_value = "quorum")]
+    write: String,
+    /// Requests `redis-benchmark` sends (`-n`).
+    #[arg(long, default_value_t = 1_000_000)]
+    redis_benchmark_requests: u64,
+    /// Measure only the single Redis (no ring).
+    #[arg(long)]
+    no_ring: bool,
+    /// Repeat the whole run this many times (fresh servers each time) and report medians.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    runs: u32,
+    /// Print the result as one JSON object on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the benchmark on a multi-threaded runtime (the callers run in parallel, as in the
+/// processor); Ctrl-C or SIGTERM stop it and kill the redis-servers.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = scenario(args) => r,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+            _ = term.recv() => bail!("terminated"),
+        }
+    })
+}
+
+/// One run's figures by name (`single.lookup.p50_us`, `ratio.lookups_per_get`, …), so that
+/// several runs reduce to medians key by key.
+type Figures = BTreeMap<String, f64>;
+
+async fn scenario(args: Args) -> anyhow::Result<()> {
+    if args.users == 0 || args.batch == 0 || args.callers == 0 || args.secs == 0 {
+        bail!("--users, --batch, --callers and --secs must be at least 1");
+    }
+    if args.batch > args.users {
+        bail!(
+            "--batch {} is larger than --users {}",
+            args.batch,
+            args.users
+        );
+    }
+    let mut runs = Vec::new();
+    for i in 1..=args.runs {
+        eprintln!("run {i} of {}", args.runs);
+        let figures = one_run(&args).await?;
+        if args.runs > 1 {
+            eprintln!("{}", table(&figures, &args));
+        }
+        runs.push(figures);
+    }
+    let medians = medians(&runs);
+    let title = if args.runs > 1 {
+        format!("medians of {} runs: ", args.runs)
+    } else {
+        String::new()
+    };
+    if args.json {
+        eprintln!("{title}{}", table(&medians, &args));
+        let result = json!({
+            "users": args.users,
+            "batch": args.batch,
+            "callers": args.callers,
+            "secs": args.secs,
+            "ring": if args.no_ring { Value::Null } else { json!({
+                "racks": 3,
+                "nodes_per_rack": args.nodes_per_rack,
+                "read": args.read,
+                "write": args.write,
+            })},
+            "redis_benchmark": redis_benchmark_command("P", args.redis_benchmark_requests).join(" "),
+            "redis_server": redis_version().await,
+            "machine": sys::machine(),
+            "medians": medians,
+            "runs": runs,
+        });
+        println!("{result}");
+    } else {
+        println!("{title}{}", table(&medians, &args));
+    }
+    Ok(())
+}
+
+async fn one_run(args: &Args) -> anyhow::Result<Figures> {
+    let mut f = Figures::new();
+
+    // The single Redis, then redis-benchmark on the same server.
+    let single = RedisProc::start().await?;
+    let url = format!("redis://{}", single.addr());
+    let pids = vec![("redis".to_owned(), single.pid().context("redis exited")?)];
+    measure_backend("single", &url, &pids, args, &mut f).await?;
+    let cpu = CpuMeter::start(&pids);
+    let gets = redis_benchmark(single.port, args.redis_benchmark_requests).await?;
+    // `others` includes redis-benchmark itself (about one core): more than that is noise.
+    let others = cpu.stop().into_iter().find(|(l, _)| l == "others");
+    f.insert("redis_benchmark.get_per_s".into(), gets);
+    if let Some((_, cores)) = others {
+        f.insert("redis_benchmark.cpu_others_cores".into(), cores);
+    }
+    f.insert(
+        "ratio.lookups_per_get".into(),
+        f["single.lookup.users_per_s"] / gets,
+    );
+    drop(single);
+
+    if !args.no_ring {
+        let count = 3 * usize::from(args.nodes_per_rack);
+        let mut nodes = Vec::with_capacity(count);
+        for _ in 0..count {
+            nodes.push(RedisProc::start().await?);
+        }
+        let addrs: Vec<String> = nodes.iter().map(RedisProc::addr).collect();
+        // `racks=3`: the nodes are split into 3 racks in the order given (push-registry url.rs).
+        let url = format!(
+            "ring://{}?racks=3&read={}&write={}",
+            addrs.join(","),
+            args.read,
+            args.write
+        );
+        let pids: Vec<(String, u32)> = nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| Some((format!("redis{i}"), n.pid()?)))
+            .collect();
+        measure_backend("ring", &url, &pids, args, &mut f).await?;
+        for (op, better) in [("lookup", "users_per_s"), ("register", "calls_per_s")] {
+            for q in ["p50_us", "p99_us"] {
+                f.insert(
+                    format!("ratio.ring_over_single.{op}.{q}"),
+                    f[&format!("ring.{op}.{q}")] / f[&format!("single.{op}.{q}")],
+                );
+            }
+            f.insert(
+                format!("ratio.ring_over_single.{op}.throughput"),
+                f[&format!("ring.{op}.{better}")] / f[&format!("single.{op}.{better}")],
+            );
+        }
+    }
+    Ok(f)
+}
+
+/// Fills the backend at `url`, then measures `lookup_many` and `register`; figures go into
+/// `f` under `<name>.`. `pids` are the storage processes whose CPU share is reported.
+async fn measure_backend(
+    name: &str,
+    url: &str,
+    pids: &[(String, u32)],
+    args: &Args,
+    f: &mut Figures,
+) -> anyhow::Result<()> {
+    let registry = push_registry::open(url)
+        .await
+        .with_context(|| format!("cannot open registry {url}"))?;
+    let started = Instant::now();
+    fill(registry.as_ref(), args.users).await?;
+    let fill_secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{name}: {url}: filled {} users in {fill_secs:.1} s",
+        args.users
+    );
+    f.insert(format!("{name}.fill_secs"), round2(fill_secs));
+
+    let mut procs = pids.to_vec();
+    procs.push(("bench".into(), std::process::id()));
+    for op in [Op::Lookup, Op::Register] {
+        drive(&registry, op, args, WARMUP).await?;
+        let cpu = CpuMeter::start(&procs);
+        let m = drive(&registry, op, args, Duration::from_secs(args.secs)).await?;
+        let shares = cpu.stop();
+        if m.misses > 0 {
+            bail!(
+                "{name} {}: {} users of {} looked up had no record (the fill wrote them all)",
+                op.name(),
+                m.misses,
+                m.calls * op.users_per_call(args) as u64
+            );
+        }
+        let key = |k: &str| format!("{name}.{}.{k}", op.name());
+        let secs = m.elapsed.as_secs_f64();
+        f.insert(key("calls_per_s"), (m.calls as f64 / secs).round());
+        f.insert(
+            key("users_per_s"),
+            (m.calls as f64 * op.users_per_call(args) as f64 / secs).round(),
+        );
+        f.insert(key("p50_us"), m.latency_us.value_at_quantile(0.5) as f64);
+        f.insert(key("p99_us"), m.latency_us.value_at_quantile(0.99) as f64);
+        f.insert(key("max_us"), m.latency_us.max() as f64);
+        f.insert(key("errors"), m.errors as f64);
+        // Storage processes summed (a ring's 3–6 servers), and the bench process itself.
+        let share = |label: &str| {
+            shares
+                .iter()
+                .find(|(l, _)| l == label)
+                .map_or(0.0, |(_, c)| *c)
+        };
+        let storage: f64 = shares
+            .iter()
+            .filter(|(l, _)| l.starts_with("redis"))
+            .map(|(_, c)| c)
+            .sum();
+        f.insert(key("cpu_redis_cores"), round2(storage));
+        f.insert(key("cpu_bench_cores"), share("bench"));
+        // Anything else on the machine: above ~0.1 core the run was disturbed.
+        f.insert(key("cpu_others_cores"), share("others"));
+    }
+    Ok(())
+}
+
+/// The user IDs of the run: the same form the pipeline benchmark and push-send use.
+fn user(i: usize) -> String {
+    format!("user-{i}")
+}
+
+/// The record of user `i`: one device on one of two nodes, as after a real registration.
+fn record(i: usize) -> Record {
+    Record {
+        user: user(i),
+        device: Some("d".into()),
+        node_id: format!("node-{}", i % 2),
+        node_addr: format!("127.0.0.1:{}", 9090 + i % 2),
+        conn_id: format!("conn-{i}"),
+        connected_at: push_registry::now_ms(),
+    }
+}
+
+/// Writes one record per user, `FILL_CHUNK` per round trip.
+async fn fill(registry: &dyn Registry, users: usize) -> anyhow::Result<()> {
+    let mut i = 0;
+    while i < users {
+        let end = (i + FILL_CHUNK).min(users);
+        let records: Vec<Record> = (i..end).map(record).collect();
+        registry
+            .refresh(&records, RECORD_TTL)
+            .await
+            .context("filling the registry")?;
+        i = end;
+    }
+    Ok(())
+}
+
+/// The operation measured.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    /// `lookup_many` of `--batch` random users.
+    Lookup,
+    /// `register` of one random user's record (overwriting it).
+    Register,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Lookup => "lookup",
+            Op::Register => "register",
+        }
+    }
+
+    fn users_per_call(self, args: &Args) -> usize {
+        match self {
+            Op::Lookup => args.batch,
+            Op::Register => 1,
+        }
+    }
+}
+
+/// What the callers of one measurement did together.
+#[derive(Debug)]
+struct Measured {
+    calls: u64,
+    errors: u64,
+    /// Users a lookup found no record for.
+    misses: u64,
+    latency_us: Histogram<u64>,
+    elapsed: Duration,
+}
+
+/// Runs `--callers` tasks calling `op` back to back for `duration`.
+async fn drive(
+    registry: &Arc<dyn Registry>,
+    op: Op,
+    args: &Args,
+    duration: Duration,
+) -> anyhow::Result<Measured> {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::with_capacity(args.callers);
+    for caller in 0..args.callers {
+        let registry = registry.clone();
+        let (users, batch) = (args.users, args.batch);
+        tasks.push(tokio::spawn(async move {
+            let mut rng = SplitMix64(0x9e37_79b9 ^ caller as u64);
+            // Three significant figures, 1 µs .. 60 s: what one registry call can take.
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .expect("valid histogram bounds");
+            let (mut calls, mut errors, mut misses) = (0u64, 0u64, 0u64);
+            let mut first_error = None;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let outcome = match op {
+                    Op::Lookup => {
+                        let batch: Vec<String> =
+                            (0..batch).map(|_| user(rng.below(users))).collect();
+                        registry.lookup_many(&batch).await.map(|found| {
+                            found.iter().filter(|records| records.is_empty()).count() as u64
+                        })
+                    }
+                    Op::Register => registry
+                        .register(&record(rng.below(users)), RECORD_TTL)
+                        .await
+                        .map(|()| 0),
+                };
+                let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+                hist.saturating_record(us.max(1));
+                calls += 1;
+                match outcome {
+                    Ok(m) => misses += m,
+                    Err(e) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| e.to_string());
+                    }
+                }
+            }
+            (calls, errors, misses, hist, first_error)
+        }));
+    }
+    let mut total = Measured {
+        calls: 0,
+        errors: 0,
+        misses: 0,
+        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
+        elapsed: Duration::ZERO,
+    };
+    let mut first_error = None;
+    for task in tasks {
+        let (calls, errors, misses, hist, error) = task.await.context("a caller panicked")?;
+        total.calls += calls;
+        total.errors += errors;
+        total.misses += misses;
+        total.latency_us.add(hist).context("merging histograms")?;
+        first_error = first_error.or(error);
+    }
+    total.elapsed = started.elapsed();
+    if let Some(e) = first_error {
+        // A few errors (a timeout under load) are reported in the figures; all errors is a
+        // broken setup and worth stopping for.
+        if total.errors == total.calls {
+            bail!("every {} call failed: {e}", op.name());
+        }
+        eprintln!(
+            "{} errors of {} {} calls, first: {e}",
+            total.errors,
+            total.calls,
+            op.name()
+        );
+    }
+    Ok(total)
+}
+
+/// A small, fast, seedable generator for picking users; statistical quality is irrelevant
+/// here, and keeping `rand` out of the hot loop keeps the bench's own cost low and fixed.
+#[derive(Debug)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (`n` > 0); the modulo bias is negligible for `n` ≪ 2^64.
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// The `redis-benchmark` command line, for running and for the report.
+fn redis_benchmark_command(port: &str, requests: u64) -> Vec<String> {
+    [
+        "redis-benchmark",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        port,
+        "-t",
+        "get",
+        "-P",
+        "16",
+        "-n",
+        &requests.to_string(),
+        "--csv",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// Runs `redis-benchmark -t get -P 16` against `port`: GET requests per second.
+async fn redis_benchmark(port: u16, requests: u64) -> anyhow::Result<f64> {
+    let cmd = redis_benchmark_command(&port.to_string(), requests);
+    let child = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot run redis-benchmark (Debian: apt-get install -y redis-tools)")?;
+    let out = tokio::time::timeout(REDIS_BENCHMARK_TIMEOUT, child.wait_with_output())
+        .await
+        .with_context(|| {
+            format!("redis-benchmark took longer than {REDIS_BENCHMARK_TIMEOUT:?}")
+        })??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "redis-benchmark failed ({}): {}{}",
+            out.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    parse_redis_benchmark_csv(&stdout)
+        .with_context(|| format!("no GET line in redis-benchmark's output: {stdout}"))
+}
+
+/// The requests per second of the `GET` row of `redis-benchmark --csv` (Redis 7: a header
+/// `"test","rps",…`, then `"GET","123456.79",…`; Redis 6 has no header).
+fn parse_redis_benchmark_csv(text: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let mut cols = line.split(',').map(|c| c.trim().trim_matches('"'));
+        (cols.next()? == "GET").then_some(())?;
+        cols.next()?.parse().ok()
+    })
+}
+
+/// `redis-server --version`, for the report.
+async fn redis_version() -> String {
+    match Command::new("redis-server").arg("--version").output().await {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
+/// Key by key, the median over runs (keys missing from a run are skipped for it).
+fn medians(runs: &[Figures]) -> Figures {
+    let mut keys: Vec<&String> = runs.iter().flat_map(|r| r.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .map(|k| {
+            let values: Vec<f64> = runs.iter().filter_map(|r| r.get(k).copied()).collect();
+            (k.clone(), median(&values))
+        })
+        .collect()
+}
+
+/// The human report of one run or of the medians.
+fn table(f: &Figures, args: &Args) -> String {
+    let get = |k: &str| f.get(k).copied().unwrap_or(f64::NAN);
+    let mut out = format!(
+        "{} users, lookup_many of {} users, {} callers, {} s per operation\n\
+         {:<8} {:<12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10} {:>10} {:>10}\n",
+        args.users,
+        args.batch,
+        args.callers,
+        args.secs,
+        "backend",
+        "operation",
+        "calls/s",
+        "users/s",
+        "p50 µs",
+        "p99 µs",
+        "max µs",
+        "redis cpu",
+        "bench cpu",
+        "other cpu",
+    );
+    for backend in ["single", "ring"] {
+        for op in ["lookup", "register"] {
+            let k = |s: &str| get(&format!("{backend}.{op}.{s}"));
+            if k("calls_per_s").is_nan() {
+                continue;
+            }
+            out += &format!(
+                "{:<8} {:<12} {:>10.0} {:>10.0} {:>8.0} {:>8.0} {:>8.0} {:>10.2} {:>10.2} {:>10.2}\n",
+                backend,
+                if op == "lookup" { "lookup_many" } else { op },
+                k("calls_per_s"),
+                k("users_per_s"),
+                k("p50_us"),
+                k("p99_us"),
+                k("max_us"),
+                k("cpu_redis_cores"),
+                k("cpu_bench_cores"),
+                k("cpu_others_cores"),
+            );
+        }
+    }
+    out += &format!(
+        "redis-benchmark -t get -P 16: {:.0} GET/s (cpu besides redis-server, including \
+         redis-benchmark: {:.2}); lookups/s ÷ GET/s = {:.3}",
+        get("redis_benchmark.get_per_s"),
+        get("redis_benchmark.cpu_others_cores"),
+        get("ratio.lookups_per_get"),
+    );
+    if !get("ring.lookup.calls_per_s").is_nan() {
+        for op in ["lookup", "register"] {
+            let r = |s: &str| get(&format!("ratio.ring_over_single.{op}.{s}"));
+            out += &format!(
+                "\nring ÷ single, {op}: p50 × {:.2}, p99 × {:.2}, throughput × {:.2}",
+                r("p50_us"),
+                r("p99_us"),
+                r("throughput"),
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_get_row_of_redis_benchmark_csv() {
+        let redis7 = "\"test\",\"rps\",\"avg_latency_ms\",\"min_latency_ms\"\n\
+                      \"GET\",\"1250000.00\",\"0.563\",\"0.104\"\n";
+        assert_eq!(parse_redis_benchmark_csv(redis7), Some(1_250_000.0));
+        assert_eq!(parse_redis_benchmark_csv("\"GET\",\"99.5\"\n"), Some(99.5));
+        assert_eq!(parse_redis_benchmark_csv("\"SET\",\"1\"\n"), None);
+        assert_eq!(parse_redis_benchmark_csv(""), None);
+    }
+
+    #[test]
+    fn medians_key_by_key() {
+        let run = |a: f64, b: Option<f64>| {
+            let mut f = Figures::new();
+            f.insert("a".into(), a);
+            if let Some(b) = b {
+                f.insert("b".into(), b);
+            }
+            f
+        };
+        let m = medians(&[run(1.0, Some(10.0)), run(3.0, None), run(2.0, Some(20.0))]);
+        assert_eq!(m["a"], 2.0);
+        assert_eq!(m["b"], 15.0);
+    }
+
+    #[test]
+    fn picks_users_in_range() {
+        let mut rng = SplitMix64(1);
+        assert!((0..10_000).all(|_| rng.below(7) < 7));
+    }
+}
