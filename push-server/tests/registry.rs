@@ -125,8 +125,9 @@ async fn records_of_a_crashed_node_expire() {
         lookup(&url, "demo").await.is_empty()
     })
     .await;
+    // The TTL is 3 s after the last refresh; the rest is slack for a loaded machine.
     assert!(
-        killed.elapsed() <= Duration::from_secs(4),
+        killed.elapsed() <= Duration::from_secs(5),
         "expired within the TTL"
     );
     drop(ws);
