@@ -8,6 +8,7 @@
 //! | [`record`] | [`Record`], its stored form with an absolute expiry, the clock |
 //! | [`error`] | [`Error`]: which storage node failed and why |
 //! | [`registry`] | the [`Registry`] trait every backend implements, [`Stats`], [`NodePing`] |
+//! | [`buffer`] | a user's recent messages for resume: bounded buffer and the resume rule (pure) |
 //! | [`murmur3`] | MurmurHash3 x86 32-bit, for the ring's token placement |
 //! | `store` | the Redis data model: keys, Lua scripts, command builders and decoders (no I/O) |
 //! | `node` | one standalone Redis connection with timeouts, reconnecting after failures |
@@ -20,6 +21,7 @@
 //! [`open`] turns a URL into a backend. The `push-registry` binary (`src/main.rs`) is the
 //! operator CLI on top.
 
+pub mod buffer;
 pub mod cluster;
 pub mod error;
 pub mod memory;
