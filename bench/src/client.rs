@@ -65,19 +65,6 @@ pub async fn open(
     transport: Transport,
     token: &str,
 ) -> anyhow::Result<Conn> {
-    let socket = match source {
-        IpAddr::V4(_) => TcpSocket::new_v4()?,
-        IpAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    // Binding before connect spreads clients over several source addresses: one address
-    // has only ~28k ephemeral ports towards one server port.
-    socket
-        .bind(SocketAddr::new(source, 0))
-        .with_context(|| format!("cannot bind {source}:0"))?;
-    let mut stream = socket
-        .connect(server)
-        .await
-        .with_context(|| format!("connect {source} -> {server}"))?;
     let request = match transport {
         Transport::Ws => format!(
             "GET /ws HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -89,39 +76,9 @@ pub async fn open(
              Authorization: Bearer {token}\r\n\r\n"
         ),
     };
-    stream.write_all(request.as_bytes()).await?;
-
-    let mut buf = Vec::with_capacity(1024);
-    let head_end = loop {
-        read_some(&mut stream, &mut buf).await?;
-        if let Some(i) = find(&buf, b"\r\n\r\n") {
-            break i + 4;
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let status_line = head.lines().next().unwrap_or_default();
-    let expected = match transport {
-        Transport::Ws => "101",
-        Transport::Sse => "200",
-    };
-    if status_line.split_whitespace().nth(1) != Some(expected) {
-        // Refusals carry a short JSON body saying why; show what arrived of it.
-        let body = String::from_utf8_lossy(&buf[head_end..]);
-        bail!("server answered `{status_line}`: {}", body.trim());
-    }
-    let mut rest = buf.split_off(head_end);
-    drop(buf);
+    let (mut stream, mut rest) = handshake(source, server, transport, &request).await?;
     match transport {
         Transport::Ws => {
-            let accept = ws::accept_key(WS_KEY);
-            let ok = head.lines().any(|l| {
-                l.split_once(':').is_some_and(|(n, v)| {
-                    n.eq_ignore_ascii_case("sec-websocket-accept") && v.trim() == accept
-                })
-            });
-            if !ok {
-                bail!("101 without the right Sec-WebSocket-Accept");
-            }
             // The first frame is the hello (a text frame); read until it is whole.
             loop {
                 if let Some(frame) = parse_server_frame(&rest)? {
@@ -152,6 +109,93 @@ pub async fn open(
         transport,
         pending: rest,
     })
+}
+
+/// A subscriber of a peer (Nchan, Pushpin): a plain `GET path` with no token, SSE
+/// (`Accept: text/event-stream`) or a WebSocket upgrade. Open once the response head is
+/// `200` (SSE) or `101` with the right `Sec-WebSocket-Accept`; there is no hello.
+pub async fn open_raw(
+    source: IpAddr,
+    server: SocketAddr,
+    transport: Transport,
+    path: &str,
+) -> anyhow::Result<Conn> {
+    let request = match transport {
+        Transport::Ws => format!(
+            "GET {path} HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ),
+        Transport::Sse => {
+            format!("GET {path} HTTP/1.1\r\nHost: {server}\r\nAccept: text/event-stream\r\n\r\n")
+        }
+    };
+    let (stream, mut rest) = handshake(source, server, transport, &request).await?;
+    if transport == Transport::Sse {
+        // Whatever the peer sent after the head (padding, a comment) is read and dropped.
+        rest = Vec::new();
+    }
+    rest.shrink_to_fit();
+    Ok(Conn {
+        stream,
+        transport,
+        pending: rest,
+    })
+}
+
+/// Connects from `source` (port chosen by the kernel) to `server`, sends `request` and
+/// reads the response head; checks the status (`101` and the accept key for WebSocket,
+/// `200` for SSE). Returns the stream and the bytes that followed the head.
+async fn handshake(
+    source: IpAddr,
+    server: SocketAddr,
+    transport: Transport,
+    request: &str,
+) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    let socket = match source {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // Binding before connect spreads clients over several source addresses: one address
+    // has only ~28k ephemeral ports towards one server port.
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .with_context(|| format!("cannot bind {source}:0"))?;
+    let mut stream = socket
+        .connect(server)
+        .await
+        .with_context(|| format!("connect {source} -> {server}"))?;
+    stream.write_all(request.as_bytes()).await?;
+
+    let mut buf = Vec::with_capacity(1024);
+    let head_end = loop {
+        read_some(&mut stream, &mut buf).await?;
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let status_line = head.lines().next().unwrap_or_default();
+    let expected = match transport {
+        Transport::Ws => "101",
+        Transport::Sse => "200",
+    };
+    if status_line.split_whitespace().nth(1) != Some(expected) {
+        // Refusals carry a short JSON body saying why; show what arrived of it.
+        let body = String::from_utf8_lossy(&buf[head_end..]);
+        bail!("server answered `{status_line}`: {}", body.trim());
+    }
+    if transport == Transport::Ws {
+        let accept = ws::accept_key(WS_KEY);
+        let ok = head.lines().any(|l| {
+            l.split_once(':').is_some_and(|(n, v)| {
+                n.eq_ignore_ascii_case("sec-websocket-accept") && v.trim() == accept
+            })
+        });
+        if !ok {
+            bail!("101 without the right Sec-WebSocket-Accept");
+        }
+    }
+    Ok((stream, buf.split_off(head_end)))
 }
 
 impl Conn {

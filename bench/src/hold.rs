@@ -42,15 +42,26 @@ pub struct Args {
     /// Connection attempts in flight at once.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
-    /// HS256 secret shared with the server; tokens are minted for users u0 .. u(N-1).
-    #[arg(long)]
-    secret: String,
+    /// HS256 secret shared with push-server; tokens are minted for users u0 .. u(N-1).
+    #[arg(long, required_unless_present = "path")]
+    secret: Option<String>,
+    /// Raw-path mode, for peers (Nchan, Pushpin): request this path with no token, `{i}`
+    /// replaced by the connection's index (e.g. `/sub/u{i}`); open once the response head
+    /// is 200 (SSE) or 101 (WebSocket), no hello expected.
+    #[arg(long, conflicts_with = "secret")]
+    path: Option<String>,
     /// Stop by itself after this many seconds, whatever happens.
     #[arg(long, default_value_t = 600)]
     hold_secs: u64,
     /// Time one connection has for its connect, request and hello.
     #[arg(long, default_value_t = 30)]
     connect_timeout_secs: u64,
+}
+
+/// What a connection presents: a push-server token, or a peer's subscription path.
+enum Target {
+    Token(String),
+    Path(String),
 }
 
 /// Runs `bench hold` on a multi-threaded runtime.
@@ -77,7 +88,10 @@ async fn hold(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let deadline = tokio::time::sleep(Duration::from_secs(args.hold_secs));
     tokio::pin!(deadline);
-    let auth = Authenticator::new(args.secret.as_bytes(), false);
+    let auth = args
+        .secret
+        .as_ref()
+        .map(|s| Authenticator::new(s.as_bytes(), false));
     // Bounded so that the server's accept queue and handshake limit are not the thing
     // measured, and so that a failure shows up early instead of as 15,000 timeouts.
     let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
@@ -89,7 +103,15 @@ async fn hold(args: Args) -> anyhow::Result<()> {
     let token_ttl = Duration::from_secs(args.hold_secs + 3600);
 
     for i in 0..args.conns {
-        let token = auth.mint(&format!("u{i}"), None, token_ttl);
+        // A token for push-server, or the path for a peer.
+        let target = match (&auth, &args.path) {
+            (Some(auth), _) => Target::Token(auth.mint(&format!("u{i}"), None, token_ttl)),
+            (None, path) => Target::Path(
+                path.as_deref()
+                    .unwrap_or("/")
+                    .replace("{i}", &i.to_string()),
+            ),
+        };
         let source = IpAddr::V4(Ipv4Addr::new(
             127,
             0,
@@ -103,13 +125,15 @@ async fn hold(args: Args) -> anyhow::Result<()> {
         let (server, transport) = (args.server, args.transport);
         tokio::spawn(async move {
             let permit = permits.acquire_owned().await;
-            let opened = tokio::time::timeout(
-                connect_timeout,
-                client::open(source, server, transport, &token),
-            )
+            let opened = tokio::time::timeout(connect_timeout, async {
+                match &target {
+                    Target::Token(token) => client::open(source, server, transport, token).await,
+                    Target::Path(path) => client::open_raw(source, server, transport, path).await,
+                }
+            })
             .await;
             drop(permit);
-            drop(token);
+            drop(target);
             let conn = match opened {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {

@@ -316,7 +316,7 @@ async fn open_connections(admin_addr: SocketAddr, transport: Transport) -> anyho
 }
 
 /// Reads the hold process's stdout up to the JSON line whose `event` is `event`.
-async fn next_event(
+pub(crate) async fn next_event(
     lines: &mut Lines<BufReader<ChildStdout>>,
     event: &str,
 ) -> anyhow::Result<Value> {

@@ -3,6 +3,7 @@
 //! | module | role |
 //! |---|---|
 //! | [`idle_memory`] | `bench idle-memory`: server RSS per idle connection |
+//! | [`peers`] | `bench peers-idle`: idle memory per connection, push-server next to Nchan and Pushpin |
 //! | [`registry`] | `bench registry`: `lookup_many` against one Redis and `redis-benchmark`; the ring's cost |
 //! | [`pipeline`] | `bench pipeline`: push-lib → Kafka → msg-processor → push-server → clients, end to end |
 //! | [`receive`] | `bench receive` (hidden): holds one WebSocket per user, counts, orders and times messages |
@@ -23,6 +24,7 @@ mod admin;
 mod client;
 mod hold;
 mod idle_memory;
+mod peers;
 mod pipeline;
 mod receive;
 mod redis;
@@ -42,6 +44,9 @@ enum Command {
     /// Server RSS per idle connection: start push-server, hold N clients from another
     /// process, compare the server's RSS before and after.
     IdleMemory(idle_memory::Args),
+    /// Idle memory per connection side by side: push-server, Nchan and Pushpin, one after
+    /// the other in one run, each peer skipped with a line if it is not installed.
+    PeersIdle(peers::Args),
     /// Open N connections and hold them (run by `idle-memory` as a child process).
     #[command(hide = true)]
     Hold(hold::Args),
@@ -65,6 +70,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::IdleMemory(args) => idle_memory::run(args),
+        Command::PeersIdle(args) => peers::run(args),
         Command::Hold(args) => hold::run(args),
         Command::Registry(args) => registry::run(args),
         Command::Pipeline(args) => pipeline::run(args),

@@ -53,6 +53,8 @@ pub struct Memory {
     pub anon_kib: u64,
     /// `RssFile`: resident pages of the binary and other mapped files.
     pub file_kib: u64,
+    /// `RssShmem`: resident shared memory (Nchan keeps its channels there).
+    pub shmem_kib: u64,
 }
 
 /// Reads `VmRSS`, `RssAnon` and `RssFile` of `pid`.
@@ -77,7 +79,61 @@ pub fn memory(pid: u32) -> anyhow::Result<Memory> {
         rss_kib: field("VmRSS")?,
         anon_kib: field("RssAnon")?,
         file_kib: field("RssFile")?,
+        shmem_kib: field("RssShmem")?,
     })
+}
+
+/// The parent pid and command name of `pid`, from `/proc/<pid>/stat`.
+fn ppid_and_name(pid: u32) -> Option<(u32, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_ppid_and_name(&stat)
+}
+
+/// `pid (name) state ppid …` → `(ppid, name)`; the name may hold spaces or parentheses.
+fn parse_ppid_and_name(stat: &str) -> Option<(u32, String)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat.get(open + 1..close)?.to_owned();
+    let ppid = stat[close + 1..].split_whitespace().nth(1)?.parse().ok()?;
+    Some((ppid, name))
+}
+
+/// The command name of `pid` (`/proc/<pid>/comm`, at most 15 bytes).
+pub fn process_name(pid: u32) -> Option<String> {
+    ppid_and_name(pid).map(|(_, name)| name)
+}
+
+/// Every live descendant of `root` (children, their children, …), with its command name.
+pub fn descendants(root: u32) -> Vec<(u32, String)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let procs: Vec<(u32, u32, String)> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| ppid_and_name(pid).map(|(ppid, name)| (pid, ppid, name)))
+        .collect();
+    let mut out: Vec<(u32, String)> = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(parent) = frontier.pop() {
+        for (pid, ppid, name) in &procs {
+            if *ppid == parent && !out.iter().any(|(p, _)| p == pid) {
+                out.push((*pid, name.clone()));
+                frontier.push(*pid);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Pids of live processes whose command name is `name`.
+pub fn pids_named(name: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| process_name(*pid).as_deref() == Some(name))
+        .collect()
 }
 
 /// A port on 127.0.0.1 that was free a moment ago (the kernel picks it; we release it for
@@ -229,6 +285,16 @@ mod tests {
         let line = "cpu  100 0 50 1000 40 0 10 0 0 0";
         assert_eq!(parse_machine_busy(line), Some(1.6));
         assert_eq!(parse_machine_busy("cpu0 1 2 3 4 5 6 7 8"), None);
+    }
+
+    #[test]
+    fn reads_parent_and_name() {
+        let stat = "1234 (nginx: wor(k)er) S 77 1234 1234 0 -1";
+        assert_eq!(
+            parse_ppid_and_name(stat),
+            Some((77, "nginx: wor(k)er".into()))
+        );
+        assert_eq!(parse_ppid_and_name("garbage"), None);
     }
 
     #[test]
