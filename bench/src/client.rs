@@ -11,25 +11,8 @@ use push_server::protocol::{sse, ws};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-/// The transport a client uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// WebSocket on `/ws`.
-    Ws,
-    /// Server-Sent Events on `/sse`.
-    Sse,
-}
-
-impl Transport {
-    /// The `transport` label of the server's metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ws => "ws",
-            Self::Sse => "sse",
-        }
-    }
-}
+/// The transport a client uses: push-server's own, with its metric labels.
+pub use push_server::hub::Transport;
 
 /// Any valid key will do (16 bytes, base64): the bench checks the server's answer to it.
 const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";

@@ -23,7 +23,8 @@ use crate::lifecycle::{Clock, DisconnectReason, Millis};
 use crate::protocol::message::{self, Payload};
 
 /// The client transport of a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Transport {
     /// WebSocket on `/ws`.
     Ws,
