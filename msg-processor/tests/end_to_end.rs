@@ -17,6 +17,14 @@ use rdkafka::ClientConfig;
 /// Whole-test deadline.
 const TEST_DEADLINE: Duration = Duration::from_secs(150);
 
+/// `(user, node)` pairs for `wait_registered`: every user of each group on its node.
+fn placements(groups: &[(&[String], &str)]) -> Vec<(String, String)> {
+    groups
+        .iter()
+        .flat_map(|(users, node)| users.iter().map(move |u| (u.clone(), (*node).to_owned())))
+        .collect()
+}
+
 fn names(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}{i}")).collect()
 }
@@ -70,11 +78,7 @@ async fn every_message_arrives_in_order_per_user_through_two_processors_and_two_
         let (ua, ub) = (names("a-user-", 10), names("b-user-", 10));
         let mut clients = connect_all(&a, &ua).await;
         clients.extend(connect_all(&b, &ub).await);
-        let placed: Vec<(String, String)> = ua
-            .iter()
-            .map(|u| (u.clone(), "node-a".to_owned()))
-            .chain(ub.iter().map(|u| (u.clone(), "node-b".to_owned())))
-            .collect();
+        let placed = placements(&[(&ua, "node-a"), (&ub, "node-b")]);
         wait_registered(&redis.url(), &placed).await;
 
         let p1 = processor(settings(&kafka.brokers(), "push", &redis.url())).await;
@@ -114,11 +118,7 @@ async fn a_killed_processor_s_partitions_are_taken_over_and_nothing_is_lost() {
         let (ua, ub) = (names("a-user-", 8), names("b-user-", 8));
         let mut clients = connect_all(&a, &ua).await;
         clients.extend(connect_all(&b, &ub).await);
-        let placed: Vec<(String, String)> = ua
-            .iter()
-            .map(|u| (u.clone(), "node-a".to_owned()))
-            .chain(ub.iter().map(|u| (u.clone(), "node-b".to_owned())))
-            .collect();
+        let placed = placements(&[(&ua, "node-a"), (&ub, "node-b")]);
         wait_registered(&redis.url(), &placed).await;
 
         let p1 = processor(settings(&kafka.brokers(), "push", &redis.url())).await;
@@ -179,11 +179,7 @@ async fn messages_to_a_dead_node_are_retried_then_follow_the_users_to_their_new_
         let (ua, ub) = (names("a-user-", 6), names("b-user-", 6));
         let old_a = connect_all(&a, &ua).await;
         let on_b = connect_all(&b, &ub).await;
-        let placed: Vec<(String, String)> = ua
-            .iter()
-            .map(|u| (u.clone(), "node-a".to_owned()))
-            .chain(ub.iter().map(|u| (u.clone(), "node-b".to_owned())))
-            .collect();
+        let placed = placements(&[(&ua, "node-a"), (&ub, "node-b")]);
         wait_registered(&redis.url(), &placed).await;
 
         let p = processor(settings(&kafka.brokers(), "push", &redis.url())).await;
@@ -202,10 +198,7 @@ async fn messages_to_a_dead_node_are_retried_then_follow_the_users_to_their_new_
         .await;
         // The users reconnect (same device) to node B: the newest registration wins.
         let moved = connect_all(&b, &ua).await;
-        let placed_b: Vec<(String, String)> = ua
-            .iter()
-            .map(|u| (u.clone(), "node-b".to_owned()))
-            .collect();
+        let placed_b = placements(&[(&ua, "node-b")]);
         wait_registered(&redis.url(), &placed_b).await;
 
         wait_complete(&moved, 5).await;
@@ -373,11 +366,7 @@ async fn real_broker_end_to_end_when_kafka_brokers_is_set() {
         let (ua, ub) = (names("a-user-", 10), names("b-user-", 10));
         let mut clients = connect_all(&a, &ua).await;
         clients.extend(connect_all(&b, &ub).await);
-        let placed: Vec<(String, String)> = ua
-            .iter()
-            .map(|u| (u.clone(), "node-a".to_owned()))
-            .chain(ub.iter().map(|u| (u.clone(), "node-b".to_owned())))
-            .collect();
+        let placed = placements(&[(&ua, "node-a"), (&ub, "node-b")]);
         wait_registered(&redis.url(), &placed).await;
 
         let mut s = settings(&brokers, &topic, &redis.url());
