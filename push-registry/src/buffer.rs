@@ -34,14 +34,52 @@ impl Default for BufferLimits {
 }
 
 /// One kept message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Buffered {
     /// Per-user ID, increasing.
     pub id: u64,
-    /// When it was appended, milliseconds (the caller's clock).
+    /// When it was appended, milliseconds since the Unix epoch (the caller's clock).
     pub at_ms: u64,
-    /// The payload as the client receives it (already encoded by the caller).
-    pub payload: Bytes,
+    /// The queue's message ID (push-lib envelope ID), used to drop redeliveries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mid: Option<String>,
+    /// Only this device may receive it, if set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// `data` is a JSON document (embedded as-is in WebSocket messages) rather than text.
+    pub json: bool,
+    /// The payload, UTF-8.
+    #[serde(serialize_with = "as_str")]
+    pub data: Bytes,
+}
+
+fn as_str<S: serde::Serializer>(b: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&String::from_utf8_lossy(b))
+}
+
+/// A message to append: what [`Buffered`] holds except the ID and time, which the buffer
+/// gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewMessage<'a> {
+    /// The user whose history it joins.
+    pub user: &'a str,
+    /// The queue's message ID, if any: an append whose `mid` is already kept is a duplicate.
+    pub mid: Option<&'a str>,
+    /// Only this device may receive it, if set.
+    pub device: Option<&'a str>,
+    /// `data` is JSON rather than text.
+    pub json: bool,
+    /// The payload, UTF-8.
+    pub data: &'a [u8],
+}
+
+/// The outcome of one append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The message's ID (the earlier one, for a duplicate).
+    pub id: u64,
+    /// The same `mid` was already kept: nothing was added.
+    pub duplicate: bool,
 }
 
 /// What a resuming client is owed.
@@ -85,16 +123,46 @@ impl UserBuffer {
         self.messages.is_empty()
     }
 
-    /// Appends a message, gives it the next ID, and trims to the limits.
-    pub fn append(&mut self, payload: Bytes, now_ms: u64, limits: BufferLimits) -> u64 {
+    /// Appends a message, gives it the next ID, and trims to the limits. A message whose
+    /// `mid` is still kept is not added again; its ID is returned as a duplicate.
+    pub fn append(&mut self, msg: &NewMessage<'_>, now_ms: u64, limits: BufferLimits) -> Appended {
+        self.trim(now_ms, limits);
+        if let Some(mid) = msg.mid {
+            if let Some(m) = self.messages.iter().find(|m| m.mid.as_deref() == Some(mid)) {
+                return Appended {
+                    id: m.id,
+                    duplicate: true,
+                };
+            }
+        }
         self.last_id += 1;
         self.messages.push_back(Buffered {
             id: self.last_id,
             at_ms: now_ms,
-            payload,
+            mid: msg.mid.map(str::to_owned),
+            device: msg.device.map(str::to_owned),
+            json: msg.json,
+            data: Bytes::copy_from_slice(msg.data),
         });
         self.trim(now_ms, limits);
-        self.last_id
+        Appended {
+            id: self.last_id,
+            duplicate: false,
+        }
+    }
+
+    /// The kept message with this ID.
+    pub fn get(&self, id: u64) -> Option<&Buffered> {
+        let first = self.messages.front()?.id;
+        // IDs in one buffer are consecutive.
+        self.messages
+            .get(usize::try_from(id.checked_sub(first)?).ok()?)
+            .filter(|m| m.id == id)
+    }
+
+    /// When the newest message was appended, if any is kept.
+    pub fn newest_at_ms(&self) -> Option<u64> {
+        self.messages.back().map(|m| m.at_ms)
     }
 
     /// Drops messages beyond the count limit or older than the age limit.
@@ -112,6 +180,7 @@ impl UserBuffer {
 
     /// The messages a client that last saw `after` is owed, at `now_ms`.
     ///
+    /// - `after == 0` (a client that has seen nothing): every kept message, never a gap.
     /// - `after` at or past the last ID: nothing is owed.
     /// - the message `after + 1` is still kept (or nothing was ever dropped after `after`):
     ///   every kept message with a larger ID, no gap.
@@ -133,7 +202,7 @@ impl UserBuffer {
             .filter(|m| m.id > after)
             .cloned()
             .collect();
-        let gap = (after + 1 < oldest).then_some(oldest);
+        let gap = (after != 0 && after + 1 < oldest).then_some(oldest);
         Resume { messages, gap }
     }
 }
@@ -150,9 +219,20 @@ mod tests {
     fn buffer_with(n: u64) -> UserBuffer {
         let mut b = UserBuffer::default();
         for i in 1..=n {
-            b.append(Bytes::from(format!("m{i}")), i * 1000, LIMITS);
+            let data = format!("m{i}");
+            b.append(&msg(data.as_bytes(), None), i * 1000, LIMITS);
         }
         b
+    }
+
+    fn msg<'a>(data: &'a [u8], mid: Option<&'a str>) -> NewMessage<'a> {
+        NewMessage {
+            user: "u",
+            mid,
+            device: None,
+            json: false,
+            data,
+        }
     }
 
     fn ids(r: &Resume) -> Vec<u64> {
@@ -193,23 +273,61 @@ mod tests {
 
     #[test]
     fn aged_out_messages_become_a_gap() {
-        let b = buffer_with(2); // m1 at 1 s, m2 at 2 s
-        let r = b.since(0, 61_500, LIMITS);
-        assert_eq!((ids(&r), r.gap), (vec![2], Some(2)), "m1 is past 60 s");
-        let r = b.since(0, 70_000, LIMITS);
-        assert_eq!((ids(&r), r.gap), (vec![], Some(3)), "all aged out: next ID");
-        let r = b.since(2, 70_000, LIMITS);
+        let mut b = UserBuffer::starting_after(10);
+        b.append(&msg(b"m11", None), 1_000, LIMITS);
+        b.append(&msg(b"m12", None), 2_000, LIMITS);
+        let r = b.since(10, 61_500, LIMITS);
+        assert_eq!((ids(&r), r.gap), (vec![12], Some(12)), "m11 is past 60 s");
+        let r = b.since(10, 70_000, LIMITS);
+        assert_eq!(
+            (ids(&r), r.gap),
+            (vec![], Some(13)),
+            "all aged out: next ID"
+        );
+        let r = b.since(12, 70_000, LIMITS);
         assert_eq!(
             (ids(&r), r.gap),
             (vec![], None),
             "the client saw everything"
         );
+        let r = b.since(0, 61_500, LIMITS);
+        assert_eq!(
+            (ids(&r), r.gap),
+            (vec![12], None),
+            "a client that saw nothing gets what is kept, no gap"
+        );
+    }
+
+    #[test]
+    fn a_kept_mid_is_a_duplicate_and_get_finds_by_id() {
+        let mut b = UserBuffer::starting_after(100);
+        let first = b.append(&msg(b"a", Some("m-1")), 0, LIMITS);
+        assert_eq!(
+            first,
+            Appended {
+                id: 101,
+                duplicate: false
+            }
+        );
+        b.append(&msg(b"b", None), 0, LIMITS);
+        let again = b.append(&msg(b"a", Some("m-1")), 0, LIMITS);
+        assert_eq!(
+            again,
+            Appended {
+                id: 101,
+                duplicate: true
+            }
+        );
+        assert_eq!(b.last_id(), 102, "a duplicate takes no ID");
+        assert_eq!(b.get(102).map(|m| &m.data[..]), Some(&b"b"[..]));
+        assert_eq!(b.get(101).and_then(|m| m.mid.as_deref()), Some("m-1"));
+        assert!(b.get(100).is_none() && b.get(103).is_none());
     }
 
     #[test]
     fn ids_continue_after_a_restart_point() {
         let mut b = UserBuffer::starting_after(41);
-        assert_eq!(b.append(Bytes::from_static(b"x"), 0, LIMITS), 42);
+        assert_eq!(b.append(&msg(b"x", None), 0, LIMITS).id, 42);
         let r = b.since(40, 0, LIMITS);
         assert_eq!((ids(&r), r.gap), (vec![42], Some(42)));
     }

@@ -9,6 +9,7 @@
 //! | [`error`] | [`Error`]: which storage node failed and why |
 //! | [`registry`] | the [`Registry`] trait every backend implements, [`Stats`], [`NodePing`] |
 //! | [`buffer`] | a user's recent messages for resume: bounded buffer and the resume rule (pure) |
+//! | [`history`] | [`MessageStore`]: where users' recent messages are kept; the memory form |
 //! | [`murmur3`] | MurmurHash3 x86 32-bit, for the ring's token placement |
 //! | `store` | the Redis data model: keys, Lua scripts, command builders and decoders (no I/O) |
 //! | `node` | one standalone Redis connection with timeouts, reconnecting after failures |
@@ -24,6 +25,7 @@
 pub mod buffer;
 pub mod cluster;
 pub mod error;
+pub mod history;
 pub mod memory;
 pub mod murmur3;
 pub mod record;
@@ -37,8 +39,10 @@ mod store;
 
 use std::sync::Arc;
 
+pub use buffer::{Appended, BufferLimits, Buffered, NewMessage, Resume};
 pub use cluster::ClusterRegistry;
 pub use error::{Error, Result};
+pub use history::{open_store, MemoryStore, MessageStore};
 pub use memory::MemoryRegistry;
 pub use node::Timeouts;
 pub use record::{now_ms, Record};
