@@ -2,8 +2,9 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `POST /v1/push/{user}` | body = payload; answers `{"id":…,"delivered":…}` |
+//! | `POST /v1/push/{user}` | body = payload; answers `{"id":…,"delivered":…}`; `?wait_receipt=5s` waits for the receipt |
 //! | `POST /v1/push` | JSON array of `{"user":…,"data":…}` |
+//! | `GET /v1/history/{user}` | that user's kept messages (`?since=ID`) |
 //! | `GET /v1/users/{user}` | that user's connections on this node |
 //! | `POST /internal/v1/deliver` | the message processor's batch, an outcome per item |
 //! | `GET /metrics` | Prometheus text format |
@@ -31,6 +32,7 @@ use crate::hub::{PushOutcome, PushRequest};
 use crate::metrics as m;
 use crate::protocol::http::percent_decode;
 use crate::protocol::message::Payload;
+use crate::push::{self, Pushed};
 use crate::server::Shared;
 
 /// Most messages in one batch request.
@@ -146,10 +148,15 @@ async fn route(req: Request<Incoming>, shared: &Shared) -> Resp {
             Ok(user) => user_connections(&user, shared),
             Err(e) => e.into_response(),
         },
+        (Method::GET, ["v1", "history", user]) => match decode_user(user) {
+            Ok(user) => history(&req, &user, shared).await,
+            Err(e) => e.into_response(),
+        },
         (_, ["healthz" | "readyz" | "metrics"])
         | (_, ["v1", "push"])
         | (_, ["v1", "push", _])
         | (_, ["v1", "users", _])
+        | (_, ["v1", "history", _])
         | (_, ["internal", "v1", "deliver"]) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -236,12 +243,85 @@ fn is_json(req: &Request<Incoming>) -> bool {
 }
 
 fn outcome_json(user: &str, o: PushOutcome) -> serde_json::Value {
-    json!({"user": user, "id": o.id, "delivered": o.delivered, "dropped": o.dropped})
+    json!({
+        "user": user,
+        "id": o.id,
+        "delivered": o.delivered,
+        "dropped": o.dropped,
+        "stored": o.delivered == 0,
+        "duplicate": o.duplicate,
+    })
+}
+
+/// Most time a push request may wait for its receipt.
+const MAX_RECEIPT_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `?wait_receipt=5s` (or `?wait_receipt_ms=5000`): how long to wait for a receipt.
+fn receipt_wait(req: &Request<Incoming>) -> Result<Option<std::time::Duration>, ApiError> {
+    let Some(query) = req.uri().query() else {
+        return Ok(None);
+    };
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let wait = match k {
+            "wait_receipt" => crate::config::parse_duration(v).ok(),
+            "wait_receipt_ms" => v.parse().ok().map(std::time::Duration::from_millis),
+            _ => continue,
+        };
+        return match wait {
+            Some(w) if w <= MAX_RECEIPT_WAIT => Ok(Some(w)),
+            _ => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_wait",
+                format!(
+                    "{k} must be a duration up to {}s (e.g. wait_receipt=5s or wait_receipt_ms=5000)",
+                    MAX_RECEIPT_WAIT.as_secs()
+                ),
+            )),
+        };
+    }
+    Ok(None)
+}
+
+/// Waits for each message's receipt (all at once, up to `wait`); `null` for those that did
+/// not come in time.
+async fn receipts_json(
+    shared: &Shared,
+    users: impl Iterator<Item = String>,
+    pushed: &mut [Pushed],
+    wait: std::time::Duration,
+) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let waits = users.zip(pushed.iter_mut()).map(|(user, p)| async move {
+        let (Some(rx), Some(id)) = (p.receipt.take(), p.outcome.id) else {
+            return serde_json::Value::Null;
+        };
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(receipt)) => json!(receipt),
+            _ => {
+                shared.receipts.forget(&user, id);
+                serde_json::Value::Null
+            }
+        }
+    });
+    futures_util::future::join_all(waits).await
+}
+
+fn history_unavailable(e: push_registry::Error) -> Resp {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "history_unavailable",
+        format!("message not accepted, nothing was sent (retry): {e}"),
+    )
 }
 
 async fn push_one(req: Request<Incoming>, user: &str, shared: &Shared) -> Resp {
     let received = tokio::time::Instant::now();
     let json = is_json(&req);
+    let wait = match receipt_wait(&req) {
+        Ok(w) => w,
+        Err(e) => return e.into_response(),
+    };
     let body = match read_body(req, shared.config.max_message_bytes).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -256,19 +336,17 @@ async fn push_one(req: Request<Incoming>, user: &str, shared: &Shared) -> Resp {
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_payload", e),
     };
     metrics::counter!(m::PUSHES).increment(1);
-    let outcome = shared.hub.push(
-        &PushRequest::to_user(user, &payload),
-        received,
-        shared.limits,
-    );
-    count_undelivered(outcome);
-    json_response(StatusCode::OK, outcome_json(user, outcome))
-}
-
-fn count_undelivered(o: PushOutcome) {
-    if o.id.is_none() {
-        metrics::counter!(m::MESSAGES_DROPPED, "reason" => "not_connected").increment(1);
+    let request = PushRequest::to_user(user, &payload);
+    let mut pushed = match push::push(shared, &[request], received, wait.is_some()).await {
+        Ok(p) => p,
+        Err(e) => return history_unavailable(e),
+    };
+    let mut body = outcome_json(user, pushed[0].outcome);
+    if let Some(wait) = wait {
+        let r = receipts_json(shared, std::iter::once(user.to_owned()), &mut pushed, wait).await;
+        body["receipt"] = r.into_iter().next().unwrap_or_default();
     }
+    json_response(StatusCode::OK, body)
 }
 
 #[derive(Deserialize)]
@@ -282,6 +360,9 @@ struct BatchItem<'a> {
     message_id: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     data: &'a RawValue,
+    /// The per-user ID, when the message processor took it from the history already.
+    #[serde(default)]
+    id: Option<u64>,
 }
 
 impl BatchItem<'_> {
@@ -313,6 +394,7 @@ impl BatchItem<'_> {
             device: self.device.as_deref(),
             message_id: self.message_id.as_deref(),
             payload,
+            id: self.id,
         }
     }
 }
@@ -349,10 +431,12 @@ async fn push_batch(req: Request<Incoming>, shared: &Shared) -> Resp {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    push_batch_items(&body, received, shared).unwrap_or_else(ApiError::into_response)
+    push_batch_items(&body, received, shared)
+        .await
+        .unwrap_or_else(ApiError::into_response)
 }
 
-fn push_batch_items(
+async fn push_batch_items(
     body: &[u8],
     received: tokio::time::Instant,
     shared: &Shared,
@@ -372,18 +456,20 @@ fn push_batch_items(
         })
         .collect::<Result<Vec<_>, _>>()?;
     metrics::counter!(m::PUSHES).increment(items.len() as u64);
-    let mut delivered = 0;
-    let results: Vec<_> = items
+    let reqs: Vec<PushRequest<'_>> = items
         .iter()
         .zip(&payloads)
-        .map(|(item, payload)| {
-            let o = shared
-                .hub
-                .push(&item.request(payload), received, shared.limits);
-            count_undelivered(o);
-            delivered += o.delivered;
-            outcome_json(&item.user, o)
-        })
+        .map(|(item, payload)| item.request(payload))
+        .collect();
+    let pushed = match push::push(shared, &reqs, received, false).await {
+        Ok(p) => p,
+        Err(e) => return Ok(history_unavailable(e)),
+    };
+    let delivered: usize = pushed.iter().map(|p| p.outcome.delivered).sum();
+    let results: Vec<_> = items
+        .iter()
+        .zip(&pushed)
+        .map(|(item, p)| outcome_json(&item.user, p.outcome))
         .collect();
     Ok(json_response(
         StatusCode::OK,
@@ -392,46 +478,105 @@ fn push_batch_items(
 }
 
 /// `POST /internal/v1/deliver`: the message processor's batch. Each item gets its own
-/// outcome, in order: `delivered`, `duplicate` (sent before under the same `message_id`),
-/// `not_connected` (no live connection of that user/device here: look the user up again),
-/// or `invalid` (never deliverable: dead-letter it).
+/// outcome, in order: `delivered` (queued for a connection here), `stored` (no connection of
+/// that user/device here: kept in the history for when they resume), `duplicate` (kept
+/// before under the same `message_id`; connections that had it do not get it again), or
+/// `invalid` (never deliverable: dead-letter it). `?wait_receipt_ms=N` waits for receipts.
 async fn deliver(req: Request<Incoming>, shared: &Shared) -> Resp {
     let received = tokio::time::Instant::now();
+    let wait = match receipt_wait(&req) {
+        Ok(w) => w,
+        Err(e) => return e.into_response(),
+    };
     let body = match read_batch(req, shared).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    deliver_items(&body, received, shared).unwrap_or_else(ApiError::into_response)
+    deliver_items(&body, received, wait, shared)
+        .await
+        .unwrap_or_else(ApiError::into_response)
 }
 
-fn deliver_items(
+async fn deliver_items(
     body: &[u8],
     received: tokio::time::Instant,
+    wait: Option<std::time::Duration>,
     shared: &Shared,
 ) -> Result<Resp, ApiError> {
     let items = parse_batch(body)?;
     metrics::counter!(m::PUSHES).increment(items.len() as u64);
-    let results: Vec<_> = items
+    let payloads: Vec<Result<Payload, String>> = items
         .iter()
-        .map(|item| match item.payload(shared.config.max_message_bytes) {
+        .map(|item| item.payload(shared.config.max_message_bytes))
+        .collect();
+    let valid: Vec<(&BatchItem<'_>, &Payload)> = items
+        .iter()
+        .zip(&payloads)
+        .filter_map(|(item, p)| p.as_ref().ok().map(|p| (item, p)))
+        .collect();
+    let reqs: Vec<PushRequest<'_>> = valid.iter().map(|(i, p)| i.request(p)).collect();
+    let mut pushed = match push::push(shared, &reqs, received, wait.is_some()).await {
+        Ok(p) => p,
+        Err(e) => return Ok(history_unavailable(e)),
+    };
+    let receipts = match wait {
+        Some(w) => {
+            let users = valid.iter().map(|(i, _)| i.user.to_string());
+            receipts_json(shared, users, &mut pushed, w).await
+        }
+        None => Vec::new(),
+    };
+    let mut pushed = pushed.into_iter();
+    let mut receipts = receipts.into_iter();
+    let results: Vec<_> = payloads
+        .iter()
+        .map(|p| match p {
             Err(reason) => json!({"outcome": "invalid", "reason": reason}),
-            Ok(payload) => {
-                let o = shared
-                    .hub
-                    .push(&item.request(&payload), received, shared.limits);
-                count_undelivered(o);
+            Ok(_) => {
+                let o = pushed.next().expect("one result per valid item").outcome;
                 let outcome = if o.duplicate {
                     "duplicate"
-                } else if o.id.is_none() || o.delivered == 0 {
-                    "not_connected"
+                } else if o.delivered == 0 {
+                    "stored"
                 } else {
                     "delivered"
                 };
-                json!({"outcome": outcome, "id": o.id, "delivered": o.delivered})
+                let mut r = json!({"outcome": outcome, "id": o.id, "delivered": o.delivered});
+                if wait.is_some() {
+                    r["receipt"] = receipts.next().unwrap_or_default();
+                }
+                r
             }
         })
         .collect();
     Ok(json_response(StatusCode::OK, json!({ "results": results })))
+}
+
+/// `GET /v1/history/{user}?since=ID`: what a client that last saw `since` would be sent.
+async fn history(req: &Request<Incoming>, user: &str, shared: &Shared) -> Resp {
+    let since = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("since=")))
+        .map(str::parse::<u64>);
+    let since = match since {
+        None => 0,
+        Some(Ok(s)) => s,
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_since",
+                "since must be a message ID (an unsigned integer)",
+            )
+        }
+    };
+    match shared.store.since(user, since).await {
+        Ok(r) => json_response(
+            StatusCode::OK,
+            json!({"user": user, "since": since, "gap": r.gap, "messages": r.messages}),
+        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "history_unavailable", e),
+    }
 }
 
 fn user_connections(user: &str, shared: &Shared) -> Resp {

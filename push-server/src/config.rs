@@ -78,6 +78,15 @@ pub struct Config {
     /// Address other components use to deliver to this node (`host:port` of the admin port).
     /// Default: the bound admin address.
     pub advertise_addr: Option<String>,
+    /// Most messages kept per user for resume (in the registry's store).
+    pub history_messages: usize,
+    /// How long a message is kept for resume.
+    pub history_age: Duration,
+    /// Kafka bootstrap servers to publish delivery receipts to; none: receipts go only to
+    /// the admin API's waiters.
+    pub receipts_brokers: Option<String>,
+    /// Kafka topic for delivery receipts.
+    pub receipts_topic: String,
 }
 
 impl Default for Config {
@@ -110,6 +119,13 @@ impl Default for Config {
             registry: "memory".into(),
             registry_ttl: Duration::from_secs(90),
             advertise_addr: None,
+            // A few minutes covers a rotation's grace period, a deploy's drain window and a
+            // mobile network drop; 100 messages covers a burst for one user without letting
+            // one user's history grow large.
+            history_messages: 100,
+            history_age: Duration::from_secs(300),
+            receipts_brokers: None,
+            receipts_topic: "push-receipts".into(),
         }
     }
 }
@@ -231,6 +247,18 @@ pub struct ServeArgs {
     /// host:port at which the message processor reaches this node's admin port.
     #[arg(long, env = "PUSH_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
+    /// Most messages kept per user for resume (`?since=`, `Last-Event-ID`); 0 keeps none.
+    #[arg(long, env = "PUSH_HISTORY_MESSAGES")]
+    pub history_messages: Option<usize>,
+    /// How long messages are kept for resume, e.g. 5m.
+    #[arg(long, env = "PUSH_HISTORY_AGE", value_parser = parse_duration)]
+    pub history_age: Option<Duration>,
+    /// Kafka bootstrap servers (host:port,…) to publish delivery receipts to.
+    #[arg(long, env = "PUSH_RECEIPTS_BROKERS")]
+    pub receipts_brokers: Option<String>,
+    /// Kafka topic for delivery receipts.
+    #[arg(long, env = "PUSH_RECEIPTS_TOPIC")]
+    pub receipts_topic: Option<String>,
 }
 
 /// The same settings as read from a TOML file. Unknown keys are an error, so a typo does
@@ -275,6 +303,11 @@ pub struct FileConfig {
     #[serde(default, with = "humantime_serde_opt")]
     registry_ttl: Option<Duration>,
     advertise_addr: Option<String>,
+    history_messages: Option<usize>,
+    #[serde(default, with = "humantime_serde_opt")]
+    history_age: Option<Duration>,
+    receipts_brokers: Option<String>,
+    receipts_topic: Option<String>,
 }
 
 mod humantime_serde_opt {
@@ -386,6 +419,13 @@ impl ServeArgs {
             registry: pick!(registry, d.registry),
             registry_ttl: pick!(registry_ttl, d.registry_ttl),
             advertise_addr: self.advertise_addr.clone().or(file.advertise_addr.clone()),
+            history_messages: pick!(history_messages, d.history_messages),
+            history_age: pick!(history_age, d.history_age),
+            receipts_brokers: self
+                .receipts_brokers
+                .clone()
+                .or(file.receipts_brokers.clone()),
+            receipts_topic: pick!(receipts_topic, d.receipts_topic),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -447,6 +487,18 @@ impl Config {
         if self.registry != crate::server::NO_REGISTRY {
             push_registry::url::parse(&self.registry)
                 .map_err(|e| invalid("registry", e.to_string()))?;
+        }
+        if self.history_messages > 10_000 {
+            return Err(invalid(
+                "history_messages",
+                "must be at most 10000 (a resume sends them all at once)",
+            ));
+        }
+        if self.history_age < Duration::from_secs(1) {
+            return Err(invalid("history_age", "must be at least 1s"));
+        }
+        if self.receipts_topic.is_empty() {
+            return Err(invalid("receipts_topic", "must not be empty"));
         }
         if self.sweep_interval.is_zero() {
             return Err(invalid("sweep_interval", "must be above zero"));

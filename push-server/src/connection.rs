@@ -32,6 +32,7 @@ use crate::protocol::http::{self, HeadError, RequestHead};
 use crate::protocol::message::{self, ClientMessage, ServerMessage};
 use crate::protocol::sse;
 use crate::protocol::ws::{self, close_code, Message, WsReader};
+use crate::receipts::Ack;
 use crate::server::{close_frame_for, Shared};
 
 /// Size of the per-worker read buffer. One read takes up to this much; a larger message
@@ -262,7 +263,16 @@ fn on_bytes(
         }
         match msg {
             Message::Text(text) => match message::parse_client_message(&text) {
-                Ok(ClientMessage::Ack { .. }) => metrics::counter!(m::ACKS).increment(1),
+                Ok(ClientMessage::Ack { id }) => {
+                    metrics::counter!(m::ACKS).increment(1);
+                    shared.receipts.ack(Ack {
+                        user: handle.user.clone(),
+                        device: handle.device.clone(),
+                        transport: Transport::Ws,
+                        id,
+                        at_ms: push_registry::now_ms(),
+                    });
+                }
                 Ok(ClientMessage::Ping) => reply(handle, shared, message::pong_frame()),
                 Err(e) => {
                     metrics::counter!(m::BAD_CLIENT_MESSAGES, "kind" => "unparsable").increment(1);
@@ -309,13 +319,7 @@ fn on_bytes(
 }
 
 fn reply(handle: &ConnHandle, shared: &Shared, bytes: Bytes) {
-    handle.enqueue(
-        Outbound {
-            bytes,
-            received_at: None,
-        },
-        shared.limits,
-    );
+    handle.enqueue(Outbound::control(bytes), shared.limits);
 }
 
 /// Ends the connection the way `end` says: answer or send a close frame, then let whoever
@@ -483,7 +487,12 @@ async fn refuse(stream: &TcpStream, r: Refusal) {
         &headers,
         &http::error_body(r.code, &r.message),
     );
-    if tokio::time::timeout(Duration::from_secs(1), write_all(stream, &resp))
+    respond(stream, &resp).await;
+}
+
+/// Writes a complete `Connection: close` response and lets the client close first.
+async fn respond(stream: &TcpStream, resp: &[u8]) {
+    if tokio::time::timeout(Duration::from_secs(1), write_all(stream, resp))
         .await
         .is_ok()
     {
@@ -556,6 +565,16 @@ async fn handshake(
             }
             Ok(Ok(x)) => x,
         };
+    if head.path == "/ack" {
+        match ack(&head, shared) {
+            Ok(n) => {
+                let body = serde_json::json!({ "accepted": n }).to_string();
+                respond(stream, &http::simple_response(202, "Accepted", &[], &body)).await;
+            }
+            Err(r) => refuse(stream, *r).await,
+        }
+        return None;
+    }
     match admit(&head, remote, shared) {
         Ok(admitted) => accept(stream, remote, shared, head, admitted, leftover).await,
         Err(r) => {
@@ -565,8 +584,83 @@ async fn handshake(
     }
 }
 
+/// `POST /ack?id=N[,M…]` with the client's token: acknowledgements for clients that cannot
+/// send them on their connection (SSE). Returns how many IDs were accepted.
+fn ack(head: &RequestHead, shared: &Shared) -> Result<usize, Box<Refusal>> {
+    if head.method != "POST" {
+        let r = Refusal::new(405, "Method Not Allowed", "method_not_allowed", "use POST")
+            .header("Allow", "POST");
+        return Err(Box::new(r));
+    }
+    let token = auth::token_from_request(
+        head.authorization.as_deref(),
+        head.query_param("token"),
+        None,
+    );
+    let claims = token
+        .as_deref()
+        .ok_or(AuthError::Missing)
+        .and_then(|t| shared.auth.verify(t))
+        .map_err(|e| {
+            Box::new(
+                Refusal::new(401, "Unauthorized", "unauthorized", e.to_string())
+                    .header("WWW-Authenticate", "Bearer"),
+            )
+        })?;
+    let bad = || {
+        Box::new(Refusal::new(
+            400,
+            "Bad Request",
+            "bad_ack",
+            "give the acknowledged message IDs as ?id=N or ?id=N,M,… (at most 100)",
+        ))
+    };
+    let ids: Vec<u64> = head
+        .query_param("id")
+        .ok_or_else(bad)?
+        .split(',')
+        .map(|v| v.trim().parse::<u64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad())?;
+    if ids.is_empty() || ids.len() > 100 {
+        return Err(bad());
+    }
+    let user: Arc<str> = claims.sub.as_str().into();
+    let at_ms = push_registry::now_ms();
+    for &id in &ids {
+        metrics::counter!(m::ACKS).increment(1);
+        shared.receipts.ack(Ack {
+            user: user.clone(),
+            device: claims.did.as_deref().map(Into::into),
+            transport: Transport::Sse,
+            id,
+            at_ms,
+        });
+    }
+    Ok(ids.len())
+}
+
+/// The resume point a client asks for: SSE's `Last-Event-ID` (sent by browsers on their own
+/// reconnects, so it wins over the URL), else `?since=`.
+fn since(head: &RequestHead, transport: Transport) -> Result<Option<u64>, Box<Refusal>> {
+    let raw = match (transport, &head.last_event_id) {
+        (Transport::Sse, Some(id)) if !id.trim().is_empty() => Some(id.trim().to_owned()),
+        _ => head.query_param("since"),
+    };
+    raw.map(|v| v.parse::<u64>()).transpose().map_err(|_| {
+        Box::new(Refusal::new(
+            400,
+            "Bad Request",
+            "bad_since",
+            "since (or Last-Event-ID) must be a message ID: an unsigned integer",
+        ))
+    })
+}
+
 struct Admitted {
     transport: Transport,
+    /// The last message ID the client saw, when it resumes.
+    since: Option<u64>,
     claims: auth::Claims,
     /// WebSocket: the `Sec-WebSocket-Accept` value and the subprotocol to select.
     ws: Option<(String, Option<String>)>,
@@ -644,6 +738,7 @@ fn admit(
     } else {
         None
     };
+    let since = since(head, transport)?;
     let token = auth::token_from_request(
         head.authorization.as_deref(),
         head.query_param("token"),
@@ -692,6 +787,7 @@ fn admit(
     });
     Ok(Admitted {
         transport,
+        since,
         claims,
         ws,
     })
@@ -757,6 +853,12 @@ async fn accept(
     if let Some(presence) = &shared.presence {
         presence.register(&handle).await;
     }
+    // Registered first, then the history read: a message appended before the read is in the
+    // backlog, one appended after it finds this connection registered (here and in the
+    // registry) and is queued live. Both at once are sent once (`ConnHandle::resume`).
+    if let Some(after) = admitted.since {
+        resume(&handle, after, shared).await;
+    }
     let written = tokio::time::timeout(cfg.handshake_timeout, write_all(stream, &response)).await;
     if !matches!(written, Ok(Ok(()))) {
         shared.hub.unregister(&handle);
@@ -772,6 +874,72 @@ async fn accept(
     metrics::counter!(m::CONNECTS, "result" => "ok").increment(1);
     tracing::debug!(conn = id, user = %handle.user, transport = transport.as_str(), %remote, "connected");
     Some(Accepted { handle, leftover })
+}
+
+/// Reads what a resuming client is owed and puts it at the front of its queue.
+async fn resume(handle: &ConnHandle, after: u64, shared: &Shared) {
+    let read = tokio::time::timeout(
+        shared.config.handshake_timeout,
+        shared.store.since(&handle.user, after),
+    )
+    .await;
+    let (gap, backlog) = match read {
+        Ok(Ok(r)) => {
+            let backlog: Vec<Outbound> = r
+                .messages
+                .iter()
+                .filter(|m| {
+                    m.device
+                        .as_deref()
+                        .is_none_or(|d| handle.device.as_deref() == Some(d))
+                })
+                .map(|m| backlog_frame(m, handle.transport))
+                .collect();
+            let result = if r.gap.is_some() { "gap" } else { "complete" };
+            metrics::counter!(m::RESUMES, "result" => result).increment(1);
+            metrics::counter!(m::RESUMED_MESSAGES).increment(backlog.len() as u64);
+            let gap = r.gap.map(|oldest| ServerMessage::Gap {
+                after,
+                oldest: Some(oldest),
+            });
+            (gap, backlog)
+        }
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".to_owned(),
+            };
+            tracing::warn!(user = %handle.user, error = %why, "resume without history");
+            metrics::counter!(m::HISTORY_ERRORS, "op" => "since").increment(1);
+            metrics::counter!(m::RESUMES, "result" => "unavailable").increment(1);
+            let gap = ServerMessage::Gap {
+                after,
+                oldest: None,
+            };
+            (Some(gap), Vec::new())
+        }
+    };
+    let gap = gap.map(|g| match handle.transport {
+        Transport::Ws => g.ws_frame(),
+        Transport::Sse => g.sse_event(),
+    });
+    handle.resume(gap, backlog);
+}
+
+fn backlog_frame(m: &push_registry::Buffered, transport: Transport) -> Outbound {
+    let payload = message::Payload {
+        bytes: m.data.clone(),
+        is_json: m.json,
+    };
+    let bytes = match transport {
+        Transport::Ws => message::message_ws_frame(m.id, m.mid.as_deref(), &payload),
+        Transport::Sse => message::message_sse_event(m.id, &payload),
+    };
+    Outbound {
+        bytes,
+        received_at: None,
+        id: m.id,
+    }
 }
 
 #[cfg(test)]

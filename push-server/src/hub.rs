@@ -79,6 +79,19 @@ pub struct Outbound {
     pub bytes: Bytes,
     /// When the admin API received the message; `None` for control frames.
     pub received_at: Option<tokio::time::Instant>,
+    /// The message's per-user ID; 0 for control frames.
+    pub id: u64,
+}
+
+impl Outbound {
+    /// A control frame (heartbeat, `reconnect`, `error`, `gap`, `pong`).
+    pub fn control(bytes: Bytes) -> Self {
+        Self {
+            bytes,
+            received_at: None,
+            id: 0,
+        }
+    }
 }
 
 /// The mutable state of a connection, behind its handle's lock.
@@ -94,6 +107,10 @@ pub struct ConnState {
     close: Option<DisconnectReason>,
     /// A newer connection for the same (user, device) exists; this one gets no messages.
     pub superseded: bool,
+    /// The highest message ID queued on this connection. A message at or below it is not
+    /// queued again: IDs on one connection only increase, so a message that reaches the
+    /// connection twice (live and in a resume's backlog, or redelivered) is sent once.
+    last_id: u64,
 }
 
 impl ConnState {
@@ -147,6 +164,8 @@ pub enum Enqueued {
     DroppedOldest,
     /// Not queued: the connection is closing (or now closes as a slow consumer).
     Refused,
+    /// Not queued: this message (or a later one) was queued on this connection before.
+    AlreadySent,
 }
 
 impl ConnHandle {
@@ -174,6 +193,7 @@ impl ConnHandle {
                 queued_bytes: 0,
                 close: None,
                 superseded: false,
+                last_id: 0,
             }),
             waker: AtomicWaker::new(),
             woken: AtomicBool::new(false),
@@ -220,6 +240,48 @@ impl ConnHandle {
         };
         self.wake();
         result
+    }
+
+    /// Offers a message with its per-user ID: skipped (reported as queued) if a message with
+    /// this or a later ID was queued already.
+    pub fn enqueue_message(&self, out: Outbound, limits: QueueLimits) -> Enqueued {
+        {
+            let mut st = self.state();
+            if out.id <= st.last_id {
+                return Enqueued::AlreadySent;
+            }
+            if st.close.is_none() {
+                st.last_id = out.id;
+            }
+        }
+        self.enqueue(out, limits)
+    }
+
+    /// Puts a resume's backlog in front of whatever live messages were queued since the
+    /// connection was registered: `gap` first if there is one, then the backlog (IDs
+    /// increasing), then the live messages with a larger ID than the backlog's last (the
+    /// others are in the backlog already). Not subject to the queue limits: the backlog is
+    /// bounded by the history's limits.
+    pub fn resume(&self, gap: Option<Bytes>, backlog: Vec<Outbound>) {
+        {
+            let mut st = self.state();
+            let last = backlog.last().map_or(0, |o| o.id);
+            let live = std::mem::take(&mut st.queue);
+            st.queued_bytes = 0;
+            if let Some(g) = gap {
+                st.push_back(Outbound::control(g));
+            }
+            for out in backlog {
+                st.push_back(out);
+            }
+            for out in live {
+                if out.id == 0 || out.id > last {
+                    st.push_back(out);
+                }
+            }
+            st.last_id = st.last_id.max(last);
+        }
+        self.wake();
     }
 
     /// Asks the driver to close the connection for `reason` once the queue is written
@@ -308,9 +370,10 @@ pub enum Next {
 /// The result of a push to a user on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PushOutcome {
-    /// The message ID, if the user has connections here.
+    /// The message's per-user ID.
     pub id: Option<u64>,
-    /// The message was sent to this user before (same queue message ID): not sent again.
+    /// The history already held this queue message ID (a redelivery): it keeps its first
+    /// ID, and connections that were sent it do not get it again.
     pub duplicate: bool,
     /// Connections the message was queued for.
     pub delivered: usize,
@@ -319,45 +382,7 @@ pub struct PushOutcome {
 }
 
 struct UserEntry {
-    /// Last message ID given to this user.
-    last_id: u64,
     conns: Vec<Arc<ConnHandle>>,
-    /// Queue message IDs recently sent to this user, to drop redeliveries.
-    recent: RecentIds,
-}
-
-/// How many recent queue message IDs a user remembers. A redelivery after a processor
-/// crash repeats what was not committed yet: up to a batch per partition plus about a second
-/// of deliveries, rarely more than a few dozen messages for one user. 512 bytes, allocated
-/// only for users who get messages through the queue.
-const RECENT_IDS: usize = 64;
-
-/// Hashes of the last [`RECENT_IDS`] queue message IDs of a user. Empty (no allocation) for
-/// users who only get admin pushes.
-#[derive(Default)]
-struct RecentIds {
-    hashes: Vec<u64>,
-    next: usize,
-}
-
-impl RecentIds {
-    /// Records `mid`; false if it was already there.
-    fn remember(&mut self, mid: &str) -> bool {
-        use std::hash::BuildHasher;
-        let h =
-            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                .hash_one(mid);
-        if self.hashes.contains(&h) {
-            return false;
-        }
-        if self.hashes.len() < RECENT_IDS {
-            self.hashes.push(h);
-        } else {
-            self.hashes[self.next] = h;
-            self.next = (self.next + 1) % RECENT_IDS;
-        }
-        true
-    }
 }
 
 /// One message for one user, as the admin API or the message processor hands it over.
@@ -372,6 +397,9 @@ pub struct PushRequest<'a> {
     pub message_id: Option<&'a str>,
     /// The payload.
     pub payload: &'a Payload,
+    /// The per-user ID, when the sender took it from the history already (the message
+    /// processor does); otherwise the push path appends the message and takes one.
+    pub id: Option<u64>,
 }
 
 impl<'a> PushRequest<'a> {
@@ -382,6 +410,7 @@ impl<'a> PushRequest<'a> {
             device: None,
             message_id: None,
             payload,
+            id: None,
         }
     }
 }
@@ -477,9 +506,7 @@ impl Hub {
         let entry = shard
             .entry(handle.user.clone())
             .or_insert_with(|| UserEntry {
-                last_id: initial_message_id(),
                 conns: Vec::with_capacity(1),
-                recent: RecentIds::default(),
             });
         let mut superseded = Vec::new();
         if handle.device.is_some() {
@@ -508,45 +535,31 @@ impl Hub {
         }
     }
 
-    /// Pushes a message to the live connections of a user on this node (all of them, or the
-    /// one device named in the request).
+    /// Queues message `id` for the live connections of a user on this node (all of them, or
+    /// the one device named in the request).
     ///
-    /// The ID is taken and the frames are queued under the user's shard lock, so that
-    /// concurrent pushes to one user reach each connection in ID order. The frame is encoded
-    /// once per transport and shared. A request whose `message_id` this user was sent
-    /// recently is a duplicate (a redelivery from the queue) and is not sent again.
-    pub fn push(
+    /// The frame is encoded once per transport and shared. Callers queue one user's messages
+    /// in ID order (see push.rs); a connection skips an ID it was queued before.
+    pub fn deliver(
         &self,
         req: &PushRequest<'_>,
+        id: u64,
         received_at: tokio::time::Instant,
         limits: QueueLimits,
     ) -> PushOutcome {
-        let mut shard = self.shard(req.user);
-        let Some(entry) = shard.get_mut(req.user) else {
-            return PushOutcome::default();
-        };
-        let targets = |c: &&Arc<ConnHandle>| {
-            req.device.is_none_or(|d| c.device.as_deref() == Some(d)) && !c.state().superseded
-        };
-        if !entry.conns.iter().any(|c| targets(&c)) {
-            return PushOutcome::default();
-        }
-        if let Some(mid) = req.message_id {
-            if !entry.recent.remember(mid) {
-                return PushOutcome {
-                    duplicate: true,
-                    ..PushOutcome::default()
-                };
-            }
-        }
-        entry.last_id += 1;
-        let id = entry.last_id;
-        let mut ws_frame = None;
-        let mut sse_frame = None;
         let mut outcome = PushOutcome {
             id: Some(id),
             ..PushOutcome::default()
         };
+        let shard = self.shard(req.user);
+        let Some(entry) = shard.get(req.user) else {
+            return outcome;
+        };
+        let targets = |c: &&Arc<ConnHandle>| {
+            req.device.is_none_or(|d| c.device.as_deref() == Some(d)) && !c.state().superseded
+        };
+        let mut ws_frame = None;
+        let mut sse_frame = None;
         for conn in entry.conns.iter().filter(targets) {
             let bytes = match conn.transport {
                 Transport::Ws => ws_frame
@@ -561,9 +574,10 @@ impl Hub {
             let out = Outbound {
                 bytes,
                 received_at: Some(received_at),
+                id,
             };
-            match conn.enqueue(out, limits) {
-                Enqueued::Queued => outcome.delivered += 1,
+            match conn.enqueue_message(out, limits) {
+                Enqueued::Queued | Enqueued::AlreadySent => outcome.delivered += 1,
                 Enqueued::DroppedOldest => {
                     outcome.delivered += 1;
                     metrics::counter!(crate::metrics::MESSAGES_DROPPED, "reason" => "slow_consumer_drop_oldest").increment(1);
@@ -602,19 +616,6 @@ fn other(t: Transport) -> Transport {
         Transport::Ws => Transport::Sse,
         Transport::Sse => Transport::Ws,
     }
-}
-
-/// The first message ID of a user who connects: the wall clock in microseconds.
-///
-/// Why: IDs must keep increasing for a user across reconnections (clients resume and dedup
-/// by ID), but this node forgets a user with their last connection. Starting from the
-/// clock keeps IDs increasing unless a user is sent more than a million messages a second.
-/// IDs are opaque, increasing, not consecutive (docs/protocol.md).
-fn initial_message_id() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -666,8 +667,8 @@ mod tests {
             max_frames: 10,
             ..LIMITS
         };
-        let o1 = hub.push(&PushRequest::to_user("u", &text("one")), now, limits);
-        let o2 = hub.push(&PushRequest::to_user("u", &text("two")), now, limits);
+        let o1 = hub.deliver(&PushRequest::to_user("u", &text("one")), 1, now, limits);
+        let o2 = hub.deliver(&PushRequest::to_user("u", &text("two")), 2, now, limits);
         assert_eq!(o1.delivered, 2);
         assert!(o2.id.unwrap() == o1.id.unwrap() + 1);
         assert_eq!(drain(&a).len(), 2);
@@ -675,8 +676,9 @@ mod tests {
         assert!(std::str::from_utf8(&sse[1]).unwrap().contains("data: two"));
         assert!(drain(&other).is_empty());
         assert_eq!(
-            hub.push(&PushRequest::to_user("nobody", &text("x")), now, limits),
-            PushOutcome::default()
+            hub.deliver(&PushRequest::to_user("nobody", &text("x")), 3, now, limits)
+                .delivered,
+            0
         );
     }
 
@@ -686,8 +688,9 @@ mod tests {
         let old = conn(&hub, "u", Some("phone"), Transport::Ws);
         let new = conn(&hub, "u", Some("phone"), Transport::Ws);
         assert!(old.state().superseded);
-        let o = hub.push(
+        let o = hub.deliver(
             &PushRequest::to_user("u", &text("x")),
+            4,
             tokio::time::Instant::now(),
             QueueLimits {
                 max_frames: 10,
@@ -707,9 +710,9 @@ mod tests {
         let hub = Hub::new();
         let c = conn(&hub, "u", None, Transport::Ws);
         let now = tokio::time::Instant::now();
-        hub.push(&PushRequest::to_user("u", &text("1")), now, LIMITS);
-        hub.push(&PushRequest::to_user("u", &text("2")), now, LIMITS);
-        let o = hub.push(&PushRequest::to_user("u", &text("3")), now, LIMITS);
+        hub.deliver(&PushRequest::to_user("u", &text("1")), 5, now, LIMITS);
+        hub.deliver(&PushRequest::to_user("u", &text("2")), 6, now, LIMITS);
+        let o = hub.deliver(&PushRequest::to_user("u", &text("3")), 7, now, LIMITS);
         assert_eq!(o.dropped, 1);
         assert!(matches!(
             c.next_outbound(),
@@ -722,8 +725,8 @@ mod tests {
             max_bytes: 1 << 20,
             policy: SlowConsumerPolicy::DropOldest,
         };
-        for p in ["1", "2", "3"] {
-            hub.push(&PushRequest::to_user("w", &text(p)), now, keep);
+        for (id, p) in [(8, "1"), (9, "2"), (10, "3")] {
+            hub.deliver(&PushRequest::to_user("w", &text(p)), id, now, keep);
         }
         let frames = drain(&d);
         assert_eq!(frames.len(), 2);
@@ -741,8 +744,8 @@ mod tests {
         };
         let now = tokio::time::Instant::now();
         let big = "x".repeat(100);
-        for _ in 0..5 {
-            hub.push(&PushRequest::to_user("u", &text(&big)), now, limits);
+        for id in 20..25 {
+            hub.deliver(&PushRequest::to_user("u", &text(&big)), id, now, limits);
         }
         let st = c.state();
         assert!(st.queued_bytes <= 250, "{} bytes queued", st.queued_bytes);
@@ -753,13 +756,71 @@ mod tests {
         drop(st);
         // One frame larger than the budget still goes through an empty queue.
         let d = conn(&hub, "w", None, Transport::Sse);
-        let o = hub.push(
+        let o = hub.deliver(
             &PushRequest::to_user("w", &text(&"y".repeat(1000))),
+            10,
             now,
             limits,
         );
         assert_eq!(o.delivered, 1);
         assert_eq!(drain(&d).len(), 1);
+    }
+
+    #[test]
+    fn a_connection_gets_each_id_once_and_in_increasing_order() {
+        let hub = Hub::new();
+        let c = conn(&hub, "u", None, Transport::Ws);
+        let now = tokio::time::Instant::now();
+        let limits = QueueLimits {
+            max_frames: 10,
+            ..LIMITS
+        };
+        for id in [5, 5, 6, 4, 7] {
+            hub.deliver(&PushRequest::to_user("u", &text("x")), id, now, limits);
+        }
+        let ids: Vec<u64> = std::iter::from_fn(|| match c.next_outbound() {
+            Next::Frame(o) => Some(o.id),
+            _ => None,
+        })
+        .collect();
+        assert_eq!(ids, vec![5, 6, 7]);
+    }
+
+    #[test]
+    fn resume_puts_gap_and_backlog_before_live_messages_without_duplicates() {
+        let hub = Hub::new();
+        let c = conn(&hub, "u", None, Transport::Ws);
+        let now = tokio::time::Instant::now();
+        let limits = QueueLimits {
+            max_frames: 10,
+            ..LIMITS
+        };
+        // Live messages that arrived while the backlog was being read: 11 is also in the
+        // backlog, 12 is not.
+        hub.deliver(&PushRequest::to_user("u", &text("11")), 11, now, limits);
+        hub.deliver(&PushRequest::to_user("u", &text("12")), 12, now, limits);
+        c.enqueue(Outbound::control(Bytes::from_static(b"ping")), limits);
+        let backlog = (9..=11)
+            .map(|id| Outbound {
+                bytes: Bytes::from(format!("m{id}")),
+                received_at: None,
+                id,
+            })
+            .collect();
+        c.resume(Some(Bytes::from_static(b"gap")), backlog);
+        let got: Vec<(u64, Bytes)> = std::iter::from_fn(|| match c.next_outbound() {
+            Next::Frame(o) => Some((o.id, o.bytes)),
+            _ => None,
+        })
+        .collect();
+        let ids: Vec<u64> = got.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, vec![0, 9, 10, 11, 12, 0]);
+        assert_eq!(&got[0].1[..], b"gap");
+        assert_eq!(&got[5].1[..], b"ping");
+        // Later live messages continue after the backlog.
+        hub.deliver(&PushRequest::to_user("u", &text("11")), 11, now, limits);
+        hub.deliver(&PushRequest::to_user("u", &text("13")), 13, now, limits);
+        assert!(matches!(c.next_outbound(), Next::Frame(o) if o.id == 13));
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! | [`ratelimit`] | per-IP connect token buckets (pure) |
 //! | [`hub`] | user → local connections; each connection's bounded outbound queue |
 //! | [`presence`] | keeps the registry (push-registry) in step with local connections |
+//! | [`receipts`] | client acknowledgements → delivery receipts (waiters, Kafka) |
+//! | [`push`] | the push path: append to the history for an ID, then queue, per user in order |
 //! | `connection` | one socket: handshake, then the driver loop (I/O) |
 //! | `listener` | client port socket options and accept loop |
 //! | `admin` | admin HTTP on hyper: push API, metrics, probes |
@@ -28,7 +30,9 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod presence;
 pub mod protocol;
+pub mod push;
 pub mod ratelimit;
+pub mod receipts;
 pub mod server;
 
 mod admin;

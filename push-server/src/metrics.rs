@@ -33,6 +33,21 @@ pub const DELIVERY_LATENCY: &str = "push_delivery_latency_seconds";
 pub const REGISTRY_OPS: &str = "push_registry_ops_total";
 /// Counter, label `op`: registry calls that failed (retried by the next refresh).
 pub const REGISTRY_ERRORS: &str = "push_registry_errors_total";
+/// Counter: messages kept in the history for a user with no connection on this node (they
+/// get them when they resume).
+pub const MESSAGES_STORED: &str = "push_messages_stored_total";
+/// Counter, label `op` (`append`, `since`, `get`): history store calls that failed.
+pub const HISTORY_ERRORS: &str = "push_history_errors_total";
+/// Counter, label `result` (`complete`, `gap`, `unavailable`): resumes by clients.
+pub const RESUMES: &str = "push_resumes_total";
+/// Counter: messages sent from the history to resuming clients.
+pub const RESUMED_MESSAGES: &str = "push_resumed_messages_total";
+/// Counter, label `transport`: delivery receipts (client acknowledgements) published.
+pub const RECEIPTS: &str = "push_receipts_total";
+/// Histogram (seconds): message appended to the history to the client's acknowledgement.
+pub const RECEIPT_SECONDS: &str = "push_receipt_seconds";
+/// Counter, label `reason`: acknowledgements not turned into receipts.
+pub const RECEIPTS_DROPPED: &str = "push_receipts_dropped_total";
 /// Counter: accept() failures (for example out of file descriptors).
 pub const ACCEPT_ERRORS: &str = "push_accept_errors_total";
 
@@ -43,6 +58,12 @@ const LATENCY_BUCKETS: &[f64] = &[
     1.0, 2.5,
 ];
 
+/// Time-to-receipt buckets: a client on loopback acks in a millisecond; a phone on a mobile
+/// network in hundreds; one that resumes after a drop, in seconds or minutes.
+const RECEIPT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
 /// Installs the process-wide Prometheus recorder once and returns its handle. Several
 /// servers in one process (tests, benches) share it.
 pub fn install() -> PrometheusHandle {
@@ -51,6 +72,8 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(DELIVERY_LATENCY.into()), LATENCY_BUCKETS)
+                .expect("bucket list is not empty")
+                .set_buckets_for_metric(Matcher::Full(RECEIPT_SECONDS.into()), RECEIPT_BUCKETS)
                 .expect("bucket list is not empty")
                 .build_recorder();
             let handle = recorder.handle();
@@ -87,6 +110,26 @@ fn describe() {
         "Admin receive to socket write, per message and connection."
     );
     describe_counter!(ACCEPT_ERRORS, "Failed accept() calls.");
+    describe_counter!(
+        MESSAGES_STORED,
+        "Messages kept for users with no connection on this node."
+    );
+    describe_counter!(HISTORY_ERRORS, "Failed history store calls, by operation.");
+    describe_counter!(RESUMES, "Client resumes, by result.");
+    describe_counter!(
+        RESUMED_MESSAGES,
+        "Messages sent from the history on resume."
+    );
+    describe_counter!(RECEIPTS, "Delivery receipts published, by transport.");
+    describe_histogram!(
+        RECEIPT_SECONDS,
+        Unit::Seconds,
+        "Message appended to the history to the client's acknowledgement."
+    );
+    describe_counter!(
+        RECEIPTS_DROPPED,
+        "Acknowledgements not turned into receipts, by reason."
+    );
     describe_counter!(REGISTRY_OPS, "Registry calls, by operation.");
     describe_counter!(REGISTRY_ERRORS, "Failed registry calls, by operation.");
 }

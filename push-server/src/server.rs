@@ -14,6 +14,8 @@ use bytes::Bytes;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::task::JoinHandle;
 
+use push_registry::{BufferLimits, MemoryStore, MessageStore};
+
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::hub::{ConnHandle, Hub, Outbound, QueueLimits, Transport};
@@ -50,6 +52,14 @@ pub enum StartError {
     /// The registry could not be opened.
     #[error("cannot open the registry: {0}")]
     Registry(#[from] push_registry::Error),
+    /// The Kafka producer for receipts could not be created.
+    #[error("cannot create the receipts producer for {brokers}: {source}")]
+    Receipts {
+        /// The configured brokers.
+        brokers: String,
+        /// librdkafka's complaint.
+        source: rdkafka::error::KafkaError,
+    },
 }
 
 /// Metric handles used on the hot path, resolved once instead of per message.
@@ -80,12 +90,23 @@ pub struct Shared {
     pub(crate) hot: HotMetrics,
     /// The registry link.
     pub presence: Option<crate::presence::Presence>,
+    /// Users' recent messages, for resume; the source of message IDs.
+    pub store: Arc<dyn MessageStore>,
+    /// Per-user order of appends and queueing.
+    pub(crate) sequencer: crate::push::Sequencer,
+    /// Acknowledgements and receipt waiters.
+    pub receipts: Arc<crate::receipts::Receipts>,
     /// Prebuilt frames: `[reason][transport]` for `reconnect`.
     reconnect_frames: [[Bytes; 2]; 2],
 }
 
 impl Shared {
-    fn new(config: Config, secret: &str, presence: Option<crate::presence::Presence>) -> Self {
+    fn new(
+        config: Config,
+        secret: &str,
+        presence: Option<crate::presence::Presence>,
+        store: Arc<dyn MessageStore>,
+    ) -> Self {
         let prometheus = m::install();
         let grace_ms = config.lifecycle.reconnect_grace.as_millis() as u64;
         let frames = |reason| {
@@ -122,6 +143,9 @@ impl Shared {
                 ],
             },
             presence,
+            store,
+            sequencer: crate::push::Sequencer::new(),
+            receipts: Arc::new(crate::receipts::Receipts::new()),
             config,
             hub: Hub::new(),
             epoch: tokio::time::Instant::now(),
@@ -217,13 +241,7 @@ impl Shared {
             },
             Action::AskReconnect(reason) => self.reconnect_frame(reason, c.transport),
         };
-        c.enqueue(
-            Outbound {
-                bytes,
-                received_at: None,
-            },
-            self.limits,
-        );
+        c.enqueue(Outbound::control(bytes), self.limits);
     }
 }
 
@@ -281,13 +299,46 @@ impl Server {
                 config.registry_ttl,
             ))
         };
-        let shared = Arc::new(Shared::new(config, &secret, presence));
-        let tasks = vec![
+        let limits = BufferLimits {
+            max_messages: config.history_messages,
+            max_age: config.history_age,
+        };
+        // The history lives in the registry's storage; a node without a registry keeps it
+        // in memory, like the embedded default.
+        let (store, memory_store): (Arc<dyn MessageStore>, _) =
+            if config.registry == NO_REGISTRY || config.registry.starts_with("memory") {
+                let m = Arc::new(MemoryStore::new(limits));
+                (m.clone(), Some(m))
+            } else {
+                (
+                    push_registry::open_store(&config.registry, limits).await?,
+                    None,
+                )
+            };
+        let kafka = match &config.receipts_brokers {
+            None => None,
+            Some(brokers) => Some(
+                crate::receipts::KafkaReceipts::new(brokers, &config.receipts_topic).map_err(
+                    |source| StartError::Receipts {
+                        brokers: brokers.clone(),
+                        source,
+                    },
+                )?,
+            ),
+        };
+        let shared = Arc::new(Shared::new(config, &secret, presence, store));
+        let mut tasks = vec![
             crate::presence::Presence::spawn_refresher(shared.clone()),
             tokio::spawn(listener::accept_loop(client, shared.clone())),
             tokio::spawn(admin::serve(admin, shared.clone())),
             tokio::spawn(sweep_loop(shared.clone())),
+            shared
+                .receipts
+                .spawn(shared.store.clone(), shared.config.node_id.clone(), kafka),
         ];
+        if let Some(m) = memory_store {
+            tasks.push(tokio::spawn(history_sweep_loop(m)));
+        }
         tracing::info!(%client_addr, %admin_addr, node = %shared.config.node_id, "push-server started");
         Ok(Self {
             shared,
@@ -365,6 +416,18 @@ async fn sweep_loop(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         shared.sweep();
+    }
+}
+
+/// Forgets users whose kept messages all aged out, every few seconds: the memory store trims
+/// a user's messages on every append and read, so this only returns the memory of users who
+/// stopped getting messages.
+async fn history_sweep_loop(store: Arc<MemoryStore>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        store.sweep(push_registry::now_ms());
     }
 }
 

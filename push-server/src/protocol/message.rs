@@ -90,6 +90,16 @@ pub enum ServerMessage<'a> {
         /// How long the server waits before closing this connection itself.
         grace_ms: u64,
     },
+    /// The history no longer holds every message after the client's resume point: the
+    /// messages that follow start at `oldest`; those between `after` and `oldest` are lost to
+    /// this client. `oldest` is null when the history could not be read at all (then no
+    /// backlog follows, only live messages).
+    Gap {
+        /// The resume point the client asked for.
+        after: u64,
+        /// The oldest message ID still kept (or the next ID to be given).
+        oldest: Option<u64>,
+    },
     /// A client message could not be understood; the connection stays open.
     Error {
         /// A stable code, e.g. `bad_message`.
@@ -104,6 +114,7 @@ impl ServerMessage<'_> {
         match self {
             Self::Hello { .. } => "hello",
             Self::Reconnect { .. } => "reconnect",
+            Self::Gap { .. } => "gap",
             Self::Error { .. } => "error",
         }
     }
@@ -148,7 +159,8 @@ pub fn message_sse_event(id: u64, payload: &Payload) -> Bytes {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
-    /// The client has processed message `id` (and, by order, those before it).
+    /// The client has received and handled message `id` (exactly that one: acknowledge
+    /// each message whose receipt matters). The node publishes a delivery receipt.
     Ack {
         /// The message ID.
         id: u64,

@@ -1,0 +1,129 @@
+//! The push path shared by the admin API and the message processor's deliveries: a message
+//! takes its per-user ID from the history (it is appended there, so a client that is not
+//! connected, or reconnecting, gets it when it resumes), then is queued for the user's live
+//! connections on this node.
+//!
+//! One user's messages must reach a connection in ID order, or a connection would skip the
+//! lower ID (it never queues an ID below one it has queued). The history gives IDs in the
+//! order of its appends, so appending and queueing for one user are done under one lock
+//! (the [`Sequencer`]), held across the append's round trip to the store.
+
+use push_registry::NewMessage;
+use tokio::sync::{oneshot, MutexGuard};
+use tokio::time::Instant;
+
+use crate::hub::{PushOutcome, PushRequest};
+use crate::metrics as m;
+use crate::receipts::Receipt;
+use crate::server::Shared;
+
+/// Lock shards for per-user order. Two users in one shard wait for each other's appends;
+/// 256 shards keep that rare at the concurrency a node sees (the message processor sends a
+/// few batches at a time, the admin API one request per connection).
+const SHARDS: usize = 256;
+
+/// Per-user order of appends and queueing on this node.
+#[derive(Debug)]
+pub struct Sequencer {
+    locks: Box<[tokio::sync::Mutex<()>]>,
+}
+
+impl Default for Sequencer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sequencer {
+    /// Unlocked shards.
+    pub fn new() -> Self {
+        Self {
+            locks: (0..SHARDS).map(|_| tokio::sync::Mutex::new(())).collect(),
+        }
+    }
+
+    fn shard(user: &str) -> usize {
+        use std::hash::BuildHasher;
+        let h =
+            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .hash_one(user);
+        (h as usize) % SHARDS
+    }
+
+    /// Locks the shards of these users, in ascending order so that two batches can never
+    /// wait for each other.
+    async fn lock<'a>(&'a self, users: impl Iterator<Item = &str>) -> Vec<MutexGuard<'a, ()>> {
+        let mut shards: Vec<usize> = users.map(Self::shard).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let mut guards = Vec::with_capacity(shards.len());
+        for s in shards {
+            guards.push(self.locks[s].lock().await);
+        }
+        guards
+    }
+}
+
+/// One message's result on this node.
+#[derive(Debug)]
+pub struct Pushed {
+    /// ID, duplicate flag, connections reached here.
+    pub outcome: PushOutcome,
+    /// Resolves with the first receipt, when the caller asked to wait for one.
+    pub receipt: Option<oneshot::Receiver<Receipt>>,
+}
+
+/// Appends the messages that have no ID yet to the history, then queues every message for
+/// the live connections of its user here, in order. With `wait_receipts`, a receipt waiter
+/// is registered for each message before it can reach a client.
+///
+/// Fails only if the history cannot be written: then nothing was queued, and the caller
+/// answers with an error so that the sender retries.
+pub async fn push(
+    shared: &Shared,
+    reqs: &[PushRequest<'_>],
+    received_at: Instant,
+    wait_receipts: bool,
+) -> Result<Vec<Pushed>, push_registry::Error> {
+    let new: Vec<NewMessage<'_>> = reqs
+        .iter()
+        .filter(|r| r.id.is_none())
+        .map(|r| NewMessage {
+            user: r.user,
+            mid: r.message_id,
+            device: r.device,
+            json: r.payload.is_json,
+            data: &r.payload.bytes,
+        })
+        .collect();
+    let _order = shared
+        .sequencer
+        .lock(reqs.iter().filter(|r| r.id.is_none()).map(|r| r.user))
+        .await;
+    let appended = if new.is_empty() {
+        Vec::new()
+    } else {
+        shared.store.append(&new).await.inspect_err(|_| {
+            metrics::counter!(m::HISTORY_ERRORS, "op" => "append").increment(1);
+        })?
+    };
+    let mut appended = appended.into_iter();
+    let mut results = Vec::with_capacity(reqs.len());
+    for req in reqs {
+        let (id, duplicate) = match req.id {
+            Some(id) => (id, false),
+            None => {
+                let a = appended.next().expect("one outcome per appended message");
+                (a.id, a.duplicate)
+            }
+        };
+        let receipt = wait_receipts.then(|| shared.receipts.wait(req.user, id));
+        let mut outcome = shared.hub.deliver(req, id, received_at, shared.limits);
+        outcome.duplicate = duplicate;
+        if outcome.delivered == 0 && !duplicate {
+            metrics::counter!(m::MESSAGES_STORED).increment(1);
+        }
+        results.push(Pushed { outcome, receipt });
+    }
+    Ok(results)
+}
