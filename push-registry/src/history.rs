@@ -65,12 +65,14 @@ pub fn first_id_now() -> u64 {
 /// different users rarely wait on each other.
 const SHARDS: usize = 64;
 
+type Shard = Mutex<HashMap<Box<str>, UserBuffer>>;
+
 /// The embedded store: one [`UserBuffer`] per user with a kept message, in process memory.
 /// A user costs nothing until their first message; [`MemoryStore::sweep`] forgets users
 /// whose messages all aged out.
 #[derive(Debug)]
 pub struct MemoryStore {
-    shards: Box<[Mutex<HashMap<Box<str>, UserBuffer>>]>,
+    shards: Box<[Shard]>,
     limits: BufferLimits,
 }
 

@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use futures_util::SinkExt;
 use serde_json::{json, Value};
 
 fn id(v: &Value) -> u64 {
