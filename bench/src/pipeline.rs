@@ -412,7 +412,7 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
         let (mut not_connected, mut dead_lettered) = (0.0, 0.0);
         for p in &processors {
             if let Ok((200, body)) = admin::get(p.metrics, "/metrics").await {
-                not_connected += metric_sum(&body, "msgproc_not_connected_total");
+                not_connected += metric_sum(&body, "msgproc_stored_total");
                 dead_lettered += metric_sum(&body, "msgproc_dead_lettered_total");
             }
         }
@@ -931,9 +931,9 @@ mod tests {
                     msgproc_dead_lettered_total{reason=\"malformed\"} 2\n\
                     msgproc_dead_lettered_total{reason=\"undeliverable\"} 3\n\
                     msgproc_dead_lettered_total_other 7\n\
-                    msgproc_not_connected_total 4\n";
+                    msgproc_stored_total 4\n";
         assert_eq!(metric_sum(body, "msgproc_dead_lettered_total"), 5.0);
-        assert_eq!(metric_sum(body, "msgproc_not_connected_total"), 4.0);
+        assert_eq!(metric_sum(body, "msgproc_stored_total"), 4.0);
         assert_eq!(metric_sum(body, "absent"), 0.0);
     }
 

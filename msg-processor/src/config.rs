@@ -33,7 +33,8 @@ pub struct Settings {
     pub deliver_timeout: Duration,
     /// Idle keep-alive connections per node.
     pub node_connections: usize,
-    /// Delivery rounds per message before an unreachable node makes it undeliverable.
+    /// Delivery rounds per message; after the last, a message no node took is left in the
+    /// history for the user's next resume.
     pub max_attempts: u32,
     /// First backoff after a round with an unreachable node; doubles up to `retry_backoff_max`.
     pub retry_backoff: Duration,
@@ -47,6 +48,9 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// Extra librdkafka properties for the consumer and the dead-letter producer.
     pub kafka: Vec<(String, String)>,
+    /// Limits of each user's history (kept in the registry's storage): must match the
+    /// nodes' `--history-messages` and `--history-age`.
+    pub history: push_registry::BufferLimits,
 }
 
 impl Settings {
@@ -78,6 +82,7 @@ impl Settings {
             session_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(10),
             kafka: Vec::new(),
+            history: push_registry::BufferLimits::default(),
         }
     }
 
@@ -157,7 +162,7 @@ pub struct Args {
     /// Idle keep-alive connections per node.
     #[arg(long, env = "MSGPROC_NODE_CONNECTIONS", default_value_t = 8)]
     pub node_connections: usize,
-    /// Delivery rounds before a message whose node stays unreachable is dead-lettered.
+    /// Delivery rounds before a message whose node stays unreachable is left to resume.
     #[arg(long, env = "MSGPROC_MAX_ATTEMPTS", default_value_t = 8)]
     pub max_attempts: u32,
     /// First retry backoff (doubles each round).
@@ -178,6 +183,12 @@ pub struct Args {
     /// Extra librdkafka property, `key=value` (repeatable), e.g. `security.protocol=ssl`.
     #[arg(long = "kafka-set", value_name = "KEY=VALUE")]
     pub kafka_set: Vec<String>,
+    /// Most messages kept per user for resume (the nodes' `--history-messages`).
+    #[arg(long, env = "MSGPROC_HISTORY_MESSAGES", default_value_t = 100)]
+    pub history_messages: usize,
+    /// How long messages are kept for resume (the nodes' `--history-age`).
+    #[arg(long, env = "MSGPROC_HISTORY_AGE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub history_age: Duration,
     /// Log format: `human` or `json`; level from `RUST_LOG`.
     #[arg(long, env = "MSGPROC_LOG_FORMAT", default_value = "human")]
     pub log_format: String,
@@ -202,6 +213,10 @@ impl Args {
         s.metrics_listen = self.metrics_listen;
         s.session_timeout = self.session_timeout;
         s.shutdown_timeout = self.shutdown_timeout;
+        s.history = push_registry::BufferLimits {
+            max_messages: self.history_messages,
+            max_age: self.history_age,
+        };
         for kv in &self.kafka_set {
             let (k, v) = kv
                 .split_once('=')

@@ -2,7 +2,7 @@
 //!
 //! Each dead letter is the original record's key and bytes, unchanged (so it can be fixed and
 //! replayed onto the main topic), with headers that say why and where it came from:
-//! `push-dlq-reason` (free text, starting with `malformed`, `invalid` or `undeliverable`) and
+//! `push-dlq-reason` (free text, starting with `malformed` or `invalid`) and
 //! `push-dlq-source` (`topic/partition/offset`).
 
 use std::time::Duration;

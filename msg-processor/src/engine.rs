@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use futures_util::future::join_all;
 use push_lib::{DeliverClient, Envelope};
-use push_registry::{Record, Registry};
+use push_registry::{MessageStore, NewMessage, Record, Registry};
 use rand::Rng as _;
 use rdkafka::message::{Message as _, OwnedMessage};
 use tokio::sync::Semaphore;
@@ -29,6 +29,9 @@ pub struct Engine {
     pub settings: Settings,
     /// Who is connected where.
     pub registry: Arc<dyn Registry>,
+    /// Users' recent messages: each message is appended here first, which gives it its
+    /// per-user ID and keeps it for clients that resume.
+    pub history: Arc<dyn MessageStore>,
     /// Keep-alive HTTP to the nodes.
     pub nodes: DeliverClient,
     /// The dead-letter producer, if a topic is configured.
@@ -58,17 +61,65 @@ impl Engine {
                 Ok(env) => active.push((i, Delivery::new(env, wire_len))),
             }
         }
+        self.append(&mut active).await;
         for (i, _delivery, outcome) in self.deliver(active).await {
             match outcome {
                 Final::Delivered => Stats::add(&self.stats.delivered, 1),
-                Final::NotConnected => {
-                    // Kept for resume once the resume store exists; dropped (and counted) now.
-                    metrics::counter!(m::NOT_CONNECTED).increment(1);
-                    Stats::add(&self.stats.not_connected, 1);
+                Final::Stored => {
+                    // In the user's history: their clients get it when they (re)connect.
+                    metrics::counter!(m::STORED).increment(1);
+                    Stats::add(&self.stats.stored, 1);
                 }
                 Final::Expired => self.expired(),
                 Final::DeadLetter(reason) => self.dead_letter(&batch[i], &reason).await,
             }
+        }
+    }
+
+    /// Appends every message to its user's history (one pipelined call), retrying until the
+    /// store answers: the ID it gives is what clients resume from, so nothing is delivered
+    /// without one. A redelivered message (same envelope ID, still kept) gets its first ID.
+    async fn append(&self, active: &mut [(usize, Delivery)]) {
+        if active.is_empty() {
+            return;
+        }
+        let bodies: Vec<(bool, Vec<u8>)> = active
+            .iter()
+            .map(|(_, d)| match &d.env.data {
+                // A JSON string is a text payload, as on the node's deliver endpoint.
+                serde_json::Value::String(text) => (false, text.clone().into_bytes()),
+                other => (
+                    true,
+                    serde_json::to_vec(other).expect("JSON values serialize"),
+                ),
+            })
+            .collect();
+        let messages: Vec<NewMessage<'_>> = active
+            .iter()
+            .zip(&bodies)
+            .map(|((_, d), (json, data))| NewMessage {
+                user: &d.env.user,
+                mid: Some(d.env.id.as_str()),
+                device: d.env.device.as_deref(),
+                json: *json,
+                data,
+            })
+            .collect();
+        let mut backoff = self.settings.retry_backoff;
+        let appended = loop {
+            match self.history.append(&messages).await {
+                Ok(a) => break a,
+                Err(e) => {
+                    metrics::counter!(m::HISTORY_ERRORS).increment(1);
+                    tracing::warn!(error = %e, messages = messages.len(), "history append failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.settings.retry_backoff_max);
+                }
+            }
+        };
+        drop(messages);
+        for ((_, d), a) in active.iter_mut().zip(appended) {
+            d.id = Some(a.id);
         }
     }
 
@@ -172,11 +223,14 @@ impl Engine {
                 continue;
             }
             metrics::histogram!(m::NODE_BATCH_SIZE).record(chunk.len() as f64);
-            let envs: Vec<&Envelope> = chunk.iter().map(|&ai| &active[ai].1.env).collect();
-            match self.nodes.deliver(node, &envs).await {
+            let envs: Vec<(&Envelope, Option<u64>)> = chunk
+                .iter()
+                .map(|&ai| (&active[ai].1.env, active[ai].1.id))
+                .collect();
+            match self.nodes.deliver_with_ids(node, &envs, None).await {
                 Ok(outcomes) => {
                     metrics::counter!(m::DELIVER_REQUESTS, "result" => "ok").increment(1);
-                    for (&ai, o) in chunk.iter().zip(outcomes) {
+                    for (&ai, (o, _)) in chunk.iter().zip(outcomes) {
                         let how = match o {
                             push_lib::Outcome::Delivered { .. } => Some("delivered"),
                             push_lib::Outcome::Duplicate => Some("duplicate"),

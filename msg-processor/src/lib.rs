@@ -82,6 +82,7 @@ impl Processor {
     pub async fn start(settings: Settings) -> Result<Self, StartError> {
         settings.validate().map_err(StartError::Settings)?;
         let registry = push_registry::open(&settings.registry).await?;
+        let history = push_registry::open_store(&settings.registry, settings.history).await?;
         let nodes = DeliverClient::new(&DeliverConfig {
             admin_token: settings.admin_token.clone(),
             timeout: settings.deliver_timeout,
@@ -115,6 +116,7 @@ impl Processor {
             permits: Semaphore::new(settings.concurrency),
             settings,
             registry,
+            history,
             nodes,
             dead_letters,
             stats: stats.clone(),

@@ -40,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(
         consumed = Stats::get(&stats.consumed),
         delivered = Stats::get(&stats.delivered),
-        not_connected = Stats::get(&stats.not_connected),
+        stored = Stats::get(&stats.stored),
         expired = Stats::get(&stats.expired),
         dead_lettered = Stats::get(&stats.dead_lettered),
         retries = Stats::get(&stats.retries),

@@ -21,11 +21,14 @@ use tokio::net::TcpListener;
 pub const CONSUMED: &str = "msgproc_consumed_total";
 /// Counter, label `how` (`delivered`, `duplicate`): messages a node took.
 pub const DELIVERED: &str = "msgproc_delivered_total";
-/// Counter: messages for users with no connection anywhere (dropped until resume storage).
-pub const NOT_CONNECTED: &str = "msgproc_not_connected_total";
+/// Counter: messages for users with no live connection: kept in their history, sent when
+/// they resume.
+pub const STORED: &str = "msgproc_stored_total";
+/// Counter: failed history appends (retried).
+pub const HISTORY_ERRORS: &str = "msgproc_history_errors_total";
 /// Counter: messages past their TTL.
 pub const EXPIRED: &str = "msgproc_expired_total";
-/// Counter, label `reason` (`malformed`, `invalid`, `undeliverable`): dead-lettered messages.
+/// Counter, label `reason` (`malformed`, `invalid`): dead-lettered messages.
 pub const DEAD_LETTERED: &str = "msgproc_dead_lettered_total";
 /// Counter: messages sent again to a node after a failed round.
 pub const RETRIES: &str = "msgproc_retries_total";
@@ -75,7 +78,11 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(CONSUMED, "Records read from the topic.");
     describe_counter!(DELIVERED, "Messages a node took, by how.");
-    describe_counter!(NOT_CONNECTED, "Messages for users connected nowhere.");
+    describe_counter!(
+        STORED,
+        "Messages for users connected nowhere, kept for their resume."
+    );
+    describe_counter!(HISTORY_ERRORS, "Failed history appends.");
     describe_counter!(EXPIRED, "Messages past their TTL.");
     describe_counter!(
         DEAD_LETTERED,
@@ -101,8 +108,8 @@ pub struct Stats {
     pub consumed: AtomicU64,
     /// Messages delivered (or duplicate).
     pub delivered: AtomicU64,
-    /// Messages for users connected nowhere.
-    pub not_connected: AtomicU64,
+    /// Messages for users connected nowhere (kept in their history).
+    pub stored: AtomicU64,
     /// Messages past their TTL.
     pub expired: AtomicU64,
     /// Messages dead-lettered.

@@ -5,12 +5,14 @@
 //! and reads the answers. Rules:
 //!
 //! - `delivered` / `duplicate` from a node: that node is done, the message counts as delivered.
-//! - `not_connected`: that node is done (its registry record was stale). The message gets
-//!   one more lookup in case the user just moved; with no new node it is finished.
+//! - `stored` (or `not_connected` from an older node): that node is done (its registry
+//!   record was stale). The message gets one more lookup in case the user just moved; with
+//!   no new node it is finished: it is in the user's history, for their next resume.
 //! - `invalid`: the node will never take it: dead-letter (unless another node took it).
 //! - node unreachable (connect error, timeout, 5xx, 401): try again next round, after a
 //!   backoff, with a fresh lookup: the user may have reconnected elsewhere. After the last
-//!   round a message that reached nobody is dead-lettered as undeliverable.
+//!   round a message that reached nobody is finished as stored: it was appended to the
+//!   user's history before the first round, and their clients resume from there.
 //!
 //! One request per node carries that node's messages in their partition order, and a node
 //! applies a request's items in order, so each user's messages keep their order.
@@ -25,8 +27,8 @@ use push_registry::Record;
 pub enum Final {
     /// At least one node took it (now or earlier, as a duplicate).
     Delivered,
-    /// No node holds a connection for the user (or device).
-    NotConnected,
+    /// No node took it live: it is in the user's history, sent when their clients resume.
+    Stored,
     /// Past its TTL before it could be delivered.
     Expired,
     /// Malformed, refused by the node, or undeliverable after every retry.
@@ -50,6 +52,8 @@ pub enum Next {
 pub struct Delivery {
     /// The message.
     pub env: Envelope,
+    /// Its per-user ID, from the history append.
+    pub id: Option<u64>,
     /// Its size on the wire (the record's bytes): bounds its share of a deliver request.
     pub wire_len: usize,
     /// Nodes (`node_addr`) that answered delivered, duplicate or not connected.
@@ -68,6 +72,7 @@ impl Delivery {
     pub fn new(env: Envelope, wire_len: usize) -> Self {
         Self {
             env,
+            id: None,
             wire_len,
             answered: BTreeSet::new(),
             delivered: false,
@@ -105,7 +110,7 @@ impl Delivery {
                 self.delivered = true;
                 self.answered.insert(node.to_owned());
             }
-            Ok(Outcome::NotConnected) => {
+            Ok(Outcome::NotConnected | Outcome::Stored { .. }) => {
                 self.not_connected = true;
                 self.answered.insert(node.to_owned());
             }
@@ -131,19 +136,22 @@ impl Delivery {
             return Next::Done(if self.delivered {
                 Final::Delivered
             } else {
-                Final::NotConnected
+                Final::Stored
             });
         }
         if let Some(e) = unreachable {
             if !last_round {
                 return Next::Again { backoff: true };
             }
+            // Another of the user's nodes took it, or nobody did: either way the unreachable
+            // node's clients reconnect elsewhere and resume from the history, which holds it.
+            if !self.delivered {
+                tracing::debug!(user = %self.env.user, error = %e, "node unreachable to the end; message kept for resume");
+            }
             return Next::Done(if self.delivered {
-                // Another of the user's nodes took it; the unreachable one's clients will
-                // reconnect (and resume) elsewhere.
                 Final::Delivered
             } else {
-                Final::DeadLetter(format!("undeliverable: {e}"))
+                Final::Stored
             });
         }
         if not_connected && !self.delivered && !self.relooked && !last_round {
@@ -153,7 +161,7 @@ impl Delivery {
         Next::Done(if self.delivered {
             Final::Delivered
         } else {
-            Final::NotConnected
+            Final::Stored
         })
     }
 }
@@ -235,9 +243,9 @@ mod tests {
     }
 
     #[test]
-    fn no_record_means_not_connected() {
+    fn no_record_means_stored() {
         let mut d = Delivery::new(Envelope::new("u", "x"), 0);
-        assert_eq!(d.next(false, false), Next::Done(Final::NotConnected));
+        assert_eq!(d.next(false, false), Next::Done(Final::Stored));
     }
 
     #[test]
@@ -252,13 +260,10 @@ mod tests {
     }
 
     #[test]
-    fn unreachable_to_the_end_is_dead_lettered() {
+    fn unreachable_to_the_end_is_left_to_resume() {
         let mut d = Delivery::new(Envelope::new("u", "x"), 0);
         d.apply("a", Err("refused"));
-        match d.next(true, true) {
-            Next::Done(Final::DeadLetter(r)) => assert!(r.contains("refused"), "{r}"),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(d.next(true, true), Next::Done(Final::Stored));
     }
 
     #[test]
@@ -268,7 +273,7 @@ mod tests {
         assert_eq!(d.next(true, false), Next::Again { backoff: false });
         // The same stale record again: a is excluded, nothing left.
         assert!(d.targets(&[rec("a", None)]).is_empty());
-        assert_eq!(d.next(false, false), Next::Done(Final::NotConnected));
+        assert_eq!(d.next(false, false), Next::Done(Final::Stored));
     }
 
     #[test]

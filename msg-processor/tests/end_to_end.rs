@@ -214,7 +214,7 @@ async fn messages_to_a_dead_node_are_retried_then_follow_the_users_to_their_new_
         assert_complete_in_order(&on_b, 0..10);
         assert_complete_in_order(&old_a, 0..5);
         assert_eq!(Stats::get(&stats.dead_lettered), 0);
-        assert_eq!(Stats::get(&stats.not_connected), 0);
+        assert_eq!(Stats::get(&stats.stored), 0);
         p.shutdown().await;
     })
     .await

@@ -10,6 +10,8 @@ use crate::direct::{DeliverConfig, DirectTransport, Outcome};
 use crate::envelope::{Envelope, MessageId};
 use crate::error::Result;
 use crate::kafka::{KafkaAck, KafkaConfig, KafkaTransport};
+use crate::receipt::{DeliveryReceipt, ReceiptListener};
+use std::sync::Arc;
 
 /// Per-message options of [`PushClient::send`].
 #[derive(Debug, Clone, Default)]
@@ -67,8 +69,15 @@ pub type PendingSend = Pin<Box<dyn Future<Output = Result<Receipt>> + Send>>;
 
 #[derive(Debug, Clone)]
 enum Transport {
-    Kafka(KafkaTransport),
+    Kafka(KafkaTransport, Arc<Receipts>),
     Direct(DirectTransport),
+}
+
+/// The Kafka side of receipts: started on the first [`PushClient::send_and_wait_receipt`].
+#[derive(Debug)]
+struct Receipts {
+    config: KafkaConfig,
+    listener: tokio::sync::OnceCell<ReceiptListener>,
 }
 
 /// Pushes to users by user ID. Cheap to clone; clones share the producer or HTTP pool.
@@ -81,7 +90,13 @@ impl PushClient {
     /// Through Kafka: decoupled from delivery, survives node and processor restarts.
     pub fn kafka(config: &KafkaConfig) -> Result<Self> {
         Ok(Self {
-            transport: Transport::Kafka(KafkaTransport::new(config)?),
+            transport: Transport::Kafka(
+                KafkaTransport::new(config)?,
+                Arc::new(Receipts {
+                    config: config.clone(),
+                    listener: tokio::sync::OnceCell::new(),
+                }),
+            ),
         })
     }
 
@@ -102,6 +117,54 @@ impl PushClient {
         self.send_envelope(options.envelope(user, data)).await
     }
 
+    /// Sends a message and waits up to `timeout` for its delivery receipt: the first
+    /// acknowledgement by one of the user's clients. Over Kafka the receipt comes back on the
+    /// receipts topic (push-server's `--receipts-brokers`); the first call starts reading it.
+    /// Direct: the node answers once a client acknowledged.
+    ///
+    /// [`Error::ReceiptTimeout`](crate::Error::ReceiptTimeout) when no client acknowledged
+    /// in time: the message was still accepted, and is kept for the user's next resume.
+    pub async fn send_and_wait_receipt(
+        &self,
+        user: &str,
+        data: impl Into<Value>,
+        options: &SendOptions,
+        timeout: Duration,
+    ) -> Result<DeliveryReceipt> {
+        let env = options.envelope(user, data);
+        match &self.transport {
+            Transport::Direct(d) => d.send_and_wait_receipt(&env, timeout).await,
+            Transport::Kafka(k, r) => {
+                let listener = r
+                    .listener
+                    .get_or_try_init(|| ReceiptListener::start(&r.config, &r.config.receipts_topic))
+                    .await?;
+                env.validate()?;
+                let mid = env.id.as_str().to_owned();
+                let waiting = listener.wait(&mid);
+                let sent = async {
+                    k.enqueue(&env).await?.await?;
+                    Ok::<_, crate::Error>(())
+                };
+                let result = tokio::time::timeout(timeout, async {
+                    sent.await?;
+                    waiting.await.map_err(|_| crate::Error::Canceled)
+                })
+                .await;
+                match result {
+                    Ok(r) => r,
+                    Err(_) => {
+                        listener.forget(&mid);
+                        Err(crate::Error::ReceiptTimeout {
+                            id: env.id.clone(),
+                            waited: timeout,
+                        })
+                    }
+                }
+            }
+        }
+    }
+
     /// Sends a prepared envelope and waits for the transport's answer.
     pub async fn send_envelope(&self, env: Envelope) -> Result<Receipt> {
         self.enqueue(env).await?.await
@@ -116,7 +179,7 @@ impl PushClient {
     pub async fn enqueue(&self, env: Envelope) -> Result<PendingSend> {
         let id = env.id.clone();
         match &self.transport {
-            Transport::Kafka(k) => {
+            Transport::Kafka(k, _) => {
                 let ack = k.enqueue(&env).await?;
                 Ok(Box::pin(async move {
                     Ok(Receipt {
@@ -144,7 +207,7 @@ impl PushClient {
     /// 10,000 envelopes; a failed request fails each of its envelopes.
     pub async fn send_batch(&self, envs: Vec<Envelope>) -> Vec<Result<Receipt>> {
         match &self.transport {
-            Transport::Kafka(_) => {
+            Transport::Kafka(..) => {
                 let mut pending = Vec::with_capacity(envs.len());
                 for env in envs {
                     pending.push(self.enqueue(env).await);
@@ -194,7 +257,7 @@ impl PushClient {
     /// busy runtime). Direct: nothing to flush.
     pub fn flush(&self, timeout: Duration) -> Result<()> {
         match &self.transport {
-            Transport::Kafka(k) => k.flush(timeout),
+            Transport::Kafka(k, _) => k.flush(timeout),
             Transport::Direct(_) => Ok(()),
         }
     }

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
+use crate::receipt::DeliveryReceipt;
 
 /// The node's answer for one item.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +35,13 @@ pub enum Outcome {
     },
     /// Already delivered under this message ID (a redelivery): as good as delivered.
     Duplicate,
-    /// The user (or device) has no connection on that node.
+    /// The user (or device) has no connection on that node; the message is kept in the
+    /// user's history, and their clients get it when they resume.
+    Stored {
+        /// The per-user message ID it was kept under.
+        id: Option<u64>,
+    },
+    /// The user (or device) has no connection on that node (nodes that keep no history).
     NotConnected,
     /// The node refused the item (bad user ID, payload too large, ...): it never will.
     Invalid {
@@ -97,6 +104,8 @@ struct Item<'a> {
     device: Option<&'a str>,
     message_id: &'a str,
     data: &'a serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -113,6 +122,8 @@ struct WireOutcome {
     delivered: Option<u64>,
     #[serde(default)]
     reason: Option<String>,
+    #[serde(default)]
+    receipt: Option<DeliveryReceipt>,
 }
 
 impl DeliverClient {
@@ -149,19 +160,41 @@ impl DeliverClient {
     /// Delivers `items` through node `addr` (`host:port` of its admin port, as the registry
     /// records it) and returns one outcome per item, in order.
     pub async fn deliver(&self, addr: &str, items: &[&Envelope]) -> Result<Vec<Outcome>> {
+        let items: Vec<(&Envelope, Option<u64>)> = items.iter().map(|e| (*e, None)).collect();
+        Ok(self
+            .deliver_with_ids(addr, &items, None)
+            .await?
+            .into_iter()
+            .map(|(o, _)| o)
+            .collect())
+    }
+
+    /// Like [`DeliverClient::deliver`], for messages whose per-user ID was taken from the
+    /// history already (the message processor appends before it delivers), and optionally
+    /// waiting up to `wait_receipt` for each message's delivery receipt.
+    pub async fn deliver_with_ids(
+        &self,
+        addr: &str,
+        items: &[(&Envelope, Option<u64>)],
+        wait_receipt: Option<Duration>,
+    ) -> Result<Vec<(Outcome, Option<DeliveryReceipt>)>> {
         let body: Vec<Item<'_>> = items
             .iter()
-            .map(|e| Item {
+            .map(|(e, id)| Item {
                 user: &e.user,
                 device: e.device.as_deref(),
                 message_id: e.id.as_str(),
                 data: &e.data,
+                id: *id,
             })
             .collect();
         let body = serde_json::to_vec(&body).expect("deliver items always serialize");
+        let query = wait_receipt
+            .map(|w| format!("?wait_receipt_ms={}", w.as_millis()))
+            .unwrap_or_default();
         let mut req = Request::builder()
             .method(Method::POST)
-            .uri(format!("http://{addr}/internal/v1/deliver"))
+            .uri(format!("http://{addr}/internal/v1/deliver{query}"))
             .header(CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| Error::InvalidUrl {
@@ -190,9 +223,10 @@ impl DeliverClient {
                 .to_bytes();
             Ok::<_, Error>((status, bytes))
         };
-        let (status, bytes) = tokio::time::timeout(self.timeout, exchange)
+        let deadline = self.timeout + wait_receipt.unwrap_or_default();
+        let (status, bytes) = tokio::time::timeout(deadline, exchange)
             .await
-            .map_err(|_| unreachable(format!("no answer within {:?}", self.timeout)))??;
+            .map_err(|_| unreachable(format!("no answer within {deadline:?}")))??;
         if !status.is_success() {
             return Err(Error::Http {
                 status: status.as_u16(),
@@ -211,17 +245,21 @@ impl DeliverClient {
         answer
             .results
             .into_iter()
-            .map(|r| match r.outcome.as_str() {
-                "delivered" => Ok(Outcome::Delivered {
-                    id: r.id,
-                    connections: r.delivered.unwrap_or(0),
-                }),
-                "duplicate" => Ok(Outcome::Duplicate),
-                "not_connected" => Ok(Outcome::NotConnected),
-                "invalid" => Ok(Outcome::Invalid {
-                    reason: r.reason.unwrap_or_default(),
-                }),
-                other => Err(Error::BadResponse(format!("unknown outcome {other:?}"))),
+            .map(|r| {
+                let outcome = match r.outcome.as_str() {
+                    "delivered" => Outcome::Delivered {
+                        id: r.id,
+                        connections: r.delivered.unwrap_or(0),
+                    },
+                    "duplicate" => Outcome::Duplicate,
+                    "stored" => Outcome::Stored { id: r.id },
+                    "not_connected" => Outcome::NotConnected,
+                    "invalid" => Outcome::Invalid {
+                        reason: r.reason.unwrap_or_default(),
+                    },
+                    other => return Err(Error::BadResponse(format!("unknown outcome {other:?}"))),
+                };
+                Ok((outcome, r.receipt))
             })
             .collect()
     }
@@ -274,6 +312,25 @@ impl DirectTransport {
     /// The node's `host:port`.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Delivers one envelope and waits up to `timeout` for its delivery receipt.
+    pub async fn send_and_wait_receipt(
+        &self,
+        env: &Envelope,
+        timeout: Duration,
+    ) -> Result<DeliveryReceipt> {
+        env.validate()?;
+        let (_, receipt) = self
+            .client
+            .deliver_with_ids(&self.addr, &[(env, None)], Some(timeout))
+            .await?
+            .pop()
+            .expect("one outcome per envelope");
+        receipt.ok_or_else(|| Error::ReceiptTimeout {
+            id: env.id.clone(),
+            waited: timeout,
+        })
     }
 
     /// Delivers a batch (split into requests of at most [`MAX_ITEMS_PER_REQUEST`]), one

@@ -54,6 +54,15 @@ pub enum Error {
     /// The push-server's answer could not be understood.
     #[error("unexpected answer from push-server: {0}")]
     BadResponse(String),
+    /// The message was accepted but no client acknowledged it in time. It may still be
+    /// delivered (it is kept in the user's history for their next resume).
+    #[error("no delivery receipt for message {id} within {waited:?}")]
+    ReceiptTimeout {
+        /// The message's ID.
+        id: crate::envelope::MessageId,
+        /// How long the caller waited.
+        waited: std::time::Duration,
+    },
 }
 
 impl Error {
@@ -67,7 +76,8 @@ impl Error {
             | Error::KafkaConfig(_)
             | Error::InvalidUrl { .. }
             | Error::NotSent(_)
-            | Error::BadResponse(_) => false,
+            | Error::BadResponse(_)
+            | Error::ReceiptTimeout { .. } => false,
         }
     }
 

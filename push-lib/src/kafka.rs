@@ -27,6 +27,9 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties (`linger.ms`, `compression.type`, `security.protocol`,
     /// ...), applied last so they override the defaults above.
     pub extra: Vec<(String, String)>,
+    /// The topic push-server publishes delivery receipts to (`--receipts-topic`), read by
+    /// [`PushClient::send_and_wait_receipt`](crate::PushClient::send_and_wait_receipt).
+    pub receipts_topic: String,
 }
 
 impl KafkaConfig {
@@ -37,6 +40,7 @@ impl KafkaConfig {
             topic: topic.into(),
             message_timeout: Duration::from_secs(30),
             extra: Vec::new(),
+            receipts_topic: "push-receipts".into(),
         }
     }
 

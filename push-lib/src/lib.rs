@@ -17,7 +17,8 @@
 //! | [`error`] | [`Error`]: what failed and whether a retry can help |
 //! | [`kafka`] | Kafka transport: idempotent producer, key = user ID, ack = broker ack |
 //! | [`direct`] | HTTP to a node's `/internal/v1/deliver`: [`DeliverClient`] (also the message processor's) and [`DirectTransport`] |
-//! | [`client`] | [`PushClient`]: `send`, `enqueue`, `send_batch` over either transport |
+//! | [`receipt`] | [`DeliveryReceipt`]s: what push-server publishes when a client acknowledges |
+//! | [`client`] | [`PushClient`]: `send`, `enqueue`, `send_batch`, `send_and_wait_receipt` over either transport |
 //!
 //! The `push-send` binary (`src/bin/push-send.rs`) is the operator and load CLI on top.
 
@@ -26,9 +27,11 @@ pub mod direct;
 pub mod envelope;
 pub mod error;
 pub mod kafka;
+pub mod receipt;
 
 pub use client::{Accepted, PendingSend, PushClient, Receipt, SendOptions};
 pub use direct::{DeliverClient, DeliverConfig, DirectTransport, Outcome};
 pub use envelope::{Envelope, EnvelopeError, MessageId};
 pub use error::{Error, Result};
 pub use kafka::{KafkaAck, KafkaConfig, KafkaTransport};
+pub use receipt::DeliveryReceipt;
