@@ -40,25 +40,7 @@ impl std::fmt::Debug for ClusterRegistry {
 impl ClusterRegistry {
     /// Connects to the cluster through any of `nodes` (`host:port`) and loads its slot map.
     pub async fn connect(nodes: &[String], timeouts: Timeouts) -> Result<Self> {
-        let seeds = nodes.join(",");
-        let fail = |source| Error::Node {
-            node: format!("cluster {seeds}"),
-            source,
-        };
-        let infos = nodes
-            .iter()
-            .map(|n| format!("redis://{n}").into_connection_info())
-            .collect::<redis::RedisResult<Vec<_>>>()
-            .map_err(fail)?;
-        let client = ClusterClientBuilder::new(infos)
-            .connection_timeout(timeouts.connect)
-            .response_timeout(timeouts.response)
-            // A failover takes the cluster a few seconds; retries with backoff ride it out
-            // instead of failing every request in that window.
-            .retries(8)
-            .build()
-            .map_err(fail)?;
-        let conn = client.get_async_connection().await.map_err(fail)?;
+        let (conn, seeds) = connect(nodes, timeouts).await?;
         Ok(ClusterRegistry {
             conn,
             seeds,
@@ -105,6 +87,35 @@ impl ClusterRegistry {
             .map(|addr| Node::new(addr.clone(), &format!("redis://{addr}"), self.timeouts))
             .collect()
     }
+}
+
+/// A cluster connection through any of `nodes`, with the slot map loaded, and the seed list
+/// that errors name (the client does not say which node a failure was on). Shared with the
+/// message store, which keeps its own connection.
+pub(crate) async fn connect(
+    nodes: &[String],
+    timeouts: Timeouts,
+) -> Result<(ClusterConnection, String)> {
+    let seeds = nodes.join(",");
+    let fail = |source| Error::Node {
+        node: format!("cluster {seeds}"),
+        source,
+    };
+    let infos = nodes
+        .iter()
+        .map(|n| format!("redis://{n}").into_connection_info())
+        .collect::<redis::RedisResult<Vec<_>>>()
+        .map_err(fail)?;
+    let client = ClusterClientBuilder::new(infos)
+        .connection_timeout(timeouts.connect)
+        .response_timeout(timeouts.response)
+        // A failover takes the cluster a few seconds; retries with backoff ride it out
+        // instead of failing every request in that window.
+        .retries(8)
+        .build()
+        .map_err(fail)?;
+    let conn = client.get_async_connection().await.map_err(fail)?;
+    Ok((conn, seeds))
 }
 
 #[async_trait]

@@ -65,6 +65,7 @@ pub fn first_id_now() -> u64 {
 /// different users rarely wait on each other.
 const SHARDS: usize = 64;
 
+/// One lock shard: users' buffers by user ID.
 type Shard = Mutex<HashMap<Box<str>, UserBuffer>>;
 
 /// The embedded store: one [`UserBuffer`] per user with a kept message, in process memory.
@@ -158,6 +159,10 @@ impl MessageStore for MemoryStore {
         let Some(b) = shard.get(user) else {
             return Ok(Vec::new());
         };
+        // Trim a copy first: a message past its age is no longer kept even if no append has
+        // dropped it yet (the Redis stores answer the same way).
+        let mut b = b.clone();
+        b.trim(now_ms(), self.limits);
         let mut found: Vec<Buffered> = ids.iter().filter_map(|&id| b.get(id).cloned()).collect();
         found.sort_by_key(|m| m.id);
         found.dedup_by_key(|m| m.id);
@@ -170,15 +175,30 @@ impl MessageStore for MemoryStore {
 }
 
 /// Opens the message store for a registry URL: the same storage as the registry (memory for
-/// `memory`, the same Redis for `redis://`, …), keeping to `limits`.
+/// `memory`, the same Redis for `redis://`, the same cluster or ring), with the same options
+/// (`timeout_ms`, the ring's racks and write consistency), keeping to `limits`. Only
+/// `redis-cluster` connects here (it needs the slot map); the others connect on first use.
 pub async fn open_store(url: &str, limits: BufferLimits) -> Result<Arc<dyn MessageStore>> {
-    match crate::url::parse(url)? {
-        crate::url::BackendUrl::Memory { .. } => Ok(Arc::new(MemoryStore::new(limits))),
-        _ => Err(crate::Error::InvalidUrl {
-            url: url.to_owned(),
-            reason: "this backend does not keep message history yet".to_owned(),
-        }),
-    }
+    use crate::history_redis::{ClusterStore, RedisStore, RingStore};
+    use crate::url::{self, BackendUrl};
+    Ok(match url::parse(url)? {
+        BackendUrl::Memory { .. } => Arc::new(MemoryStore::new(limits)),
+        BackendUrl::Redis { url, timeout_ms } => {
+            Arc::new(RedisStore::new(&url, url::timeouts(timeout_ms), limits)?)
+        }
+        BackendUrl::Cluster { nodes, timeout_ms } => {
+            Arc::new(ClusterStore::connect(&nodes, url::timeouts(timeout_ms), limits).await?)
+        }
+        BackendUrl::Ring {
+            racks,
+            read,
+            write,
+            timeout_ms,
+        } => Arc::new(RingStore::new(
+            crate::RingRegistry::new(&racks, read, write, url::timeouts(timeout_ms))?,
+            limits,
+        )),
+    })
 }
 
 #[cfg(test)]

@@ -12,12 +12,14 @@
 //! | [`history`] | [`MessageStore`]: where users' recent messages are kept; the memory form |
 //! | [`murmur3`] | MurmurHash3 x86 32-bit, for the ring's token placement |
 //! | `store` | the Redis data model: keys, Lua scripts, command builders and decoders (no I/O) |
+//! | `history_model` | the Redis data model of history: sorted set per user, scripts, decoders (no I/O) |
 //! | `node` | one standalone Redis connection with timeouts, reconnecting after failures |
 //! | [`memory`] | `memory`: in-process map with lazy expiry and a bound |
 //! | [`redis_single`] | `redis://`: one Redis or a Dynomite proxy |
 //! | [`cluster`] | `redis-cluster://`: Redis Cluster |
 //! | [`ring`] | `ring://`: Dynomite's racks, token ring and quorums, run client-side |
 //! | [`url`] | registry URL → [`url::BackendUrl`] |
+//! | [`history_redis`] | [`MessageStore`] on `redis://`, `redis-cluster://` and `ring://` (see `docs/history.md`) |
 //!
 //! [`open`] turns a URL into a backend. The `push-registry` binary (`src/main.rs`) is the
 //! operator CLI on top.
@@ -26,6 +28,7 @@ pub mod buffer;
 pub mod cluster;
 pub mod error;
 pub mod history;
+pub mod history_redis;
 pub mod memory;
 pub mod murmur3;
 pub mod record;
@@ -34,6 +37,7 @@ pub mod registry;
 pub mod ring;
 pub mod url;
 
+mod history_model;
 mod node;
 mod store;
 
@@ -43,6 +47,7 @@ pub use buffer::{Appended, BufferLimits, Buffered, NewMessage, Resume};
 pub use cluster::ClusterRegistry;
 pub use error::{Error, Result};
 pub use history::{open_store, MemoryStore, MessageStore};
+pub use history_redis::{ClusterStore, RedisStore, RingStore};
 pub use memory::MemoryRegistry;
 pub use node::Timeouts;
 pub use record::{now_ms, Record};

@@ -27,17 +27,23 @@ impl RedisRegistry {
     }
 
     pub(crate) fn with_timeouts(url: &str, timeouts: Timeouts) -> Result<Self> {
-        let addr = url
-            .trim_start_matches("redis://")
-            .rsplit('@')
-            .next()
-            .unwrap_or(url)
-            .trim_end_matches('/')
-            .to_string();
         Ok(RedisRegistry {
-            node: Node::new(addr, url, timeouts)?,
+            node: node_for_url(url, timeouts)?,
         })
     }
+}
+
+/// The node a `redis://` URL names, called by its `host:port` (without credentials) in
+/// errors. Shared with the message store.
+pub(crate) fn node_for_url(url: &str, timeouts: Timeouts) -> Result<Node> {
+    let addr = url
+        .trim_start_matches("redis://")
+        .rsplit('@')
+        .next()
+        .unwrap_or(url)
+        .trim_end_matches('/')
+        .to_string();
+    Node::new(addr, url, timeouts)
 }
 
 #[async_trait]

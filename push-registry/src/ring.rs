@@ -44,7 +44,7 @@ pub enum Consistency {
 }
 
 impl Consistency {
-    fn needed(self, replicas: usize) -> usize {
+    pub(crate) fn needed(self, replicas: usize) -> usize {
         match self {
             Consistency::One => 1,
             Consistency::Quorum | Consistency::SafeQuorum => replicas / 2 + 1,
@@ -340,6 +340,21 @@ impl RingRegistry {
                 })
             })
             .collect()
+    }
+
+    /// Number of racks (every rack is a full replica).
+    pub(crate) fn rack_count(&self) -> usize {
+        self.racks.len()
+    }
+
+    /// The node of rack `rack` that owns `user`.
+    pub(crate) fn owner(&self, rack: usize, user: &str) -> &Arc<Node> {
+        self.racks[rack].owner(user)
+    }
+
+    /// The consistency writes are settled at.
+    pub(crate) fn write_consistency(&self) -> Consistency {
+        self.write
     }
 
     fn node(&self, addr: &str) -> Arc<Node> {

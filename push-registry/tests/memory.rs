@@ -11,6 +11,11 @@ async fn memory_passes_the_behaviour_suite() {
 }
 
 #[tokio::test]
+async fn memory_history_passes_the_suite() {
+    common::history::history_suite("memory", "mem").await;
+}
+
+#[tokio::test]
 async fn memory_is_bounded_and_frees_expired_entries() {
     let reg = MemoryRegistry::new(3);
     for i in 0..3 {

@@ -4,6 +4,7 @@ mod common;
 
 use std::time::Duration;
 
+use push_registry::Error;
 use testkit::RedisServer;
 
 #[tokio::test]
@@ -11,6 +12,12 @@ async fn redis_passes_the_behaviour_suite() {
     let server = RedisServer::start();
     let reg = push_registry::open(&server.url()).await.unwrap();
     common::behaviour_suite(reg.as_ref(), "redis").await;
+}
+
+#[tokio::test]
+async fn redis_history_passes_the_suite() {
+    let server = RedisServer::start();
+    common::history::history_suite(&server.url(), "redis").await;
 }
 
 /// What Dynomite proxies (its redis command table), narrowed to what a registry could want.
@@ -33,8 +40,12 @@ const DYNOMITE_ALLOWED: &[&str] = &[
     "SET",
     "DEL",
     "ZADD",
+    "ZCARD",
+    "ZRANGE",
     "ZRANGEBYSCORE",
     "ZREM",
+    "ZREMRANGEBYRANK",
+    "ZSCORE",
     "SCAN",
     "PING",
     "INCR",
@@ -46,12 +57,14 @@ async fn redis_backend_sends_only_dynomite_supported_commands() {
     let monitor = server.monitor();
     let reg = push_registry::open(&server.url()).await.unwrap();
     common::behaviour_suite(reg.as_ref(), "mon").await;
-    // A marker after the suite: once MONITOR has streamed it, it has streamed everything.
+    common::history::history_suite(&server.url(), "mon").await;
+    // A marker after the suites: once MONITOR has streamed it, it has streamed everything.
     reg.lookup("end-of-suite-marker").await.unwrap();
     assert!(monitor.wait_for("end-of-suite-marker", Duration::from_secs(10)));
 
     let lines = monitor.lines();
     let mut seen = std::collections::BTreeSet::new();
+    let mut history_evals = 0;
     for line in &lines {
         // `1700000000.123456 [0 127.0.0.1:5555] "HSET" "key" ...` (or `[0 lua]` in scripts)
         let command = line
@@ -65,20 +78,34 @@ async fn redis_backend_sends_only_dynomite_supported_commands() {
             "{command} is not proxied by Dynomite: {line}"
         );
         if command == "EVAL" {
-            // Dynomite routes a script by its one key: exactly one, and a registry key.
+            // Dynomite routes a script by its one key: exactly one, and a registry or history
+            // key. (MONITOR escapes the script's quotes, so the split lands on the arguments.)
             let numkeys_and_key = line.split("\" \"").skip(2).take(2).collect::<Vec<_>>();
             assert_eq!(
                 numkeys_and_key.first(),
                 Some(&"1"),
                 "EVAL with other than one key: {line}"
             );
-            assert!(numkeys_and_key[1].starts_with("pr:{"), "{line}");
+            let key = numkeys_and_key[1];
+            assert!(key.starts_with("pr:{") || key.starts_with("ph:{"), "{line}");
+            history_evals += usize::from(key.starts_with("ph:{"));
         }
         seen.insert(command);
     }
     // The scripts really ran (their inner commands are monitored too), and nothing needed
     // MULTI, pub/sub or a multi-key command.
     for expected in ["EVAL", "HGETALL", "HSET", "HDEL", "PEXPIRE", "SCAN", "PING"] {
+        assert!(seen.contains(expected), "never saw {expected}: {seen:?}");
+    }
+    // The history scripts ran too: one EVAL on one `ph:` key per append, since and get.
+    assert!(history_evals >= 40, "only {history_evals} history EVALs");
+    for expected in [
+        "ZADD",
+        "ZSCORE",
+        "ZRANGE",
+        "ZRANGEBYSCORE",
+        "ZREMRANGEBYRANK",
+    ] {
         assert!(seen.contains(expected), "never saw {expected}: {seen:?}");
     }
 }
@@ -103,6 +130,66 @@ async fn errors_name_the_failed_node() {
     })
     .await;
     assert!(back);
+}
+
+#[tokio::test]
+async fn history_errors_name_the_failed_node_and_recover_after_restart() {
+    let mut server = RedisServer::start();
+    let url = format!("{}?timeout_ms=500", server.url());
+    let store = common::history::open(&url, common::history::FIVE).await;
+    let before = store
+        .append(&[common::history::msg("ida", "m1")])
+        .await
+        .unwrap()[0]
+        .id;
+    server.kill();
+    for err in [
+        store
+            .append(&[common::history::msg("ida", "m2")])
+            .await
+            .unwrap_err(),
+        store.since("ida", 0).await.unwrap_err(),
+        store.get("ida", &[before]).await.unwrap_err(),
+    ] {
+        assert!(matches!(err, Error::Node { .. }), "{err}");
+        assert!(err.to_string().contains(&server.addr()), "{err}");
+    }
+
+    // Back, empty: the store reconnects by itself, and the node, which forgot the user,
+    // seeds new IDs from the clock, above every ID it gave before.
+    server.restart();
+    let back = common::eventually(Duration::from_secs(5), || async {
+        store.since("ida", 0).await.is_ok()
+    })
+    .await;
+    assert!(back);
+    let r = store.since("ida", before).await.unwrap();
+    assert!(
+        r.messages.is_empty() && r.gap.is_some_and(|g| g > before),
+        "{r:?}"
+    );
+    let after = store
+        .append(&[common::history::msg("ida", "m3")])
+        .await
+        .unwrap()[0]
+        .id;
+    assert!(after > before, "{after} > {before}");
+    let r = store.since("ida", before).await.unwrap();
+    assert_eq!(r.messages.iter().map(|m| m.id).collect::<Vec<_>>(), [after]);
+}
+
+#[tokio::test]
+async fn a_foreign_history_member_is_reported_not_misread() {
+    let server = RedisServer::start();
+    server.command(&["ZADD", "ph:{mallory}", "5", "not json", "5", "~last"]);
+    let store = common::history::open(&server.url(), common::history::FIVE).await;
+    let err = store.since("mallory", 0).await.unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("mallory") && msg.contains(&server.addr()),
+        "{msg}"
+    );
 }
 
 #[tokio::test]

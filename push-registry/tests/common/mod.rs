@@ -2,6 +2,8 @@
 
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod history;
+
 use std::time::{Duration, Instant};
 
 use push_registry::{Record, RefreshOutcome, Registry};
