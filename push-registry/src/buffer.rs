@@ -2,8 +2,8 @@
 //! bounded buffer and the resume rule, as pure logic with `now` passed in.
 //!
 //! This is the in-memory form behind the embedded default; the Redis-family backends keep
-//! the same shape in a sorted set (score = ID) with an `INCR` counter, using only
-//! Dynomite-supported commands. The rule that both must follow is [`UserBuffer::since`]:
+//! the same shape in a sorted set (score = ID) whose reserved member holds the counter, so
+//! one single-key script appends atomically (`history_model.rs`, `docs/history.md`). The rule that both must follow is [`UserBuffer::since`]:
 //! a client that saw up to `after` gets exactly the messages with a larger ID, oldest first;
 //! if the buffer no longer holds the message right after `after`, it is told so with the
 //! oldest ID still available (a *gap*), never silently.

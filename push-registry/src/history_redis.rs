@@ -5,6 +5,13 @@
 //! Every operation on a user is one single-key EVAL on the user's key, so it is atomic on the
 //! node that holds the key and Dynomite can route it. Batches are pipelines (never
 //! MULTI/EXEC): one round trip per node.
+//!
+//! Retries: `Node` sends a pipeline once more when the connection turns out to have dropped
+//! (typically a node that restarted since the last call, where nothing of the first attempt
+//! ran). Should a node have run an append and then lost the connection before answering, the
+//! retry appends again: a message with a `mid` is then found as a duplicate (same ID), one
+//! without could be kept twice. Hence appenders should pass the envelope ID as `mid`
+//! (push-lib gives every envelope one).
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,14 +1,14 @@
 //! `push-registry`: the operator's view of the registry. Every command takes `--registry URL`
 //! (or `PUSH_REGISTRY`) and prints JSON.
 //!
-//! Exit codes: 0 found / ok, 1 not found (lookup, unregister), 2 storage or usage error.
+//! Exit codes: 0 found / ok, 1 not found (lookup, unregister, history), 2 storage or usage error.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use push_registry::{Record, Registry};
+use push_registry::{BufferLimits, Record, Registry};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Inspect and operate the push registry")]
@@ -61,6 +61,23 @@ enum Command {
         #[arg(long)]
         conn_id: String,
     },
+    /// Print a user's kept messages (for resume) as JSON: `{"messages": [...], "gap": N|null}`;
+    /// exit 1 if none is owed.
+    History {
+        /// User ID.
+        user: String,
+        /// Only messages after this ID, as a client that last saw it would get them (0: all
+        /// kept). `gap` is set when messages after it are no longer kept.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Most messages kept per user: give the push servers' setting, since a read skips
+        /// what they would have trimmed.
+        #[arg(long, default_value_t = BufferLimits::default().max_messages)]
+        history_messages: usize,
+        /// Age limit of kept messages, e.g. `5m`: the push servers' setting.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        history_age: Duration,
+    },
     /// Live connections per node.
     Stats,
     /// Ping every storage node and print its latency; exit 2 if any fails.
@@ -90,6 +107,19 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::History {
+        user,
+        since,
+        history_messages,
+        history_age,
+    } = &cli.command
+    {
+        let limits = BufferLimits {
+            max_messages: *history_messages,
+            max_age: *history_age,
+        };
+        return history(&cli.registry, user, *since, limits).await;
+    }
     let registry = push_registry::open(&cli.registry)
         .await
         .with_context(|| format!("opening registry {}", cli.registry))?;
@@ -143,7 +173,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ExitCode::SUCCESS
         }
         Command::Ping => ping(registry.as_ref()).await?,
+        Command::History { .. } => unreachable!("handled before opening the registry"),
     })
+}
+
+/// `history`: opens only the message store (a registry of the same URL is not needed).
+async fn history(
+    url: &str,
+    user: &str,
+    since: u64,
+    limits: BufferLimits,
+) -> anyhow::Result<ExitCode> {
+    let store = push_registry::open_store(url, limits)
+        .await
+        .with_context(|| format!("opening message store {url}"))?;
+    let resume = store
+        .since(user, since)
+        .await
+        .with_context(|| format!("reading {user}'s history"))?;
+    print_json(&serde_json::json!({ "messages": resume.messages, "gap": resume.gap }))?;
+    Ok(ExitCode::from(if resume.messages.is_empty() {
+        1
+    } else {
+        0
+    }))
 }
 
 async fn ping(registry: &dyn Registry) -> anyhow::Result<ExitCode> {

@@ -53,3 +53,19 @@ async fn cluster_passes_the_suite_and_survives_a_master_failover() {
     assert!(reg.unregister("fo-0", Some("d2"), "c-after").await.unwrap());
     drop(cluster);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_history_passes_the_suite() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3, 0))
+        .await
+        .unwrap();
+    let url = format!("redis-cluster://{}?timeout_ms=1000", cluster.addrs());
+    common::history::history_suite(&url, "cl").await;
+    // The suite's users really were spread over the masters: each holds some history keys.
+    for node in &cluster.nodes {
+        let testkit::resp::Reply::Int(keys) = node.command(&["DBSIZE"]) else {
+            panic!("DBSIZE gave no number");
+        };
+        assert!(keys > 0, "{} holds no key", node.addr());
+    }
+}

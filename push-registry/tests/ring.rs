@@ -50,6 +50,105 @@ async fn ring_passes_the_behaviour_suite() {
 }
 
 #[tokio::test]
+async fn ring_history_passes_the_suite() {
+    let nodes = start(6);
+    common::history::history_suite(&ring_url(&nodes, 3, "quorum", "quorum"), "ring-q").await;
+    common::history::history_suite(&ring_url(&nodes, 3, "one", "one"), "ring-one").await;
+    // Every rack holds a copy of every history: each rack's nodes together have the same keys.
+    let history_keys = |rack: &[RedisServer]| -> usize {
+        rack.iter()
+            .map(|n| match n.command(&["KEYS", "ph:*"]) {
+                Reply::Array(Some(keys)) => keys.len(),
+                other => panic!("KEYS answered {other:?}"),
+            })
+            .sum()
+    };
+    let per_rack: Vec<usize> = nodes.chunks(2).map(history_keys).collect();
+    assert!(per_rack[0] >= 2 * 8, "{per_rack:?}");
+    assert!(per_rack.iter().all(|&k| k == per_rack[0]), "{per_rack:?}");
+}
+
+#[tokio::test]
+async fn ring_history_keeps_increasing_ids_with_a_rack_down() {
+    use common::history::{msg, with_mid, FIVE};
+    let mut nodes = start(3);
+    let url = ring_url(&nodes, 3, "quorum", "quorum");
+    let store = common::history::open(&url, FIVE).await;
+    let one = common::history::open(&ring_url(&nodes, 3, "one", "one"), FIVE).await;
+    let first = store
+        .append(&[msg("hana", "h1"), msg("hana", "h2")])
+        .await
+        .unwrap();
+    let f = first[0].id;
+    assert_eq!(first[1].id, f + 1);
+    // The copies reached the other racks, byte for byte.
+    let members = |n: &RedisServer| n.command(&["ZRANGE", "ph:{hana}", "0", "-1", "WITHSCORES"]);
+    assert_eq!(members(&nodes[1]), members(&nodes[0]));
+    assert_eq!(members(&nodes[2]), members(&nodes[0]));
+
+    // The first rack's node dies: the next rack appends, continuing the IDs.
+    nodes[0].kill();
+    let next = store
+        .append(&[msg("hana", "h3"), with_mid("hana", "mid-4", "h4")])
+        .await
+        .unwrap();
+    assert_eq!([next[0].id, next[1].id], [f + 2, f + 3]);
+    let r = store.since("hana", f).await.unwrap();
+    assert_eq!(
+        r.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        [f + 1, f + 2, f + 3]
+    );
+    assert_eq!(r.gap, None);
+    assert_eq!(store.get("hana", &[f + 2]).await.unwrap()[0].data, "h3");
+    // Dedup still holds on the standing-in rack.
+    let again = store
+        .append(&[with_mid("hana", "mid-4", "h4")])
+        .await
+        .unwrap();
+    assert_eq!((again[0].id, again[0].duplicate), (f + 3, true));
+
+    // Even when the stand-in missed the last copy, its counter is raised from the third rack.
+    nodes[2].command(&["ZADD", "ph:{hana}", &(f + 9).to_string(), "~last"]);
+    let jumped = store.append(&[msg("hana", "h5")]).await.unwrap()[0].id;
+    assert_eq!(jumped, f + 10);
+
+    // Two racks down: quorum cannot place the copy and says so; `one` still appends.
+    nodes[1].kill();
+    let err = store.append(&[msg("hana", "h6")]).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Quorum {
+                needed: 2,
+                succeeded: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&nodes[0].addr()), "{err}");
+    let last = one.append(&[msg("hana", "h7")]).await.unwrap()[0].id;
+    assert!(last > jumped, "{last} > {jumped}");
+    let r = one.since("hana", jumped).await.unwrap();
+    assert_eq!(
+        r.messages.last().map(|m| (m.id, &m.data[..])),
+        Some((last, &b"h7"[..]))
+    );
+
+    // All down: the error names every node.
+    nodes[2].kill();
+    let err = one.since("hana", 0).await.unwrap_err().to_string();
+    assert!(nodes.iter().all(|n| err.contains(&n.addr())), "{err}");
+
+    // The first rack's node comes back empty: appends go to it again, and its IDs, seeded
+    // from the clock, are above every ID given before.
+    nodes[0].restart();
+    let back = one.append(&[msg("hana", "h8")]).await.unwrap()[0].id;
+    assert!(back > last, "{back} > {last}");
+    assert_eq!(one.since("hana", last).await.unwrap().messages[0].id, back);
+}
+
+#[tokio::test]
 async fn quorum_survives_one_node_and_fails_clearly_without_two() {
     let mut nodes = start(3);
     let quorum = push_registry::open(&ring_url(&nodes, 3, "quorum", "quorum"))
