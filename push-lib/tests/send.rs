@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use push_lib::{Accepted, DeliverConfig, Envelope, KafkaConfig, Outcome, PushClient, SendOptions};
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::Message as _;
@@ -178,7 +178,10 @@ async fn direct_transport_delivers_through_a_node_s_deliver_endpoint() {
         "{outcomes:?}"
     );
     assert_eq!(outcomes[1], Outcome::Duplicate, "same message ID again");
-    assert_eq!(outcomes[2], Outcome::NotConnected);
+    assert!(
+        matches!(outcomes[2], Outcome::Stored { id: Some(_) }),
+        "a user with no connection: kept for their resume, {outcomes:?}"
+    );
     let msg = next_json(&mut ws).await;
     assert_eq!(msg["mid"], id.as_str());
     assert_eq!(msg["data"]["a"], 1);
@@ -200,4 +203,40 @@ async fn direct_transport_delivers_through_a_node_s_deliver_endpoint() {
         "{err}"
     );
     assert!(!err.is_retryable());
+}
+
+#[tokio::test]
+async fn direct_send_and_wait_receipt_returns_the_clients_acknowledgement() {
+    let mut cfg = push_server::Config::local_test(SECRET);
+    cfg.admin_token = Some("tok".into());
+    let server = push_server::Server::start(cfg).await.unwrap();
+    let token = server.mint_token("bob", Some("tablet"), Duration::from_secs(600));
+    let url = format!("ws://{}/ws?token={token}", server.client_addr());
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "hello");
+    let client = PushClient::direct(
+        &format!("http://{}", server.admin_addr()),
+        &DeliverConfig {
+            admin_token: Some("tok".into()),
+            ..DeliverConfig::default()
+        },
+    )
+    .unwrap();
+    let options = SendOptions {
+        id: Some(push_lib::MessageId::new("invoice-9").unwrap()),
+        ..SendOptions::default()
+    };
+    let waiting = tokio::spawn(async move {
+        client
+            .send_and_wait_receipt("bob", "paid", &options, Duration::from_secs(10))
+            .await
+    });
+    let msg = next_json(&mut ws).await;
+    assert_eq!(msg["mid"], "invoice-9");
+    let ack = serde_json::json!({"type": "ack", "id": msg["id"]}).to_string();
+    ws.send(Message::Text(ack.into())).await.unwrap();
+    let receipt = waiting.await.unwrap().expect("receipt");
+    assert_eq!(receipt.mid.as_deref(), Some("invoice-9"));
+    assert_eq!(receipt.device.as_deref(), Some("tablet"));
+    assert_eq!(Some(receipt.id), msg["id"].as_u64());
 }
