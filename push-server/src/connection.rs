@@ -850,12 +850,17 @@ async fn accept(
     for old in shared.hub.register(handle.clone()) {
         old.supersede(now);
     }
-    if let Some(presence) = &shared.presence {
-        presence.register(&handle).await;
-    }
     // Registered first, then the history read: a message appended before the read is in the
     // backlog, one appended after it finds this connection registered (here and in the
     // registry) and is queued live. Both at once are sent once (`ConnHandle::resume`).
+    if let Some(presence) = &shared.presence {
+        if admitted.since.is_some() {
+            let wait = presence.register_and_wait(&handle);
+            let _ = tokio::time::timeout(cfg.handshake_timeout, wait).await;
+        } else {
+            presence.register(&handle).await;
+        }
+    }
     if let Some(after) = admitted.since {
         resume(&handle, after, shared).await;
     }

@@ -13,6 +13,7 @@
 //! | [`hub`] | user → local connections; each connection's bounded outbound queue |
 //! | [`presence`] | keeps the registry (push-registry) in step with local connections |
 //! | [`receipts`] | client acknowledgements → delivery receipts (waiters, Kafka) |
+//! | [`forward`] | admin pushes for users held by other nodes, handed to those nodes |
 //! | [`push`] | the push path: append to the history for an ID, then queue, per user in order |
 //! | `connection` | one socket: handshake, then the driver loop (I/O) |
 //! | `listener` | client port socket options and accept loop |
@@ -25,6 +26,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod forward;
 pub mod hub;
 pub mod lifecycle;
 pub mod metrics;

@@ -48,6 +48,10 @@ pub const RECEIPTS: &str = "push_receipts_total";
 pub const RECEIPT_SECONDS: &str = "push_receipt_seconds";
 /// Counter, label `reason`: acknowledgements not turned into receipts.
 pub const RECEIPTS_DROPPED: &str = "push_receipts_dropped_total";
+/// Counter: admin pushes handed to the nodes that hold their users.
+pub const FORWARDED: &str = "push_forwarded_total";
+/// Counter, label `reason` (`registry`, `node`): forwards that failed (message kept).
+pub const FORWARD_ERRORS: &str = "push_forward_errors_total";
 /// Counter: accept() failures (for example out of file descriptors).
 pub const ACCEPT_ERRORS: &str = "push_accept_errors_total";
 
@@ -115,6 +119,11 @@ fn describe() {
         "Messages kept for users with no connection on this node."
     );
     describe_counter!(HISTORY_ERRORS, "Failed history store calls, by operation.");
+    describe_counter!(
+        FORWARDED,
+        "Admin pushes forwarded to the nodes holding their users."
+    );
+    describe_counter!(FORWARD_ERRORS, "Failed forwards, by reason.");
     describe_counter!(RESUMES, "Client resumes, by result.");
     describe_counter!(
         RESUMED_MESSAGES,

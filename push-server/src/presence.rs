@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use push_registry::{Record, RefreshOutcome, Registry};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::hub::ConnHandle;
 use crate::metrics as m;
@@ -35,7 +35,8 @@ const BATCH: usize = 512;
 const REFRESH_CHUNK: usize = 1000;
 
 enum Event {
-    Register(Record),
+    /// A new connection's record; the sender, if any, hears when the write was attempted.
+    Register(Record, Option<oneshot::Sender<()>>),
     Unregister {
         user: String,
         device: Option<String>,
@@ -107,9 +108,23 @@ impl Presence {
 
     /// Queues the registration of a new connection. Waits only if the queue is full.
     pub async fn register(&self, handle: &ConnHandle) {
+        self.send_register(handle, None).await;
+    }
+
+    /// Registers a new connection and waits until the registry write was attempted (written,
+    /// or failed and counted). A resuming connection reads the history only after this: a
+    /// message appended later is then routed to this connection by whoever looks the user
+    /// up after appending (the message processor, or a node forwarding an admin push).
+    pub async fn register_and_wait(&self, handle: &ConnHandle) {
+        let (tx, rx) = oneshot::channel();
+        self.send_register(handle, Some(tx)).await;
+        let _ = rx.await;
+    }
+
+    async fn send_register(&self, handle: &ConnHandle, done: Option<oneshot::Sender<()>>) {
         if self
             .tx
-            .send(Event::Register(self.record(handle)))
+            .send(Event::Register(self.record(handle), done))
             .await
             .is_err()
         {
@@ -158,7 +173,7 @@ async fn writer(mut rx: mpsc::Receiver<Event>, registry: Arc<dyn Registry>, ttl:
         let mut net: HashMap<&str, (usize, usize)> = HashMap::new();
         for (i, e) in batch.iter().enumerate() {
             match e {
-                Event::Register(r) => {
+                Event::Register(r, _) => {
                     net.entry(&r.conn_id).or_insert((usize::MAX, usize::MAX)).0 = i
                 }
                 Event::Unregister { conn_id, .. } => {
@@ -180,7 +195,7 @@ async fn writer(mut rx: mpsc::Receiver<Event>, registry: Arc<dyn Registry>, ttl:
         let mut calls: Vec<Call<'_>> = Vec::with_capacity(batch.len());
         for (i, e) in batch.iter().enumerate() {
             match e {
-                Event::Register(r) if !skip(i, &r.conn_id) => {
+                Event::Register(r, _) if !skip(i, &r.conn_id) => {
                     let registry = &registry;
                     calls.push(Box::pin(async move {
                         ("register", registry.register(r, ttl).await)
@@ -207,7 +222,11 @@ async fn writer(mut rx: mpsc::Receiver<Event>, registry: Arc<dyn Registry>, ttl:
                 tracing::warn!(op, error = %e, "registry write failed; the next refresh retries");
             }
         }
-        batch.clear();
+        for e in batch.drain(..) {
+            if let Event::Register(_, Some(done)) = e {
+                let _ = done.send(());
+            }
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! The push path shared by the admin API and the message processor's deliveries: a message
 //! takes its per-user ID from the history (it is appended there, so a client that is not
 //! connected, or reconnecting, gets it when it resumes), then is queued for the user's live
-//! connections on this node.
+//! connections on this node, and (admin pushes for users held elsewhere) forwarded to the
+//! nodes that hold them (forward.rs).
 //!
 //! One user's messages must reach a connection in ID order, or a connection would skip the
 //! lower ID (it never queues an ID below one it has queued). The history gives IDs in the
@@ -120,10 +121,12 @@ pub async fn push(
         let receipt = wait_receipts.then(|| shared.receipts.wait(req.user, id));
         let mut outcome = shared.hub.deliver(req, id, received_at, shared.limits);
         outcome.duplicate = duplicate;
-        if outcome.delivered == 0 && !duplicate {
-            metrics::counter!(m::MESSAGES_STORED).increment(1);
-        }
         results.push(Pushed { outcome, receipt });
     }
+    // Still in per-user order: a user's next message waits until this one reached the
+    // nodes that hold the user.
+    shared.forwarder.forward(shared, reqs, &mut results).await;
+    let stored = results.iter().filter(|p| p.outcome.delivered == 0).count();
+    metrics::counter!(m::MESSAGES_STORED).increment(stored as u64);
     Ok(results)
 }

@@ -96,6 +96,8 @@ pub struct Shared {
     pub(crate) sequencer: crate::push::Sequencer,
     /// Acknowledgements and receipt waiters.
     pub receipts: Arc<crate::receipts::Receipts>,
+    /// Hands admin pushes to the nodes that hold their users.
+    pub(crate) forwarder: crate::forward::Forwarder,
     /// Prebuilt frames: `[reason][transport]` for `reconnect`.
     reconnect_frames: [[Bytes; 2]; 2],
 }
@@ -146,6 +148,7 @@ impl Shared {
             store,
             sequencer: crate::push::Sequencer::new(),
             receipts: Arc::new(crate::receipts::Receipts::new()),
+            forwarder: crate::forward::Forwarder::new(config.admin_token.as_deref()),
             config,
             hub: Hub::new(),
             epoch: tokio::time::Instant::now(),

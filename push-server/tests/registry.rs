@@ -169,8 +169,11 @@ async fn a_device_that_moves_to_another_node_is_retired_on_the_old_one() {
             .all(|c| c.state().superseded)
     })
     .await;
+    // A push through node A reaches the device on node B only (forwarded), not the retired
+    // connection.
     let r = push(&a, "dave", "x").await;
-    assert_eq!(r["delivered"], 0);
+    assert_eq!(r["delivered"], 1, "{r}");
+    assert_eq!(ws_next_json(&mut on_b).await["data"], "x");
     // The old connection's close does not remove the new registration.
     on_a.send(Message::Close(None)).await.unwrap();
     let _ = ws_close_code(&mut on_a).await;
@@ -217,4 +220,49 @@ async fn an_invalid_registry_url_stops_the_start_with_a_clear_error() {
     cfg.registry = "postgres://nope".into();
     let err = Server::start(cfg).await.unwrap_err().to_string();
     assert!(err.contains("registry"), "{err}");
+}
+
+/// With a shared registry and history, any node's admin API reaches a user on another node:
+/// the message is kept once and arrives live, with the same ID sequence the user's own node
+/// continues, so a later resume finds no hole and no orphan.
+#[tokio::test]
+async fn an_admin_push_to_any_node_reaches_the_user_on_another_node() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let a = start(node("node-a", &url)).await;
+    let b = start(node("node-b", &url)).await;
+    let t = token(&b, "zoe", Some("phone"));
+    let mut zoe = ws_connect(&b, &t).await;
+    ws_next_json(&mut zoe).await;
+    eventually("zoe to be registered", || async {
+        lookup(&url, "zoe").await.len() == 1
+    })
+    .await;
+    let via_a = push(&a, "zoe", "through node a").await;
+    assert_eq!(via_a["delivered"], 1, "{via_a}");
+    assert_eq!(via_a["stored"], false);
+    let m = ws_next_json(&mut zoe).await;
+    assert_eq!(
+        (&m["data"], &m["id"]),
+        (&serde_json::json!("through node a"), &via_a["id"])
+    );
+    let via_b = push(&b, "zoe", "through node b").await;
+    assert_eq!(via_b["id"].as_u64(), via_a["id"].as_u64().map(|i| i + 1));
+    assert_eq!(ws_next_json(&mut zoe).await["data"], "through node b");
+    assert!(metric(&a, "push_forwarded_total").await >= 1.0);
+    // The history holds each message once: a resume from before both sees exactly two.
+    drop(zoe);
+    let since = via_a["id"].as_u64().unwrap() - 1;
+    let (mut again, _) = ws_connect_with(&a, &format!("?token={t}&since={since}"), &[])
+        .await
+        .unwrap();
+    ws_next_json(&mut again).await;
+    assert_eq!(ws_next_json(&mut again).await["data"], "through node a");
+    assert_eq!(ws_next_json(&mut again).await["data"], "through node b");
+    // A user connected nowhere: kept, nothing forwarded.
+    let nobody = push(&a, "nobody", "kept").await;
+    assert_eq!(
+        (nobody["delivered"].as_u64(), nobody["stored"].as_bool()),
+        (Some(0), Some(true))
+    );
 }
