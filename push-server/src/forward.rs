@@ -53,15 +53,24 @@ impl Forwarder {
         }
     }
 
-    /// Hands the messages that reached no connection here (and were appended here, so no
-    /// one routed them yet) to the nodes that hold their users, adding what those nodes
-    /// delivered to each outcome. Failures leave the message in the history (counted).
+    /// Hands the messages that reached no connection here, or only connections asked to
+    /// reconnect (and were appended here, so no one routed them yet), to the other nodes that
+    /// hold their users, adding what those nodes delivered to each outcome. Failures leave
+    /// the message in the history (counted).
+    ///
+    /// Why the leaving connections too: a client that was asked to reconnect may already
+    /// have resumed on another node (from an ID below this message) and be closing this
+    /// connection without reading it further. Sending it both ways costs a duplicate the
+    /// client drops by ID; sending it only here could lose it.
     pub async fn forward(&self, shared: &Shared, reqs: &[PushRequest<'_>], pushed: &mut [Pushed]) {
         let Some(presence) = &shared.presence else {
             return;
         };
         let pending: Vec<usize> = (0..reqs.len())
-            .filter(|&i| reqs[i].id.is_none() && pushed[i].outcome.delivered == 0)
+            .filter(|&i| {
+                let o = &pushed[i].outcome;
+                reqs[i].id.is_none() && o.delivered == o.leaving
+            })
             .collect();
         if pending.is_empty() {
             return;

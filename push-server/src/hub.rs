@@ -379,6 +379,9 @@ pub struct PushOutcome {
     pub delivered: usize,
     /// Connections that refused it (closing, or slow consumers).
     pub dropped: usize,
+    /// Of `delivered`, connections that were asked to reconnect (rotation, drain): their
+    /// client may already be reading a newer connection on another node.
+    pub leaving: usize,
 }
 
 struct UserEntry {
@@ -576,10 +579,15 @@ impl Hub {
                 received_at: Some(received_at),
                 id,
             };
+            let leaving = conn.state().clock.asked_at.is_some();
             match conn.enqueue_message(out, limits) {
-                Enqueued::Queued | Enqueued::AlreadySent => outcome.delivered += 1,
+                Enqueued::Queued | Enqueued::AlreadySent => {
+                    outcome.delivered += 1;
+                    outcome.leaving += usize::from(leaving);
+                }
                 Enqueued::DroppedOldest => {
                     outcome.delivered += 1;
+                    outcome.leaving += usize::from(leaving);
                     metrics::counter!(crate::metrics::MESSAGES_DROPPED, "reason" => "slow_consumer_drop_oldest").increment(1);
                 }
                 Enqueued::Refused => {

@@ -266,3 +266,46 @@ async fn an_admin_push_to_any_node_reaches_the_user_on_another_node() {
         (Some(0), Some(true))
     );
 }
+
+/// A client asked to reconnect (here: its node drains) resumes on another node; a push that
+/// still reaches the node it is leaving is also handed to the new node, so the client gets
+/// it even if it stops reading the old connection.
+#[tokio::test]
+async fn a_push_to_a_connection_being_left_follows_the_client_to_its_new_node() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut cfg = node("node-a", &url);
+    cfg.lifecycle.drain_window = Duration::from_millis(200);
+    cfg.sweep_interval = Duration::from_millis(50);
+    let a = start(cfg).await;
+    let b = start(node("node-b", &url)).await;
+    let t = token(&a, "yan", Some("phone"));
+    let mut old = ws_connect(&a, &t).await;
+    ws_next_json(&mut old).await;
+    let first = push(&a, "yan", "before").await;
+    assert_eq!(ws_next_json(&mut old).await["data"], "before");
+    a.drain();
+    let ask = ws_next_json(&mut old).await;
+    assert_eq!(
+        (ask["type"].as_str(), ask["reason"].as_str()),
+        (Some("reconnect"), Some("drain"))
+    );
+    // The client resumes on node B from the last ID it saw, and reads only the new connection.
+    let since = first["id"].as_u64().unwrap();
+    let (mut new, _) = ws_connect_with(&b, &format!("?token={t}&since={since}"), &[])
+        .await
+        .unwrap();
+    ws_next_json(&mut new).await;
+    // A backend still pushing through node A (the old connection is open, not yet closed).
+    let r = push(&a, "yan", "after").await;
+    assert_eq!(
+        r["delivered"], 2,
+        "old connection and forwarded to the new one: {r}"
+    );
+    let m = ws_next_json(&mut new).await;
+    assert_eq!(
+        (&m["data"], &m["id"]),
+        (&serde_json::json!("after"), &r["id"])
+    );
+    drop(old);
+}
