@@ -570,6 +570,30 @@ mod tests {
     }
 
     #[test]
+    fn history_and_receipt_settings() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            history_messages = 50
+            history_age = "2m"
+            receipts_brokers = "k1:9092"
+            "#,
+        )
+        .unwrap();
+        let cfg = args(&["--receipts-topic", "acks"]).merge(file).unwrap();
+        assert_eq!(cfg.history_messages, 50);
+        assert_eq!(cfg.history_age, Duration::from_secs(120));
+        assert_eq!(cfg.receipts_brokers.as_deref(), Some("k1:9092"));
+        assert_eq!(cfg.receipts_topic, "acks");
+        let err = args(&["--history-messages", "20000"])
+            .merge(FileConfig::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("history_messages"), "{err}");
+        assert!(args(&["--history-age", "0s"])
+            .merge(FileConfig::default())
+            .is_err());
+    }
+
+    #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
