@@ -87,11 +87,7 @@ impl MemoryStore {
     }
 
     fn shard(&self, user: &str) -> std::sync::MutexGuard<'_, HashMap<Box<str>, UserBuffer>> {
-        use std::hash::BuildHasher;
-        let h =
-            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                .hash_one(user);
-        self.shards[(h as usize) % SHARDS]
+        self.shards[crate::shard_of(user, SHARDS)]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }

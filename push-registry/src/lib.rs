@@ -55,6 +55,15 @@ pub use redis_single::RedisRegistry;
 pub use registry::{NodePing, RefreshOutcome, Registry, Stats};
 pub use ring::{Consistency, RingRegistry};
 
+/// The lock shard of `key` among `shards`: a fixed hasher, so the choice is spread evenly
+/// and the same on every call (in-process sharding only; never persisted).
+pub fn shard_of(key: &str, shards: usize) -> usize {
+    use std::hash::BuildHasher;
+    let h = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+        .hash_one(key);
+    (h as usize) % shards
+}
+
 /// Opens the backend a registry URL names (see [`url`] for the forms). Only the
 /// `redis-cluster` backend connects here (it needs the slot map); the others connect on first
 /// use, so a storage node that is down at start-up does not stop the caller from starting.

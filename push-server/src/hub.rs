@@ -457,12 +457,7 @@ impl Hub {
     }
 
     fn shard(&self, user: &str) -> MutexGuard<'_, HashMap<Arc<str>, UserEntry>> {
-        use std::hash::BuildHasher;
-        // A fixed hasher: shard choice only needs spread, and must be stable.
-        let h =
-            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                .hash_one(user);
-        self.shards[(h as usize) % SHARDS]
+        self.shards[push_registry::shard_of(user, SHARDS)]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
@@ -637,6 +632,12 @@ mod tests {
         policy: SlowConsumerPolicy::Disconnect,
     };
 
+    /// Room for every frame a test queues.
+    const ROOMY: QueueLimits = QueueLimits {
+        max_frames: 10,
+        ..LIMITS
+    };
+
     fn conn(hub: &Hub, user: &str, device: Option<&str>, t: Transport) -> Arc<ConnHandle> {
         assert!(hub.reserve(t, 100));
         let h = Arc::new(ConnHandle::new(
@@ -671,10 +672,7 @@ mod tests {
         let b = conn(&hub, "u", Some("laptop"), Transport::Sse);
         let other = conn(&hub, "v", None, Transport::Ws);
         let now = tokio::time::Instant::now();
-        let limits = QueueLimits {
-            max_frames: 10,
-            ..LIMITS
-        };
+        let limits = ROOMY;
         let o1 = hub.deliver(&PushRequest::to_user("u", &text("one")), 1, now, limits);
         let o2 = hub.deliver(&PushRequest::to_user("u", &text("two")), 2, now, limits);
         assert_eq!(o1.delivered, 2);
@@ -700,10 +698,7 @@ mod tests {
             &PushRequest::to_user("u", &text("x")),
             4,
             tokio::time::Instant::now(),
-            QueueLimits {
-                max_frames: 10,
-                ..LIMITS
-            },
+            ROOMY,
         );
         assert_eq!(o.delivered, 1);
         assert!(drain(&old).is_empty());
@@ -779,10 +774,7 @@ mod tests {
         let hub = Hub::new();
         let c = conn(&hub, "u", None, Transport::Ws);
         let now = tokio::time::Instant::now();
-        let limits = QueueLimits {
-            max_frames: 10,
-            ..LIMITS
-        };
+        let limits = ROOMY;
         for id in [5, 5, 6, 4, 7] {
             hub.deliver(&PushRequest::to_user("u", &text("x")), id, now, limits);
         }
@@ -799,10 +791,7 @@ mod tests {
         let hub = Hub::new();
         let c = conn(&hub, "u", None, Transport::Ws);
         let now = tokio::time::Instant::now();
-        let limits = QueueLimits {
-            max_frames: 10,
-            ..LIMITS
-        };
+        let limits = ROOMY;
         // Live messages that arrived while the backlog was being read: 11 is also in the
         // backlog, 12 is not.
         hub.deliver(&PushRequest::to_user("u", &text("11")), 11, now, limits);

@@ -43,18 +43,10 @@ impl Sequencer {
         }
     }
 
-    fn shard(user: &str) -> usize {
-        use std::hash::BuildHasher;
-        let h =
-            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                .hash_one(user);
-        (h as usize) % SHARDS
-    }
-
     /// Locks the shards of these users, in ascending order so that two batches can never
     /// wait for each other.
     async fn lock<'a>(&'a self, users: impl Iterator<Item = &str>) -> Vec<MutexGuard<'a, ()>> {
-        let mut shards: Vec<usize> = users.map(Self::shard).collect();
+        let mut shards: Vec<usize> = users.map(|u| push_registry::shard_of(u, SHARDS)).collect();
         shards.sort_unstable();
         shards.dedup();
         let mut guards = Vec::with_capacity(shards.len());
