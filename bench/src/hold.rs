@@ -18,7 +18,11 @@ use serde_json::json;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::client::{self, Ended, Transport};
+use hdrhistogram::Histogram;
+use loadtest::conn::{self, Conn, Event};
+
+pub use loadtest::conn::Transport;
+
 use crate::sys;
 
 /// File descriptors a process needs besides its sockets (stdio, epoll, runtime, binary).
@@ -95,7 +99,8 @@ async fn hold(args: Args) -> anyhow::Result<()> {
     // Bounded so that the server's accept queue and handshake limit are not the thing
     // measured, and so that a failure shows up early instead of as 15,000 timeouts.
     let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
-    let (results, mut connected) = mpsc::unbounded_channel::<Result<(), String>>();
+    // Each connection's result: the time from connect to open (hello, or the peer's head), µs.
+    let (results, mut connected) = mpsc::unbounded_channel::<Result<u64, String>>();
     let closed = Arc::new(AtomicUsize::new(0));
     let heartbeats = Arc::new(AtomicUsize::new(0));
     let connect_timeout = Duration::from_secs(args.connect_timeout_secs);
@@ -125,29 +130,28 @@ async fn hold(args: Args) -> anyhow::Result<()> {
         let (server, transport) = (args.server, args.transport);
         tokio::spawn(async move {
             let permit = permits.acquire_owned().await;
-            let opened = tokio::time::timeout(connect_timeout, async {
-                match &target {
-                    Target::Token(token) => client::open(source, server, transport, token).await,
-                    Target::Path(path) => client::open_raw(source, server, transport, path).await,
+            let begun = Instant::now();
+            let opened = match &target {
+                Target::Token(token) => {
+                    conn::open(source, server, transport, token, None, connect_timeout).await
                 }
-            })
-            .await;
+                Target::Path(path) => {
+                    conn::open_raw(source, server, transport, path, connect_timeout).await
+                }
+            };
+            let took_us = begun.elapsed().as_micros() as u64;
             drop(permit);
             drop(target);
             let conn = match opened {
-                Ok(Ok(conn)) => conn,
-                Ok(Err(e)) => {
+                Ok(conn) => conn,
+                Err(e) => {
                     let _ = results.send(Err(format!("{e:#}")));
                     return;
                 }
-                Err(_) => {
-                    let _ = results.send(Err(format!("no hello within {connect_timeout:?}")));
-                    return;
-                }
             };
-            let _ = results.send(Ok(()));
+            let _ = results.send(Ok(took_us));
             drop(results);
-            let ended = conn.hold(&heartbeats).await;
+            let ended = drive(conn, &heartbeats, |_, _, _| {}).await;
             closed.fetch_add(1, Ordering::Relaxed);
             if ended != Ended::Eof {
                 eprintln!("bench hold: connection {i} ended: {ended:?}");
@@ -159,10 +163,16 @@ async fn hold(args: Args) -> anyhow::Result<()> {
     let (mut ok, mut failed) = (0usize, 0usize);
     // Error text → count, so 15,000 identical failures print as one line.
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+    let mut last_open = started;
     while ok + failed < args.conns {
         tokio::select! {
             r = connected.recv() => match r {
-                Some(Ok(())) => ok += 1,
+                Some(Ok(us)) => {
+                    ok += 1;
+                    latency.saturating_record(us.max(1));
+                    last_open = Instant::now();
+                }
                 Some(Err(e)) => {
                     failed += 1;
                     *errors.entry(e).or_default() += 1;
@@ -181,6 +191,12 @@ async fn hold(args: Args) -> anyhow::Result<()> {
             "failed": failed,
             "errors": errors,
             "connect_secs": started.elapsed().as_secs_f64(),
+            // Accept rate: connections opened per second, from the first attempt to the
+            // last success (failures that time out later do not stretch it).
+            "opened_per_sec": ok as f64 / (last_open - started).as_secs_f64().max(1e-6),
+            "connect_p50_us": latency.value_at_quantile(0.5),
+            "connect_p99_us": latency.value_at_quantile(0.99),
+            "connect_max_us": latency.max(),
             "rss_kib": memory.map(|m| m.rss_kib),
         })
     );
@@ -206,4 +222,43 @@ async fn hold(args: Args) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// How a held connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The server closed TCP (or the socket failed).
+    Eof,
+    /// The server sent a WebSocket close frame with this code.
+    CloseFrame(u16),
+    /// The server broke the protocol.
+    Error,
+}
+
+/// Holds a connection until the server ends it: answers WebSocket pings, counts heartbeats
+/// (pings, SSE comments) in `heartbeats`, and hands every message to `on_message` as
+/// `(id, mid, data)`.
+pub async fn drive(
+    mut conn: Conn,
+    heartbeats: &AtomicUsize,
+    mut on_message: impl FnMut(u64, Option<&str>, &str),
+) -> Ended {
+    loop {
+        match conn.next_event().await {
+            Event::Message { id, mid, data } => on_message(id, mid.as_deref(), &data),
+            Event::Ping(payload) => {
+                heartbeats.fetch_add(1, Ordering::Relaxed);
+                if conn.pong(&payload).await.is_err() {
+                    return Ended::Eof;
+                }
+            }
+            Event::Heartbeat => {
+                heartbeats.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Closed(None) => return Ended::Eof,
+            Event::Closed(Some(code)) => return Ended::CloseFrame(code),
+            Event::Other(text) if text.starts_with("protocol_error") => return Ended::Error,
+            Event::Reconnect { .. } | Event::Other(_) => {}
+        }
+    }
 }

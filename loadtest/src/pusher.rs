@@ -226,8 +226,9 @@ async fn post(
     .map_err(|_| anyhow::anyhow!("push timed out"))?
 }
 
-/// Reads one response with a `Content-Length` body (the admin API always sends one).
-async fn read_response(stream: &mut TcpStream) -> anyhow::Result<(u16, Vec<u8>)> {
+/// Reads one response with a `Content-Length` body (the admin API always sends one; so do
+/// the peers' publish endpoints that `bench peers-push` posts to).
+pub async fn read_response(stream: &mut TcpStream) -> anyhow::Result<(u16, Vec<u8>)> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 4096];
     loop {
