@@ -262,3 +262,105 @@ pub async fn drive(
         }
     }
 }
+
+/// What the connections of a [`Holder`] present.
+#[derive(Debug, Clone)]
+pub enum Present {
+    /// push-server: tokens minted with this secret for `u0` … (`u{first}` onwards).
+    Secret(String),
+    /// A peer: this path, `{i}` replaced by the connection's index.
+    Path(String),
+}
+
+/// A `bench hold` child process, killed when dropped.
+#[derive(Debug)]
+pub struct Holder {
+    child: tokio::process::Child,
+    /// Its pid, for memory readings.
+    pub pid: u32,
+    out: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+/// How a [`Holder`] connects.
+#[derive(Debug, Clone)]
+pub struct HoldPlan {
+    /// The server's client address.
+    pub server: SocketAddr,
+    /// Transport of every connection.
+    pub transport: Transport,
+    /// Connections to open.
+    pub conns: usize,
+    /// Source addresses 127.0.0.2 … 127.0.0.(2 + sources − 1).
+    pub sources: u8,
+    /// Connects in flight.
+    pub concurrency: usize,
+    /// Token or path.
+    pub present: Present,
+    /// The holder's own deadline.
+    pub hold_secs: u64,
+}
+
+impl Holder {
+    /// Starts `bench hold` with `plan`.
+    pub fn spawn(bench_bin: &std::path::Path, plan: &HoldPlan) -> anyhow::Result<Self> {
+        use std::process::Stdio;
+        let mut cmd = tokio::process::Command::new(bench_bin);
+        cmd.arg("hold")
+            .args(["--transport", plan.transport.as_str()])
+            .arg("--server")
+            .arg(plan.server.to_string())
+            .arg("--conns")
+            .arg(plan.conns.to_string())
+            .arg("--sources")
+            .arg(plan.sources.to_string())
+            .arg("--concurrency")
+            .arg(plan.concurrency.to_string())
+            .arg("--hold-secs")
+            .arg(plan.hold_secs.to_string());
+        match &plan.present {
+            Present::Secret(s) => cmd.args(["--secret", s]),
+            Present::Path(p) => cmd.args(["--path", p]),
+        };
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start `bench hold`")?;
+        let pid = child.id().context("bench hold exited at once")?;
+        let out = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+            child.stdout.take().context("hold stdout")?,
+        ));
+        Ok(Self { child, pid, out })
+    }
+
+    /// Waits for the `connected` report (ok, failed, errors, connect latency, rate).
+    pub async fn connected(&mut self, budget: Duration) -> anyhow::Result<serde_json::Value> {
+        tokio::time::timeout(budget, self.event("connected"))
+            .await
+            .with_context(|| format!("the hold process did not report within {budget:?}"))?
+    }
+
+    async fn event(&mut self, event: &str) -> anyhow::Result<serde_json::Value> {
+        while let Some(line) = self.out.next_line().await? {
+            match serde_json::from_str::<serde_json::Value>(&line) {
+                Ok(v) if v["event"] == event => return Ok(v),
+                _ => eprintln!("bench hold: {line}"),
+            }
+        }
+        bail!("the hold process exited before reporting `{event}` (its errors are above)")
+    }
+
+    /// Lets the process go (stdin closed) and returns its `done` report, if it gave one.
+    pub async fn finish(mut self) -> Option<serde_json::Value> {
+        drop(self.child.stdin.take());
+        let done = tokio::time::timeout(Duration::from_secs(10), self.event("done"))
+            .await
+            .ok()
+            .and_then(Result::ok);
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        done
+    }
+}

@@ -5,6 +5,7 @@
 //! | [`idle_memory`] | `bench idle-memory`: server RSS per idle connection |
 //! | [`peers`] | `bench peers-idle`: idle memory per connection, push-server next to Nchan and Pushpin |
 //! | [`peers_push`] | `bench peers-push`: push by user at fixed rates, latency and loss, side by side |
+//! | [`peers_accept`] | `bench peers-accept`: connects per second for a burst, side by side |
 //! | [`chart`] | the PNG chart of latency against rate (plotters) |
 //! | [`registry`] | `bench registry`: `lookup_many` against one Redis and `redis-benchmark`; the ring's cost |
 //! | [`pipeline`] | `bench pipeline`: push-lib → Kafka → msg-processor → push-server → clients, end to end |
@@ -27,6 +28,7 @@ mod chart;
 mod hold;
 mod idle_memory;
 mod peers;
+mod peers_accept;
 mod peers_push;
 mod pipeline;
 mod receive;
@@ -54,6 +56,9 @@ enum Command {
     /// Push by user at a list of fixed rates, side by side: push-server, Nchan and Pushpin;
     /// latency p50/p99 and loss per rate, and the highest rate each sustains.
     PeersPush(peers_push::Args),
+    /// Accept rate side by side: a burst of M connections per system, connects per second
+    /// and connect latency p50/p99.
+    PeersAccept(peers_accept::Args),
     /// Open N connections and hold them (run by `idle-memory` as a child process).
     #[command(hide = true)]
     Hold(hold::Args),
@@ -79,6 +84,7 @@ fn main() -> ExitCode {
         Command::IdleMemory(args) => idle_memory::run(args),
         Command::PeersIdle(args) => peers::run(args),
         Command::PeersPush(args) => peers_push::run(args),
+        Command::PeersAccept(args) => peers_accept::run(args),
         Command::Hold(args) => hold::run(args),
         Command::Registry(args) => registry::run(args),
         Command::Pipeline(args) => pipeline::run(args),

@@ -379,6 +379,8 @@ struct LaneCounts {
     failed: u64,
     unsent: u64,
     request_us: Vec<u64>,
+    /// Why requests failed: `HTTP <status>` or the error, with counts.
+    errors: std::collections::BTreeMap<String, u64>,
 }
 
 /// One step at `rate`: publish for `step_secs`, settle, account.
@@ -417,10 +419,14 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
                 let sent = Instant::now();
                 match post(&mut stream, running.publish, &request).await {
                     Ok(status) if (200..300).contains(&status) => counts.accepted += 1,
-                    Ok(_) => counts.failed += 1,
-                    Err(_) => {
+                    Ok(status) => {
+                        counts.failed += 1;
+                        *counts.errors.entry(format!("HTTP {status}")).or_default() += 1;
+                    }
+                    Err(e) => {
                         stream = None;
                         counts.failed += 1;
+                        *counts.errors.entry(format!("{e:#}")).or_default() += 1;
                     }
                 }
                 counts.request_us.push(sent.elapsed().as_micros() as u64);
@@ -436,6 +442,9 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
             all.accepted += c.accepted;
             all.failed += c.failed;
             all.unsent += c.unsent;
+            for (e, n) in c.errors {
+                *all.errors.entry(e).or_default() += n;
+            }
             for us in c.request_us {
                 request_us.saturating_record(us.max(1));
             }
@@ -477,6 +486,7 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
         "accepted": all.accepted,
         "failed": all.failed,
         "unsent": all.unsent,
+        "errors": all.errors,
         "received": received,
         "duplicates": duplicates,
         "lost": lost,
@@ -504,8 +514,12 @@ async fn post(slot: &mut Option<TcpStream>, addr: SocketAddr, request: &str) -> 
         }
         let stream = slot.as_mut().expect("just set");
         stream.write_all(request.as_bytes()).await?;
-        let (status, _) = loadtest::pusher::read_response(stream).await?;
-        Ok(status)
+        let response = loadtest::pusher::read_response(stream).await?;
+        if response.close {
+            // Pushpin's publish API answers every request with `Connection: close`.
+            *slot = None;
+        }
+        Ok(response.status)
     })
     .await
     .map_err(|_| anyhow::anyhow!("publish timed out"))?
@@ -513,11 +527,12 @@ async fn post(slot: &mut Option<TcpStream>, addr: SocketAddr, request: &str) -> 
 
 fn step_line(s: &Value) -> String {
     format!(
-        "{:>6}/s: achieved {:>7}/s, lost {} (failed {}, unsent {}), latency p50 {} p99 {} max {} ms, request p99 {} ms, cpu {} -> {}",
+        "{:>6}/s: achieved {:>7}/s, lost {} (failed {} {}, unsent {}), latency p50 {} p99 {} max {} ms, request p99 {} ms, cpu {} -> {}",
         s["rate"],
         s["achieved"],
         s["lost"],
         s["failed"],
+        if s["failed"] == 0 { String::new() } else { s["errors"].to_string() },
         s["unsent"],
         s["p50_ms"],
         s["p99_ms"],

@@ -36,7 +36,7 @@ use tokio::process::Command;
 use crate::sys::{self, Memory};
 
 /// Secret shared by push-server and its subscribers (32 characters; any value works).
-const SECRET: &str = "bench-side-by-side-secret-012345";
+pub const SECRET: &str = "bench-side-by-side-secret-012345";
 
 /// Pushpin's HTTP publish API: `push_in_http_addr` and `push_in_http_port` of the
 /// package's pushpin.conf (left as they are: one Pushpin runs at a time).
@@ -277,7 +277,10 @@ async fn start_nchan(opts: &Options) -> anyhow::Result<Running> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let d = dir.0.display();
     let workers = opts.nchan_workers.max(1);
-    // Each worker may hold every connection: the limit is per process (19,000 < 20,000).
+    // Each worker may hold up to 19,000 connections (the limit is per process, 20,000).
+    // With several workers, `reuseport` gives each its own accept queue, so connections
+    // spread evenly and no worker runs into its limit first.
+    let reuseport = if workers > 1 { " reuseport" } else { "" };
     let conf = format!(
         r"load_module {module};
 daemon off;
@@ -295,7 +298,7 @@ http {{
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port} backlog=4096{reuseport};
         location ~ ^/sub/(\w+)$ {{
             nchan_subscriber;
             nchan_channel_id $1;
@@ -345,7 +348,10 @@ http {{
         addr,
         publish: addr,
         procs,
-        config: format!("worker_processes {workers}, worker_connections 19000, nchan defaults"),
+        config: format!(
+            "worker_processes {workers}, worker_connections 19000, worker_rlimit_nofile 19000{}, nchan defaults",
+            if workers > 1 { ", listen reuseport" } else { "" }
+        ),
         auth: None,
         trees: vec![tree],
         backend: None,
