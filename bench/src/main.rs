@@ -3,6 +3,7 @@
 //! | module | role |
 //! |---|---|
 //! | [`idle_memory`] | `bench idle-memory`: server RSS per idle connection |
+//! | [`idle_scale`] | `bench idle-scale`: RSS per connection at 100k over several server and client processes |
 //! | [`peers`] | `bench peers-idle`: idle memory per connection, push-server next to Nchan and Pushpin |
 //! | [`peers_push`] | `bench peers-push`: push by user at fixed rates, latency and loss, side by side |
 //! | [`peers_accept`] | `bench peers-accept`: connects per second for a burst, side by side |
@@ -27,6 +28,7 @@ mod admin;
 mod chart;
 mod hold;
 mod idle_memory;
+mod idle_scale;
 mod peers;
 mod peers_accept;
 mod peers_push;
@@ -50,6 +52,9 @@ enum Command {
     /// Server RSS per idle connection: start push-server, hold N clients from another
     /// process, compare the server's RSS before and after.
     IdleMemory(idle_memory::Args),
+    /// Idle memory per connection at 100,000 connections: several push-server processes
+    /// (and Nchan with several workers), several client processes.
+    IdleScale(idle_scale::Args),
     /// Idle memory per connection side by side: push-server, Nchan and Pushpin, one after
     /// the other in one run, each peer skipped with a line if it is not installed.
     PeersIdle(peers::Args),
@@ -82,6 +87,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::IdleMemory(args) => idle_memory::run(args),
+        Command::IdleScale(args) => idle_scale::run(args),
         Command::PeersIdle(args) => peers::run(args),
         Command::PeersPush(args) => peers_push::run(args),
         Command::PeersAccept(args) => peers_accept::run(args),
