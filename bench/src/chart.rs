@@ -33,8 +33,11 @@ fn load_font() -> bool {
     false
 }
 
-/// (rate, p50 ms, p99 ms) of every step of a result.
-fn points(r: &Value) -> Vec<(f64, f64, f64)> {
+/// One step: target rate, p50 ms, p99 ms.
+type Point = (f64, f64, f64);
+
+/// The points of every step of a result.
+fn points(r: &Value) -> Vec<Point> {
     r["steps"]
         .as_array()
         .map(|steps| {
@@ -56,9 +59,12 @@ fn points(r: &Value) -> Vec<(f64, f64, f64)> {
 pub fn latency_against_rate(path: &Path, results: &[Value]) -> anyhow::Result<()> {
     let text = load_font();
     if !text {
-        eprintln!("chart: no TTF font found ({}); drawing without text", FONTS.join(", "));
+        eprintln!(
+            "chart: no TTF font found ({}); drawing without text",
+            FONTS.join(", ")
+        );
     }
-    let series: Vec<(String, Vec<(f64, f64, f64)>)> = results
+    let series: Vec<(String, Vec<Point>)> = results
         .iter()
         .map(|r| (r["peer"].as_str().unwrap_or("?").to_owned(), points(r)))
         .filter(|(_, p)| !p.is_empty())
@@ -84,7 +90,10 @@ pub fn latency_against_rate(path: &Path, results: &[Value]) -> anyhow::Result<()
     builder.margin(20);
     if text {
         builder
-            .caption("push by user: latency against rate (p99 solid, p50 dashed)", ("sans-serif", 22))
+            .caption(
+                "push by user: latency against rate (p99 solid, p50 dashed)",
+                ("sans-serif", 22),
+            )
             .x_label_area_size(45)
             .y_label_area_size(60);
     }
@@ -104,7 +113,11 @@ pub fn latency_against_rate(path: &Path, results: &[Value]) -> anyhow::Result<()
         mesh.x_labels(0).y_labels(0);
     }
     mesh.draw()?;
-    let colours = [RGBColor(200, 30, 30), RGBColor(30, 90, 200), RGBColor(20, 140, 60)];
+    let colours = [
+        RGBColor(200, 30, 30),
+        RGBColor(30, 90, 200),
+        RGBColor(20, 140, 60),
+    ];
     for (i, (name, pts)) in series.iter().enumerate() {
         let colour = colours[i % colours.len()];
         let p99 = chart.draw_series(LineSeries::new(
@@ -116,7 +129,10 @@ pub fn latency_against_rate(path: &Path, results: &[Value]) -> anyhow::Result<()
                 PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(3))
             });
         }
-        chart.draw_series(pts.iter().map(|&(x, _, p99)| Circle::new((x, p99), 4, colour.filled())))?;
+        chart.draw_series(
+            pts.iter()
+                .map(|&(x, _, p99)| Circle::new((x, p99), 4, colour.filled())),
+        )?;
         chart.draw_series(DashedLineSeries::new(
             pts.iter().map(|&(x, p50, _)| (x, p50)),
             8,

@@ -31,7 +31,12 @@ const PER_HOLDER: usize = 18_000;
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Systems to run, in order (Pushpin is not run at this scale: ~44 KiB per connection).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "push-server,nchan")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "push-server,nchan"
+    )]
     pub peers: Vec<Peer>,
     /// Connections in all.
     #[arg(long, default_value_t = 100_000)]
@@ -99,10 +104,14 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<Value>> {
             None => {
                 let budget = Duration::from_secs(240 + args.settle_secs)
                     + Duration::from_millis(2 * args.conns as u64);
-                match tokio::time::timeout(budget, system(peer, args, &server_bin, &bench_bin)).await {
+                match tokio::time::timeout(budget, system(peer, args, &server_bin, &bench_bin))
+                    .await
+                {
                     Ok(Ok(v)) => v,
                     Ok(Err(e)) => json!({"peer": peer.as_str(), "error": format!("{e:#}")}),
-                    Err(_) => json!({"peer": peer.as_str(), "error": format!("did not finish within {budget:?}")}),
+                    Err(_) => {
+                        json!({"peer": peer.as_str(), "error": format!("did not finish within {budget:?}")})
+                    }
                 }
             }
         };
@@ -124,7 +133,9 @@ async fn system(
         Peer::PushServer => {
             let per_node = args.conns.div_ceil(args.nodes);
             if per_node as u64 + SPARE_FDS > sys::nofile_limit() {
-                bail!("{per_node} connections per node do not fit in one process: use more --nodes");
+                bail!(
+                    "{per_node} connections per node do not fit in one process: use more --nodes"
+                );
             }
             for n in 0..args.nodes {
                 let share = per_node.min(args.conns - n * per_node);
@@ -187,7 +198,8 @@ async fn system(
             let mut sum = 0.0;
             for (r, _) in &servers {
                 let (_, body) = crate::admin::get(r.publish, "/metrics").await?;
-                sum += crate::admin::connections_open(&body, args.transport.as_str()).unwrap_or(0.0);
+                sum +=
+                    crate::admin::connections_open(&body, args.transport.as_str()).unwrap_or(0.0);
             }
             json!(sum)
         }
@@ -203,7 +215,11 @@ async fn system(
         .sum();
     let mut closed = 0;
     for h in holders {
-        closed += h.finish().await.and_then(|d| d["closed_during_hold"].as_u64()).unwrap_or(0);
+        closed += h
+            .finish()
+            .await
+            .and_then(|d| d["closed_during_hold"].as_u64())
+            .unwrap_or(0);
     }
     let held = ok.saturating_sub(closed);
     let mut processes = serde_json::Map::new();
@@ -214,7 +230,10 @@ async fn system(
         };
         total_before += b.rss_kib;
         total_after += a.rss_kib;
-        processes.insert(format!("{label} ({pid})"), json!({"before_kib": b.rss_kib, "after_kib": a.rss_kib}));
+        processes.insert(
+            format!("{label} ({pid})"),
+            json!({"before_kib": b.rss_kib, "after_kib": a.rss_kib}),
+        );
     }
     let config = servers[0].0.config.clone();
     drop(servers);
@@ -238,7 +257,12 @@ async fn system(
     }))
 }
 
-fn options(args: &Args, server_bin: &std::path::Path, max_conns: usize, server_args: Vec<String>) -> systems::Options {
+fn options(
+    args: &Args,
+    server_bin: &std::path::Path,
+    max_conns: usize,
+    server_args: Vec<String>,
+) -> systems::Options {
     systems::Options {
         max_conns,
         nchan_workers: args.nchan_workers,

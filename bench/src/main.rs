@@ -7,6 +7,7 @@
 //! | [`peers`] | `bench peers-idle`: idle memory per connection, push-server next to Nchan and Pushpin |
 //! | [`peers_push`] | `bench peers-push`: push by user at fixed rates, latency and loss, side by side |
 //! | [`peers_accept`] | `bench peers-accept`: connects per second for a burst, side by side |
+//! | [`compare`] | `bench compare`: every side-by-side scenario in one run; the markdown table, JSON and chart |
 //! | [`chart`] | the PNG chart of latency against rate (plotters) |
 //! | [`registry`] | `bench registry`: `lookup_many` against one Redis and `redis-benchmark`; the ring's cost |
 //! | [`pipeline`] | `bench pipeline`: push-lib → Kafka → msg-processor → push-server → clients, end to end |
@@ -26,6 +27,7 @@ use clap::{Parser, Subcommand};
 
 mod admin;
 mod chart;
+mod compare;
 mod hold;
 mod idle_memory;
 mod idle_scale;
@@ -64,6 +66,9 @@ enum Command {
     /// Accept rate side by side: a burst of M connections per system, connects per second
     /// and connect latency p50/p99.
     PeersAccept(peers_accept::Args),
+    /// Every side-by-side scenario on every system in one run: writes the markdown table
+    /// with ratios (docs/bench/compare.md), the JSON and the latency chart.
+    Compare(compare::Args),
     /// Open N connections and hold them (run by `idle-memory` as a child process).
     #[command(hide = true)]
     Hold(hold::Args),
@@ -91,6 +96,7 @@ fn main() -> ExitCode {
         Command::PeersIdle(args) => peers::run(args),
         Command::PeersPush(args) => peers_push::run(args),
         Command::PeersAccept(args) => peers_accept::run(args),
+        Command::Compare(args) => compare::run(args),
         Command::Hold(args) => hold::run(args),
         Command::Registry(args) => registry::run(args),
         Command::Pipeline(args) => pipeline::run(args),
@@ -116,7 +122,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Runs `work` until it ends or Ctrl-C / SIGTERM arrive; either way, leaving drops what it
 /// started (children are stopped by their guards).
-async fn until_signal<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+async fn until_signal<T>(
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = work => r,

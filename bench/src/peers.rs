@@ -32,14 +32,14 @@ use crate::sys;
 use crate::systems::{self, memories, Peer};
 
 /// Arguments of `bench peers-idle`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Idle connections to hold on each server (one client process: at most ~19,900).
     #[arg(long, default_value_t = 15_000)]
-    conns: usize,
+    pub conns: usize,
     /// Transport of the idle connections (Pushpin: SSE only here).
     #[arg(long, value_enum, default_value_t = Transport::Sse)]
-    transport: Transport,
+    pub transport: Transport,
     /// Servers to run, in order.
     #[arg(
         long,
@@ -47,45 +47,44 @@ pub struct Args {
         value_delimiter = ',',
         default_value = "push-server,nchan,pushpin"
     )]
-    peers: Vec<Peer>,
+    pub peers: Vec<Peer>,
     /// Client source addresses, 127.0.0.2 onwards.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u8).range(1..=253))]
-    sources: u8,
+    pub sources: u8,
     /// Connection attempts in flight at once (push-server and Nchan).
     #[arg(long, default_value_t = 256)]
-    concurrency: usize,
+    pub concurrency: usize,
     /// Connection attempts in flight at once for Pushpin: a gentle ramp (DESIGN.md, Measuring).
     #[arg(long, default_value_t = 64)]
-    pushpin_concurrency: usize,
+    pub pushpin_concurrency: usize,
     /// Seconds to wait after the connections are open before reading the RSS.
     #[arg(long, default_value_t = 5)]
-    settle_secs: u64,
+    pub settle_secs: u64,
     /// push-server binary (passed to `bench idle-memory`).
     #[arg(long)]
-    server_bin: Option<PathBuf>,
+    pub server_bin: Option<PathBuf>,
     /// Print every result as one JSON array on stdout (the human lines go to stderr).
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 /// Runs the peers one after the other; Ctrl-C or SIGTERM stop it and its children.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
-    runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = all(&args) => r,
-            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
-            _ = term.recv() => bail!("terminated"),
-        }
-    })
+    let runtime = crate::runtime()?;
+    let results = runtime.block_on(crate::until_signal(all(&args)))?;
+    let table = table(&results);
+    if args.json {
+        eprint!("{table}");
+        println!("{}", Value::Array(results));
+    } else {
+        print!("{table}");
+    }
+    Ok(())
 }
 
-async fn all(args: &Args) -> anyhow::Result<()> {
+/// Every peer of `args.peers`, in order: one result each (skipped and failed included),
+/// with `push_server_over_peer` set on the peers.
+pub async fn all(args: &Args) -> anyhow::Result<Vec<Value>> {
     let needed = args.conns as u64 + SPARE_FDS;
     let limit = sys::nofile_limit();
     if needed > limit {
@@ -134,10 +133,15 @@ async fn all(args: &Args) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(results)
+}
+
+/// The human table of `peers-idle`.
+pub fn table(results: &[Value]) -> String {
     let mut table = String::from(
         "peer         held    total RSS before -> after KiB   KiB/conn   push-server ÷ peer\n",
     );
-    for r in &results {
+    for r in results {
         let _ = writeln!(
             table,
             "{:<12} {:>6}   {:>10} -> {:<10}          {:>8}   {}",
@@ -161,13 +165,7 @@ async fn all(args: &Args) -> anyhow::Result<()> {
             ),
         );
     }
-    if args.json {
-        eprint!("{table}");
-        println!("{}", Value::Array(results));
-    } else {
-        print!("{table}");
-    }
-    Ok(())
+    table
 }
 
 /// One human line for a result.
@@ -391,11 +389,11 @@ async fn start_and_measure(peer: Peer, args: &Args, bench_bin: &Path) -> anyhow:
     .await;
     if let Ok(r) = &mut result {
         r["config"] = json!(match peer {
-            Peer::Nchan => "worker_processes 1, master_process on; figure = worker + master".to_owned(),
+            Peer::Nchan =>
+                "worker_processes 1, master_process on; figure = worker + master".to_owned(),
             _ => running.config.clone(),
         });
     }
     drop(running);
     result
 }
-

@@ -66,7 +66,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// One result per system (skipped and failed included).
 pub async fn all(args: &Args) -> anyhow::Result<Vec<Value>> {
     if args.conns as u64 + SPARE_FDS > sys::nofile_limit() {
-        anyhow::bail!("{} connections do not fit in one client process here", args.conns);
+        anyhow::bail!(
+            "{} connections do not fit in one client process here",
+            args.conns
+        );
     }
     let server_bin = systems::server_bin(args.server_bin.as_deref())?;
     let bench_bin = std::env::current_exe()?;
@@ -85,11 +88,16 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<Value>> {
                 json!({"peer": peer.as_str(), "skipped": why})
             }
             None => {
-                let budget = Duration::from_secs(150) + Duration::from_millis(10 * args.conns as u64);
-                match tokio::time::timeout(budget, system(peer, args, &server_bin, &bench_bin)).await {
+                let budget =
+                    Duration::from_secs(150) + Duration::from_millis(10 * args.conns as u64);
+                match tokio::time::timeout(budget, system(peer, args, &server_bin, &bench_bin))
+                    .await
+                {
                     Ok(Ok(v)) => v,
                     Ok(Err(e)) => json!({"peer": peer.as_str(), "error": format!("{e:#}")}),
-                    Err(_) => json!({"peer": peer.as_str(), "error": format!("did not finish within {budget:?}")}),
+                    Err(_) => {
+                        json!({"peer": peer.as_str(), "error": format!("did not finish within {budget:?}")})
+                    }
                 }
             }
         };
@@ -155,7 +163,12 @@ fn line(r: &Value) -> String {
     }
     format!(
         "{peer}: {} opened ({} failed) at {}/s, connect p50 {} p99 {} max {} ms",
-        r["opened"], r["failed"], r["opened_per_sec"], r["connect_p50_ms"], r["connect_p99_ms"], r["connect_max_ms"]
+        r["opened"],
+        r["failed"],
+        r["opened_per_sec"],
+        r["connect_p50_ms"],
+        r["connect_p99_ms"],
+        r["connect_max_ms"]
     )
 }
 

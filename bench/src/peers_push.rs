@@ -69,7 +69,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "1000,2000,5000,10000,20000,40000,80000"
+        default_value = "20,100,1000,5000,10000,15000,20000,25000,30000,40000,60000,80000"
     )]
     pub rates: Vec<u32>,
     /// Length of one step.
@@ -149,7 +149,10 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<Value>> {
             None => {
                 // Bounded: subscriptions, every step with its settle time, start and stop.
                 let budget = Duration::from_secs(120)
-                    + (Duration::from_secs(args.step_secs) + MAX_LAG + SETTLE + Duration::from_secs(2))
+                    + (Duration::from_secs(args.step_secs)
+                        + MAX_LAG
+                        + SETTLE
+                        + Duration::from_secs(2))
                         * args.rates.len() as u32;
                 match tokio::time::timeout(budget, system(peer, args, &server_bin)).await {
                     Ok(Ok(v)) => v,
@@ -157,7 +160,9 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<Value>> {
                         eprintln!("{}: failed: {e:#}", peer.as_str());
                         json!({"peer": peer.as_str(), "error": format!("{e:#}")})
                     }
-                    Err(_) => json!({"peer": peer.as_str(), "error": format!("did not finish within {budget:?}")}),
+                    Err(_) => {
+                        json!({"peer": peer.as_str(), "error": format!("did not finish within {budget:?}")})
+                    }
                 }
             }
         };
@@ -345,7 +350,10 @@ async fn subscribe(
             };
             let _ = tx.send(Ok(()));
             drop(tx);
-            hold::drive(conn, &heartbeats, |_, _, data| seen.record(data, unix_micros())).await;
+            hold::drive(conn, &heartbeats, |_, _, data| {
+                seen.record(data, unix_micros())
+            })
+            .await;
             seen.closed.fetch_add(1, Ordering::Relaxed);
         });
     }
@@ -361,7 +369,9 @@ async fn subscribe(
                 *errors.entry(e).or_default() += 1;
             }
             Ok(None) => break,
-            Err(_) => bail!("subscriptions did not finish within 60 s ({ok} open, {failed} failed)"),
+            Err(_) => {
+                bail!("subscriptions did not finish within 60 s ({ok} open, {failed} failed)")
+            }
         }
     }
     Ok(Subscribed {
@@ -477,8 +487,10 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
     for (label, cores) in cpu {
         *cpu_by.entry(label).or_default() += cores;
     }
-    let cpu_by: std::collections::BTreeMap<String, f64> =
-        cpu_by.into_iter().map(|(l, c)| (l, sys::round2(c))).collect();
+    let cpu_by: std::collections::BTreeMap<String, f64> = cpu_by
+        .into_iter()
+        .map(|(l, c)| (l, sys::round2(c)))
+        .collect();
     json!({
         "rate": rate,
         "achieved": achieved.round(),
@@ -502,7 +514,11 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
 }
 
 /// One `POST` on a kept-alive connection (opened if needed): the response status.
-async fn post(slot: &mut Option<TcpStream>, addr: SocketAddr, request: &str) -> anyhow::Result<u16> {
+async fn post(
+    slot: &mut Option<TcpStream>,
+    addr: SocketAddr,
+    request: &str,
+) -> anyhow::Result<u16> {
     tokio::time::timeout(REQUEST_TIMEOUT, async {
         if slot.is_none() {
             let s = TcpStream::connect(addr)
@@ -594,7 +610,10 @@ pub fn ratios(results: &[Value]) -> Vec<(String, Option<f64>, Option<f64>)> {
         .filter(|r| r["peer"] != "push-server" && r["steps"].is_array())
         .map(|r| {
             let theirs = r["max_sustained_rate"].as_f64();
-            let rate = ours["max_sustained_rate"].as_f64().zip(theirs).map(|(a, b)| sys::round2(a / b));
+            let rate = ours["max_sustained_rate"]
+                .as_f64()
+                .zip(theirs)
+                .map(|(a, b)| sys::round2(a / b));
             let p99 = r["max_sustained_rate"].as_u64().and_then(|rate| {
                 let (a, b) = (p99_at(ours, rate)?, p99_at(r, rate)?);
                 (b > 0.0).then(|| sys::round2(a / b))

@@ -308,15 +308,9 @@ async fn receive(args: Args) -> anyhow::Result<()> {
         );
         tokio::spawn(async move {
             let permit = permits.acquire_owned().await;
-            let opened = loadtest::conn::open(
-                source,
-                server,
-                Transport::Ws,
-                &token,
-                None,
-                connect_timeout,
-            )
-            .await;
+            let opened =
+                loadtest::conn::open(source, server, Transport::Ws, &token, None, connect_timeout)
+                    .await;
             drop(permit);
             let conn = match opened {
                 Ok(conn) => conn,
@@ -329,25 +323,25 @@ async fn receive(args: Args) -> anyhow::Result<()> {
             drop(results);
             let mut tracker = UserTracker::default();
             let ended = hold::drive(conn, &heartbeats, |id, mid, data| {
-                    let now = now_us();
-                    match arrival(id, mid, data) {
-                        Ok(Some(a)) => {
-                            let seen = tracker.observe(&a);
-                            let mut runs = shared.runs.lock().expect("no panics under the lock");
-                            runs.entry(a.run)
-                                .or_insert_with(RunStats::new)
-                                .add(seen, a.sent_us, now);
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            // The first few say what is wrong; thousands more say nothing new.
-                            if shared.bad_frames.fetch_add(1, Ordering::Relaxed) < 5 {
-                                eprintln!("bench receive: {e:#}: {data}");
-                            }
+                let now = now_us();
+                match arrival(id, mid, data) {
+                    Ok(Some(a)) => {
+                        let seen = tracker.observe(&a);
+                        let mut runs = shared.runs.lock().expect("no panics under the lock");
+                        runs.entry(a.run)
+                            .or_insert_with(RunStats::new)
+                            .add(seen, a.sent_us, now);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        // The first few say what is wrong; thousands more say nothing new.
+                        if shared.bad_frames.fetch_add(1, Ordering::Relaxed) < 5 {
+                            eprintln!("bench receive: {e:#}: {data}");
                         }
                     }
-                })
-                .await;
+                }
+            })
+            .await;
             shared.closed.fetch_add(1, Ordering::Relaxed);
             shared
                 .conn_seq_regressions

@@ -40,8 +40,7 @@ pub const SECRET: &str = "bench-side-by-side-secret-012345";
 
 /// Pushpin's HTTP publish API: `push_in_http_addr` and `push_in_http_port` of the
 /// package's pushpin.conf (left as they are: one Pushpin runs at a time).
-const PUSHPIN_PUBLISH: SocketAddr =
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5561);
+const PUSHPIN_PUBLISH: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5561);
 
 /// The servers compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -191,7 +190,10 @@ impl Running {
                     "channel": user,
                     "formats": {"http-stream": {"content": content}},
                 });
-                ("/publish/".to_owned(), serde_json::json!({"items": [item]}).to_string())
+                (
+                    "/publish/".to_owned(),
+                    serde_json::json!({"items": [item]}).to_string(),
+                )
             }
         };
         format!(
@@ -219,7 +221,10 @@ async fn start_push_server(opts: &Options) -> anyhow::Result<Running> {
             break SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         }
     };
-    eprintln!("starting {} on {addr} (admin {admin})", opts.server_bin.display());
+    eprintln!(
+        "starting {} on {addr} (admin {admin})",
+        opts.server_bin.display()
+    );
     let mut tree = Tree::spawn(
         "push-server",
         Command::new(&opts.server_bin)
@@ -416,7 +421,11 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
             ("global", "rundir", dir.0.join("run").display().to_string()),
             ("runner", "http_port", port.to_string()),
             ("runner", "logdir", dir.0.join("log").display().to_string()),
-            ("runner", "client_maxconn", (opts.max_conns + 1000).to_string()),
+            (
+                "runner",
+                "client_maxconn",
+                (opts.max_conns + 1000).to_string(),
+            ),
             (
                 "proxy",
                 "routesfile",
@@ -424,7 +433,11 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
             ),
             ("handler", "message_rate", rate.to_string()),
             // The queue in front of the rate limit: 10 s of messages at that rate.
-            ("handler", "message_hwm", (rate.saturating_mul(10)).to_string()),
+            (
+                "handler",
+                "message_hwm",
+                (rate.saturating_mul(10)).to_string(),
+            ),
         ],
     );
     let conf_path = dir.0.join("pushpin.conf");
@@ -499,13 +512,17 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
         }
     }
     // The publish API too.
-    wait_listening(PUSHPIN_PUBLISH, &mut running.trees[0], Duration::from_secs(10)).await?;
+    wait_listening(
+        PUSHPIN_PUBLISH,
+        &mut running.trees[0],
+        Duration::from_secs(10),
+    )
+    .await?;
     if let Some(status) = running.trees[1].exited() {
         bail!("zurl exited with {status}");
     }
     Ok(running)
 }
-
 
 /// A process started here, stopped with its descendants when dropped: SIGTERM to all, a
 /// short wait, then SIGKILL to whatever is left (nginx workers and Pushpin's services do not
