@@ -57,7 +57,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "20,100,1000,5000,10000,15000,20000,25000,30000,40000,60000,80000"
+        default_value = "20,100,1000,5000,10000,20000,30000,40000,50000,60000,80000,100000,120000"
     )]
     rates: Vec<u32>,
     /// Length of one push step.
@@ -69,12 +69,23 @@ pub struct Args {
     /// push-server binary. Default: `push-server` next to this `bench` binary.
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// Run nothing: write the table and the chart again from this JSON of an earlier run.
+    #[arg(long)]
+    from_json: Option<PathBuf>,
 }
 
 /// Runs every scenario, then writes the table, the JSON and the chart.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let runtime = crate::runtime()?;
-    let report = runtime.block_on(crate::until_signal(all(&args)))?;
+    let report = match &args.from_json {
+        Some(path) => serde_json::from_str(
+            &std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        )?,
+        None => {
+            let runtime = crate::runtime()?;
+            runtime.block_on(crate::until_signal(all(&args)))?
+        }
+    };
     let markdown = markdown(&report, &args);
     for path in [&args.out, &args.json_out, &args.chart] {
         if let Some(dir) = path.parent() {
@@ -83,8 +94,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     std::fs::write(&args.out, &markdown)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
-    std::fs::write(&args.json_out, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("cannot write {}", args.json_out.display()))?;
+    if args.from_json.as_ref() != Some(&args.json_out) {
+        std::fs::write(&args.json_out, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", args.json_out.display()))?;
+    }
     if let Some(push) = report["push"].as_array() {
         crate::chart::latency_against_rate(&args.chart, push)?;
     }
@@ -260,6 +273,26 @@ fn say(r: Option<f64>, better: Better) -> String {
     }
 }
 
+/// CPU time the system's own processes used per message in a step, µs: the step's
+/// `cpu_cores` minus `bench` and `others`, times the readings' window, over the messages
+/// accepted.
+fn cpu_us_per_msg(step: &Value) -> Option<f64> {
+    let cores: f64 = step["cpu_cores"]
+        .as_object()?
+        .iter()
+        .filter(|(k, _)| *k != "bench" && *k != "others")
+        .filter_map(|(_, v)| v.as_f64())
+        .sum();
+    // Below 1,000/s the CPU readings (10 ms ticks) say little per message.
+    step["achieved"].as_f64().filter(|r| *r >= 1000.0)?;
+    let accepted = step["accepted"].as_f64().filter(|n| *n > 0.0)?;
+    // Older reports have no window: the sending time (accepted ÷ achieved) stands in.
+    let wall = step["wall_secs"]
+        .as_f64()
+        .or_else(|| Some(accepted / step["achieved"].as_f64().filter(|r| *r > 0.0)?))?;
+    Some(sys::round2(cores * wall / accepted * 1e6))
+}
+
 /// The markdown report.
 pub fn markdown(report: &Value, args: &Args) -> String {
     let peers = ["nchan", "pushpin"];
@@ -385,6 +418,35 @@ pub fn markdown(report: &Value, args: &Args) -> String {
             md,
             "| push by user: push-server's p99 ÷ the peer's, at the peer's highest sustained rate | | | | {} | {} |",
             same[0], same[1]
+        );
+        // CPU the system used per message (bench and the rest of the machine left out), at
+        // the highest rate each sustained; the ratio compares the same rate (the peer's).
+        let per_msg = |peer: &str, rate: Option<u64>| -> Option<f64> {
+            let r = of(push, peer)?;
+            let rate = rate.or_else(|| r["max_sustained_rate"].as_u64())?;
+            let step = r["steps"]
+                .as_array()?
+                .iter()
+                .find(|s| s["rate"].as_u64() == Some(rate))?;
+            cpu_us_per_msg(step)
+        };
+        let mut cells = Vec::new();
+        let mut ratios = Vec::new();
+        for p in ["push-server", peers[0], peers[1]] {
+            cells.push(per_msg(p, None).map_or("–".into(), |x| format!("{x:.1}")));
+        }
+        for p in peers {
+            let rate = of(push, p).and_then(|r| r["max_sustained_rate"].as_u64());
+            let r = per_msg("push-server", rate)
+                .zip(per_msg(p, rate))
+                .filter(|(_, b)| *b > 0.0)
+                .map(|(a, b)| sys::round2(a / b));
+            ratios.push(say(r, Better::Lower));
+        }
+        let _ = writeln!(
+            md,
+            "| push by user: CPU of the system per message at its highest sustained rate (µs; ratio at the peer's rate) | {} | {} | {} | {} | {} |",
+            cells[0], cells[1], cells[2], ratios[0], ratios[1]
         );
     }
     let _ = writeln!(

@@ -131,12 +131,29 @@ async fn hold(args: Args) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let permit = permits.acquire_owned().await;
             let begun = Instant::now();
+            // Boxed: the opening futures (handshake buffers, the hello's parsing) would
+            // otherwise size every task for as long as it holds its idle connection.
             let opened = match &target {
                 Target::Token(token) => {
-                    conn::open(source, server, transport, token, None, connect_timeout).await
+                    Box::pin(conn::open(
+                        source,
+                        server,
+                        transport,
+                        token,
+                        None,
+                        connect_timeout,
+                    ))
+                    .await
                 }
                 Target::Path(path) => {
-                    conn::open_raw(source, server, transport, path, connect_timeout).await
+                    Box::pin(conn::open_raw(
+                        source,
+                        server,
+                        transport,
+                        path,
+                        connect_timeout,
+                    ))
+                    .await
                 }
             };
             let took_us = begun.elapsed().as_micros() as u64;

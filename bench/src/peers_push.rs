@@ -69,7 +69,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "20,100,1000,5000,10000,15000,20000,25000,30000,40000,60000,80000"
+        default_value = "20,100,1000,5000,10000,20000,30000,40000,50000,60000,80000,100000,120000"
     )]
     pub rates: Vec<u32>,
     /// Length of one step.
@@ -251,7 +251,14 @@ async fn system(peer: Peer, args: &Args, server_bin: &std::path::Path) -> anyhow
         server_bin: server_bin.to_owned(),
         server_args: Vec::new(),
     };
-    let running = Arc::new(systems::start(peer, &opts).await?);
+    let running = systems::start(peer, &opts).await?;
+    measure(running, args).await
+}
+
+/// Subscribes and runs the steps on a started system; stops it at the end.
+async fn measure(running: Running, args: &Args) -> anyhow::Result<Value> {
+    let peer = running.peer;
+    let running = Arc::new(running);
     let seen = Arc::new(Seen::default());
     let subscribed = subscribe(&running, args, &seen).await?;
     eprintln!(
@@ -467,6 +474,7 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let cpu = meter.stop();
+    let wall_secs = start.elapsed().as_secs_f64();
     let s = {
         let steps = seen.steps.lock().unwrap_or_else(|e| e.into_inner());
         let s = &steps[k];
@@ -509,6 +517,8 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
         "request_p50_ms": ms(request_us.value_at_quantile(0.5)),
         "request_p99_ms": ms(request_us.value_at_quantile(0.99)),
         "cpu_cores": cpu_by,
+        // The CPU readings' window: sending and the settle after it.
+        "wall_secs": sys::round2(wall_secs),
         "sustained": sustained,
     })
 }
@@ -621,4 +631,91 @@ pub fn ratios(results: &[Value]) -> Vec<(String, Option<f64>, Option<f64>)> {
             (r["peer"].as_str().unwrap_or("?").to_owned(), rate, p99)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    /// Tiny scale: 20 subscribers, two 1-second steps. Checks the accounting (every message
+    /// published arrives once, in its step), never the latency.
+    fn tiny(extra: &[&str]) -> Args {
+        let mut argv = vec![
+            "peers-push",
+            "--subscribers",
+            "20",
+            "--rates",
+            "100,300",
+            "--step-secs",
+            "1",
+            "--sources",
+            "2",
+            "--keep-going",
+        ];
+        argv.extend_from_slice(extra);
+        Cli::parse_from(argv).args
+    }
+
+    fn check(r: &Value, rates: usize) {
+        assert_eq!(r["subscribed"], 20, "{r}");
+        let steps = r["steps"].as_array().expect("steps");
+        assert_eq!(steps.len(), rates, "{r}");
+        for s in steps {
+            assert_eq!(s["failed"], 0, "{s}");
+            assert_eq!(s["unsent"], 0, "{s}");
+            assert_eq!(s["lost"], 0, "{s}");
+            assert_eq!(s["duplicates"], 0, "{s}");
+            assert_eq!(s["received"], s["attempted"], "{s}");
+        }
+        assert_eq!(r["foreign"], 0, "{r}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn push_server_in_process_gets_every_message() {
+        const SECRET: &str = "bench-peers-push-test-secret-0123";
+        let server = push_server::Server::start(push_server::Config::local_test(SECRET))
+            .await
+            .expect("server starts");
+        let running =
+            Running::attach_push_server(server.client_addr(), server.admin_addr(), SECRET);
+        let r = measure(running, &tiny(&[])).await.expect("runs");
+        check(&r, 2);
+    }
+
+    #[test]
+    fn ratios_compare_rates_and_the_p99_at_the_peers_rate() {
+        let ours = json!({"peer": "push-server", "max_sustained_rate": 30000,
+            "steps": [{"rate": 10000, "p99_ms": 2.0}, {"rate": 30000, "p99_ms": 5.0}]});
+        let nchan = json!({"peer": "nchan", "max_sustained_rate": 10000,
+            "steps": [{"rate": 10000, "p99_ms": 4.0}]});
+        let pushpin = json!({"peer": "pushpin", "max_sustained_rate": null, "steps": []});
+        let skipped = json!({"peer": "other", "skipped": "not installed"});
+        let r = ratios(&[ours, nchan, pushpin, skipped]);
+        assert_eq!(
+            r,
+            vec![
+                ("nchan".to_owned(), Some(3.0), Some(0.5)),
+                ("pushpin".to_owned(), None, None)
+            ]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nchan_if_installed_gets_every_message() {
+        let args = tiny(&["--peers", "nchan", "--nchan-workers", "1"]);
+        let bin = std::path::PathBuf::from("/nonexistent");
+        if let Some(why) = systems::missing(Peer::Nchan, Transport::Sse, &bin) {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let r = system(Peer::Nchan, &args, &bin).await.expect("runs");
+        check(&r, 2);
+    }
 }

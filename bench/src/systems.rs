@@ -156,6 +156,23 @@ impl Drop for Running {
 }
 
 impl Running {
+    /// A push-server this process did not start (in-process in tests): clients on `addr`,
+    /// admin on `admin`, tokens minted with `secret`.
+    #[cfg(test)]
+    pub fn attach_push_server(addr: SocketAddr, admin: SocketAddr, secret: &str) -> Self {
+        Self {
+            peer: Peer::PushServer,
+            addr,
+            publish: admin,
+            procs: Vec::new(),
+            config: "attached".into(),
+            auth: Some(Authenticator::new(secret.as_bytes(), false)),
+            trees: Vec::new(),
+            backend: None,
+            _dir: None,
+        }
+    }
+
     /// Subscribes user `u{i}` from `source`: push-server with a token (and waits for the
     /// hello), a peer at `/sub/u{i}`.
     pub async fn subscribe(

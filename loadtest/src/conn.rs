@@ -170,7 +170,13 @@ async fn open_inner(
     token: &str,
     since: Option<u64>,
 ) -> anyhow::Result<Conn> {
-    let mut conn = handshake(source, server, transport, &request(server, transport, token, since)).await?;
+    let mut conn = handshake(
+        source,
+        server,
+        transport,
+        &request(server, transport, token, since),
+    )
+    .await?;
     // The protocol says the hello is the first message; anything else is a violation the
     // caller counts, so it is an error here.
     loop {
@@ -266,10 +272,13 @@ async fn handshake(
     let header = |name: &str| {
         head.lines().find_map(|l| {
             let (n, v) = l.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
         })
     };
-    if transport == Transport::Ws && header("sec-websocket-accept") != Some(ws::accept_key(WS_KEY)) {
+    if transport == Transport::Ws && header("sec-websocket-accept") != Some(ws::accept_key(WS_KEY))
+    {
         bail!("101 without the right Sec-WebSocket-Accept");
     }
     let chunked = transport == Transport::Sse
@@ -383,8 +392,12 @@ impl Conn {
         let parsed = match (self.transport, self.raw) {
             (Transport::Ws, false) => parse_ws(&self.pending)?,
             (Transport::Sse, false) => parse_sse(&self.pending),
-            (Transport::Ws, true) => parse_ws(&self.pending)?.map(|(ev, used)| (raw_event(ev), used)),
-            (Transport::Sse, true) => parse_sse(&self.pending).map(|(ev, used)| (raw_event(ev), used)),
+            (Transport::Ws, true) => {
+                parse_ws(&self.pending)?.map(|(ev, used)| (raw_event(ev), used))
+            }
+            (Transport::Sse, true) => {
+                parse_sse(&self.pending).map(|(ev, used)| (raw_event(ev), used))
+            }
         };
         let Some((event, used)) = parsed else {
             return Ok(None);
@@ -535,7 +548,8 @@ fn dechunk(raw: &[u8], out: &mut Vec<u8>) -> anyhow::Result<usize> {
         };
         let line = std::str::from_utf8(&raw[at..at + eol]).context("chunk size not ASCII")?;
         let hex = line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(hex, 16).with_context(|| format!("bad chunk size `{hex}`"))?;
+        let size =
+            usize::from_str_radix(hex, 16).with_context(|| format!("bad chunk size `{hex}`"))?;
         let data = at + eol + 2;
         if raw.len() < data + size + 2 {
             return Ok(at);
@@ -675,7 +689,7 @@ mod tests {
     #[test]
     fn dechunks_whole_chunks_only() {
         let mut out = Vec::new();
-        let raw = b"5\r\n: hi\n\r\n1a;x=y\r\nevent: message\ndata: {}\n\n\r\n3\r\nab";
+        let raw = b"5\r\n: hi\n\r\n19;x=y\r\nevent: message\ndata: {}\n\n\r\n3\r\nab";
         let used = dechunk(raw, &mut out).unwrap();
         assert_eq!(out, b": hi\nevent: message\ndata: {}\n\n");
         assert_eq!(&raw[used..], b"3\r\nab");

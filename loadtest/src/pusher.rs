@@ -253,8 +253,7 @@ pub async fn read_response(stream: &mut TcpStream) -> anyhow::Result<Response> {
         if let httparse::Status::Complete(head_len) = resp.parse(&buf)? {
             let status = resp.code.unwrap_or(0);
             let close = resp.headers.iter().any(|h| {
-                h.name.eq_ignore_ascii_case("connection")
-                    && h.value.eq_ignore_ascii_case(b"close")
+                h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close")
             });
             let len: usize = resp
                 .headers
