@@ -18,7 +18,11 @@ use serde_json::json;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::client::{self, Ended, Transport};
+use hdrhistogram::Histogram;
+use loadtest::conn::{self, Conn, Event};
+
+pub use loadtest::conn::Transport;
+
 use crate::sys;
 
 /// File descriptors a process needs besides its sockets (stdio, epoll, runtime, binary).
@@ -95,7 +99,8 @@ async fn hold(args: Args) -> anyhow::Result<()> {
     // Bounded so that the server's accept queue and handshake limit are not the thing
     // measured, and so that a failure shows up early instead of as 15,000 timeouts.
     let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
-    let (results, mut connected) = mpsc::unbounded_channel::<Result<(), String>>();
+    // Each connection's result: the time from connect to open (hello, or the peer's head), µs.
+    let (results, mut connected) = mpsc::unbounded_channel::<Result<u64, String>>();
     let closed = Arc::new(AtomicUsize::new(0));
     let heartbeats = Arc::new(AtomicUsize::new(0));
     let connect_timeout = Duration::from_secs(args.connect_timeout_secs);
@@ -125,29 +130,45 @@ async fn hold(args: Args) -> anyhow::Result<()> {
         let (server, transport) = (args.server, args.transport);
         tokio::spawn(async move {
             let permit = permits.acquire_owned().await;
-            let opened = tokio::time::timeout(connect_timeout, async {
-                match &target {
-                    Target::Token(token) => client::open(source, server, transport, token).await,
-                    Target::Path(path) => client::open_raw(source, server, transport, path).await,
+            let begun = Instant::now();
+            // Boxed: the opening futures (handshake buffers, the hello's parsing) would
+            // otherwise size every task for as long as it holds its idle connection.
+            let opened = match &target {
+                Target::Token(token) => {
+                    Box::pin(conn::open(
+                        source,
+                        server,
+                        transport,
+                        token,
+                        None,
+                        connect_timeout,
+                    ))
+                    .await
                 }
-            })
-            .await;
+                Target::Path(path) => {
+                    Box::pin(conn::open_raw(
+                        source,
+                        server,
+                        transport,
+                        path,
+                        connect_timeout,
+                    ))
+                    .await
+                }
+            };
+            let took_us = begun.elapsed().as_micros() as u64;
             drop(permit);
             drop(target);
             let conn = match opened {
-                Ok(Ok(conn)) => conn,
-                Ok(Err(e)) => {
+                Ok(conn) => conn,
+                Err(e) => {
                     let _ = results.send(Err(format!("{e:#}")));
                     return;
                 }
-                Err(_) => {
-                    let _ = results.send(Err(format!("no hello within {connect_timeout:?}")));
-                    return;
-                }
             };
-            let _ = results.send(Ok(()));
+            let _ = results.send(Ok(took_us));
             drop(results);
-            let ended = conn.hold(&heartbeats).await;
+            let ended = drive(conn, &heartbeats, |_, _, _| {}).await;
             closed.fetch_add(1, Ordering::Relaxed);
             if ended != Ended::Eof {
                 eprintln!("bench hold: connection {i} ended: {ended:?}");
@@ -159,10 +180,16 @@ async fn hold(args: Args) -> anyhow::Result<()> {
     let (mut ok, mut failed) = (0usize, 0usize);
     // Error text → count, so 15,000 identical failures print as one line.
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+    let mut last_open = started;
     while ok + failed < args.conns {
         tokio::select! {
             r = connected.recv() => match r {
-                Some(Ok(())) => ok += 1,
+                Some(Ok(us)) => {
+                    ok += 1;
+                    latency.saturating_record(us.max(1));
+                    last_open = Instant::now();
+                }
                 Some(Err(e)) => {
                     failed += 1;
                     *errors.entry(e).or_default() += 1;
@@ -181,6 +208,12 @@ async fn hold(args: Args) -> anyhow::Result<()> {
             "failed": failed,
             "errors": errors,
             "connect_secs": started.elapsed().as_secs_f64(),
+            // Accept rate: connections opened per second, from the first attempt to the
+            // last success (failures that time out later do not stretch it).
+            "opened_per_sec": ok as f64 / (last_open - started).as_secs_f64().max(1e-6),
+            "connect_p50_us": latency.value_at_quantile(0.5),
+            "connect_p99_us": latency.value_at_quantile(0.99),
+            "connect_max_us": latency.max(),
             "rss_kib": memory.map(|m| m.rss_kib),
         })
     );
@@ -206,4 +239,145 @@ async fn hold(args: Args) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// How a held connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The server closed TCP (or the socket failed).
+    Eof,
+    /// The server sent a WebSocket close frame with this code.
+    CloseFrame(u16),
+    /// The server broke the protocol.
+    Error,
+}
+
+/// Holds a connection until the server ends it: answers WebSocket pings, counts heartbeats
+/// (pings, SSE comments) in `heartbeats`, and hands every message to `on_message` as
+/// `(id, mid, data)`.
+pub async fn drive(
+    mut conn: Conn,
+    heartbeats: &AtomicUsize,
+    mut on_message: impl FnMut(u64, Option<&str>, &str),
+) -> Ended {
+    loop {
+        match conn.next_event().await {
+            Event::Message { id, mid, data } => on_message(id, mid.as_deref(), &data),
+            Event::Ping(payload) => {
+                heartbeats.fetch_add(1, Ordering::Relaxed);
+                if conn.pong(&payload).await.is_err() {
+                    return Ended::Eof;
+                }
+            }
+            Event::Heartbeat => {
+                heartbeats.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Closed(None) => return Ended::Eof,
+            Event::Closed(Some(code)) => return Ended::CloseFrame(code),
+            Event::Other(text) if text.starts_with("protocol_error") => return Ended::Error,
+            Event::Reconnect { .. } | Event::Other(_) => {}
+        }
+    }
+}
+
+/// What the connections of a [`Holder`] present.
+#[derive(Debug, Clone)]
+pub enum Present {
+    /// push-server: tokens minted with this secret for `u0` … (`u{first}` onwards).
+    Secret(String),
+    /// A peer: this path, `{i}` replaced by the connection's index.
+    Path(String),
+}
+
+/// A `bench hold` child process, killed when dropped.
+#[derive(Debug)]
+pub struct Holder {
+    child: tokio::process::Child,
+    /// Its pid, for memory readings.
+    pub pid: u32,
+    out: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+/// How a [`Holder`] connects.
+#[derive(Debug, Clone)]
+pub struct HoldPlan {
+    /// The server's client address.
+    pub server: SocketAddr,
+    /// Transport of every connection.
+    pub transport: Transport,
+    /// Connections to open.
+    pub conns: usize,
+    /// Source addresses 127.0.0.2 … 127.0.0.(2 + sources − 1).
+    pub sources: u8,
+    /// Connects in flight.
+    pub concurrency: usize,
+    /// Token or path.
+    pub present: Present,
+    /// The holder's own deadline.
+    pub hold_secs: u64,
+}
+
+impl Holder {
+    /// Starts `bench hold` with `plan`.
+    pub fn spawn(bench_bin: &std::path::Path, plan: &HoldPlan) -> anyhow::Result<Self> {
+        use std::process::Stdio;
+        let mut cmd = tokio::process::Command::new(bench_bin);
+        cmd.arg("hold")
+            .args(["--transport", plan.transport.as_str()])
+            .arg("--server")
+            .arg(plan.server.to_string())
+            .arg("--conns")
+            .arg(plan.conns.to_string())
+            .arg("--sources")
+            .arg(plan.sources.to_string())
+            .arg("--concurrency")
+            .arg(plan.concurrency.to_string())
+            .arg("--hold-secs")
+            .arg(plan.hold_secs.to_string());
+        match &plan.present {
+            Present::Secret(s) => cmd.args(["--secret", s]),
+            Present::Path(p) => cmd.args(["--path", p]),
+        };
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start `bench hold`")?;
+        let pid = child.id().context("bench hold exited at once")?;
+        let out = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+            child.stdout.take().context("hold stdout")?,
+        ));
+        Ok(Self { child, pid, out })
+    }
+
+    /// Waits for the `connected` report (ok, failed, errors, connect latency, rate).
+    pub async fn connected(&mut self, budget: Duration) -> anyhow::Result<serde_json::Value> {
+        tokio::time::timeout(budget, self.event("connected"))
+            .await
+            .with_context(|| format!("the hold process did not report within {budget:?}"))?
+    }
+
+    async fn event(&mut self, event: &str) -> anyhow::Result<serde_json::Value> {
+        while let Some(line) = self.out.next_line().await? {
+            match serde_json::from_str::<serde_json::Value>(&line) {
+                Ok(v) if v["event"] == event => return Ok(v),
+                _ => eprintln!("bench hold: {line}"),
+            }
+        }
+        bail!("the hold process exited before reporting `{event}` (its errors are above)")
+    }
+
+    /// Lets the process go (stdin closed) and returns its `done` report, if it gave one.
+    pub async fn finish(mut self) -> Option<serde_json::Value> {
+        drop(self.child.stdin.take());
+        let done = tokio::time::timeout(Duration::from_secs(10), self.event("done"))
+            .await
+            .ok()
+            .and_then(Result::ok);
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        done
+    }
 }

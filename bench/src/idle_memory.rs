@@ -22,8 +22,7 @@ use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
 use crate::admin;
-use crate::client::Transport;
-use crate::hold::SPARE_FDS;
+use crate::hold::{Transport, SPARE_FDS};
 use crate::sys;
 
 /// Secret shared by the server and the hold process (32 characters; any value works).

@@ -32,8 +32,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::client::{self, Ended, Transport};
-use crate::hold::SPARE_FDS;
+use crate::hold::{self, Ended, Transport, SPARE_FDS};
 use crate::sys;
 
 /// Arguments of `bench receive`.
@@ -122,9 +121,26 @@ pub struct Arrival {
     pub sent_us: Option<u64>,
 }
 
+/// One `message` as the client parsed it: its per-connection `id`, `mid` and `data`.
+fn arrival(id: u64, mid: Option<&str>, data: &str) -> anyhow::Result<Option<Arrival>> {
+    let payload: Payload = serde_json::from_str(data).context("data is not the expected JSON")?;
+    let frame = Frame {
+        kind: "message".into(),
+        id: Some(id),
+        mid: mid.map(str::to_owned),
+        data: Some(payload),
+    };
+    from_frame(frame)
+}
+
 /// Reads a `message` frame; `Ok(None)` for other frames (heartbeats as text, notices).
+#[cfg(test)]
 fn parse_frame(text: &[u8]) -> anyhow::Result<Option<Arrival>> {
     let frame: Frame = serde_json::from_slice(text).context("frame is not the expected JSON")?;
+    from_frame(frame)
+}
+
+fn from_frame(frame: Frame) -> anyhow::Result<Option<Arrival>> {
     if frame.kind != "message" {
         return Ok(None);
     }
@@ -292,50 +308,40 @@ async fn receive(args: Args) -> anyhow::Result<()> {
         );
         tokio::spawn(async move {
             let permit = permits.acquire_owned().await;
-            let opened = tokio::time::timeout(
-                connect_timeout,
-                client::open(source, server, Transport::Ws, &token),
-            )
-            .await;
+            let opened =
+                loadtest::conn::open(source, server, Transport::Ws, &token, None, connect_timeout)
+                    .await;
             drop(permit);
             let conn = match opened {
-                Ok(Ok(conn)) => conn,
-                Ok(Err(e)) => {
+                Ok(conn) => conn,
+                Err(e) => {
                     let _ = results.send(Err(format!("{e:#}")));
-                    return;
-                }
-                Err(_) => {
-                    let _ = results.send(Err(format!("no hello within {connect_timeout:?}")));
                     return;
                 }
             };
             let _ = results.send(Ok(()));
             drop(results);
             let mut tracker = UserTracker::default();
-            let ended = conn
-                .receive(&heartbeats, |text| {
-                    let now = now_us();
-                    match parse_frame(text) {
-                        Ok(Some(a)) => {
-                            let seen = tracker.observe(&a);
-                            let mut runs = shared.runs.lock().expect("no panics under the lock");
-                            runs.entry(a.run)
-                                .or_insert_with(RunStats::new)
-                                .add(seen, a.sent_us, now);
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            // The first few say what is wrong; thousands more say nothing new.
-                            if shared.bad_frames.fetch_add(1, Ordering::Relaxed) < 5 {
-                                eprintln!(
-                                    "bench receive: {e:#}: {}",
-                                    String::from_utf8_lossy(text)
-                                );
-                            }
+            let ended = hold::drive(conn, &heartbeats, |id, mid, data| {
+                let now = now_us();
+                match arrival(id, mid, data) {
+                    Ok(Some(a)) => {
+                        let seen = tracker.observe(&a);
+                        let mut runs = shared.runs.lock().expect("no panics under the lock");
+                        runs.entry(a.run)
+                            .or_insert_with(RunStats::new)
+                            .add(seen, a.sent_us, now);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        // The first few say what is wrong; thousands more say nothing new.
+                        if shared.bad_frames.fetch_add(1, Ordering::Relaxed) < 5 {
+                            eprintln!("bench receive: {e:#}: {data}");
                         }
                     }
-                })
-                .await;
+                }
+            })
+            .await;
             shared.closed.fetch_add(1, Ordering::Relaxed);
             shared
                 .conn_seq_regressions

@@ -32,6 +32,16 @@ pub enum Transport {
     Sse,
 }
 
+impl Transport {
+    /// The name on the command line, in reports and in push-server's metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ws => "ws",
+            Self::Sse => "sse",
+        }
+    }
+}
+
 /// Any valid 16-byte base64 key: the client checks the server's accept value against it.
 const WS_KEY: &str = "bG9hZHRlc3Qta2V5LTAwMQ==";
 
@@ -89,17 +99,24 @@ pub enum Event {
     Closed(Option<u16>),
 }
 
-/// A connection that has received its `hello`.
+/// A connection that has received its `hello` (or, opened with [`open_raw`], a peer's
+/// subscription).
 #[derive(Debug)]
 pub struct Conn {
     stream: TcpStream,
     transport: Transport,
     /// Bytes of an incomplete frame or event.
     pending: Vec<u8>,
-    /// The hello.
+    /// The hello (all zero for a raw connection).
     pub hello: Hello,
     /// A close frame was sent (WebSocket) or the socket shut down.
     closing: bool,
+    /// A peer's subscription ([`open_raw`]): any SSE event or WebSocket text frame with
+    /// data is a [`Event::Message`] (ID 0 unless the event's `id:` is a number).
+    raw: bool,
+    /// The response body is chunked (Transfer-Encoding): the raw bytes not yet decoded.
+    /// `None` for push-server, which streams without chunking.
+    chunked: Option<Vec<u8>>,
 }
 
 /// How a connection attempt failed, for the report's error table.
@@ -153,6 +170,72 @@ async fn open_inner(
     token: &str,
     since: Option<u64>,
 ) -> anyhow::Result<Conn> {
+    let mut conn = handshake(
+        source,
+        server,
+        transport,
+        &request(server, transport, token, since),
+    )
+    .await?;
+    // The protocol says the hello is the first message; anything else is a violation the
+    // caller counts, so it is an error here.
+    loop {
+        match conn.next_event().await {
+            Event::Other(json) => match parse_hello(&json) {
+                Some(hello) => {
+                    conn.hello = hello;
+                    break;
+                }
+                None => bail!("hello_not_first: first message is `{json}`"),
+            },
+            Event::Ping(p) => conn.pong(&p).await?,
+            Event::Heartbeat => {}
+            Event::Closed(code) => bail!("server closed the connection before hello ({code:?})"),
+            other => bail!("hello_not_first: first message is {other:?}"),
+        }
+    }
+    conn.pending.shrink_to_fit();
+    Ok(conn)
+}
+
+/// Subscribes to a peer (Nchan, Pushpin) at `path`: a plain `GET` with no token, SSE
+/// (`Accept: text/event-stream`) or a WebSocket upgrade. Open once the response head is
+/// `200` (SSE) or `101` with the right accept key: peers send no hello. Whatever followed
+/// the head (a `: hi` comment, padding) stays to be read as events.
+pub async fn open_raw(
+    source: IpAddr,
+    server: SocketAddr,
+    transport: Transport,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<Conn> {
+    let request = match transport {
+        Transport::Ws => format!(
+            "GET {path} HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n"
+        ),
+        Transport::Sse => {
+            format!("GET {path} HTTP/1.1\r\nHost: {server}\r\nAccept: text/event-stream\r\n\r\n")
+        }
+    };
+    let mut conn = tokio::time::timeout(timeout, handshake(source, server, transport, &request))
+        .await
+        .map_err(|_| anyhow::anyhow!("no response within {timeout:?}: timed out"))??;
+    conn.raw = true;
+    conn.pending.shrink_to_fit();
+    Ok(conn)
+}
+
+/// Connects from `source` (port chosen by the kernel) to `server`, sends `request` and
+/// reads the response head; checks the status (`101` and the accept key for WebSocket,
+/// `200` for SSE). The connection's `pending` holds what followed the head.
+async fn handshake(
+    source: IpAddr,
+    server: SocketAddr,
+    transport: Transport,
+    request: &str,
+) -> anyhow::Result<Conn> {
     let socket = match source {
         IpAddr::V4(_) => TcpSocket::new_v4()?,
         IpAddr::V6(_) => TcpSocket::new_v6()?,
@@ -166,7 +249,6 @@ async fn open_inner(
         .connect(server)
         .await
         .with_context(|| format!("connect {source} -> {server}"))?;
-    let request = request(server, transport, token, since);
     stream.write_all(request.as_bytes()).await?;
 
     let mut buf = Vec::with_capacity(1024);
@@ -187,22 +269,25 @@ async fn open_inner(
         let body = String::from_utf8_lossy(&buf[head_end..]);
         bail!("server answered `{status_line}`: {}", body.trim());
     }
-    if transport == Transport::Ws {
-        let accept = ws::accept_key(WS_KEY);
-        let ok = head.lines().any(|l| {
-            l.split_once(':').is_some_and(|(n, v)| {
-                n.eq_ignore_ascii_case("sec-websocket-accept") && v.trim() == accept
-            })
-        });
-        if !ok {
-            bail!("101 without the right Sec-WebSocket-Accept");
-        }
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
+    };
+    if transport == Transport::Ws && header("sec-websocket-accept") != Some(ws::accept_key(WS_KEY))
+    {
+        bail!("101 without the right Sec-WebSocket-Accept");
     }
-    let pending = buf.split_off(head_end);
+    let chunked = transport == Transport::Sse
+        && header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+    let rest = buf.split_off(head_end);
     let mut conn = Conn {
         stream,
         transport,
-        pending,
+        pending: Vec::new(),
         hello: Hello {
             conn_id: 0,
             node: String::new(),
@@ -210,25 +295,10 @@ async fn open_inner(
             heartbeat_ms: 0,
         },
         closing: false,
+        raw: false,
+        chunked: chunked.then(Vec::new),
     };
-    // The protocol says the hello is the first message; anything else is a violation the
-    // caller counts, so it is an error here.
-    loop {
-        match conn.next_event().await {
-            Event::Other(json) => match parse_hello(&json) {
-                Some(hello) => {
-                    conn.hello = hello;
-                    break;
-                }
-                None => bail!("hello_not_first: first message is `{json}`"),
-            },
-            Event::Ping(p) => conn.pong(&p).await?,
-            Event::Heartbeat => {}
-            Event::Closed(code) => bail!("server closed the connection before hello ({code:?})"),
-            other => bail!("hello_not_first: first message is {other:?}"),
-        }
-    }
-    conn.pending.shrink_to_fit();
+    conn.take_bytes(&rest)?;
     Ok(conn)
 }
 
@@ -289,18 +359,45 @@ impl Conn {
             let mut buf = [0u8; 2048];
             match self.stream.try_read(&mut buf) {
                 Ok(0) => return Event::Closed(None),
-                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Ok(n) => {
+                    if let Err(e) = self.take_bytes(&buf[..n]) {
+                        return Event::Other(format!("protocol_error: {e}"));
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                 Err(_) => return Event::Closed(None),
             }
         }
     }
 
+    /// Appends bytes read from the socket to `pending`, decoding the chunked framing of a
+    /// peer's response body if it has one.
+    fn take_bytes(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        match &mut self.chunked {
+            None => self.pending.extend_from_slice(bytes),
+            Some(raw) => {
+                raw.extend_from_slice(bytes);
+                let used = dechunk(raw, &mut self.pending)?;
+                raw.drain(..used);
+                if raw.is_empty() {
+                    *raw = Vec::new();
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// One complete event from the front of `pending`, if there is one.
     fn parse_pending(&mut self) -> anyhow::Result<Option<Event>> {
-        let parsed = match self.transport {
-            Transport::Ws => parse_ws(&self.pending)?,
-            Transport::Sse => parse_sse(&self.pending),
+        let parsed = match (self.transport, self.raw) {
+            (Transport::Ws, false) => parse_ws(&self.pending)?,
+            (Transport::Sse, false) => parse_sse(&self.pending),
+            (Transport::Ws, true) => {
+                parse_ws(&self.pending)?.map(|(ev, used)| (raw_event(ev), used))
+            }
+            (Transport::Sse, true) => {
+                parse_sse(&self.pending).map(|(ev, used)| (raw_event(ev), used))
+            }
         };
         let Some((event, used)) = parsed else {
             return Ok(None);
@@ -421,6 +518,44 @@ fn text_event(text: &str) -> Event {
             reason: reason.unwrap_or_default(),
         },
         _ => Event::Other(text.to_owned()),
+    }
+}
+
+/// A peer's event: its data is the payload, whatever the event's name or ID.
+fn raw_event(ev: Event) -> Event {
+    match ev {
+        Event::Other(data) if !data.starts_with("protocol_error") => Event::Message {
+            id: 0,
+            mid: None,
+            data,
+        },
+        Event::Reconnect { .. } => Event::Other("reconnect".into()),
+        ev => ev,
+    }
+}
+
+/// Decodes the complete chunks at the front of `raw` (`<hex size>[;ext]\r\n<data>\r\n`) into
+/// `out`; returns how many bytes of `raw` it used. The last chunk (size 0) ends nothing
+/// here: a stream that ends is seen as the socket closing.
+fn dechunk(raw: &[u8], out: &mut Vec<u8>) -> anyhow::Result<usize> {
+    let mut at = 0;
+    loop {
+        let Some(eol) = find(&raw[at..], b"\r\n") else {
+            if raw.len() - at > 64 {
+                bail!("chunk size line too long");
+            }
+            return Ok(at);
+        };
+        let line = std::str::from_utf8(&raw[at..at + eol]).context("chunk size not ASCII")?;
+        let hex = line.split(';').next().unwrap_or_default().trim();
+        let size =
+            usize::from_str_radix(hex, 16).with_context(|| format!("bad chunk size `{hex}`"))?;
+        let data = at + eol + 2;
+        if raw.len() < data + size + 2 {
+            return Ok(at);
+        }
+        out.extend_from_slice(&raw[data..data + size]);
+        at = data + size + 2;
     }
 }
 
@@ -549,6 +684,34 @@ mod tests {
             }
         );
         assert!(parse_sse(b"id: 1\nevent: message\ndata: x\n").is_none());
+    }
+
+    #[test]
+    fn dechunks_whole_chunks_only() {
+        let mut out = Vec::new();
+        let raw = b"5\r\n: hi\n\r\n19;x=y\r\nevent: message\ndata: {}\n\n\r\n3\r\nab";
+        let used = dechunk(raw, &mut out).unwrap();
+        assert_eq!(out, b": hi\nevent: message\ndata: {}\n\n");
+        assert_eq!(&raw[used..], b"3\r\nab");
+        assert!(dechunk(b"zz\r\n", &mut out).is_err());
+    }
+
+    #[test]
+    fn a_peer_event_is_a_message_whatever_its_id() {
+        let (ev, _) = parse_sse(b"id: 1795694168:0\ndata: {\"s\":1}\n\n").unwrap();
+        assert_eq!(
+            raw_event(ev),
+            Event::Message {
+                id: 0,
+                mid: None,
+                data: r#"{"s":1}"#.into()
+            }
+        );
+        let (ev, _) = parse_ws(&ws::encode_frame(ws::OpCode::Text, br#"{"s":2}"#))
+            .unwrap()
+            .unwrap();
+        assert!(matches!(raw_event(ev), Event::Message { id: 0, .. }));
+        assert_eq!(raw_event(Event::Heartbeat), Event::Heartbeat);
     }
 
     #[test]

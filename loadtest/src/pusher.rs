@@ -214,7 +214,7 @@ async fn post(
             body.len()
         );
         stream.write_all(request.as_bytes()).await?;
-        let (status, body) = read_response(stream).await?;
+        let Response { status, body, .. } = read_response(stream).await?;
         if status != 200 {
             *slot = None;
             bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
@@ -226,8 +226,20 @@ async fn post(
     .map_err(|_| anyhow::anyhow!("push timed out"))?
 }
 
-/// Reads one response with a `Content-Length` body (the admin API always sends one).
-async fn read_response(stream: &mut TcpStream) -> anyhow::Result<(u16, Vec<u8>)> {
+/// One HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// The body.
+    pub body: Vec<u8>,
+    /// The server said `Connection: close`: the next request needs a new connection.
+    pub close: bool,
+}
+
+/// Reads one response with a `Content-Length` body (the admin API always sends one; so do
+/// the peers' publish endpoints that `bench peers-push` posts to).
+pub async fn read_response(stream: &mut TcpStream) -> anyhow::Result<Response> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 4096];
     loop {
@@ -240,6 +252,9 @@ async fn read_response(stream: &mut TcpStream) -> anyhow::Result<(u16, Vec<u8>)>
         let mut resp = httparse::Response::new(&mut headers);
         if let httparse::Status::Complete(head_len) = resp.parse(&buf)? {
             let status = resp.code.unwrap_or(0);
+            let close = resp.headers.iter().any(|h| {
+                h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close")
+            });
             let len: usize = resp
                 .headers
                 .iter()
@@ -253,7 +268,11 @@ async fn read_response(stream: &mut TcpStream) -> anyhow::Result<(u16, Vec<u8>)>
                 }
                 buf.extend_from_slice(&chunk[..n]);
             }
-            return Ok((status, buf[head_len..head_len + len].to_vec()));
+            return Ok(Response {
+                status,
+                body: buf[head_len..head_len + len].to_vec(),
+                close,
+            });
         }
         if buf.len() > 64 * 1024 {
             bail!("response head too large");

@@ -1,0 +1,721 @@
+//! `bench peers-push`: push by user ID at fixed rates, side by side: push-server, Nchan and
+//! Pushpin, one after the other in one run.
+//!
+//! Per system: start it ([`crate::systems`]), subscribe N users (`u0` … `u(N-1)`, one
+//! connection each, SSE by default, from this process through loadtest's raw client), then
+//! for each rate of a list publish one message per HTTP request over 32 keep-alive
+//! connections for a bounded step (10 s), message `m` to user `m % N` at `start + m / rate`,
+//! and account for what arrives. The payload is `{"k":<step>,"s":<m>,"t":<scheduled send
+//! time, µs since the Unix epoch>}`: stamping the *scheduled* time keeps a publisher that
+//! falls behind from hiding latency (coordinated omission). Per step: achieved rate, HDR
+//! latency (receive − scheduled send) p50 / p99 / max, losses, the publish requests' own
+//! latency, and the CPU each process used.
+//!
+//! A step is **sustained** when the achieved rate is at least 95 % of the target, nothing
+//! was lost (every request answered 2xx and every message arrived, within the settle time)
+//! and the latency p99 is under `--p99-bound-ms` (100 ms). The steps stop after the first
+//! one a system does not sustain (`--keep-going` runs them all); the highest sustained rate
+//! is the system's figure.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use hdrhistogram::Histogram;
+use loadtest::stats::unix_micros;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::hold::{self, Transport};
+use crate::sys::{self, CpuMeter};
+use crate::systems::{self, Peer, Running};
+
+/// A publish request's bound; a local round trip takes well under a millisecond.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How far behind schedule a publisher lane may fall before the step stops sending: the
+/// rest counts as not sent, and the achieved rate shows it.
+const MAX_LAG: Duration = Duration::from_secs(2);
+
+/// Longest wait for messages in flight after the last publish of a step.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Arguments of `bench peers-push`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Systems to run, in order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "push-server,nchan,pushpin"
+    )]
+    pub peers: Vec<Peer>,
+    /// Subscribers, one user (channel) each.
+    #[arg(long, default_value_t = 1000)]
+    pub subscribers: usize,
+    /// Subscriber transport (Pushpin: SSE only).
+    #[arg(long, value_enum, default_value_t = Transport::Sse)]
+    pub transport: Transport,
+    /// Target rates, messages per second, in order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "20,100,1000,5000,10000,20000,30000,40000,50000,60000,80000,100000,120000"
+    )]
+    pub rates: Vec<u32>,
+    /// Length of one step.
+    #[arg(long, default_value_t = 10)]
+    pub step_secs: u64,
+    /// Keep-alive HTTP connections of the publisher.
+    #[arg(long, default_value_t = 32)]
+    pub http_conns: usize,
+    /// Bound on the latency p99 of a sustained step, ms.
+    #[arg(long, default_value_t = 100.0)]
+    pub p99_bound_ms: f64,
+    /// Run every rate even after a step is not sustained.
+    #[arg(long)]
+    pub keep_going: bool,
+    /// Subscriber source addresses, 127.0.0.2 onwards.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(1..=253))]
+    pub sources: u8,
+    /// Subscriptions in flight at once (a gentle ramp: DESIGN.md, Measuring).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Nchan's worker processes (DESIGN.md: 2 for throughput).
+    #[arg(long, default_value_t = 2)]
+    pub nchan_workers: u32,
+    /// Pushpin's `message_rate` (the package's 2,500/s would cap every step above it).
+    #[arg(long, default_value_t = 200_000)]
+    pub pushpin_message_rate: u32,
+    /// push-server binary. Default: `push-server` next to this `bench` binary.
+    #[arg(long)]
+    pub server_bin: Option<PathBuf>,
+    /// Print the results as one JSON array on stdout (the human lines go to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Draw p50 and p99 against rate per system into this PNG.
+    #[arg(long)]
+    pub chart: Option<PathBuf>,
+}
+
+/// Runs the systems one after the other; Ctrl-C or SIGTERM stop it and its children.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let runtime = crate::runtime()?;
+    let results = runtime.block_on(crate::until_signal(all(&args)))?;
+    let table = table(&results, args.p99_bound_ms);
+    if let Some(path) = &args.chart {
+        crate::chart::latency_against_rate(path, &results)?;
+        eprintln!("chart written to {}", path.display());
+    }
+    if args.json {
+        eprint!("{table}");
+        println!("{}", Value::Array(results));
+    } else {
+        print!("{table}");
+    }
+    Ok(())
+}
+
+/// Every system of `args.peers`, in order: one result each (skipped and failed included).
+pub async fn all(args: &Args) -> anyhow::Result<Vec<Value>> {
+    if args.subscribers == 0 || args.rates.is_empty() {
+        bail!("--subscribers and --rates must not be empty");
+    }
+    let server_bin = systems::server_bin(args.server_bin.as_deref())?;
+    let mut results = Vec::new();
+    for &peer in &args.peers {
+        eprintln!(
+            "== peers-push: {} ({} {} subscribers, rates {:?}/s, {} s each)",
+            peer.as_str(),
+            args.subscribers,
+            args.transport.as_str(),
+            args.rates,
+            args.step_secs
+        );
+        let result = match systems::missing(peer, args.transport, &server_bin) {
+            Some(why) => {
+                eprintln!("{}: skipped: {why}", peer.as_str());
+                json!({"peer": peer.as_str(), "skipped": why})
+            }
+            None => {
+                // Bounded: subscriptions, every step with its settle time, start and stop.
+                let budget = Duration::from_secs(120)
+                    + (Duration::from_secs(args.step_secs)
+                        + MAX_LAG
+                        + SETTLE
+                        + Duration::from_secs(2))
+                        * args.rates.len() as u32;
+                match tokio::time::timeout(budget, system(peer, args, &server_bin)).await {
+                    Ok(Ok(v)) => v,
+                    Ok(Err(e)) => {
+                        eprintln!("{}: failed: {e:#}", peer.as_str());
+                        json!({"peer": peer.as_str(), "error": format!("{e:#}")})
+                    }
+                    Err(_) => {
+                        json!({"peer": peer.as_str(), "error": format!("did not finish within {budget:?}")})
+                    }
+                }
+            }
+        };
+        results.push(result);
+    }
+    Ok(results)
+}
+
+/// What the subscribers saw of one step.
+#[derive(Debug)]
+struct StepSeen {
+    latency_us: Histogram<u64>,
+    /// One bit per message of the step: seen.
+    seen: Vec<u64>,
+    received: u64,
+    duplicates: u64,
+}
+
+impl StepSeen {
+    fn new(total: u64) -> Self {
+        Self {
+            latency_us: new_histogram(),
+            seen: vec![0; total.div_ceil(64) as usize],
+            received: 0,
+            duplicates: 0,
+        }
+    }
+}
+
+/// State shared by the subscribers.
+#[derive(Debug, Default)]
+struct Seen {
+    steps: Mutex<Vec<StepSeen>>,
+    /// Messages whose payload was not ours or whose step or sequence was out of range.
+    foreign: AtomicU64,
+    closed: AtomicUsize,
+}
+
+impl Seen {
+    fn record(&self, data: &str, now_us: u64) {
+        #[derive(Deserialize)]
+        struct Payload {
+            k: usize,
+            s: u64,
+            t: u64,
+        }
+        let Ok(p) = serde_json::from_str::<Payload>(data) else {
+            self.foreign.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(step) = steps.get_mut(p.k) else {
+            self.foreign.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let (word, bit) = ((p.s / 64) as usize, 1u64 << (p.s % 64));
+        let Some(w) = step.seen.get_mut(word) else {
+            self.foreign.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if *w & bit != 0 {
+            step.duplicates += 1;
+            return;
+        }
+        *w |= bit;
+        step.received += 1;
+        step.latency_us
+            .saturating_record(now_us.saturating_sub(p.t).max(1));
+    }
+
+    fn received(&self, k: usize) -> u64 {
+        self.steps.lock().unwrap_or_else(|e| e.into_inner())[k].received
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
+}
+
+/// One system: start, subscribe, run the steps, stop.
+async fn system(peer: Peer, args: &Args, server_bin: &std::path::Path) -> anyhow::Result<Value> {
+    let opts = systems::Options {
+        max_conns: args.subscribers,
+        nchan_workers: args.nchan_workers,
+        pushpin_message_rate: args.pushpin_message_rate,
+        server_bin: server_bin.to_owned(),
+        server_args: Vec::new(),
+    };
+    let running = systems::start(peer, &opts).await?;
+    measure(running, args).await
+}
+
+/// Subscribes and runs the steps on a started system; stops it at the end.
+async fn measure(running: Running, args: &Args) -> anyhow::Result<Value> {
+    let peer = running.peer;
+    let running = Arc::new(running);
+    let seen = Arc::new(Seen::default());
+    let subscribed = subscribe(&running, args, &seen).await?;
+    eprintln!(
+        "{} subscribed in {:.1} s ({} failed)",
+        subscribed.ok, subscribed.secs, subscribed.failed
+    );
+    if subscribed.ok == 0 {
+        bail!("no subscriber connected: {}", subscribed.errors);
+    }
+    // Connections settle (Nchan and Pushpin confirm subscriptions asynchronously).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let mut steps = Vec::new();
+    let mut max_sustained: Option<u32> = None;
+    for (k, &rate) in args.rates.iter().enumerate() {
+        let step = step(&running, args, &seen, k, rate).await;
+        eprintln!("{}: {}", peer.as_str(), step_line(&step));
+        let sustained = step["sustained"].as_bool() == Some(true);
+        if sustained {
+            max_sustained = Some(rate);
+        }
+        steps.push(step);
+        if !sustained && !args.keep_going {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let at_max = max_sustained.and_then(|r| steps.iter().find(|s| s["rate"] == r).cloned());
+    let result = json!({
+        "peer": peer.as_str(),
+        "transport": args.transport.as_str(),
+        "subscribers": args.subscribers,
+        "subscribed": subscribed.ok,
+        "subscribe_failed": subscribed.failed,
+        "subscribe_errors": subscribed.errors,
+        "closed_during_run": seen.closed.load(Ordering::Relaxed),
+        "foreign": seen.foreign.load(Ordering::Relaxed),
+        "config": running.config,
+        "p99_bound_ms": args.p99_bound_ms,
+        "max_sustained_rate": max_sustained,
+        "p50_ms_at_max": at_max.as_ref().map(|s| s["p50_ms"].clone()),
+        "p99_ms_at_max": at_max.as_ref().map(|s| s["p99_ms"].clone()),
+        "steps": steps,
+    });
+    drop(running);
+    Ok(result)
+}
+
+struct Subscribed {
+    ok: usize,
+    failed: usize,
+    errors: Value,
+    secs: f64,
+}
+
+/// Opens one subscription per user, each driven by its own task until the run ends.
+async fn subscribe(
+    running: &Arc<Running>,
+    args: &Args,
+    seen: &Arc<Seen>,
+) -> anyhow::Result<Subscribed> {
+    let started = Instant::now();
+    let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<(), String>>();
+    let heartbeats = Arc::new(AtomicUsize::new(0));
+    for i in 0..args.subscribers {
+        let source = IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            2 + (i % usize::from(args.sources)) as u8,
+        ));
+        let (running, seen, permits, tx, heartbeats) = (
+            running.clone(),
+            seen.clone(),
+            permits.clone(),
+            tx.clone(),
+            heartbeats.clone(),
+        );
+        let transport = args.transport;
+        tokio::spawn(async move {
+            let permit = permits.acquire_owned().await;
+            let opened = running
+                .subscribe(i, source, transport, Duration::from_secs(10))
+                .await;
+            drop(permit);
+            // The task holds the system's handle only while subscribing: dropping the
+            // last handle is what stops the system.
+            drop(running);
+            let conn = match opened {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = tx.send(Err(loadtest::conn::error_kind(&e)));
+                    return;
+                }
+            };
+            let _ = tx.send(Ok(()));
+            drop(tx);
+            hold::drive(conn, &heartbeats, |_, _, data| {
+                seen.record(data, unix_micros())
+            })
+            .await;
+            seen.closed.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+    drop(tx);
+    let (mut ok, mut failed) = (0, 0);
+    let mut errors = std::collections::BTreeMap::<String, usize>::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ok + failed < args.subscribers {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(Ok(()))) => ok += 1,
+            Ok(Some(Err(e))) => {
+                failed += 1;
+                *errors.entry(e).or_default() += 1;
+            }
+            Ok(None) => break,
+            Err(_) => {
+                bail!("subscriptions did not finish within 60 s ({ok} open, {failed} failed)")
+            }
+        }
+    }
+    Ok(Subscribed {
+        ok,
+        failed,
+        errors: json!(errors),
+        secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// What one publisher lane did.
+#[derive(Debug, Default)]
+struct LaneCounts {
+    accepted: u64,
+    failed: u64,
+    unsent: u64,
+    request_us: Vec<u64>,
+    /// Why requests failed: `HTTP <status>` or the error, with counts.
+    errors: std::collections::BTreeMap<String, u64>,
+}
+
+/// One step at `rate`: publish for `step_secs`, settle, account.
+async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, rate: u32) -> Value {
+    let duration = Duration::from_secs(args.step_secs);
+    let total = u64::from(rate) * args.step_secs;
+    seen.steps
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(StepSeen::new(total));
+    let mut procs = running.procs.clone();
+    procs.push(("bench".into(), std::process::id()));
+    let meter = CpuMeter::start(&procs);
+    let start = Instant::now();
+    let start_unix = unix_micros();
+    let lanes = args.http_conns.max(1) as u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    for lane in 0..lanes.min(total) {
+        let running = running.clone();
+        let users = args.subscribers as u64;
+        tasks.spawn(async move {
+            let mut counts = LaneCounts::default();
+            let mut stream: Option<TcpStream> = None;
+            let mut m = lane;
+            while m < total {
+                let offset = Duration::from_secs_f64(m as f64 / f64::from(rate));
+                if Instant::now() > start + duration + MAX_LAG {
+                    counts.unsent = (total - m).div_ceil(lanes);
+                    break;
+                }
+                tokio::time::sleep_until(start + offset).await;
+                let stamp = start_unix + offset.as_micros() as u64;
+                let user = format!("u{}", m % users);
+                let payload = format!(r#"{{"k":{k},"s":{m},"t":{stamp}}}"#);
+                let request = running.publish_request(&user, &payload);
+                let sent = Instant::now();
+                match post(&mut stream, running.publish, &request).await {
+                    Ok(status) if (200..300).contains(&status) => counts.accepted += 1,
+                    Ok(status) => {
+                        counts.failed += 1;
+                        *counts.errors.entry(format!("HTTP {status}")).or_default() += 1;
+                    }
+                    Err(e) => {
+                        stream = None;
+                        counts.failed += 1;
+                        *counts.errors.entry(format!("{e:#}")).or_default() += 1;
+                    }
+                }
+                counts.request_us.push(sent.elapsed().as_micros() as u64);
+                m += lanes;
+            }
+            counts
+        });
+    }
+    let mut all = LaneCounts::default();
+    let mut request_us = new_histogram();
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(c) = r {
+            all.accepted += c.accepted;
+            all.failed += c.failed;
+            all.unsent += c.unsent;
+            for (e, n) in c.errors {
+                *all.errors.entry(e).or_default() += n;
+            }
+            for us in c.request_us {
+                request_us.saturating_record(us.max(1));
+            }
+        }
+    }
+    let send_secs = start.elapsed().as_secs_f64().max(duration.as_secs_f64());
+    let attempted = all.accepted + all.failed;
+    let settle_until = Instant::now() + SETTLE;
+    while seen.received(k) < attempted && Instant::now() < settle_until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cpu = meter.stop();
+    let wall_secs = start.elapsed().as_secs_f64();
+    let s = {
+        let steps = seen.steps.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &steps[k];
+        (s.latency_us.clone(), s.received, s.duplicates)
+    };
+    let (latency, received, duplicates) = s;
+    let achieved = all.accepted as f64 / send_secs;
+    let lost = attempted.saturating_sub(received);
+    let ms = |us: u64| sys::round2(us as f64 / 1000.0);
+    let p99_ms = latency.value_at_quantile(0.99) as f64 / 1000.0;
+    let sustained = received > 0
+        && achieved >= 0.95 * f64::from(rate)
+        && lost == 0
+        && all.failed == 0
+        && p99_ms <= args.p99_bound_ms;
+    // Summed by label: Nchan's workers share one.
+    let mut cpu_by = std::collections::BTreeMap::<String, f64>::new();
+    for (label, cores) in cpu {
+        *cpu_by.entry(label).or_default() += cores;
+    }
+    let cpu_by: std::collections::BTreeMap<String, f64> = cpu_by
+        .into_iter()
+        .map(|(l, c)| (l, sys::round2(c)))
+        .collect();
+    json!({
+        "rate": rate,
+        "achieved": achieved.round(),
+        "attempted": attempted,
+        "accepted": all.accepted,
+        "failed": all.failed,
+        "unsent": all.unsent,
+        "errors": all.errors,
+        "received": received,
+        "duplicates": duplicates,
+        "lost": lost,
+        "p50_ms": ms(latency.value_at_quantile(0.5)),
+        "p99_ms": ms(latency.value_at_quantile(0.99)),
+        "p999_ms": ms(latency.value_at_quantile(0.999)),
+        "max_ms": ms(latency.max()),
+        "request_p50_ms": ms(request_us.value_at_quantile(0.5)),
+        "request_p99_ms": ms(request_us.value_at_quantile(0.99)),
+        "cpu_cores": cpu_by,
+        // The CPU readings' window: sending and the settle after it.
+        "wall_secs": sys::round2(wall_secs),
+        "sustained": sustained,
+    })
+}
+
+/// One `POST` on a kept-alive connection (opened if needed): the response status.
+async fn post(
+    slot: &mut Option<TcpStream>,
+    addr: SocketAddr,
+    request: &str,
+) -> anyhow::Result<u16> {
+    tokio::time::timeout(REQUEST_TIMEOUT, async {
+        if slot.is_none() {
+            let s = TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("connect {addr}"))?;
+            // Requests are small and answered one at a time: do not let Nagle hold them.
+            s.set_nodelay(true)?;
+            *slot = Some(s);
+        }
+        let stream = slot.as_mut().expect("just set");
+        stream.write_all(request.as_bytes()).await?;
+        let response = loadtest::pusher::read_response(stream).await?;
+        if response.close {
+            // Pushpin's publish API answers every request with `Connection: close`.
+            *slot = None;
+        }
+        Ok(response.status)
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("publish timed out"))?
+}
+
+fn step_line(s: &Value) -> String {
+    format!(
+        "{:>6}/s: achieved {:>7}/s, lost {} (failed {} {}, unsent {}), latency p50 {} p99 {} max {} ms, request p99 {} ms, cpu {} -> {}",
+        s["rate"],
+        s["achieved"],
+        s["lost"],
+        s["failed"],
+        if s["failed"] == 0 { String::new() } else { s["errors"].to_string() },
+        s["unsent"],
+        s["p50_ms"],
+        s["p99_ms"],
+        s["max_ms"],
+        s["request_p99_ms"],
+        s["cpu_cores"],
+        if s["sustained"] == true { "sustained" } else { "NOT sustained" }
+    )
+}
+
+/// The human table: each system's highest sustained rate and latency there, and the ratios
+/// of push-server against each peer.
+pub fn table(results: &[Value], bound_ms: f64) -> String {
+    let mut out = format!(
+        "system        max sustained/s   p50 ms   p99 ms   (sustained: ≥95 % of target, 0 lost, p99 ≤ {bound_ms} ms)\n"
+    );
+    for r in results {
+        let peer = r["peer"].as_str().unwrap_or("?");
+        if let Some(why) = r["skipped"].as_str().or(r["error"].as_str()) {
+            let _ = writeln!(out, "{peer:<13} ({why})");
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "{peer:<13} {:>15}   {:>6}   {:>6}",
+            r["max_sustained_rate"]
+                .as_u64()
+                .map_or("none".into(), |n| n.to_string()),
+            r["p50_ms_at_max"],
+            r["p99_ms_at_max"]
+        );
+    }
+    for (peer, ratio, p99) in ratios(results) {
+        let _ = writeln!(
+            out,
+            "push-server ÷ {peer}: sustained rate ×{}, p99 at {peer}'s highest sustained rate ×{}",
+            ratio.map_or("-".into(), |x| format!("{x:.2}")),
+            p99.map_or("-".into(), |x| format!("{x:.2}")),
+        );
+    }
+    out
+}
+
+/// Per peer: push-server's max sustained rate over the peer's, and push-server's p99 over
+/// the peer's at the peer's highest sustained rate (the same step of both runs).
+pub fn ratios(results: &[Value]) -> Vec<(String, Option<f64>, Option<f64>)> {
+    let Some(ours) = results.iter().find(|r| r["peer"] == "push-server") else {
+        return Vec::new();
+    };
+    let p99_at = |r: &Value, rate: u64| {
+        r["steps"]
+            .as_array()?
+            .iter()
+            .find(|s| s["rate"].as_u64() == Some(rate))?["p99_ms"]
+            .as_f64()
+    };
+    results
+        .iter()
+        .filter(|r| r["peer"] != "push-server" && r["steps"].is_array())
+        .map(|r| {
+            let theirs = r["max_sustained_rate"].as_f64();
+            let rate = ours["max_sustained_rate"]
+                .as_f64()
+                .zip(theirs)
+                .map(|(a, b)| sys::round2(a / b));
+            let p99 = r["max_sustained_rate"].as_u64().and_then(|rate| {
+                let (a, b) = (p99_at(ours, rate)?, p99_at(r, rate)?);
+                (b > 0.0).then(|| sys::round2(a / b))
+            });
+            (r["peer"].as_str().unwrap_or("?").to_owned(), rate, p99)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    /// Tiny scale: 20 subscribers, two 1-second steps. Checks the accounting (every message
+    /// published arrives once, in its step), never the latency.
+    fn tiny(extra: &[&str]) -> Args {
+        let mut argv = vec![
+            "peers-push",
+            "--subscribers",
+            "20",
+            "--rates",
+            "100,300",
+            "--step-secs",
+            "1",
+            "--sources",
+            "2",
+            "--keep-going",
+        ];
+        argv.extend_from_slice(extra);
+        Cli::parse_from(argv).args
+    }
+
+    fn check(r: &Value, rates: usize) {
+        assert_eq!(r["subscribed"], 20, "{r}");
+        let steps = r["steps"].as_array().expect("steps");
+        assert_eq!(steps.len(), rates, "{r}");
+        for s in steps {
+            assert_eq!(s["failed"], 0, "{s}");
+            assert_eq!(s["unsent"], 0, "{s}");
+            assert_eq!(s["lost"], 0, "{s}");
+            assert_eq!(s["duplicates"], 0, "{s}");
+            assert_eq!(s["received"], s["attempted"], "{s}");
+        }
+        assert_eq!(r["foreign"], 0, "{r}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn push_server_in_process_gets_every_message() {
+        const SECRET: &str = "bench-peers-push-test-secret-0123";
+        let server = push_server::Server::start(push_server::Config::local_test(SECRET))
+            .await
+            .expect("server starts");
+        let running =
+            Running::attach_push_server(server.client_addr(), server.admin_addr(), SECRET);
+        let r = measure(running, &tiny(&[])).await.expect("runs");
+        check(&r, 2);
+    }
+
+    #[test]
+    fn ratios_compare_rates_and_the_p99_at_the_peers_rate() {
+        let ours = json!({"peer": "push-server", "max_sustained_rate": 30000,
+            "steps": [{"rate": 10000, "p99_ms": 2.0}, {"rate": 30000, "p99_ms": 5.0}]});
+        let nchan = json!({"peer": "nchan", "max_sustained_rate": 10000,
+            "steps": [{"rate": 10000, "p99_ms": 4.0}]});
+        let pushpin = json!({"peer": "pushpin", "max_sustained_rate": null, "steps": []});
+        let skipped = json!({"peer": "other", "skipped": "not installed"});
+        let r = ratios(&[ours, nchan, pushpin, skipped]);
+        assert_eq!(
+            r,
+            vec![
+                ("nchan".to_owned(), Some(3.0), Some(0.5)),
+                ("pushpin".to_owned(), None, None)
+            ]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nchan_if_installed_gets_every_message() {
+        let args = tiny(&["--peers", "nchan", "--nchan-workers", "1"]);
+        let bin = std::path::PathBuf::from("/nonexistent");
+        if let Some(why) = systems::missing(Peer::Nchan, Transport::Sse, &bin) {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let r = system(Peer::Nchan, &args, &bin).await.expect("runs");
+        check(&r, 2);
+    }
+}
