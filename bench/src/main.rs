@@ -120,6 +120,25 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .map_err(|e| anyhow::anyhow!("cannot start the tokio runtime: {e}"))
 }
 
+/// Runs a side-by-side scenario (one JSON result per system) until it ends or a signal
+/// arrives, then prints `table` of the results: on stdout, or with `json` on stderr with the
+/// results as one JSON array on stdout.
+fn run_side_by_side(
+    json: bool,
+    work: impl std::future::Future<Output = anyhow::Result<Vec<serde_json::Value>>>,
+    table: impl FnOnce(&[serde_json::Value]) -> String,
+) -> anyhow::Result<()> {
+    let results = runtime()?.block_on(until_signal(work))?;
+    let table = table(&results);
+    if json {
+        eprint!("{table}");
+        println!("{}", serde_json::Value::Array(results));
+    } else {
+        print!("{table}");
+    }
+    Ok(())
+}
+
 /// Runs `work` until it ends or Ctrl-C / SIGTERM arrive; either way, leaving drops what it
 /// started (children are stopped by their guards).
 async fn until_signal<T>(

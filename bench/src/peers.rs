@@ -70,16 +70,7 @@ pub struct Args {
 
 /// Runs the peers one after the other; Ctrl-C or SIGTERM stop it and its children.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let runtime = crate::runtime()?;
-    let results = runtime.block_on(crate::until_signal(all(&args)))?;
-    let table = table(&results);
-    if args.json {
-        eprint!("{table}");
-        println!("{}", Value::Array(results));
-    } else {
-        print!("{table}");
-    }
-    Ok(())
+    crate::run_side_by_side(args.json, all(&args), table)
 }
 
 /// Every peer of `args.peers`, in order: one result each (skipped and failed included),

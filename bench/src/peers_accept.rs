@@ -51,16 +51,7 @@ pub struct Args {
 
 /// Runs the systems one after the other.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let runtime = crate::runtime()?;
-    let results = runtime.block_on(crate::until_signal(all(&args)))?;
-    let table = table(&results);
-    if args.json {
-        eprint!("{table}");
-        println!("{}", Value::Array(results));
-    } else {
-        print!("{table}");
-    }
-    Ok(())
+    crate::run_side_by_side(args.json, all(&args), table)
 }
 
 /// One result per system (skipped and failed included).
