@@ -102,13 +102,7 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<Value>> {
                 Peer::Nchan | Peer::Pushpin => start_and_measure(peer, args, &bench_bin).await,
             }
         };
-        let result = match tokio::time::timeout(budget, run).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => json!({"peer": peer.as_str(), "error": format!("{e:#}")}),
-            Err(_) => {
-                json!({"peer": peer.as_str(), "error": format!("did not finish within {budget:?}")})
-            }
-        };
+        let result = crate::systems::bounded(peer, budget, run).await;
         eprintln!("{}", line(&result));
         results.push(result);
     }

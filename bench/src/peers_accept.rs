@@ -81,15 +81,7 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<Value>> {
             None => {
                 let budget =
                     Duration::from_secs(150) + Duration::from_millis(10 * args.conns as u64);
-                match tokio::time::timeout(budget, system(peer, args, &server_bin, &bench_bin))
-                    .await
-                {
-                    Ok(Ok(v)) => v,
-                    Ok(Err(e)) => json!({"peer": peer.as_str(), "error": format!("{e:#}")}),
-                    Err(_) => {
-                        json!({"peer": peer.as_str(), "error": format!("did not finish within {budget:?}")})
-                    }
-                }
+                systems::bounded(peer, budget, system(peer, args, &server_bin, &bench_bin)).await
             }
         };
         eprintln!("{}", line(&result));

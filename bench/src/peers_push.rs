@@ -154,16 +154,7 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<Value>> {
                         + SETTLE
                         + Duration::from_secs(2))
                         * args.rates.len() as u32;
-                match tokio::time::timeout(budget, system(peer, args, &server_bin)).await {
-                    Ok(Ok(v)) => v,
-                    Ok(Err(e)) => {
-                        eprintln!("{}: failed: {e:#}", peer.as_str());
-                        json!({"peer": peer.as_str(), "error": format!("{e:#}")})
-                    }
-                    Err(_) => {
-                        json!({"peer": peer.as_str(), "error": format!("did not finish within {budget:?}")})
-                    }
-                }
+                systems::bounded(peer, budget, system(peer, args, &server_bin)).await
             }
         };
         results.push(result);

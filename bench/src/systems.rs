@@ -637,6 +637,25 @@ impl Drop for TempDir {
     }
 }
 
+/// One system's part of a scenario, bounded by `budget`: its result, or a result that says
+/// why it has none (the error, or the budget), so that the other systems still run.
+pub async fn bounded(
+    peer: Peer,
+    budget: std::time::Duration,
+    work: impl std::future::Future<Output = anyhow::Result<serde_json::Value>>,
+) -> serde_json::Value {
+    match tokio::time::timeout(budget, work).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            eprintln!("{}: failed: {e:#}", peer.as_str());
+            serde_json::json!({"peer": peer.as_str(), "error": format!("{e:#}")})
+        }
+        Err(_) => {
+            serde_json::json!({"peer": peer.as_str(), "error": format!("did not finish within {budget:?}")})
+        }
+    }
+}
+
 /// The first `name` on `PATH` (or in /usr/sbin, where nginx lives).
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
