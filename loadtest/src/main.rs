@@ -109,6 +109,16 @@ struct Common {
     /// Server process to SIGTERM (drain).
     #[arg(long)]
     drain_pid: Option<u32>,
+    /// Push through push-lib and Kafka (these bootstrap servers) instead of the admin API;
+    /// message processors must be running and the nodes must share their registry.
+    #[arg(long)]
+    kafka_brokers: Option<String>,
+    /// Kafka mode: the topic the message processors consume.
+    #[arg(long, default_value = "push")]
+    kafka_topic: String,
+    /// Kafka mode: extra librdkafka producer property, KEY=VALUE (repeatable).
+    #[arg(long = "kafka-set", value_name = "KEY=VALUE")]
+    kafka_set: Vec<String>,
     /// Worker processes; each must stay under the open-files limit.
     #[arg(long, default_value_t = 1)]
     procs: usize,
@@ -220,6 +230,18 @@ fn config(scenario: Scenario, a: Common) -> RunConfig {
         connect_timeout: a.connect_timeout,
         event_at: a.event_at.unwrap_or(a.duration / 3),
         drain_pid: a.drain_pid,
+        kafka: a
+            .kafka_brokers
+            .map(|brokers| loadtest::pusher::KafkaTarget {
+                brokers,
+                topic: a.kafka_topic,
+                extra: a
+                    .kafka_set
+                    .iter()
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect(),
+            }),
         procs: a.procs,
         prefix: a.prefix,
         progress: !a.quiet,

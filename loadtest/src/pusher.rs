@@ -6,6 +6,10 @@
 //! not the moment the request left, keeps a slow pusher or server from hiding latency
 //! (coordinated omission): if requests fall behind, the clients see it.
 //!
+//! With `--kafka-brokers`, messages go through push-lib and Kafka instead (one envelope per
+//! message, key = user), and a message processor delivers them: the same payload and the same
+//! end-to-end latency, measured across the whole pipeline.
+//!
 //! A user's pushes go to the node its client started on; if that node answers
 //! `delivered: 0` or fails (the client moved after a drain), the other nodes are tried in
 //! turn. A message no node delivered is counted as `not_connected` or `failed`, and the
@@ -46,6 +50,19 @@ pub struct PushConfig {
     pub prefix: String,
     /// How long to push.
     pub duration: Duration,
+    /// Push through Kafka (push-lib) instead of the admin API.
+    pub kafka: Option<KafkaTarget>,
+}
+
+/// Where push-lib produces in Kafka mode.
+#[derive(Debug, Clone)]
+pub struct KafkaTarget {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// The topic the message processors consume.
+    pub topic: String,
+    /// Extra librdkafka producer properties.
+    pub extra: Vec<(String, String)>,
 }
 
 /// Counters of the pusher.
@@ -61,6 +78,8 @@ pub struct PushCounts {
     pub failed: u64,
     /// Messages that went to another node than the user's first one.
     pub rerouted: u64,
+    /// Kafka mode: messages the broker acknowledged (delivery is then the processor's).
+    pub queued: u64,
 }
 
 /// Live state of the pusher, shared with the progress display.
@@ -109,11 +128,32 @@ pub async fn run(cfg: PushConfig, stats: Arc<PushStats>) {
     let total = (cfg.rate * cfg.duration.as_secs_f64()).floor() as u64;
     let start = Instant::now();
     let start_unix = unix_micros();
+    let kafka = match &cfg.kafka {
+        None => None,
+        Some(k) => {
+            let mut kc = push_lib::KafkaConfig::new(k.brokers.clone(), k.topic.clone());
+            kc.extra = k.extra.clone();
+            match push_lib::PushClient::kafka(&kc) {
+                Ok(c) => Some(Arc::new(c)),
+                Err(e) => {
+                    eprintln!("loadtest: cannot create the Kafka producer: {e}");
+                    stats.record(
+                        |c| {
+                            c.attempted += total;
+                            c.failed += total;
+                        },
+                        None,
+                    );
+                    return;
+                }
+            }
+        }
+    };
     let cfg = Arc::new(cfg);
     let conns = cfg.conns.max(1) as u64;
     let mut tasks = tokio::task::JoinSet::new();
     for lane in 0..conns.min(total) {
-        let (cfg, stats) = (cfg.clone(), stats.clone());
+        let (cfg, stats, kafka) = (cfg.clone(), stats.clone(), kafka.clone());
         tasks.spawn(async move {
             let mut streams: Vec<Option<TcpStream>> =
                 (0..cfg.admin_targets.len()).map(|_| None).collect();
@@ -122,12 +162,72 @@ pub async fn run(cfg: PushConfig, stats: Arc<PushStats>) {
                 let offset = Duration::from_secs_f64(m as f64 / cfg.rate);
                 tokio::time::sleep_until(start + offset).await;
                 let stamp = start_unix + offset.as_micros() as u64;
-                push_one(&cfg, &stats, &mut streams, m, stamp).await;
+                match &kafka {
+                    Some(client) => enqueue_one(&cfg, &stats, client, m, stamp).await,
+                    None => push_one(&cfg, &stats, &mut streams, m, stamp).await,
+                }
                 m += conns;
             }
         });
     }
     while tasks.join_next().await.is_some() {}
+    // Kafka mode: every message also needs the broker's answer.
+    while stats.counts().attempted < total {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The user of message `m`, and the index of its client's first node.
+fn user_of(cfg: &PushConfig, m: u64) -> (String, usize) {
+    let all = cfg.users + cfg.ghost_users;
+    let k = m % all;
+    if k < cfg.users {
+        let nodes = cfg.admin_targets.len().max(1) as u64;
+        (format!("{}{k}", cfg.prefix), (k % nodes) as usize)
+    } else {
+        (format!("{}ghost-{}", cfg.prefix, k - cfg.users), 0)
+    }
+}
+
+/// Kafka mode: hands message `m` to the producer; the broker's acknowledgement is awaited off
+/// the lane, so a lane keeps its schedule while earlier messages are in flight.
+async fn enqueue_one(
+    cfg: &PushConfig,
+    stats: &Arc<PushStats>,
+    client: &push_lib::PushClient,
+    m: u64,
+    stamp: u64,
+) {
+    let (user, _) = user_of(cfg, m);
+    let env = push_lib::Envelope::new(user, serde_json::json!({ "s": m, "t": stamp }));
+    let sent = Instant::now();
+    match client.enqueue(env).await {
+        Ok(ack) => {
+            let stats = stats.clone();
+            tokio::spawn(async move {
+                let ok = ack.await.is_ok();
+                let us = sent.elapsed().as_micros() as u64;
+                stats.record(
+                    |c| {
+                        c.attempted += 1;
+                        if ok {
+                            c.queued += 1;
+                        } else {
+                            c.failed += 1;
+                        }
+                    },
+                    Some(us),
+                );
+            });
+        }
+        Err(_) => stats.record(
+            |c| {
+                c.attempted += 1;
+                c.failed += 1;
+            },
+            None,
+        ),
+    }
 }
 
 async fn push_one(
@@ -137,16 +237,7 @@ async fn push_one(
     m: u64,
     stamp: u64,
 ) {
-    let all = cfg.users + cfg.ghost_users;
-    let k = m % all;
-    let (user, home) = if k < cfg.users {
-        (
-            format!("{}{k}", cfg.prefix),
-            (k % cfg.admin_targets.len() as u64) as usize,
-        )
-    } else {
-        (format!("{}ghost-{}", cfg.prefix, k - cfg.users), 0)
-    };
+    let (user, home) = user_of(cfg, m);
     let body = format!(r#"{{"s":{m},"t":{stamp}}}"#);
     let n = cfg.admin_targets.len();
     let (mut zero, mut first_us) = (false, None);

@@ -76,6 +76,8 @@ pub struct RunConfig {
     pub event_at: Duration,
     /// Process to SIGTERM (`drain`).
     pub drain_pid: Option<u32>,
+    /// Push through push-lib and Kafka instead of the admin API.
+    pub kafka: Option<pusher::KafkaTarget>,
     /// Worker processes (1: in this process).
     pub procs: usize,
     /// User ID prefix.
@@ -329,6 +331,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
             ghost_users: cfg.ghost_users,
             prefix: cfg.prefix.clone(),
             duration: cfg.duration,
+            kafka: cfg.kafka.clone(),
         },
         push_stats.clone(),
     ));
@@ -358,10 +361,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let steady_secs = steady_start.elapsed().as_secs_f64();
     // The pusher stops scheduling at `duration`; its last requests are bounded in time.
     let _ = tokio::time::timeout(Duration::from_secs(10), pusher).await;
-    // Settle: until every delivered message has arrived, or the settle time is over.
+    // Settle: until every delivered (Kafka: queued) message has arrived, or the settle time
+    // is over.
     let settle_start = Instant::now();
+    let expected = |c: &PushCounts| c.delivered + c.queued;
     while settle_start.elapsed() < cfg.settle
-        && total(&workers).messages_unique < push_stats.counts().delivered
+        && total(&workers).messages_unique < expected(&push_stats.counts())
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -484,7 +489,11 @@ pub fn table(r: &Report) -> String {
         ("clients connected", format!("{} (open at end {})", c.clients_connected, c.open)),
         ("connect attempts", format!("{} ({} failed: {})", c.connect_attempts, c.connect_failures, map(&r.workers.connect_errors))),
         ("connect latency", l(&r.connect_latency)),
-        ("pushed", format!("{} (delivered {}, not connected {}, failed {}, rerouted {})", r.push.attempted, r.push.delivered, r.push.not_connected, r.push.failed, r.push.rerouted)),
+        ("pushed", if r.push.queued > 0 {
+            format!("{} (through Kafka: queued {}, failed {})", r.push.attempted, r.push.queued, r.push.failed)
+        } else {
+            format!("{} (delivered {}, not connected {}, failed {}, rerouted {})", r.push.attempted, r.push.delivered, r.push.not_connected, r.push.failed, r.push.rerouted)
+        }),
         ("received", format!("{} distinct, {} duplicates, {} foreign, {} acks", c.messages_unique, c.duplicates, c.foreign_messages, c.acks_sent)),
         ("LOST", r.lost.to_string()),
         ("message latency", l(&r.message_latency)),

@@ -35,6 +35,7 @@ fn config(server: &Server, scenario: Scenario, clients: u64, rate: f64) -> RunCo
         connect_timeout: Duration::from_secs(5),
         event_at: Duration::from_millis(300),
         drain_pid: None,
+        kafka: None,
         procs: 1,
         prefix: "t-".into(),
         progress: false,
@@ -190,4 +191,58 @@ async fn the_binary_exits_non_zero_on_loss_and_zero_otherwise() {
     assert_eq!(report["workers"]["counts"]["messages_unique"], 50);
     assert_eq!(report["message_latency"]["count"], 50);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `push` through push-lib and Kafka (librdkafka's mock cluster, a real Kafka protocol peer),
+/// a message processor and a node sharing a Redis registry: every message reaches its client.
+/// Its own runtime, shut down while the mock cluster still runs (Kafka clients close then).
+#[test]
+fn push_through_kafka_and_the_processor_reaches_every_client() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::DefaultProducerContext;
+    let cluster: MockCluster<'static, DefaultProducerContext> =
+        MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("push", 2, 1).expect("topic");
+    let brokers = cluster.bootstrap_servers();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let redis = testkit::RedisServer::start();
+        let mut node = Config::local_test(SECRET);
+        node.registry = redis.url();
+        node.admin_token = Some("deliver-secret".into());
+        let server = start(node).await;
+        let mut settings =
+            msg_processor::Settings::new(brokers.as_str(), "push", "loadtest", redis.url());
+        settings.admin_token = Some("deliver-secret".into());
+        settings
+            .kafka
+            .push(("fetch.wait.max.ms".into(), "10".into()));
+        let processor = msg_processor::Processor::start(settings)
+            .await
+            .expect("processor starts");
+        let mut cfg = config(&server, Scenario::Push, 20, 100.0);
+        cfg.admin_token = Some("deliver-secret".into());
+        cfg.kafka = Some(loadtest::pusher::KafkaTarget {
+            brokers: brokers.clone(),
+            topic: "push".into(),
+            extra: Vec::new(),
+        });
+        // The processor joins its group while the first messages wait in Kafka.
+        cfg.settle = Duration::from_secs(20);
+        let r = tokio::time::timeout(Duration::from_secs(90), run::run(cfg))
+            .await
+            .expect("run in time")
+            .unwrap();
+        assert!(r.passed(), "{}", explain(&r));
+        assert_eq!((r.push.attempted, r.push.queued), (100, 100));
+        assert_eq!(r.lost, 0);
+        assert_eq!(r.workers.counts.messages_unique, 100);
+        processor.shutdown().await;
+    });
+    rt.shutdown_timeout(Duration::from_secs(10));
+    drop(cluster);
 }
