@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::io::{BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
 use crate::admin;
-use crate::hold::{Transport, SPARE_FDS};
+use crate::hold::{HoldPlan, Holder, Present, Transport, SPARE_FDS};
 use crate::sys;
 
 /// Secret shared by the server and the hold process (32 characters; any value works).
@@ -163,31 +163,20 @@ async fn scenario(args: Args) -> anyhow::Result<()> {
         args.sources,
         args.concurrency
     );
-    let mut hold = Command::new(&bench_bin)
-        .arg("hold")
-        .args(["--transport", args.transport.as_str()])
-        .arg("--server")
-        .arg(listen.to_string())
-        .arg("--conns")
-        .arg(args.conns.to_string())
-        .arg("--sources")
-        .arg(args.sources.to_string())
-        .arg("--concurrency")
-        .arg(args.concurrency.to_string())
-        .args(["--secret", SECRET])
-        .arg("--hold-secs")
-        .arg(hold_secs.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start `bench hold`")?;
-    let hold_pid = hold.id().context("bench hold exited at once")?;
-    let mut hold_out = BufReader::new(hold.stdout.take().context("hold stdout")?).lines();
-    let report = tokio::time::timeout(connect_budget, next_event(&mut hold_out, "connected"))
-        .await
-        .with_context(|| format!("the hold process did not report within {connect_budget:?}"))??;
+    let mut hold = Holder::spawn(
+        &bench_bin,
+        &HoldPlan {
+            server: listen,
+            transport: args.transport,
+            conns: args.conns,
+            sources: args.sources,
+            concurrency: args.concurrency,
+            present: Present::Secret(SECRET.to_owned()),
+            hold_secs,
+        },
+    )?;
+    let hold_pid = hold.pid;
+    let report = hold.connected(connect_budget).await?;
     let ok = report["ok"].as_u64().unwrap_or(0);
     let failed = report["failed"].as_u64().unwrap_or(0);
     let connect_secs = report["connect_secs"].as_f64().unwrap_or(f64::NAN);
@@ -228,13 +217,7 @@ async fn scenario(args: Args) -> anyhow::Result<()> {
     }
 
     // Done: let the hold process go, then the server.
-    drop(hold.stdin.take());
-    let done = tokio::time::timeout(Duration::from_secs(10), next_event(&mut hold_out, "done"))
-        .await
-        .ok()
-        .and_then(Result::ok);
-    let _ = hold.start_kill();
-    let _ = hold.wait().await;
+    let done = hold.finish().await;
     let _ = server.start_kill();
     let _ = server.wait().await;
 
