@@ -40,7 +40,10 @@ pub(crate) fn serve(rest: &[&str], client_port: u16) -> Response<Full<Bytes>> {
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert("Content-Security-Policy", HeaderValue::from_static(CSP));
-    h.insert("X-Content-Type-Options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "X-Content-Type-Options",
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }

@@ -30,8 +30,13 @@ let bins = null;
 /** Builds the binaries the tests run and returns their paths. */
 export function binaries() {
   if (bins) return bins;
-  // PUSH_E2E_NO_BUILD=1: use the binaries as they are (e.g. built by the caller).
-  if (!process.env.PUSH_E2E_NO_BUILD) execFileSync(
+  // PUSH_E2E_BIN_DIR: a directory with the four binaries, built by the caller; no cargo run.
+  const given = process.env.PUSH_E2E_BIN_DIR;
+  if (given) {
+    bins = Object.fromEntries(["push-server", "msg-processor", "push-send", "kafka-mock"].map((b) => [b, path.join(given, b)]));
+    return bins;
+  }
+  execFileSync(
     "cargo",
     ["build", "--quiet", "-p", "push-server", "-p", "msg-processor", "-p", "push-lib", "-p", "testkit",
       "--features", "testkit/kafka-mock", "--bins"],
