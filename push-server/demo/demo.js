@@ -50,6 +50,7 @@ function connect() {
   state.client = client;
   client.on("role", ({ role }) => {
     $("role").textContent = `(${role})`;
+    if (role === "follower") setStatus("shared: another tab holds the connection");
     log(`role ${role}`);
   });
   client.on("connected", (e) => {
