@@ -11,8 +11,8 @@ What is checked:
 - Helm chart: Chart.yaml and values.yaml parse; every `.Values.*` path the templates use exists
   in values.yaml; the pod's termination grace is computed from the drain settings; with --helm
   (not packaged by Debian 12, so usually absent here): `helm lint` and `helm template`.
-- systemd unit: TimeoutStopSec covers the drain window plus the reconnect grace; LimitNOFILE,
-  Restart and KillSignal are set.
+- systemd units: `systemd-analyze verify` (where installed); TimeoutStopSec covers the drain
+  window plus the reconnect grace; LimitNOFILE, Restart and KillSignal are set.
 - Container files: multi-stage, a non-root USER, one per binary.
 What cannot be checked here: that Kubernetes accepts the objects (no cluster), that the images
 build (no container engine).
@@ -137,6 +137,27 @@ def seconds(s):
     return int(m.group(1)) * (60 if m.group(2) in ("m", "min") else 1)
 
 
+def systemd_verify():
+    """`systemd-analyze verify` of each unit, with ExecStart pointed at /bin/true (the binaries
+    are not installed here). Any remark about the unit file (an unknown key, a bad value) fails."""
+    import shutil
+    import tempfile
+
+    tool = shutil.which("systemd-analyze")
+    if not tool:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        for unit in sorted((DEPLOY / "systemd").glob("*.service")):
+            text = re.sub(r"^ExecStart=.*$", "ExecStart=/bin/true", unit.read_text(), flags=re.M)
+            text = re.sub(r"^EnvironmentFile=(?!-)", "EnvironmentFile=-", text, flags=re.M)
+            copy = Path(tmp) / unit.name
+            copy.write_text(text)
+            r = subprocess.run([tool, "verify", str(copy)], capture_output=True, text=True)
+            remarks = [l for l in (r.stdout + r.stderr).splitlines() if unit.name in l]
+            check(r.returncode == 0 and not remarks, f"systemd-analyze verify {unit.name}:\n{r.stdout}{r.stderr}")
+    return True
+
+
 def check_systemd():
     unit = (DEPLOY / "systemd/push-server.service").read_text()
     kv = dict(re.findall(r"^(\w+)=(.*)$", unit, re.M))
@@ -170,6 +191,7 @@ def main():
     rules = check_rules(known, opt("--promtool"))
     check_chart(opt("--helm"))
     check_systemd()
+    verified = systemd_verify()
     images = check_dockerfiles()
     if failures:
         print("deploy/check.py: FAILED", *failures, sep="\n  ", file=sys.stderr)
@@ -177,7 +199,7 @@ def main():
     print(f"deploy/check.py: ok ({panels} dashboard panels, {rules} alert rules"
           f"{' checked and unit-tested by promtool' if opt('--promtool') else ' (no promtool)'}, "
           f"chart values{' and helm lint/template' if opt('--helm') else ' (no helm: not rendered)'}, "
-          f"systemd unit, {images} container files)")
+          f"systemd units{' (systemd-analyze verify)' if verified else ''}, {images} container files)")
     return 0
 
 
