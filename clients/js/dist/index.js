@@ -207,7 +207,7 @@ function openWs(Ws, url, token, h) {
         },
     };
 }
-function openSse(f, base, url, token, h) {
+function openSse(f, base, url, since, token, h) {
     const abort = new AbortController();
     let done = false;
     const finish = (info) => {
@@ -221,7 +221,12 @@ function openSse(f, base, url, token, h) {
         let res;
         try {
             res = await f(url, {
-                headers: { Authorization: `Bearer ${token}`, Accept: "text/event-stream" },
+                // `Last-Event-ID` as EventSource would send it (the server prefers it to `?since=`).
+                headers: {
+                    Authorization: `Bearer ${token}`,
+                    Accept: "text/event-stream",
+                    ...(since === null ? {} : { "Last-Event-ID": String(since) }),
+                },
                 cache: "no-store",
                 signal: abort.signal,
             });
@@ -497,7 +502,7 @@ export class PushClient {
                 a.conn =
                     this.opts.transport === "ws"
                         ? openWs(this.wsCtor(), url, token, handlers)
-                        : openSse(this.fetchFn(), base, url, token, handlers);
+                        : openSse(this.fetchFn(), base, url, since, token, handlers);
             }
             catch (e) {
                 this.emit("error", { code: "transport", message: String(e) });

@@ -374,7 +374,14 @@ function openWs(Ws: WebSocketCtor, url: string, token: string, h: ConnHandlers):
   };
 }
 
-function openSse(f: FetchLike, base: string, url: string, token: string, h: ConnHandlers): Conn {
+function openSse(
+  f: FetchLike,
+  base: string,
+  url: string,
+  since: number | null,
+  token: string,
+  h: ConnHandlers,
+): Conn {
   const abort = new AbortController();
   let done = false;
   const finish = (info: CloseInfo) => {
@@ -387,7 +394,12 @@ function openSse(f: FetchLike, base: string, url: string, token: string, h: Conn
     let res: Response;
     try {
       res = await f(url, {
-        headers: { Authorization: `Bearer ${token}`, Accept: "text/event-stream" },
+        // `Last-Event-ID` as EventSource would send it (the server prefers it to `?since=`).
+        headers: {
+          Authorization: `Bearer ${token}`,
+          Accept: "text/event-stream",
+          ...(since === null ? {} : { "Last-Event-ID": String(since) }),
+        },
         cache: "no-store",
         signal: abort.signal,
       });
@@ -681,7 +693,7 @@ export class PushClient {
           a.conn =
             this.opts.transport === "ws"
               ? openWs(this.wsCtor(), url, token, handlers)
-              : openSse(this.fetchFn(), base, url, token, handlers);
+              : openSse(this.fetchFn(), base, url, since, token, handlers);
         } catch (e) {
           this.emit("error", { code: "transport", message: String(e) });
           this.scheduleRetry({ reason: "network" });

@@ -271,3 +271,34 @@ test("a bad URL is refused at construction", () => {
   assert.throws(() => new PushClient({ url: "not a url", token: "t" }), TypeError);
   assert.throws(() => new PushClient({ url: [], token: "t" }), /at least one address/);
 });
+
+test("SSE: token in the Authorization header, resume point in Last-Event-ID and since, acks batched", async () => {
+  const requests = [];
+  let push;
+  const body = new ReadableStream({
+    start(controller) {
+      push = (text) => controller.enqueue(new TextEncoder().encode(text));
+    },
+  });
+  const fetch = async (url, init) => {
+    requests.push({ url, init });
+    if (init.method === "POST") return new Response('{"accepted":2}', { status: 202 });
+    return new Response(body, { status: 200, headers: { "content-type": "text/event-stream" } });
+  };
+  const c = new PushClient({ url: "http://h:1", token: "t", transport: "sse", lastId: 41, fetch });
+  const got = [];
+  c.on("message", (m) => got.push([m.id, m.data]));
+  c.start();
+  await until("the SSE request", () => requests.length === 1);
+  assert.equal(requests[0].url, "http://h:1/sse?since=41");
+  assert.equal(requests[0].init.headers.Authorization, "Bearer t");
+  assert.equal(requests[0].init.headers["Last-Event-ID"], "41");
+  push('event: hello\ndata: {"type":"hello","heartbeat_ms":30000}\n\n: hb\n\n');
+  push("id: 42\nevent: message\ndata: a\ndata: b\n\nid: 43\nevent: message\ndata: c\n\n");
+  await until("two messages", () => got.length === 2);
+  assert.deepEqual(got, [[42, "a\nb"], [43, "c"]]);
+  await until("one ack request for both", () => requests.length === 2);
+  assert.equal(requests[1].url, "http://h:1/ack?id=42,43");
+  assert.equal(requests[1].init.headers.Authorization, "Bearer t");
+  c.stop();
+});
