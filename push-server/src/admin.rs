@@ -10,6 +10,7 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /healthz` | 200 while the process serves |
 //! | `GET /readyz` | 200, or 503 when at capacity or draining |
+//! | `GET /demo` | with `--demo` only: the demo page (`demo`) |
 //!
 //! With `--admin-token`, `/v1/*` and `/internal/*` require `Authorization: Bearer <token>`; the probes and
 //! `/metrics` stay open for kubelets and scrapers.
@@ -152,6 +153,9 @@ async fn route(req: Request<Incoming>, shared: &Shared) -> Resp {
             Ok(user) => history(&req, &user, shared).await,
             Err(e) => e.into_response(),
         },
+        (Method::GET, ["demo", rest @ ..]) if shared.config.demo => {
+            crate::demo::serve(rest, shared.config.listen.port())
+        }
         (_, ["healthz" | "readyz" | "metrics"])
         | (_, ["v1", "push"])
         | (_, ["v1", "push", _])

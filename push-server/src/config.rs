@@ -87,6 +87,8 @@ pub struct Config {
     pub receipts_brokers: Option<String>,
     /// Kafka topic for delivery receipts.
     pub receipts_topic: String,
+    /// Serve the demo page at `/demo` on the admin port (off by default: docs/clients.md).
+    pub demo: bool,
 }
 
 impl Default for Config {
@@ -126,6 +128,7 @@ impl Default for Config {
             history_age: Duration::from_secs(300),
             receipts_brokers: None,
             receipts_topic: "push-receipts".into(),
+            demo: false,
         }
     }
 }
@@ -259,6 +262,9 @@ pub struct ServeArgs {
     /// Kafka topic for delivery receipts.
     #[arg(long, env = "PUSH_RECEIPTS_TOPIC")]
     pub receipts_topic: Option<String>,
+    /// Serve a demo page at `/demo` on the admin port, built on the JavaScript client.
+    #[arg(long, env = "PUSH_DEMO", num_args = 0..=1, default_missing_value = "true")]
+    pub demo: Option<bool>,
 }
 
 /// The same settings as read from a TOML file. Unknown keys are an error, so a typo does
@@ -308,6 +314,7 @@ pub struct FileConfig {
     history_age: Option<Duration>,
     receipts_brokers: Option<String>,
     receipts_topic: Option<String>,
+    demo: Option<bool>,
 }
 
 mod humantime_serde_opt {
@@ -426,6 +433,7 @@ impl ServeArgs {
                 .clone()
                 .or(file.receipts_brokers.clone()),
             receipts_topic: pick!(receipts_topic, d.receipts_topic),
+            demo: pick!(demo, d.demo),
         };
         cfg.validate()?;
         Ok(cfg)

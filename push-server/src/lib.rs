@@ -18,6 +18,7 @@
 //! | `connection` | one socket: handshake, then the driver loop (I/O) |
 //! | `listener` | client port socket options and accept loop |
 //! | `admin` | admin HTTP on hyper: push API, metrics, probes |
+//! | `demo` | the `--demo` page on the admin port, built on `clients/js` |
 //! | [`server`] | wires the above: [`Server::start`], the sweeper, drain |
 //! | [`config`] | flags, `PUSH_*` environment, TOML file → [`Config`] |
 //! | [`metrics`] | metric names and the Prometheus recorder |
@@ -39,6 +40,7 @@ pub mod server;
 
 mod admin;
 mod connection;
+mod demo;
 mod listener;
 
 pub use config::Config;

@@ -1,0 +1,756 @@
+/**
+ * Client for push-server's client protocol, version 1 (docs/protocol.md), for browsers and Node.
+ * No runtime dependencies.
+ *
+ * | part | role |
+ * |---|---|
+ * | pure helpers ({@link backoffDelay}, {@link tokenExpiry}, {@link connectUrl}, {@link SseParser}, {@link ResumePoint}) | no I/O, unit-tested in Node |
+ * | transports (`openWs`, `openSse`) | one connection each: frames in, acks out, one `onClose` |
+ * | {@link PushClient} | the policy: token, resume, `reconnect` new-connection-first, backoff, heartbeat watchdog, acks, events |
+ * | cross-tab sharing | one tab (the Web Locks holder) connects; the others follow over a `BroadcastChannel` |
+ */
+// ---------------------------------------------------------------------------------------------
+// Pure helpers
+// ---------------------------------------------------------------------------------------------
+/** Full-jitter backoff: uniformly random in `[0, min(cap, base * 2^attempt))`. */
+export function backoffDelay(attempt, baseMs, capMs, random) {
+    const ceiling = Math.min(capMs, baseMs * 2 ** Math.min(attempt, 30));
+    return Math.floor(random() * ceiling);
+}
+/** The `exp` claim of a JWT in milliseconds since the epoch, or `null` (none, or not a JWT). */
+export function tokenExpiry(token) {
+    const parts = token.split(".");
+    if (parts.length !== 3)
+        return null;
+    try {
+        const b64 = parts[1].replace(/-/g, "+").replace(/_/g, "/");
+        const padded = b64 + "=".repeat((4 - (b64.length % 4)) % 4);
+        const claims = JSON.parse(atob(padded));
+        if (claims && typeof claims === "object" && typeof claims.exp === "number") {
+            return claims.exp * 1000;
+        }
+    }
+    catch {
+        // Not our business to validate: the server does; without `exp` we never refresh early.
+    }
+    return null;
+}
+/**
+ * The URL to open: `base` with the transport's path and `since`. A WebSocket URL gets the
+ * `ws(s):` scheme; an SSE URL `http(s):`. The token never goes in the URL (logs keep URLs).
+ */
+export function connectUrl(base, transport, since) {
+    const u = new URL(base);
+    const secure = u.protocol === "https:" || u.protocol === "wss:";
+    if (transport === "ws")
+        u.protocol = secure ? "wss:" : "ws:";
+    else
+        u.protocol = secure ? "https:" : "http:";
+    u.pathname = u.pathname.replace(/\/+$/, "") + (transport === "ws" ? "/ws" : "/sse");
+    if (since !== null)
+        u.searchParams.set("since", String(since));
+    return u.toString();
+}
+/** The `POST /ack` URL on the client port for SSE acknowledgements. */
+export function ackUrl(base, ids) {
+    const u = new URL(base);
+    if (u.protocol === "wss:")
+        u.protocol = "https:";
+    if (u.protocol === "ws:")
+        u.protocol = "http:";
+    u.pathname = u.pathname.replace(/\/+$/, "") + "/ack";
+    u.search = "";
+    u.searchParams.set("id", ids.join(","));
+    return u.toString().replace(/%2C/g, ",");
+}
+/** Tracks the resume point: the last ID seen; a message at or below it is a repeat. */
+export class ResumePoint {
+    constructor(last) {
+        this.last = last;
+    }
+    /** True when `id` is new (and now the resume point); false for a repeat. */
+    accept(id) {
+        if (this.last !== null && id <= this.last)
+            return false;
+        this.last = id;
+        return true;
+    }
+}
+/**
+ * Incremental `text/event-stream` parser (the WHATWG rules used here: fields, multi-line `data`,
+ * comments, CR/LF/CRLF line ends). Comments are reported so heartbeats are visible.
+ */
+export class SseParser {
+    constructor() {
+        this.buf = "";
+        this.event = "";
+        this.data = [];
+        this.id = null;
+        this.sawField = false;
+    }
+    /** Feeds decoded text; returns the complete events and the number of comment lines seen. */
+    feed(text) {
+        this.buf += text;
+        const events = [];
+        let comments = 0;
+        for (;;) {
+            const m = /\r\n|\r|\n/.exec(this.buf);
+            if (!m)
+                break;
+            // A lone CR at the end may be the first half of CRLF: wait for the next chunk.
+            if (m[0] === "\r" && m.index === this.buf.length - 1)
+                break;
+            const line = this.buf.slice(0, m.index);
+            this.buf = this.buf.slice(m.index + m[0].length);
+            if (line === "") {
+                if (this.sawField && this.data.length > 0) {
+                    events.push({ event: this.event || "message", data: this.data.join("\n"), id: this.id });
+                }
+                this.event = "";
+                this.data = [];
+                this.id = null;
+                this.sawField = false;
+                continue;
+            }
+            if (line.startsWith(":")) {
+                comments++;
+                continue;
+            }
+            const colon = line.indexOf(":");
+            const field = colon < 0 ? line : line.slice(0, colon);
+            let value = colon < 0 ? "" : line.slice(colon + 1);
+            if (value.startsWith(" "))
+                value = value.slice(1);
+            this.sawField = true;
+            if (field === "event")
+                this.event = value;
+            else if (field === "data")
+                this.data.push(value);
+            else if (field === "id")
+                this.id = value;
+        }
+        return { events, comments };
+    }
+}
+/** Parses one WebSocket text frame; throws with a clear message on anything else. */
+export function parseServerMessage(text) {
+    const v = JSON.parse(text);
+    if (!v || typeof v !== "object" || typeof v.type !== "string") {
+        throw new Error("server message without a `type`");
+    }
+    const m = v;
+    if (m.type === "message" && typeof m.id !== "number")
+        throw new Error("`message` without a numeric `id`");
+    return v;
+}
+/** Turns an SSE event into the server message it carries (`message` data is the payload as-is). */
+export function sseToMessage(ev) {
+    if (ev.event === "message") {
+        const id = Number(ev.id);
+        if (ev.id === null || !Number.isSafeInteger(id))
+            throw new Error("SSE `message` without a numeric `id:`");
+        return { type: "message", id, data: ev.data };
+    }
+    return parseServerMessage(ev.data);
+}
+function openWs(Ws, url, token, h) {
+    // Browsers cannot set headers on a WebSocket: the token travels as a subprotocol entry.
+    const ws = new Ws(url, ["push.v1", token]);
+    let done = false;
+    const finish = (info) => {
+        if (done)
+            return;
+        done = true;
+        h.onClose(info);
+    };
+    ws.onmessage = (ev) => {
+        if (done)
+            return;
+        h.onActivity();
+        if (typeof ev.data !== "string")
+            return;
+        let msg;
+        try {
+            msg = parseServerMessage(ev.data);
+        }
+        catch (e) {
+            h.onProtocolError(e);
+            return;
+        }
+        h.onMessage(msg);
+    };
+    ws.onclose = (ev) => finish(ev.code === 1006 ? { reason: "network", code: ev.code } : { reason: "closed", code: ev.code });
+    ws.onerror = () => {
+        // The close event follows with the details.
+    };
+    const send = (obj) => {
+        if (ws.readyState === 1)
+            ws.send(JSON.stringify(obj));
+    };
+    return {
+        transport: "ws",
+        ack(ids) {
+            for (const id of ids)
+                send({ type: "ack", id });
+        },
+        ping() {
+            send({ type: "ping" });
+        },
+        close() {
+            done = true;
+            try {
+                ws.close(1000);
+            }
+            catch {
+                // Already closed.
+            }
+        },
+    };
+}
+function openSse(f, base, url, since, token, h) {
+    const abort = new AbortController();
+    let done = false;
+    const finish = (info) => {
+        if (done)
+            return;
+        done = true;
+        abort.abort();
+        h.onClose(info);
+    };
+    void (async () => {
+        let res;
+        try {
+            res = await f(url, {
+                // `Last-Event-ID` as EventSource would send it (the server prefers it to `?since=`).
+                headers: {
+                    Authorization: `Bearer ${token}`,
+                    Accept: "text/event-stream",
+                    ...(since === null ? {} : { "Last-Event-ID": String(since) }),
+                },
+                cache: "no-store",
+                signal: abort.signal,
+            });
+        }
+        catch (e) {
+            finish({ reason: "network", detail: String(e) });
+            return;
+        }
+        if (!res.ok || !res.body) {
+            let detail = "";
+            try {
+                detail = await res.text();
+            }
+            catch {
+                // The status says enough.
+            }
+            finish({ reason: "refused", status: res.status, detail });
+            return;
+        }
+        const reader = res.body.getReader();
+        const decoder = new TextDecoder();
+        const parser = new SseParser();
+        try {
+            for (;;) {
+                const { value, done: end } = await reader.read();
+                if (end)
+                    break;
+                if (done)
+                    return;
+                h.onActivity();
+                const { events } = parser.feed(decoder.decode(value, { stream: true }));
+                for (const ev of events) {
+                    if (done)
+                        return;
+                    let msg;
+                    try {
+                        msg = sseToMessage(ev);
+                    }
+                    catch (e) {
+                        h.onProtocolError(e);
+                        continue;
+                    }
+                    if (msg)
+                        h.onMessage(msg);
+                }
+            }
+            finish({ reason: "closed" });
+        }
+        catch (e) {
+            finish({ reason: "network", detail: String(e) });
+        }
+    })();
+    // Acks are batched: one POST per tick, at most 100 IDs each (the server's limit).
+    let queued = [];
+    const flush = () => {
+        const ids = queued;
+        queued = [];
+        for (let i = 0; i < ids.length; i += 100) {
+            f(ackUrl(base, ids.slice(i, i + 100)), {
+                method: "POST",
+                headers: { Authorization: `Bearer ${token}` },
+            }).then((r) => {
+                if (!r.ok)
+                    h.onProtocolError(new Error(`POST /ack answered ${r.status}`));
+            }, (e) => h.onProtocolError(new Error(`POST /ack failed: ${String(e)}`)));
+        }
+    };
+    return {
+        transport: "sse",
+        ack(ids) {
+            if (queued.length === 0)
+                setTimeout(flush, 0);
+            queued.push(...ids);
+        },
+        ping() {
+            // SSE heartbeats are comment lines the server sends by itself.
+        },
+        close() {
+            done = true;
+            abort.abort();
+        },
+    };
+}
+const DEFAULT_HEARTBEAT_MS = 30000;
+/**
+ * A push client: call {@link PushClient.start}, listen with {@link PushClient.on}.
+ *
+ * ```ts
+ * const client = new PushClient({ url: "https://push.example.com", token: () => getToken() });
+ * client.on("message", (m) => console.log(m.id, m.data));
+ * client.start();
+ * ```
+ */
+export class PushClient {
+    constructor(options) {
+        this.urlIndex = 0;
+        this.listeners = new Map();
+        this.current = null;
+        this.pending = null;
+        this.attempt = 0;
+        this.retryTimer = null;
+        this.running = false;
+        this.cachedToken = null;
+        this.tokenStale = false;
+        this.refreshTimer = null;
+        this.acked = new Set();
+        this.channel = null;
+        this.releaseLock = null;
+        this._role = "solo";
+        this.opts = {
+            transport: "ws",
+            autoAck: true,
+            heartbeatFactor: 3,
+            tokenRefreshMarginMs: 60000,
+            connectTimeoutMs: 15000,
+            ...options,
+        };
+        this.urls = Array.isArray(options.url) ? [...options.url] : [options.url];
+        if (this.urls.length === 0)
+            throw new Error("PushClient: `url` needs at least one address");
+        for (const u of this.urls)
+            new URL(u); // throws a clear TypeError on a bad URL now, not later
+        this.resume = new ResumePoint(options.lastId === undefined ? 0 : options.lastId);
+    }
+    /** The last message ID seen: keep it (e.g. in storage) and pass it as `lastId` next time. */
+    get lastId() {
+        return this.resume.last;
+    }
+    /** Whether this tab holds the connection (see `share`). */
+    get role() {
+        return this._role;
+    }
+    /** True while a connection has said `hello` and not closed. */
+    get connected() {
+        return this.current !== null && this.current.helloAt !== null;
+    }
+    on(type, fn) {
+        let set = this.listeners.get(type);
+        if (!set) {
+            set = new Set();
+            this.listeners.set(type, set);
+        }
+        set.add(fn);
+        return () => set.delete(fn);
+    }
+    emit(type, ev) {
+        if (this._role === "leader" && (type === "connected" || type === "gap" || type === "disconnected" || type === "error")) {
+            this.post({ kind: "event", type: type, payload: ev });
+        }
+        for (const fn of this.listeners.get(type) ?? []) {
+            try {
+                fn(ev);
+            }
+            catch (e) {
+                // A listener's bug must not break the connection; report it (unless it is an error listener).
+                if (type !== "error")
+                    this.emit("error", { code: "listener", message: String(e) });
+            }
+        }
+    }
+    /** Connects (or, with `share`, joins the tab holding the connection). */
+    start() {
+        if (this.running)
+            return;
+        this.running = true;
+        const name = this.opts.share === true ? "default" : this.opts.share || null;
+        const g = globalThis;
+        if (name && g.BroadcastChannel && g.navigator?.locks) {
+            this.startShared(`push-client:${name}`, g.navigator.locks);
+        }
+        else {
+            this.connect();
+        }
+    }
+    /** Closes the connection and stops reconnecting. */
+    stop() {
+        if (!this.running)
+            return;
+        this.running = false;
+        if (this.retryTimer)
+            clearTimeout(this.retryTimer);
+        if (this.refreshTimer)
+            clearTimeout(this.refreshTimer);
+        this.retryTimer = this.refreshTimer = null;
+        for (const a of [this.current, this.pending])
+            if (a)
+                this.dispose(a);
+        const wasConnected = this.current?.helloAt != null;
+        this.current = this.pending = null;
+        this.channel?.close();
+        this.channel = null;
+        this.releaseLock?.();
+        this.releaseLock = null;
+        if (wasConnected)
+            this.emit("disconnected", { reason: "stopped", willReconnect: false });
+    }
+    /** Acknowledges message `id` (for `autoAck: false`); each ID is acknowledged once. */
+    ack(id) {
+        if (this.acked.has(id))
+            return;
+        this.acked.add(id);
+        // Remember a bounded number of acknowledged IDs: enough to make repeated ack() calls no-ops.
+        if (this.acked.size > 1000)
+            this.acked.delete(this.acked.values().next().value);
+        if (this._role === "follower") {
+            this.post({ kind: "ack", id });
+            return;
+        }
+        (this.current ?? this.pending)?.conn.ack([id]);
+    }
+    // --- token -------------------------------------------------------------------------------
+    async token() {
+        const now = Date.now();
+        const c = this.cachedToken;
+        if (c && !this.tokenStale && (c.exp === null || c.exp - this.opts.tokenRefreshMarginMs > now))
+            return c.token;
+        const t = this.opts.token;
+        const token = typeof t === "function" ? await t() : t;
+        if (typeof token !== "string" || token === "")
+            throw new Error("the token callback returned no token");
+        this.cachedToken = { token, exp: tokenExpiry(token) };
+        this.tokenStale = false;
+        this.scheduleRefresh();
+        return token;
+    }
+    /** Fetches the next token ahead of expiry, so a reconnect never waits for (or uses) a stale one. */
+    scheduleRefresh() {
+        if (this.refreshTimer)
+            clearTimeout(this.refreshTimer);
+        this.refreshTimer = null;
+        const exp = this.cachedToken?.exp;
+        if (exp == null || typeof this.opts.token !== "function")
+            return;
+        // Capped: setTimeout overflows past 2^31 ms.
+        const inMs = Math.min(Math.max(exp - this.opts.tokenRefreshMarginMs - Date.now(), 1000), 2 ** 31 - 1);
+        this.refreshTimer = setTimeout(() => {
+            this.refreshTimer = null;
+            if (!this.running)
+                return;
+            this.tokenStale = true;
+            this.token().catch((e) => this.emit("error", { code: "token", message: String(e) }));
+        }, inMs);
+    }
+    // --- connections -------------------------------------------------------------------------
+    connect() {
+        if (!this.running)
+            return;
+        const base = this.urls[this.urlIndex % this.urls.length];
+        const since = this.resume.last;
+        const url = connectUrl(base, this.opts.transport, since);
+        this.token().then((token) => {
+            if (!this.running)
+                return;
+            const a = {
+                conn: null,
+                url,
+                since,
+                helloAt: null,
+                heartbeatMs: DEFAULT_HEARTBEAT_MS,
+                lastActivity: Date.now(),
+                timer: null,
+                connectTimer: null,
+            };
+            const handlers = {
+                onMessage: (m) => this.onServerMessage(a, m),
+                onActivity: () => {
+                    a.lastActivity = Date.now();
+                },
+                onProtocolError: (e) => this.emit("error", { code: "protocol", message: e.message }),
+                onClose: (info) => this.onConnClosed(a, info),
+            };
+            try {
+                a.conn =
+                    this.opts.transport === "ws"
+                        ? openWs(this.wsCtor(), url, token, handlers)
+                        : openSse(this.fetchFn(), base, url, since, token, handlers);
+            }
+            catch (e) {
+                this.emit("error", { code: "transport", message: String(e) });
+                this.scheduleRetry({ reason: "network" });
+                return;
+            }
+            a.connectTimer = setTimeout(() => {
+                if (a.helloAt === null) {
+                    this.dispose(a);
+                    this.onConnClosed(a, { reason: "network", detail: "no hello in time" }, true);
+                }
+            }, this.opts.connectTimeoutMs);
+            if (this.current === null)
+                this.current = a;
+            else
+                this.pending = a;
+        }, (e) => {
+            this.emit("error", { code: "token", message: String(e) });
+            this.scheduleRetry({ reason: "network" });
+        });
+    }
+    wsCtor() {
+        const ws = this.opts.WebSocket ?? globalThis.WebSocket;
+        if (!ws)
+            throw new Error("no WebSocket implementation: pass `WebSocket` in the options");
+        return ws;
+    }
+    fetchFn() {
+        const f = this.opts.fetch ?? globalThis.fetch;
+        if (!f)
+            throw new Error("no fetch implementation: pass `fetch` in the options");
+        return f.bind(globalThis);
+    }
+    onServerMessage(a, m) {
+        switch (m.type) {
+            case "hello": {
+                if (a.connectTimer)
+                    clearTimeout(a.connectTimer);
+                a.connectTimer = null;
+                a.helloAt = Date.now();
+                a.heartbeatMs = m.heartbeat_ms && m.heartbeat_ms > 0 ? m.heartbeat_ms : DEFAULT_HEARTBEAT_MS;
+                this.startWatchdog(a);
+                this.attempt = 0;
+                if (this.pending === a && this.current) {
+                    // New connection first: the old one is closed only now that this one is up.
+                    const old = this.current;
+                    this.dispose(old);
+                    this.current = a;
+                    this.pending = null;
+                }
+                this.emit("connected", {
+                    transport: this.opts.transport,
+                    url: a.url,
+                    connId: m.conn_id ?? null,
+                    node: m.node ?? "",
+                    user: m.user ?? "",
+                    device: m.device ?? null,
+                    lifetimeMs: m.lifetime_ms ?? 0,
+                    heartbeatMs: a.heartbeatMs,
+                    since: a.since,
+                });
+                return;
+            }
+            case "message":
+                this.deliver(m.id, m.mid, m.data);
+                return;
+            case "gap":
+                this.emit("gap", { after: m.after, oldest: m.oldest });
+                return;
+            case "reconnect":
+                if (a !== this.current || this.pending)
+                    return;
+                // A draining node refuses new connections: go straight to the next address.
+                if (m.reason === "drain")
+                    this.urlIndex++;
+                this.connect();
+                return;
+            case "error":
+                this.emit("error", { code: m.code ?? "server", message: m.message ?? "" });
+                return;
+            case "pong":
+                return;
+            default:
+                return;
+        }
+    }
+    deliver(id, mid, data) {
+        if (!this.resume.accept(id))
+            return;
+        let acked = false;
+        const msg = {
+            id,
+            data,
+            ack: () => {
+                if (acked)
+                    return;
+                acked = true;
+                this.ack(id);
+            },
+        };
+        if (mid !== undefined)
+            msg.mid = mid;
+        if (this._role === "leader")
+            this.post(mid === undefined ? { kind: "message", id, data } : { kind: "message", id, mid, data });
+        this.emit("message", msg);
+        if (this.opts.autoAck)
+            msg.ack();
+    }
+    startWatchdog(a) {
+        if (a.timer)
+            clearInterval(a.timer);
+        const tick = Math.max(Math.floor(a.heartbeatMs / 4), 50);
+        a.timer = setInterval(() => {
+            const idle = Date.now() - a.lastActivity;
+            if (idle > a.heartbeatMs * this.opts.heartbeatFactor) {
+                this.dispose(a);
+                this.onConnClosed(a, { reason: "network" }, true);
+                return;
+            }
+            // Browsers answer WebSocket pings but do not show them to scripts: ask for a pong that
+            // they do show, once per quiet interval.
+            if (idle > a.heartbeatMs)
+                a.conn.ping();
+        }, tick);
+    }
+    dispose(a) {
+        if (a.timer)
+            clearInterval(a.timer);
+        if (a.connectTimer)
+            clearTimeout(a.connectTimer);
+        a.timer = a.connectTimer = null;
+        a.conn?.close();
+    }
+    onConnClosed(a, info, heartbeat = false) {
+        this.dispose(a);
+        if (!this.running)
+            return;
+        const beforeHello = a.helloAt === null;
+        // A refusal before hello may be an expired or revoked token: fetch a new one next time.
+        if (beforeHello)
+            this.tokenStale = true;
+        if (this.pending === a) {
+            this.pending = null;
+            // The old connection still works: try the new one again later while it lasts.
+            this.urlIndex++;
+            this.retryTimer = setTimeout(() => {
+                this.retryTimer = null;
+                if (this.current && !this.pending)
+                    this.connect();
+            }, this.nextDelay());
+            return;
+        }
+        if (this.current !== a)
+            return;
+        this.current = null;
+        if (beforeHello)
+            this.urlIndex++;
+        const reason = heartbeat && !beforeHello ? "heartbeat_timeout" : info.reason;
+        this.scheduleRetry({ reason, code: info.code, status: info.status }, !beforeHello);
+    }
+    nextDelay() {
+        const base = this.opts.backoff?.baseMs ?? 500;
+        const cap = this.opts.backoff?.capMs ?? 30000;
+        return backoffDelay(this.attempt++, base, cap, this.opts.random ?? Math.random);
+    }
+    scheduleRetry(ev, wasConnected = false) {
+        if (!this.running)
+            return;
+        if (this.pending) {
+            // A replacement is already on its way: it becomes current when its hello arrives.
+            this.current = this.pending;
+            this.pending = null;
+            if (wasConnected)
+                this.emit("disconnected", { ...clean(ev), willReconnect: true, retryInMs: 0 });
+            return;
+        }
+        const delay = this.nextDelay();
+        this.emit("disconnected", { ...clean(ev), willReconnect: true, retryInMs: delay });
+        if (this.retryTimer)
+            clearTimeout(this.retryTimer);
+        this.retryTimer = setTimeout(() => {
+            this.retryTimer = null;
+            this.connect();
+        }, delay);
+    }
+    // --- cross-tab sharing ---------------------------------------------------------------------
+    startShared(name, locks) {
+        const channel = new BroadcastChannel(name);
+        this.channel = channel;
+        this._role = "follower";
+        this.emit("role", { role: "follower" });
+        channel.onmessage = (ev) => this.onShareMsg(ev.data);
+        // The tab holding the lock connects; when it closes (or stops), the browser releases the
+        // lock and the next waiting tab takes over, resuming from the last ID it heard.
+        void locks.request(name, () => {
+            if (!this.running)
+                return undefined;
+            this._role = "leader";
+            this.emit("role", { role: "leader" });
+            this.connect();
+            return new Promise((resolve) => {
+                this.releaseLock = resolve;
+            });
+        });
+    }
+    post(m) {
+        try {
+            this.channel?.postMessage(m);
+        }
+        catch {
+            // A closed channel: nothing to share with.
+        }
+    }
+    onShareMsg(m) {
+        if (m.kind === "ack") {
+            if (this._role === "leader")
+                this.ack(m.id);
+            return;
+        }
+        if (this._role !== "follower")
+            return;
+        if (m.kind === "message") {
+            // The leader acknowledges (autoAck); a follower's ack() goes to the leader.
+            if (!this.resume.accept(m.id))
+                return;
+            let acked = false;
+            const msg = {
+                id: m.id,
+                data: m.data,
+                ack: () => {
+                    if (acked)
+                        return;
+                    acked = true;
+                    this.ack(m.id);
+                },
+            };
+            if (m.mid !== undefined)
+                msg.mid = m.mid;
+            this.emit("message", msg);
+            return;
+        }
+        this.emit(m.type, m.payload);
+    }
+}
+function clean(o) {
+    const out = {};
+    for (const [k, v] of Object.entries(o))
+        if (v !== undefined)
+            out[k] = v;
+    return out;
+}
