@@ -87,6 +87,10 @@ pub struct Config {
     pub receipts_brokers: Option<String>,
     /// Kafka topic for delivery receipts.
     pub receipts_topic: String,
+    /// Test-only (feature `autobahn-echo`, never a flag): WebSocket data messages are echoed
+    /// and no `hello` is sent, for the Autobahn conformance suite. See `crate::autobahn`.
+    #[cfg(feature = "autobahn-echo")]
+    pub echo: bool,
 }
 
 impl Default for Config {
@@ -126,6 +130,8 @@ impl Default for Config {
             history_age: Duration::from_secs(300),
             receipts_brokers: None,
             receipts_topic: "push-receipts".into(),
+            #[cfg(feature = "autobahn-echo")]
+            echo: false,
         }
     }
 }
@@ -426,6 +432,8 @@ impl ServeArgs {
                 .clone()
                 .or(file.receipts_brokers.clone()),
             receipts_topic: pick!(receipts_topic, d.receipts_topic),
+            #[cfg(feature = "autobahn-echo")]
+            echo: false,
         };
         cfg.validate()?;
         Ok(cfg)
