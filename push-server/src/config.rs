@@ -89,6 +89,10 @@ pub struct Config {
     pub receipts_topic: String,
     /// Serve the demo page at `/demo` on the admin port (off by default: docs/clients.md).
     pub demo: bool,
+    /// Test-only (feature `autobahn-echo`, never a flag): WebSocket data messages are echoed
+    /// and no `hello` is sent, for the Autobahn conformance suite. See `crate::autobahn`.
+    #[cfg(feature = "autobahn-echo")]
+    pub echo: bool,
 }
 
 impl Default for Config {
@@ -129,6 +133,8 @@ impl Default for Config {
             receipts_brokers: None,
             receipts_topic: "push-receipts".into(),
             demo: false,
+            #[cfg(feature = "autobahn-echo")]
+            echo: false,
         }
     }
 }
@@ -434,6 +440,8 @@ impl ServeArgs {
                 .or(file.receipts_brokers.clone()),
             receipts_topic: pick!(receipts_topic, d.receipts_topic),
             demo: pick!(demo, d.demo),
+            #[cfg(feature = "autobahn-echo")]
+            echo: false,
         };
         cfg.validate()?;
         Ok(cfg)

@@ -22,10 +22,13 @@
 //! | [`server`] | wires the above: [`Server::start`], the sweeper, drain |
 //! | [`config`] | flags, `PUSH_*` environment, TOML file → [`Config`] |
 //! | [`metrics`] | metric names and the Prometheus recorder |
+//! | `autobahn` | test-only (feature `autobahn-echo`): the echo node for the Autobahn suite |
 //!
 //! The client protocol is documented in `docs/protocol.md`.
 
 pub mod auth;
+#[cfg(feature = "autobahn-echo")]
+pub mod autobahn;
 pub mod config;
 pub mod forward;
 pub mod hub;

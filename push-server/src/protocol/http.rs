@@ -80,6 +80,22 @@ pub fn parse_request_head(
     if used > max_len {
         return Err(HeadError::TooLarge { limit: max_len });
     }
+    // WebSocket needs HTTP/1.1 (RFC 6455 4.1), and an HTTP/1.1 request without Host is
+    // refused with 400 (RFC 9112 3.2); docs/protocol.md promises both.
+    if req.version != Some(1) {
+        return Err(HeadError::Malformed(
+            "only HTTP/1.1 is served on the client port".into(),
+        ));
+    }
+    if !req
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("host"))
+    {
+        return Err(HeadError::Malformed(
+            "missing Host header (required by HTTP/1.1)".into(),
+        ));
+    }
     let method = req.method.unwrap_or_default().to_owned();
     let target = req.path.unwrap_or_default();
     if !target.starts_with('/') {
@@ -242,8 +258,30 @@ Sec-WebSocket-Version: 13\r\n\r\nrest";
     }
 
     #[test]
+    fn http_1_0_and_a_missing_host_are_malformed() {
+        // RFC 9112 3.2: an HTTP/1.1 request without Host gets 400; WebSocket needs 1.1
+        // (RFC 6455 4.1), and docs/protocol.md promises 400 for anything but HTTP/1.1.
+        let upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        let old = format!("GET /ws HTTP/1.0\r\nHost: h\r\n{upgrade}");
+        assert!(matches!(
+            parse_request_head(old.as_bytes(), 8192),
+            Err(HeadError::Malformed(m)) if m.contains("HTTP/1.1")
+        ));
+        let no_host = format!("GET /ws HTTP/1.1\r\n{upgrade}");
+        assert!(matches!(
+            parse_request_head(no_host.as_bytes(), 8192),
+            Err(HeadError::Malformed(m)) if m.contains("Host")
+        ));
+        let sse = b"GET /sse HTTP/1.0\r\nHost: h\r\n\r\n";
+        assert!(parse_request_head(sse, 8192).is_err());
+        let ok = format!("GET /ws HTTP/1.1\r\nhost: h\r\n{upgrade}");
+        assert!(parse_request_head(ok.as_bytes(), 8192).unwrap().is_some());
+    }
+
+    #[test]
     fn repeated_headers_are_joined() {
-        let raw = b"GET /ws HTTP/1.1\r\nSec-WebSocket-Protocol: push.v1\r\nSec-WebSocket-Protocol: a.b.c\r\n\r\n";
+        let raw = b"GET /ws HTTP/1.1\r\nHost: h\r\nSec-WebSocket-Protocol: push.v1\r\nSec-WebSocket-Protocol: a.b.c\r\n\r\n";
         let (head, _) = parse_request_head(raw, 8192).unwrap().unwrap();
         assert_eq!(head.ws_protocol.as_deref(), Some("push.v1, a.b.c"));
     }

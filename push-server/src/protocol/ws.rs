@@ -201,8 +201,35 @@ impl FrameError {
 pub struct WsReader {
     /// Bytes of an incomplete frame carried to the next read.
     partial: Vec<u8>,
-    /// Opcode and data of a fragmented message being assembled.
-    fragments: Option<(OpCode, Vec<u8>)>,
+    /// A fragmented message being assembled.
+    fragments: Option<Fragments>,
+}
+
+/// A fragmented message being assembled.
+#[derive(Debug)]
+struct Fragments {
+    opcode: OpCode,
+    data: Vec<u8>,
+    /// Text: how much of `data` is known to be valid UTF-8. Each fragment is checked as it
+    /// arrives (RFC 6455 8.1 asks to fail fast), so only a code point split across fragments
+    /// (at most 3 bytes) is looked at twice.
+    checked: usize,
+}
+
+impl Fragments {
+    /// Checks the text received so far: an error unless it is valid UTF-8 or a valid
+    /// prefix of it (a code point cut at the end may be completed by the next fragment).
+    fn check_text(&mut self) -> Result<(), FrameError> {
+        if self.opcode != OpCode::Text {
+            return Ok(());
+        }
+        match std::str::from_utf8(&self.data[self.checked..]) {
+            Ok(_) => self.checked = self.data.len(),
+            Err(e) if e.error_len().is_none() => self.checked += e.valid_up_to(),
+            Err(_) => return Err(FrameError::Utf8),
+        }
+        Ok(())
+    }
 }
 
 impl WsReader {
@@ -238,7 +265,7 @@ impl WsReader {
 
     /// Bytes held between reads (for metrics and tests).
     pub fn buffered(&self) -> usize {
-        self.partial.capacity() + self.fragments.as_ref().map_or(0, |f| f.1.capacity())
+        self.partial.capacity() + self.fragments.as_ref().map_or(0, |f| f.data.capacity())
     }
 
     fn decode_all(
@@ -272,24 +299,33 @@ impl WsReader {
                 if frame.fin {
                     on_message(finish(frame.opcode, frame.payload)?);
                 } else {
-                    self.fragments = Some((frame.opcode, frame.payload));
+                    let mut fragments = Fragments {
+                        opcode: frame.opcode,
+                        data: frame.payload,
+                        checked: 0,
+                    };
+                    fragments.check_text()?;
+                    self.fragments = Some(fragments);
                 }
             }
             OpCode::Continuation => {
-                let Some((_, data)) = self.fragments.as_mut() else {
+                let Some(fragments) = self.fragments.as_mut() else {
                     return Err(FrameError::Protocol("continuation without a message"));
                 };
-                let len = data.len() + frame.payload.len();
+                let len = fragments.data.len() + frame.payload.len();
                 if len > max_message {
                     return Err(FrameError::TooBig {
                         len: len as u64,
                         limit: max_message,
                     });
                 }
-                data.extend_from_slice(&frame.payload);
+                fragments.data.extend_from_slice(&frame.payload);
                 if frame.fin {
-                    let (op, data) = self.fragments.take().expect("checked above");
-                    on_message(finish(op, data)?);
+                    // `finish` checks the whole text, including a code point left open.
+                    let f = self.fragments.take().expect("checked above");
+                    on_message(finish(f.opcode, f.data)?);
+                } else {
+                    fragments.check_text()?;
                 }
             }
         }
@@ -310,7 +346,9 @@ fn parse_close(payload: &[u8]) -> Result<Message, FrameError> {
         [_] => Err(FrameError::Protocol("close payload of one byte")),
         [hi, lo, reason @ ..] => {
             let code = u16::from_be_bytes([*hi, *lo]);
-            let valid = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
+            // RFC 6455 7.4 and the IANA registry: 1004–1006 and 1015 are never sent on the
+            // wire; 1012–1014 (service restart, try again later, bad gateway) are registered.
+            let valid = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
             if !valid {
                 return Err(FrameError::Protocol("invalid close code"));
             }
@@ -357,6 +395,11 @@ pub fn decode_frame(buf: &[u8], max_payload: usize) -> Result<Option<(Frame, usi
             None => return Ok(None),
         },
         127 => match buf.get(2..10) {
+            // RFC 6455 5.2: the most significant bit must be 0. Malformed framing (1002),
+            // checked before the size limit so it is not reported as a big message (1009).
+            Some(b) if b[0] & 0x80 != 0 => {
+                return Err(FrameError::Protocol("64-bit length with the top bit set"))
+            }
             Some(b) => (u64::from_be_bytes(b.try_into().expect("8 bytes")), 10),
             None => return Ok(None),
         },
@@ -561,6 +604,86 @@ mod tests {
         assert_eq!(read_all(&[&bad_utf8], 1024).unwrap_err(), FrameError::Utf8);
         let bad_close = encode_client_frame(true, OpCode::Close, &[0x03, 0xE8 + 4], MASK);
         assert!(read_all(&[&bad_close], 1024).is_err());
+    }
+
+    #[test]
+    fn invalid_utf8_fails_at_the_fragment_that_carries_it() {
+        // Autobahn 6.4.1/6.4.2: the message is not finished, yet it can never become valid.
+        let mut wire = encode_client_frame(false, OpCode::Text, "κόσμε".as_bytes(), MASK);
+        wire.extend(encode_client_frame(
+            false,
+            OpCode::Continuation,
+            &[0xce, 0xbc, 0xf4, 0x90, 0x80, 0x80],
+            MASK,
+        ));
+        assert_eq!(read_all(&[&wire], 1024).unwrap_err(), FrameError::Utf8);
+        let first = encode_client_frame(false, OpCode::Text, &[b'a', 0xc0, 0xaf], MASK);
+        assert_eq!(read_all(&[&first], 1024).unwrap_err(), FrameError::Utf8);
+    }
+
+    #[test]
+    fn code_points_split_across_fragments_are_text() {
+        // "€" is E2 82 AC; "😀" is F0 9F 98 80. Split them at every byte, one byte per frame.
+        let text = "a€😀b";
+        for cut in 0..=text.len() {
+            let bytes = text.as_bytes();
+            let mut wire = encode_client_frame(false, OpCode::Text, &bytes[..cut], MASK);
+            for b in &bytes[cut..] {
+                wire.extend(encode_client_frame(
+                    false,
+                    OpCode::Continuation,
+                    &[*b],
+                    MASK,
+                ));
+            }
+            wire.extend(encode_client_frame(true, OpCode::Continuation, b"", MASK));
+            assert_eq!(
+                read_all(&[&wire], 1024).unwrap(),
+                vec![Message::Text(text.into())],
+                "cut at {cut}"
+            );
+        }
+        // A code point still open when the message ends is invalid.
+        let mut wire = encode_client_frame(false, OpCode::Text, &[0xe2, 0x82], MASK);
+        wire.extend(encode_client_frame(true, OpCode::Continuation, b"", MASK));
+        assert_eq!(read_all(&[&wire], 1024).unwrap_err(), FrameError::Utf8);
+    }
+
+    #[test]
+    fn registered_close_codes_1012_to_1014_are_accepted() {
+        for code in [1012u16, 1013, 1014] {
+            let wire = encode_client_frame(true, OpCode::Close, &code.to_be_bytes(), MASK);
+            assert_eq!(
+                read_all(&[&wire], 1024).unwrap(),
+                vec![Message::Close(Some(code), String::new())]
+            );
+        }
+        // Reserved or not to be sent on the wire (RFC 6455 7.4.1, IANA registry).
+        for code in [999u16, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
+            let wire = encode_client_frame(true, OpCode::Close, &code.to_be_bytes(), MASK);
+            assert_eq!(
+                read_all(&[&wire], 1024).unwrap_err().close_code(),
+                close_code::PROTOCOL_ERROR,
+                "code {code}"
+            );
+        }
+    }
+
+    #[test]
+    fn length_with_the_top_bit_set_is_a_protocol_error() {
+        // RFC 6455 5.2: the most significant bit of a 64-bit length must be 0. This is
+        // malformed framing (1002), not a big message (1009), whatever the limit.
+        let mut wire = vec![0x82, 0x80 | 127];
+        wire.extend_from_slice(&(u64::MAX - 1).to_be_bytes());
+        wire.extend_from_slice(&MASK);
+        assert_eq!(
+            read_all(&[&wire], usize::MAX).unwrap_err().close_code(),
+            close_code::PROTOCOL_ERROR
+        );
+        assert_eq!(
+            read_all(&[&wire], 1024).unwrap_err().close_code(),
+            close_code::PROTOCOL_ERROR
+        );
     }
 
     #[test]
