@@ -407,7 +407,10 @@ mod tests {
         );
         let err = Envelope::decode(raw.as_bytes()).unwrap_err();
         assert!(matches!(err, EnvelopeError::TooLarge { .. }), "{err}");
-        assert!(err.to_string().contains("over the 65536-byte limit"), "{err}");
+        assert!(
+            err.to_string().contains("over the 65536-byte limit"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -201,14 +201,23 @@ async fn the_mid_index_finds_duplicates_without_a_scan_and_stays_bounded() {
         .unwrap()[0];
     assert_eq!((again.id, again.duplicate), (ids[19], true));
     // An aged-out mid is not a duplicate any more: it is appended anew.
-    let old = store.append(&[with_mid("ivy", &mids[0], "x")]).await.unwrap()[0];
+    let old = store
+        .append(&[with_mid("ivy", &mids[0], "x")])
+        .await
+        .unwrap()[0];
     assert!(!old.duplicate && old.id > ids[19]);
-    store.append(&[with_mid("ivy-end", "m", "x")]).await.unwrap();
+    store
+        .append(&[with_mid("ivy-end", "m", "x")])
+        .await
+        .unwrap();
     assert!(monitor.wait_for("ivy-end", Duration::from_secs(10)));
     // The lookup reads no range of the whole history: every ZRANGE is one rank.
     for line in monitor.lines() {
         if line.contains("\"ZRANGE\"") {
-            assert!(!line.contains("\"0\" \"-1\""), "a whole-history scan: {line}");
+            assert!(
+                !line.contains("\"0\" \"-1\""),
+                "a whole-history scan: {line}"
+            );
         }
     }
     let r = store.since("ivy", 0).await.unwrap();

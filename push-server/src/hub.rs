@@ -242,7 +242,10 @@ impl ConnState {
         // arriving while a burst fills the queue must not cut off a client that reads. A
         // client that sends pings without reading the pongs still hits the limit.
         let (frames, bytes) = if out.id == 0 {
-            (limits.max_frames + CONTROL_SLACK, limits.max_bytes + CONTROL_SLACK * 1024)
+            (
+                limits.max_frames + CONTROL_SLACK,
+                limits.max_bytes + CONTROL_SLACK * 1024,
+            )
         } else {
             (limits.max_frames, limits.max_bytes)
         };
@@ -970,6 +973,8 @@ fn other(t: Transport) -> Transport {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Buf;
+
     use super::*;
     use crate::lifecycle::Policy;
 
@@ -1194,7 +1199,11 @@ mod tests {
             queue(&hub, "u", "later", id, keep).await;
         }
         let got = drain_out(&c);
-        assert_eq!(got[0], (1, tail), "the partly written frame is finished first");
+        assert_eq!(
+            got[0],
+            (1, tail),
+            "the partly written frame is finished first"
+        );
         assert_eq!(got.last().unwrap().0, 5);
     }
 
