@@ -1263,13 +1263,14 @@ mod tests {
         for id in 20..25 {
             queue(&hub, "u", &big, id, limits).await;
         }
-        let st = c.state();
-        assert!(st.queued_bytes <= 250, "{} bytes queued", st.queued_bytes);
-        assert_eq!(
-            st.queued_bytes,
-            st.queue.iter().map(|o| o.bytes.len()).sum::<usize>()
-        );
-        drop(st);
+        {
+            let st = c.state();
+            assert!(st.queued_bytes <= 250, "{} bytes queued", st.queued_bytes);
+            assert_eq!(
+                st.queued_bytes,
+                st.queue.iter().map(|o| o.bytes.len()).sum::<usize>()
+            );
+        }
         // One frame larger than the budget still goes through an empty queue.
         let d = conn(&hub, "w", None, Transport::Sse);
         let o = queue(&hub, "w", &"y".repeat(1000), 10, limits).await;
