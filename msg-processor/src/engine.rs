@@ -53,7 +53,12 @@ impl Engine {
             let wire_len = msg.payload().map_or(0, <[u8]>::len);
             let decoded = match msg.payload() {
                 None => Err("malformed: record has no value".to_owned()),
-                Some(bytes) => Envelope::decode(bytes).map_err(|e| format!("malformed: {e}")),
+                // An oversized payload is refused here, before the history keeps it (the
+                // node would refuse it after the append, and resumes would send it).
+                Some(bytes) => Envelope::decode(bytes).map_err(|e| match e {
+                    push_lib::envelope::EnvelopeError::TooLarge { .. } => format!("too large: {e}"),
+                    e => format!("malformed: {e}"),
+                }),
             };
             match decoded {
                 Err(reason) => self.dead_letter(msg, &reason).await,

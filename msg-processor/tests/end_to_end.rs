@@ -243,10 +243,13 @@ async fn malformed_and_refused_messages_go_to_the_dead_letter_topic_and_the_part
                 .encode()
                 .unwrap()
         };
-        // Larger than the node's 64 KiB message limit: the node answers `invalid`.
-        let too_big = push_lib::Envelope::new("u", "x".repeat(70_000))
-            .encode()
-            .unwrap();
+        // Larger than the 64 KiB message limit (push-lib refuses to write it; a producer
+        // without push-lib can): dead-lettered before the history keeps it.
+        let too_big = format!(
+            r#"{{"v":1,"id":"big","user":"u","data":"{}"}}"#,
+            "x".repeat(70_000)
+        )
+        .into_bytes();
         let records: Vec<Option<Vec<u8>>> = vec![
             Some(good(0)),
             Some(b"not json at all".to_vec()),
@@ -310,7 +313,7 @@ async fn malformed_and_refused_messages_go_to_the_dead_letter_topic_and_the_part
         let expect = [
             ("push/0/1 ", "malformed: envelope is not valid JSON"),
             ("push/0/3 ", "malformed: envelope version 9"),
-            ("push/0/5 ", "invalid: data exceeds"),
+            ("push/0/5 ", "too large: envelope data is 70000 bytes"),
             ("push/0/7 ", "malformed: record has no value"),
         ];
         for (got, (src, why)) in reasons.iter().zip(expect) {
@@ -320,6 +323,13 @@ async fn malformed_and_refused_messages_go_to_the_dead_letter_topic_and_the_part
             );
         }
         assert_eq!(Stats::get(&p.stats().dead_lettered), 4);
+        // The history holds the five good messages and not the oversized one.
+        let store = push_registry::open_store(&redis.url(), push_registry::BufferLimits::default())
+            .await
+            .unwrap();
+        let kept = store.since("u", 0).await.unwrap().messages;
+        assert_eq!(kept.len(), 5);
+        assert!(kept.iter().all(|m| m.mid.as_deref() != Some("big")));
         p.shutdown().await;
     })
     .await

@@ -36,6 +36,12 @@ pub const MAX_COLLAPSE_KEY_LEN: usize = 256;
 /// Longest `traceparent`, in bytes. W3C version 00 is 55; later versions may append fields.
 pub const MAX_TRACEPARENT_LEN: usize = 512;
 
+/// Largest payload, in bytes as a client receives it (a text payload's UTF-8, else the
+/// JSON): push-server's default `--max-message-bytes`. Bounded here so that an oversized
+/// message is refused at the sender and never reaches the queue, the history or a node
+/// (which would refuse it anyway, after the history had kept it).
+pub const MAX_DATA_BYTES: usize = 64 * 1024;
+
 /// A message ID: the deduplication key from the producer to the client.
 ///
 /// Generated IDs are 32 lowercase hex digits: 48 bits of milliseconds since the Unix epoch,
@@ -167,7 +173,27 @@ impl Envelope {
         if let Some(t) = &self.traceparent {
             check_id("traceparent", t, MAX_TRACEPARENT_LEN)?;
         }
+        let size = self.data_len();
+        if size > MAX_DATA_BYTES {
+            return Err(EnvelopeError::TooLarge {
+                size,
+                max: MAX_DATA_BYTES,
+            });
+        }
         Ok(())
+    }
+
+    /// The payload's size as a client receives it: a text payload's UTF-8 bytes, else the
+    /// compact JSON.
+    pub fn data_len(&self) -> usize {
+        match &self.data {
+            Value::String(text) => text.len(),
+            other => {
+                let mut count = ByteCount(0);
+                serde_json::to_writer(&mut count, other).expect("JSON values serialize");
+                count.0
+            }
+        }
     }
 
     /// The JSON wire form. Validates first.
@@ -207,6 +233,20 @@ impl Envelope {
             Some(ttl) if self.created_at > 0 => now_ms >= self.created_at.saturating_add(ttl),
             _ => false,
         }
+    }
+}
+
+/// Counts bytes written, to size a JSON value without keeping its text.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -253,6 +293,14 @@ pub enum EnvelopeError {
     /// The envelope was written by a newer (or broken) producer.
     #[error("envelope version {0} is not supported (this build reads version {VERSION})")]
     UnsupportedVersion(u64),
+    /// The payload is larger than [`MAX_DATA_BYTES`].
+    #[error("envelope data is {size} bytes, over the {max}-byte limit")]
+    TooLarge {
+        /// The payload's size as a client would receive it.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A field is present but out of its bounds.
     #[error("envelope field `{field}` {reason}")]
     Invalid {
@@ -335,6 +383,34 @@ mod tests {
         );
         assert!(err(long.as_bytes()).contains("`user`"));
         assert!(err(br#"{"v":1,"id":"m","user":7,"data":1}"#).contains("expected a string"));
+    }
+
+    #[test]
+    fn oversized_data_is_refused_with_a_typed_error() {
+        let at_limit = Envelope::new("u", "x".repeat(MAX_DATA_BYTES));
+        assert!(at_limit.encode().is_ok());
+        let over = Envelope::new("u", "x".repeat(MAX_DATA_BYTES + 1));
+        assert!(matches!(
+            over.encode(),
+            Err(EnvelopeError::TooLarge { size, max: MAX_DATA_BYTES }) if size == MAX_DATA_BYTES + 1
+        ));
+        // JSON payloads count as their compact JSON text.
+        let json = Envelope::new("u", json!({ "k": "y".repeat(MAX_DATA_BYTES) }));
+        assert!(matches!(
+            json.validate(),
+            Err(EnvelopeError::TooLarge { .. })
+        ));
+        // The decoder refuses what a producer without this check wrote.
+        let raw = format!(
+            r#"{{"v":1,"id":"m","user":"u","data":"{}"}}"#,
+            "z".repeat(MAX_DATA_BYTES + 1)
+        );
+        let err = Envelope::decode(raw.as_bytes()).unwrap_err();
+        assert!(matches!(err, EnvelopeError::TooLarge { .. }), "{err}");
+        assert!(
+            err.to_string().contains("over the 65536-byte limit"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -13,6 +13,13 @@
 //!   atomically: a second key (an `INCR` counter) would need a second command or a multi-key
 //!   script, and Dynomite routes a script by its one key.
 //!
+//! - one index member per kept message that has a `mid`: `~mid:<mid as JSON>`, scored by
+//!   the message's ID *negated*. Negative scores sort before every message, so the index
+//!   never interleaves with the messages' ranks (scripts skip the `ZCOUNT -inf (0` index
+//!   members at the front), and an append finds a duplicate `mid` with one `ZSCORE`
+//!   instead of scanning the kept history. The index is trimmed with the messages, so it
+//!   is bounded by the history's own limits.
+//!
 //! The counter's member is `~last`. It sorts after every message even when its score ties
 //! with the newest message's (same score: members compare as bytes, and `~` is above the `{`
 //! that every JSON member starts with), so "the first `n` ranks" are always the `n` oldest
@@ -29,7 +36,7 @@
 //! every ID given before (see [`crate::history::first_id_now`]).
 //!
 //! Only commands Dynomite proxies are used, and only inside single-key EVALs: ZSCORE, ZCARD,
-//! ZRANGE, ZRANGEBYSCORE, ZADD, ZREMRANGEBYRANK, PEXPIRE.
+//! ZCOUNT, ZRANGE, ZRANGEBYSCORE, ZADD, ZREMRANGEBYRANK, ZREMRANGEBYSCORE, PEXPIRE.
 
 use std::time::Duration;
 
@@ -57,21 +64,28 @@ local COUNTER = '~last'
 local now, max_age, max_n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local function at_ms(m) return tonumber(string.match(m, '^{"id":%d+,"at_ms":(%d+)')) end
 local function first_kept(key)
-  local n = redis.call('ZCARD', key)
+  -- The mid index (negative scores) comes first; message ranks start after it.
+  local skip = redis.call('ZCOUNT', key, '-inf', '(0')
+  local n = redis.call('ZCARD', key) - skip
   if redis.call('ZSCORE', key, COUNTER) then n = n - 1 end
   local first = 0
   if n > max_n then first = n - max_n end
   while first < n do
-    local t = at_ms(redis.call('ZRANGE', key, first, first)[1])
+    local t = at_ms(redis.call('ZRANGE', key, skip + first, skip + first)[1])
     -- A member we cannot read is kept, so a reader reports it rather than hiding it.
     if not t or now - t <= max_age then break end
     first = first + 1
   end
-  return first, n
+  return first, n, skip
 end
 local function trim(key)
-  local first = first_kept(key)
-  if first > 0 then redis.call('ZREMRANGEBYRANK', key, 0, first - 1) end
+  local first, _, skip = first_kept(key)
+  if first > 0 then
+    local gone = redis.call('ZRANGE', key, skip + first - 1, skip + first - 1, 'WITHSCORES')
+    redis.call('ZREMRANGEBYRANK', key, skip, skip + first - 1)
+    -- The trimmed messages' index entries: IDs up to the newest trimmed one.
+    redis.call('ZREMRANGEBYSCORE', key, -tonumber(gone[2]), '(0')
+  end
 end
 local function last_id(key)
   local s = redis.call('ZSCORE', key, COUNTER)
@@ -81,8 +95,8 @@ end
 "#;
 
 /// ARGV 5: seed (µs, used when the counter is missing), 6: floor (the counter is raised to at
-/// least this first; 0 normally, see the ring), 7: the `mid` needle or '', 8: the member's
-/// tail (`,"mid":…` up to the closing brace).
+/// least this first; 0 normally, see the ring), 7: the `mid` index member or '', 8: the
+/// member's tail (`,"mid":…` up to the closing brace).
 /// Returns `{id, duplicate (0/1), member}`: the member lets the ring copy it to other racks,
 /// a duplicate's too (so a retry after a partial copy completes it).
 const APPEND: &str = r#"
@@ -92,12 +106,12 @@ local floor = tonumber(ARGV[6])
 if floor > last then last = floor end
 trim(key)
 if ARGV[7] ~= '' then
-  -- A plain find is exact: `"` inside a JSON string value is always escaped, so the needle
-  -- `,"mid":"…",` can only match the top-level mid field.
-  local kept = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-  for i = 1, #kept, 2 do
-    if kept[i] ~= COUNTER and string.find(kept[i], ARGV[7], 1, true) then
-      return {tonumber(kept[i + 1]), 1, kept[i]}
+  -- One lookup in the mid index (trimmed with the messages, so a hit is still kept).
+  local s = redis.call('ZSCORE', key, ARGV[7])
+  if s then
+    local had = -tonumber(s)
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', key, had, had)) do
+      if m ~= COUNTER then return {had, 1, m} end
     end
   end
 end
@@ -105,12 +119,13 @@ local id = last + 1
 local member = '{"id":' .. string.format('%.0f', id) .. ',"at_ms":' .. ARGV[1] .. ARGV[8]
 redis.call('ZADD', key, id, member)
 redis.call('ZADD', key, id, COUNTER)
+if ARGV[7] ~= '' then redis.call('ZADD', key, -id, ARGV[7]) end
 trim(key)
 redis.call('PEXPIRE', key, ARGV[4])
 return {id, 0, member}
 "#;
 
-/// Ring copy. ARGV 5: id, 6: member. Idempotent: a message already kept under this ID is left
+/// Ring copy. ARGV 5: id, 6: member, 7: its `mid` index member or ''. Idempotent: a message already kept under this ID is left
 /// alone; the counter only moves up. Returns 1 if the member was added, 0 if it was there.
 const APPLY: &str = r#"
 local key = KEYS[1]
@@ -121,6 +136,7 @@ for _, m in ipairs(have) do
 end
 local last = last_id(key)
 redis.call('ZADD', key, id, ARGV[6])
+if ARGV[7] ~= '' then redis.call('ZADD', key, -id, ARGV[7]) end
 if not last or last < id then redis.call('ZADD', key, id, COUNTER) end
 trim(key)
 redis.call('PEXPIRE', key, ARGV[4])
@@ -135,9 +151,9 @@ local last = last_id(key)
 if not last then return {} end
 local after = tonumber(ARGV[5])
 if after >= last then return {last, 0} end
-local first, n = first_kept(key)
+local first, n, skip = first_kept(key)
 if first >= n then return {last, 0} end
-local oldest = tonumber(redis.call('ZRANGE', key, first, first, 'WITHSCORES')[2])
+local oldest = tonumber(redis.call('ZRANGE', key, skip + first, skip + first, 'WITHSCORES')[2])
 local from = oldest
 if after + 1 > from then from = after + 1 end
 local out = {last, oldest}
@@ -150,9 +166,9 @@ return out
 /// Read only. ARGV 5…: IDs. Returns the kept members among them.
 const GET: &str = r#"
 local key = KEYS[1]
-local first, n = first_kept(key)
+local first, n, skip = first_kept(key)
 if first >= n then return {} end
-local oldest = tonumber(redis.call('ZRANGE', key, first, first, 'WITHSCORES')[2])
+local oldest = tonumber(redis.call('ZRANGE', key, skip + first, skip + first, 'WITHSCORES')[2])
 local out = {}
 for i = 5, #ARGV do
   local id = tonumber(ARGV[i])
@@ -247,15 +263,18 @@ pub(crate) fn append_cmd(
     let tail = serde_json::to_string(&tail).expect("strings and bools always serialize");
     // `{"mid":…}` → `,"mid":…}`: the script puts id and at_ms in front.
     let tail = format!(",{}", &tail[1..]);
-    let needle = msg.mid.map_or(String::new(), |mid| {
-        format!(
-            ",\"mid\":{},",
-            serde_json::to_string(mid).expect("a string always serializes")
-        )
-    });
+    let needle = msg.mid.map_or(String::new(), mid_index);
     let mut cmd = eval(APPEND, msg.user, now_ms, limits);
     cmd.arg(seed).arg(floor).arg(needle).arg(tail);
     cmd
+}
+
+/// The mid index member of a message with this `mid` (see the module docs).
+fn mid_index(mid: &str) -> String {
+    format!(
+        "~mid:{}",
+        serde_json::to_string(mid).expect("a string always serializes")
+    )
 }
 
 /// Copies a member appended elsewhere (ring).
@@ -266,8 +285,14 @@ pub(crate) fn apply_cmd(
     now_ms: u64,
     limits: BufferLimits,
 ) -> redis::Cmd {
+    // The copy gets its index entry too, so a retry on this rack finds the duplicate. A
+    // member that does not decode is copied as it is (readers report it).
+    let index = serde_json::from_str::<Member>(member)
+        .ok()
+        .and_then(|m| m.mid)
+        .map_or(String::new(), |mid| mid_index(&mid));
     let mut cmd = eval(APPLY, user, now_ms, limits);
-    cmd.arg(id).arg(member);
+    cmd.arg(id).arg(member).arg(index);
     cmd
 }
 
@@ -454,7 +479,7 @@ mod tests {
             })
             .collect();
         assert_eq!(args[3], "ph:{u}");
-        assert_eq!(args[10], r#","mid":"m\"1","#);
+        assert_eq!(args[10], r#"~mid:"m\"1""#);
         assert_eq!(args[11], r#","mid":"m\"1","json":true,"data":"{\"a\":1}"}"#);
         // What the script builds decodes back.
         let member = format!(r#"{{"id":1700000000000001,"at_ms":5{}"#, args[11]);

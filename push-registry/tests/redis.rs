@@ -41,6 +41,9 @@ const DYNOMITE_ALLOWED: &[&str] = &[
     "DEL",
     "ZADD",
     "ZCARD",
+    // The history's mid index: both are in Dynomite's supported sorted-set commands.
+    "ZCOUNT",
+    "ZREMRANGEBYSCORE",
     "ZRANGE",
     "ZRANGEBYSCORE",
     "ZREM",
@@ -176,6 +179,51 @@ async fn history_errors_name_the_failed_node_and_recover_after_restart() {
     assert!(after > before, "{after} > {before}");
     let r = store.since("ida", before).await.unwrap();
     assert_eq!(r.messages.iter().map(|m| m.id).collect::<Vec<_>>(), [after]);
+}
+
+#[tokio::test]
+async fn the_mid_index_finds_duplicates_without_a_scan_and_stays_bounded() {
+    use common::history::{with_mid, FIVE};
+    let server = RedisServer::start();
+    let store = common::history::open(&server.url(), FIVE).await;
+    let mids: Vec<String> = (0..20).map(|i| format!("mid-{i}")).collect();
+    let mut ids = Vec::new();
+    for mid in &mids {
+        ids.push(store.append(&[with_mid("ivy", mid, "x")]).await.unwrap()[0].id);
+    }
+    // Kept: the last five, and their index entries only.
+    let index = server.command(&["ZCOUNT", "ph:{ivy}", "-inf", "(0"]);
+    assert_eq!(format!("{index:?}"), "Int(5)");
+    let monitor = server.monitor();
+    let again = store
+        .append(&[with_mid("ivy", &mids[19], "x, again")])
+        .await
+        .unwrap()[0];
+    assert_eq!((again.id, again.duplicate), (ids[19], true));
+    // An aged-out mid is not a duplicate any more: it is appended anew.
+    let old = store
+        .append(&[with_mid("ivy", &mids[0], "x")])
+        .await
+        .unwrap()[0];
+    assert!(!old.duplicate && old.id > ids[19]);
+    store
+        .append(&[with_mid("ivy-end", "m", "x")])
+        .await
+        .unwrap();
+    assert!(monitor.wait_for("ivy-end", Duration::from_secs(10)));
+    // The lookup reads no range of the whole history: every ZRANGE is one rank.
+    for line in monitor.lines() {
+        if line.contains("\"ZRANGE\"") {
+            assert!(
+                !line.contains("\"0\" \"-1\""),
+                "a whole-history scan: {line}"
+            );
+        }
+    }
+    let r = store.since("ivy", 0).await.unwrap();
+    assert_eq!(r.messages.len(), 5);
+    let index = server.command(&["ZCOUNT", "ph:{ivy}", "-inf", "(0"]);
+    assert_eq!(format!("{index:?}"), "Int(5)");
 }
 
 #[tokio::test]

@@ -60,6 +60,13 @@ pub struct Config {
     pub max_queue_bytes: usize,
     /// What to do when a connection's queue is full.
     pub slow_consumer: SlowConsumerPolicy,
+    // --- delivery hardening (issue 14, harden-delivery) ---
+    /// How long a push waits for room in a connection's full queue and for its frame to be
+    /// written before the connection is a slow consumer.
+    pub slow_consumer_timeout: Duration,
+    /// Acknowledgements per second one connection (or one `POST /ack` token) may send.
+    pub ack_rate: u32,
+    // --- end delivery hardening ---
     /// Connects per second allowed per client IP (0 disables).
     pub per_ip_rate: f64,
     /// Burst of connects allowed per client IP.
@@ -117,6 +124,12 @@ impl Default for Config {
             // 16 messages of the largest size: a slow reader costs at most this much.
             max_queue_bytes: 1024 * 1024,
             slow_consumer: SlowConsumerPolicy::Disconnect,
+            // Below the message processor's 5 s deliver timeout, so that a slow consumer
+            // holding back a batch is cut off before the batch times out and is retried.
+            slow_consumer_timeout: Duration::from_secs(2),
+            // A client acks what it is sent; 100/s is above any real user's message rate
+            // and keeps one client's share of the receipts queue small.
+            ack_rate: 100,
             per_ip_rate: 200.0,
             per_ip_burst: 1000,
             max_pending_handshakes: 4096,
@@ -230,6 +243,12 @@ pub struct ServeArgs {
     /// What to do with a connection whose queue is full.
     #[arg(long, env = "PUSH_SLOW_CONSUMER", value_enum)]
     pub slow_consumer: Option<SlowConsumerPolicy>,
+    /// How long a client may leave a full queue undrained before it is a slow consumer, e.g. 2s.
+    #[arg(long, env = "PUSH_SLOW_CONSUMER_TIMEOUT", value_parser = parse_duration)]
+    pub slow_consumer_timeout: Option<Duration>,
+    /// Acknowledgements per second allowed per connection.
+    #[arg(long, env = "PUSH_ACK_RATE")]
+    pub ack_rate: Option<u32>,
     /// Connects per second allowed per client IP (0 disables the limit).
     #[arg(long, env = "PUSH_PER_IP_RATE")]
     pub per_ip_rate: Option<f64>,
@@ -305,6 +324,9 @@ pub struct FileConfig {
     max_queue: Option<usize>,
     max_queue_bytes: Option<usize>,
     slow_consumer: Option<SlowConsumerPolicy>,
+    #[serde(default, with = "humantime_serde_opt")]
+    slow_consumer_timeout: Option<Duration>,
+    ack_rate: Option<u32>,
     per_ip_rate: Option<f64>,
     per_ip_burst: Option<u32>,
     max_pending_handshakes: Option<usize>,
@@ -424,6 +446,8 @@ impl ServeArgs {
             max_queue: pick!(max_queue, d.max_queue),
             max_queue_bytes: pick!(max_queue_bytes, d.max_queue_bytes),
             slow_consumer: pick!(slow_consumer, d.slow_consumer),
+            slow_consumer_timeout: pick!(slow_consumer_timeout, d.slow_consumer_timeout),
+            ack_rate: pick!(ack_rate, d.ack_rate),
             per_ip_rate: pick!(per_ip_rate, d.per_ip_rate),
             per_ip_burst: pick!(per_ip_burst, d.per_ip_burst),
             max_pending_handshakes: pick!(max_pending_handshakes, d.max_pending_handshakes),
@@ -496,6 +520,12 @@ impl Config {
                     self.max_message_bytes
                 ),
             ));
+        }
+        if self.slow_consumer_timeout.is_zero() {
+            return Err(invalid("slow_consumer_timeout", "must be above zero"));
+        }
+        if self.ack_rate == 0 {
+            return Err(invalid("ack_rate", "must be at least 1"));
         }
         if self.registry_ttl < Duration::from_secs(3) {
             return Err(invalid("registry_ttl", "must be at least 3s"));
@@ -605,6 +635,29 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("history_messages"), "{err}");
         assert!(args(&["--history-age", "0s"])
+            .merge(FileConfig::default())
+            .is_err());
+    }
+
+    #[test]
+    fn delivery_limits() {
+        let d = Config::default();
+        assert_eq!(d.slow_consumer_timeout, Duration::from_secs(2));
+        assert_eq!(d.ack_rate, 100);
+        let file: FileConfig =
+            toml::from_str("slow_consumer_timeout = \"500ms\"\nack_rate = 7").unwrap();
+        let cfg = args(&[]).merge(file).unwrap();
+        assert_eq!(cfg.slow_consumer_timeout, Duration::from_millis(500));
+        assert_eq!(cfg.ack_rate, 7);
+        let cfg = args(&["--slow-consumer-timeout", "3s", "--ack-rate", "9"])
+            .merge(FileConfig::default())
+            .unwrap();
+        assert_eq!(cfg.slow_consumer_timeout, Duration::from_secs(3));
+        assert_eq!(cfg.ack_rate, 9);
+        assert!(args(&["--slow-consumer-timeout", "0s"])
+            .merge(FileConfig::default())
+            .is_err());
+        assert!(args(&["--ack-rate", "0"])
             .merge(FileConfig::default())
             .is_err());
     }

@@ -206,9 +206,11 @@ fn flush(stream: &TcpStream, handle: &ConnHandle, shared: &Shared) -> Flush {
                     shared.hot.delivered[t].increment(1);
                     shared.hot.latency.record(received.elapsed().as_secs_f64());
                 }
+                out.written();
             }
             Ok(n) => {
                 out.bytes.advance(n);
+                out.partial |= n > 0;
                 handle.requeue_front(out);
                 return Flush::Blocked;
             }
@@ -225,7 +227,7 @@ fn flush(stream: &TcpStream, handle: &ConnHandle, shared: &Shared) -> Flush {
 fn on_readable(
     stream: &TcpStream,
     reader: &mut WsReader,
-    handle: &ConnHandle,
+    handle: &Arc<ConnHandle>,
     shared: &Shared,
 ) -> Option<End> {
     SCRATCH.with(|scratch| {
@@ -267,7 +269,7 @@ fn on_readable(
 fn on_bytes(
     data: &[u8],
     reader: &mut WsReader,
-    handle: &ConnHandle,
+    handle: &Arc<ConnHandle>,
     shared: &Shared,
 ) -> Option<End> {
     let mut end = None;
@@ -287,13 +289,22 @@ fn on_bytes(
             Message::Text(text) => match message::parse_client_message(&text) {
                 Ok(ClientMessage::Ack { id }) => {
                     metrics::counter!(m::ACKS).increment(1);
-                    shared.receipts.ack(Ack {
-                        user: handle.user.clone(),
-                        device: handle.device.clone(),
-                        transport: Transport::Ws,
-                        id,
-                        at_ms: push_registry::now_ms(),
-                    });
+                    match handle.admit_ack(id, shared.now(), shared.config.ack_rate) {
+                        Ok(slot) => {
+                            shared.receipts.ack(Ack {
+                                user: handle.user.clone(),
+                                device: handle.device.clone(),
+                                transport: Transport::Ws,
+                                id,
+                                at_ms: push_registry::now_ms(),
+                                slot: Some(slot),
+                            });
+                        }
+                        Err(why) => {
+                            metrics::counter!(m::RECEIPTS_DROPPED, "reason" => why.as_str())
+                                .increment(1);
+                        }
+                    }
                 }
                 Ok(ClientMessage::Ping) => reply(handle, shared, message::pong_frame()),
                 Err(e) => {
@@ -366,6 +377,9 @@ async fn finish(stream: &TcpStream, handle: &ConnHandle, end: End) {
             None if end.server_initiated => close_frame_for(end.reason),
             None => None,
         };
+        // Not after the rest of a partly written frame is dropped: the client would read
+        // the close frame's bytes as that frame's tail.
+        let frame = frame.filter(|_| handle.state().may_write_close());
         if let Some(frame) = frame {
             // Best effort: a slow consumer's buffer may be full; it is closed regardless.
             let _ = stream.try_write(&frame);
@@ -413,6 +427,8 @@ impl Drop for Registered {
     fn drop(&mut self) {
         let t = self.handle.transport;
         self.shared.hub.unregister(&self.handle);
+        // Pushes waiting for this connection's frames learn they were not written.
+        self.handle.discard();
         if let Some(presence) = &self.shared.presence {
             presence.unregister(&self.handle);
         }
@@ -600,7 +616,7 @@ async fn handshake(
             Ok(Ok(x)) => x,
         };
     if head.path == "/ack" {
-        match ack(&head, shared) {
+        match ack(&head, remote, shared) {
             Ok(n) => {
                 let body = serde_json::json!({ "accepted": n }).to_string();
                 respond(stream, &http::simple_response(202, "Accepted", &[], &body)).await;
@@ -620,12 +636,15 @@ async fn handshake(
 
 /// `POST /ack?id=N[,M…]` with the client's token: acknowledgements for clients that cannot
 /// send them on their connection (SSE). Returns how many IDs were accepted.
-fn ack(head: &RequestHead, shared: &Shared) -> Result<usize, Box<Refusal>> {
+fn ack(head: &RequestHead, remote: SocketAddr, shared: &Shared) -> Result<usize, Box<Refusal>> {
     if head.method != "POST" {
         let r = Refusal::new(405, "Method Not Allowed", "method_not_allowed", "use POST")
             .header("Allow", "POST");
         return Err(Box::new(r));
     }
+    // Each request costs what a connect costs: the drain and per-IP checks come first.
+    draining_check(shared)?;
+    rate_check(remote, shared)?;
     let token = auth::token_from_request(
         head.authorization.as_deref(),
         head.query_param("token"),
@@ -659,19 +678,35 @@ fn ack(head: &RequestHead, shared: &Shared) -> Result<usize, Box<Refusal>> {
     if ids.is_empty() || ids.len() > 100 {
         return Err(bad());
     }
+    if !shared.receipts.room_for_posted() {
+        let r = Refusal::new(
+            503,
+            "Service Unavailable",
+            "receipts_busy",
+            "acknowledgements are queued faster than they are handled; try again",
+        )
+        .header("Retry-After", "1");
+        return Err(Box::new(r));
+    }
+    let mut ids = ids;
+    // One receipt per ID: a request that names an ID twice acks it once.
+    ids.sort_unstable();
+    ids.dedup();
     let user: Arc<str> = claims.sub.as_str().into();
     let at_ms = push_registry::now_ms();
+    let mut accepted = 0;
     for &id in &ids {
         metrics::counter!(m::ACKS).increment(1);
-        shared.receipts.ack(Ack {
+        accepted += usize::from(shared.receipts.ack(Ack {
             user: user.clone(),
             device: claims.did.as_deref().map(Into::into),
             transport: Transport::Sse,
             id,
             at_ms,
-        });
+            slot: None,
+        }));
     }
-    Ok(ids.len())
+    Ok(accepted)
 }
 
 /// The resume point a client asks for: SSE's `Last-Event-ID` (sent by browsers on their own
@@ -700,6 +735,41 @@ struct Admitted {
     ws: Option<(String, Option<String>)>,
 }
 
+/// Refuses while the node drains.
+fn draining_check(shared: &Shared) -> Result<(), Box<Refusal>> {
+    if shared.draining().is_some() {
+        let r = Refusal::new(
+            503,
+            "Service Unavailable",
+            "draining",
+            "this node is draining; connect to another node",
+        )
+        .header("Retry-After", "1");
+        return Err(Box::new(r));
+    }
+    Ok(())
+}
+
+/// The per-IP limit on connects (and `POST /ack` requests).
+fn rate_check(remote: SocketAddr, shared: &Shared) -> Result<(), Box<Refusal>> {
+    let mut limiter = shared
+        .rate_limiter
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if limiter.allow(remote.ip(), shared.now()) {
+        return Ok(());
+    }
+    let retry = limiter.retry_after_secs();
+    let r = Refusal::new(
+        429,
+        "Too Many Requests",
+        "rate_limited",
+        "too many connects from this address",
+    )
+    .header("Retry-After", retry.to_string());
+    Err(Box::new(r))
+}
+
 /// Routing, limits and authentication, in order of cost. Reserves a place on success.
 fn admit(
     head: &RequestHead,
@@ -722,36 +792,8 @@ fn admit(
             .header("Allow", "GET");
         return Err(Box::new(r));
     }
-    if shared.draining().is_some() {
-        let r = Refusal::new(
-            503,
-            "Service Unavailable",
-            "draining",
-            "this node is draining; connect to another node",
-        )
-        .header("Retry-After", "1");
-        return Err(Box::new(r));
-    }
-    let allowed = shared
-        .rate_limiter
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .allow(remote.ip(), shared.now());
-    if !allowed {
-        let retry = shared
-            .rate_limiter
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retry_after_secs();
-        let r = Refusal::new(
-            429,
-            "Too Many Requests",
-            "rate_limited",
-            "too many connects from this address",
-        )
-        .header("Retry-After", retry.to_string());
-        return Err(Box::new(r));
-    }
+    draining_check(shared)?;
+    rate_check(remote, shared)?;
     let ws = if transport == Transport::Ws {
         match ws::check_upgrade(head) {
             Ok(accept) => Some(accept),
@@ -926,7 +968,7 @@ async fn resume(handle: &ConnHandle, after: u64, shared: &Shared) {
     .await;
     let (gap, backlog) = match read {
         Ok(Ok(r)) => {
-            let backlog: Vec<Outbound> = r
+            let mut backlog: Vec<Outbound> = r
                 .messages
                 .iter()
                 .filter(|m| {
@@ -936,10 +978,17 @@ async fn resume(handle: &ConnHandle, after: u64, shared: &Shared) {
                 })
                 .map(|m| backlog_frame(m, handle.transport))
                 .collect();
-            let result = if r.gap.is_some() { "gap" } else { "complete" };
+            let before = backlog.len();
+            let trimmed = trim_backlog(&mut backlog, shared.limits.max_bytes);
+            if trimmed.is_some() {
+                metrics::counter!(m::MESSAGES_DROPPED, "reason" => "resume_over_queue_bytes")
+                    .increment((before - backlog.len()) as u64);
+            }
+            let oldest = trimmed.or(r.gap);
+            let result = if oldest.is_some() { "gap" } else { "complete" };
             metrics::counter!(m::RESUMES, "result" => result).increment(1);
             metrics::counter!(m::RESUMED_MESSAGES).increment(backlog.len() as u64);
-            let gap = r.gap.map(|oldest| ServerMessage::Gap {
+            let gap = oldest.map(|oldest| ServerMessage::Gap {
                 after,
                 oldest: Some(oldest),
             });
@@ -980,7 +1029,29 @@ fn backlog_frame(m: &push_registry::Buffered, transport: Transport) -> Outbound 
         bytes,
         received_at: None,
         id: m.id,
+        fate: None,
+        partial: false,
     }
+}
+
+/// Keeps the newest frames of a backlog that fit in `max_bytes` (at least one): a resume
+/// counts against the connection's queue byte limit, so `since=0` from a client that never
+/// reads cannot hold the whole history. Returns the ID of the oldest kept frame when older
+/// ones were left out (the client is told by a `gap`; they stay in the history).
+fn trim_backlog(backlog: &mut Vec<Outbound>, max_bytes: usize) -> Option<u64> {
+    let mut bytes = 0usize;
+    let keep = backlog
+        .iter()
+        .rev()
+        .take_while(|o| {
+            bytes += o.bytes.len();
+            bytes <= max_bytes
+        })
+        .count()
+        .max(1);
+    let cut = backlog.len().checked_sub(keep).filter(|&c| c > 0)?;
+    backlog.drain(..cut);
+    backlog.first().map(|o| o.id)
 }
 
 #[cfg(test)]

@@ -12,12 +12,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::lifecycle::{Clock, DisconnectReason, Millis};
 use crate::protocol::message::{self, Payload};
@@ -70,10 +73,66 @@ pub struct QueueLimits {
     pub max_bytes: usize,
     /// Policy when full.
     pub policy: SlowConsumerPolicy,
+    /// How long a push waits for room in a full queue, and for its frame to be written,
+    /// before the connection counts as a slow consumer. A burst that fills the queue of a
+    /// client that reads is paced by this wait instead of cutting the client off.
+    pub slow_after: Duration,
 }
 
+/// What became of one queued frame: written whole to the socket, or dropped (queue cleared
+/// for a slow consumer, drop-oldest, connection gone). A push waits on it so that
+/// `delivered` counts only frames the socket took.
+#[derive(Debug, Default)]
+pub struct Fate {
+    state: AtomicU8,
+    settled: Notify,
+}
+
+const PENDING: u8 = 0;
+const WRITTEN: u8 = 1;
+const DROPPED: u8 = 2;
+
+impl Fate {
+    fn settle(&self, to: u8) {
+        if self
+            .state
+            .compare_exchange(PENDING, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.settled.notify_waiters();
+        }
+    }
+
+    /// `Some(true)` once written, `Some(false)` once dropped, `None` while queued.
+    pub fn get(&self) -> Option<bool> {
+        match self.state.load(Ordering::Acquire) {
+            PENDING => None,
+            s => Some(s == WRITTEN),
+        }
+    }
+
+    /// Waits until the frame is written or dropped, or `deadline` passes (`None`).
+    pub async fn wait(&self, deadline: Instant) -> Option<bool> {
+        loop {
+            // Enabled before the check: a settle between the two is not lost.
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(written) = self.get() {
+                return Some(written);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.get();
+            }
+        }
+    }
+}
+
+/// Control frames a full queue still takes (see `ConnState::fits`).
+const CONTROL_SLACK: usize = 16;
+
 /// One frame waiting to be written.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Outbound {
     /// Encoded frame or event, shared with the other receivers of the same message.
     pub bytes: Bytes,
@@ -81,6 +140,10 @@ pub struct Outbound {
     pub received_at: Option<tokio::time::Instant>,
     /// The message's per-user ID; 0 for control frames.
     pub id: u64,
+    /// Told when the frame is written or dropped, if someone waits for that.
+    pub fate: Option<Arc<Fate>>,
+    /// Part of it is on the socket already (`bytes` is the unwritten rest).
+    pub partial: bool,
 }
 
 impl Outbound {
@@ -90,6 +153,24 @@ impl Outbound {
             bytes,
             received_at: None,
             id: 0,
+            fate: None,
+            partial: false,
+        }
+    }
+
+    /// The socket took the whole frame.
+    pub fn written(self) {
+        if let Some(f) = &self.fate {
+            f.settle(WRITTEN);
+        }
+    }
+}
+
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        // Written frames settled already; anything else dropped here was not written.
+        if let Some(f) = &self.fate {
+            f.settle(DROPPED);
         }
     }
 }
@@ -111,6 +192,15 @@ pub struct ConnState {
     /// queued again: IDs on one connection only increase, so a message that reaches the
     /// connection twice (live and in a resume's backlog, or redelivered) is sent once.
     last_id: u64,
+    /// Part of a frame is on the socket and its rest is not: that rest must be written
+    /// before anything else (a dropped tail or a close frame after it would desync the
+    /// client's framing).
+    partial: bool,
+    /// Acknowledgement limits: the start of the current one-second window (`Millis`), the
+    /// acks taken in it, and the last ID acked (a repeat of it is dropped here).
+    ack_window: Millis,
+    acks_in_window: u32,
+    last_ack: u64,
 }
 
 impl ConnState {
@@ -128,6 +218,56 @@ impl ConnState {
         let out = self.queue.pop_front()?;
         self.queued_bytes -= out.bytes.len();
         Some(out)
+    }
+
+    /// Drops the oldest frame that may be dropped: never the rest of a partly written one.
+    fn drop_oldest(&mut self) -> bool {
+        let at = usize::from(self.partial);
+        match self.queue.remove(at) {
+            Some(out) => {
+                self.queued_bytes -= out.bytes.len();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a close frame may be written now: not while part of a frame is unwritten.
+    pub fn may_write_close(&self) -> bool {
+        !self.partial
+    }
+
+    fn fits(&self, out: &Outbound, limits: QueueLimits) -> bool {
+        // Control frames (heartbeat, pong, reconnect) get a little room over the limits: one
+        // arriving while a burst fills the queue must not cut off a client that reads. A
+        // client that sends pings without reading the pongs still hits the limit.
+        let (frames, bytes) = if out.id == 0 {
+            (
+                limits.max_frames + CONTROL_SLACK,
+                limits.max_bytes + CONTROL_SLACK * 1024,
+            )
+        } else {
+            (limits.max_frames, limits.max_bytes)
+        };
+        // A frame always fits a queue that holds nothing but the rest of a partly written
+        // frame, as it fits an empty one: a single frame over the byte budget still goes.
+        self.queue.len() <= usize::from(self.partial)
+            || (self.queue.len() < frames && self.queued_bytes + out.bytes.len() <= bytes)
+    }
+
+    /// Drops every queued frame but the rest of a partly written one (which goes too once
+    /// the connection closes).
+    fn clear(&mut self) {
+        let keep = if self.partial {
+            self.queue.pop_front()
+        } else {
+            None
+        };
+        self.queue = VecDeque::new();
+        self.queued_bytes = 0;
+        if let Some(out) = keep {
+            self.push_back(out);
+        }
     }
 }
 
@@ -153,6 +293,56 @@ pub struct ConnHandle {
     /// `Notify` and, polled from the driver's `poll_fn`, needs no future of its own.
     waker: AtomicWaker,
     woken: AtomicBool,
+    /// Acknowledgements of this connection waiting in the receipts queue.
+    acks_in_flight: AtomicU16,
+}
+
+/// Acknowledgements one connection may have in the node's receipts queue at once: its
+/// share, so that one client cannot fill the queue and starve everyone's receipts. 256 is
+/// far more than a client that acks what it reads has outstanding between two passes of
+/// the receipts task.
+pub const ACKS_IN_FLIGHT: u16 = 256;
+
+/// Why an acknowledgement was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckRefused {
+    /// The same ID as the connection's previous ack.
+    Duplicate,
+    /// Over the connection's acks per second.
+    Rate,
+    /// The connection has its share of the receipts queue already.
+    Share,
+}
+
+impl AckRefused {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Duplicate => "duplicate",
+            Self::Rate => "ack_rate",
+            Self::Share => "connection_share",
+        }
+    }
+}
+
+/// One of a connection's places in the receipts queue, given back when dropped.
+#[derive(Debug)]
+pub struct AckSlot(Arc<ConnHandle>);
+
+impl Drop for AckSlot {
+    fn drop(&mut self) {
+        self.0.acks_in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Result of offering a frame to a connection.
+#[derive(Debug)]
+pub enum Offer {
+    /// Settled: queued, dropped-oldest, refused or already sent.
+    Done(Enqueued),
+    /// The queue is full: wait on the fate of its oldest frame (room is made when that is
+    /// written), then offer the frame again.
+    Full(Outbound, Arc<Fate>),
 }
 
 /// Result of offering a frame to a connection.
@@ -194,9 +384,49 @@ impl ConnHandle {
                 close: None,
                 superseded: false,
                 last_id: 0,
+                partial: false,
+                ack_window: 0,
+                acks_in_window: 0,
+                last_ack: 0,
             }),
+            acks_in_flight: AtomicU16::new(0),
             waker: AtomicWaker::new(),
             woken: AtomicBool::new(false),
+        }
+    }
+
+    /// Takes an acknowledgement of `id` at `now` if the connection's limits allow it: at most
+    /// `per_sec` in each second, not the ID it acked last, and within its share of the
+    /// receipts queue (the slot holds the place until the ack is handled).
+    pub fn admit_ack(
+        self: &Arc<Self>,
+        id: u64,
+        now: Millis,
+        per_sec: u32,
+    ) -> Result<AckSlot, AckRefused> {
+        {
+            let mut st = self.state();
+            if id == st.last_ack {
+                return Err(AckRefused::Duplicate);
+            }
+            if now.saturating_sub(st.ack_window) >= 1000 {
+                st.ack_window = now;
+                st.acks_in_window = 0;
+            }
+            if st.acks_in_window >= per_sec {
+                return Err(AckRefused::Rate);
+            }
+            st.acks_in_window += 1;
+            st.last_ack = id;
+        }
+        let taken = self
+            .acks_in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < ACKS_IN_FLIGHT).then_some(n + 1)
+            });
+        match taken {
+            Ok(_) => Ok(AckSlot(self.clone())),
+            Err(_) => Err(AckRefused::Share),
         }
     }
 
@@ -206,32 +436,48 @@ impl ConnHandle {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Offers a frame. Wakes the driver if it was queued.
+    /// Offers a frame; when the queue is full, the slow-consumer policy applies at once.
+    /// Wakes the driver.
     pub fn enqueue(&self, out: Outbound, limits: QueueLimits) -> Enqueued {
+        match self.offer(out, limits, false) {
+            Offer::Done(e) => e,
+            Offer::Full(..) => unreachable!("offer without waiting settles"),
+        }
+    }
+
+    /// Offers a frame. A full queue applies the slow-consumer policy, or, with `wait`,
+    /// hands the frame back with what to wait on.
+    pub fn offer(&self, out: Outbound, limits: QueueLimits, wait: bool) -> Offer {
         let result = {
             let mut st = self.state();
-            let fits = |st: &ConnState| {
-                st.queue.is_empty()
-                    || (st.queue.len() < limits.max_frames
-                        && st.queued_bytes + out.bytes.len() <= limits.max_bytes)
-            };
+            if out.id != 0 && out.id <= st.last_id {
+                return Offer::Done(Enqueued::AlreadySent);
+            }
             if st.close.is_some() {
                 Enqueued::Refused
-            } else if fits(&st) {
+            } else if st.fits(&out, limits) {
+                st.last_id = st.last_id.max(out.id);
                 st.push_back(out);
                 Enqueued::Queued
+            } else if wait {
+                let at = usize::from(st.partial).min(st.queue.len() - 1);
+                let oldest = &mut st.queue[at];
+                let fate = oldest.fate.get_or_insert_with(Default::default).clone();
+                drop(st);
+                self.wake();
+                return Offer::Full(out, fate);
             } else {
                 match limits.policy {
                     SlowConsumerPolicy::DropOldest => {
-                        while !fits(&st) {
-                            st.pop_front();
+                        while !st.fits(&out, limits) && st.drop_oldest() {
+                            metrics::counter!(crate::metrics::MESSAGES_DROPPED, "reason" => "slow_consumer_drop_oldest").increment(1);
                         }
+                        st.last_id = st.last_id.max(out.id);
                         st.push_back(out);
                         Enqueued::DroppedOldest
                     }
                     SlowConsumerPolicy::Disconnect => {
-                        st.queue = VecDeque::new();
-                        st.queued_bytes = 0;
+                        st.clear();
                         st.close = Some(DisconnectReason::SlowConsumer);
                         Enqueued::Refused
                     }
@@ -239,22 +485,47 @@ impl ConnHandle {
             }
         };
         self.wake();
-        result
+        Offer::Done(result)
     }
 
-    /// Offers a message with its per-user ID: skipped (reported as queued) if a message with
-    /// this or a later ID was queued already.
-    pub fn enqueue_message(&self, out: Outbound, limits: QueueLimits) -> Enqueued {
+    /// Cuts off a slow consumer: its queue is dropped (a resume gets the messages from the
+    /// history) and it closes.
+    pub fn cut_off(&self) {
         {
             let mut st = self.state();
-            if out.id <= st.last_id {
-                return Enqueued::AlreadySent;
-            }
-            if st.close.is_none() {
-                st.last_id = out.id;
+            st.clear();
+            st.close.get_or_insert(DisconnectReason::SlowConsumer);
+        }
+        self.wake();
+    }
+
+    /// The connection ended: drop what is queued, so that pushes waiting on it stop waiting.
+    pub fn discard(&self) {
+        let mut st = self.state();
+        st.queue = VecDeque::new();
+        st.queued_bytes = 0;
+        st.close.get_or_insert(DisconnectReason::IoError);
+    }
+
+    /// Offers a message with its per-user ID: skipped (reported as already sent) if a
+    /// message with this or a later ID was queued already. Waits for room in a full queue
+    /// until `deadline`, then applies the slow-consumer policy.
+    pub async fn enqueue_message(
+        &self,
+        mut out: Outbound,
+        limits: QueueLimits,
+        deadline: Instant,
+    ) -> Enqueued {
+        loop {
+            let wait = Instant::now() < deadline;
+            match self.offer(out, limits, wait) {
+                Offer::Done(e) => return e,
+                Offer::Full(back, oldest) => {
+                    out = back;
+                    oldest.wait(deadline).await;
+                }
             }
         }
-        self.enqueue(out, limits)
     }
 
     /// Puts a resume's backlog in front of whatever live messages were queued since the
@@ -274,9 +545,15 @@ impl ConnHandle {
             for out in backlog {
                 st.push_back(out);
             }
-            for out in live {
+            for mut out in live {
                 if out.id == 0 || out.id > last {
                     st.push_back(out);
+                } else if let Some(fate) = out.fate.take() {
+                    // In the backlog too: the push waiting on it waits on that copy.
+                    match st.queue.iter_mut().find(|b| b.id == out.id) {
+                        Some(copy) => copy.fate = Some(fate),
+                        None => fate.settle(DROPPED),
+                    }
                 }
             }
             st.last_id = st.last_id.max(last);
@@ -307,9 +584,15 @@ impl ConnHandle {
         self.next_due.store(0, Ordering::Relaxed);
     }
 
-    /// Takes the next frame to write, or the close reason once the queue is empty.
+    /// Takes the next frame to write, or the close reason once the queue is empty (at once
+    /// for a slow consumer: what it did not read is not waited for).
     pub fn next_outbound(&self) -> Next {
         let mut st = self.state();
+        if st.close == Some(DisconnectReason::SlowConsumer) {
+            return Next::Close(DisconnectReason::SlowConsumer);
+        }
+        // The driver holds the frame now; `requeue_front` tells again if part of it stays.
+        st.partial = false;
         match st.pop_front() {
             Some(out) => {
                 if st.queue.is_empty() {
@@ -327,9 +610,14 @@ impl ConnHandle {
         }
     }
 
-    /// Puts back the unwritten rest of a frame at the front of the queue.
+    /// Puts back the unwritten rest of a frame at the front of the queue. A slow consumer's
+    /// is dropped instead (it is cut off without waiting), and no close frame follows it.
     pub fn requeue_front(&self, out: Outbound) {
         let mut st = self.state();
+        st.partial = out.partial;
+        if st.close == Some(DisconnectReason::SlowConsumer) {
+            return;
+        }
         st.queued_bytes += out.bytes.len();
         st.queue.push_front(out);
     }
@@ -375,13 +663,59 @@ pub struct PushOutcome {
     /// The history already held this queue message ID (a redelivery): it keeps its first
     /// ID, and connections that were sent it do not get it again.
     pub duplicate: bool,
-    /// Connections the message was queued for.
+    /// Connections whose socket took the message (written whole, before the push answered;
+    /// or written before, for a redelivery).
     pub delivered: usize,
-    /// Connections that refused it (closing, or slow consumers).
+    /// Connections that did not write it: closing, or slow consumers (it stays in the
+    /// history for their resume).
     pub dropped: usize,
     /// Of `delivered`, connections that were asked to reconnect (rotation, drain): their
     /// client may already be reading a newer connection on another node.
     pub leaving: usize,
+}
+
+/// A message queued for a user's connections, not yet known to be written.
+#[derive(Debug)]
+pub struct Delivery {
+    outcome: PushOutcome,
+    /// Connections it was queued for, the frame's fate there, and whether the connection
+    /// was asked to reconnect.
+    pending: Vec<(Arc<ConnHandle>, Arc<Fate>, bool)>,
+    policy: SlowConsumerPolicy,
+}
+
+impl Delivery {
+    /// Waits until each connection wrote the frame, or `deadline`: `delivered` then counts
+    /// the connections whose socket took it, `dropped` the others. A connection that did
+    /// not write it in time is a slow consumer: cut off under the disconnect policy (its
+    /// client resumes from the history); under drop-oldest it keeps the frame queued.
+    pub async fn settle(self, deadline: Instant) -> PushOutcome {
+        let mut outcome = self.outcome;
+        for (conn, fate, leaving) in self.pending {
+            match fate.wait(deadline).await {
+                Some(true) => {
+                    outcome.delivered += 1;
+                    outcome.leaving += usize::from(leaving);
+                }
+                Some(false) => {
+                    // Dropped from the queue: counted where it was dropped (drop-oldest),
+                    // or as the queue of a connection that closed.
+                    outcome.dropped += 1;
+                    if self.policy == SlowConsumerPolicy::Disconnect {
+                        metrics::counter!(crate::metrics::MESSAGES_DROPPED, "reason" => "connection_closing").increment(1);
+                    }
+                }
+                None => {
+                    outcome.dropped += 1;
+                    metrics::counter!(crate::metrics::MESSAGES_DROPPED, "reason" => "not_written_in_time").increment(1);
+                    if self.policy == SlowConsumerPolicy::Disconnect {
+                        conn.cut_off();
+                    }
+                }
+            }
+        }
+        outcome
+    }
 }
 
 struct UserEntry {
@@ -534,31 +868,46 @@ impl Hub {
     }
 
     /// Queues message `id` for the live connections of a user on this node (all of them, or
-    /// the one device named in the request).
+    /// the one device named in the request). A full queue is waited on until `deadline`
+    /// (back-pressure on the sender), then the slow-consumer policy applies. The returned
+    /// [`Delivery`] settles into the outcome once the frames are written.
     ///
     /// The frame is encoded once per transport and shared. Callers queue one user's messages
     /// in ID order (see push.rs); a connection skips an ID it was queued before.
-    pub fn deliver(
+    pub async fn deliver(
         &self,
         req: &PushRequest<'_>,
         id: u64,
-        received_at: tokio::time::Instant,
+        received_at: Instant,
         limits: QueueLimits,
-    ) -> PushOutcome {
-        let mut outcome = PushOutcome {
-            id: Some(id),
-            ..PushOutcome::default()
+        deadline: Instant,
+    ) -> Delivery {
+        let mut d = Delivery {
+            outcome: PushOutcome {
+                id: Some(id),
+                ..PushOutcome::default()
+            },
+            pending: Vec::new(),
+            policy: limits.policy,
         };
-        let shard = self.shard(req.user);
-        let Some(entry) = shard.get(req.user) else {
-            return outcome;
-        };
-        let targets = |c: &&Arc<ConnHandle>| {
-            req.device.is_none_or(|d| c.device.as_deref() == Some(d)) && !c.state().superseded
+        let targets: Vec<Arc<ConnHandle>> = {
+            let shard = self.shard(req.user);
+            let Some(entry) = shard.get(req.user) else {
+                return d;
+            };
+            entry
+                .conns
+                .iter()
+                .filter(|c| {
+                    req.device.is_none_or(|d| c.device.as_deref() == Some(d))
+                        && !c.state().superseded
+                })
+                .cloned()
+                .collect()
         };
         let mut ws_frame = None;
         let mut sse_frame = None;
-        for conn in entry.conns.iter().filter(targets) {
+        for conn in targets {
             let bytes = match conn.transport {
                 Transport::Ws => ws_frame
                     .get_or_insert_with(|| {
@@ -569,29 +918,30 @@ impl Hub {
                     .get_or_insert_with(|| message::message_sse_event(id, req.payload))
                     .clone(),
             };
+            let fate = Arc::new(Fate::default());
             let out = Outbound {
                 bytes,
                 received_at: Some(received_at),
                 id,
+                fate: Some(fate.clone()),
+                partial: false,
             };
             let leaving = conn.state().clock.asked_at.is_some();
-            match conn.enqueue_message(out, limits) {
-                Enqueued::Queued | Enqueued::AlreadySent => {
-                    outcome.delivered += 1;
-                    outcome.leaving += usize::from(leaving);
+            match conn.enqueue_message(out, limits, deadline).await {
+                Enqueued::Queued | Enqueued::DroppedOldest => {
+                    d.pending.push((conn, fate, leaving));
                 }
-                Enqueued::DroppedOldest => {
-                    outcome.delivered += 1;
-                    outcome.leaving += usize::from(leaving);
-                    metrics::counter!(crate::metrics::MESSAGES_DROPPED, "reason" => "slow_consumer_drop_oldest").increment(1);
+                Enqueued::AlreadySent => {
+                    d.outcome.delivered += 1;
+                    d.outcome.leaving += usize::from(leaving);
                 }
                 Enqueued::Refused => {
-                    outcome.dropped += 1;
+                    d.outcome.dropped += 1;
                     metrics::counter!(crate::metrics::MESSAGES_DROPPED, "reason" => "connection_closing").increment(1);
                 }
             }
         }
-        outcome
+        d
     }
 
     /// The connections of `user` on this node.
@@ -623,6 +973,8 @@ fn other(t: Transport) -> Transport {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Buf;
+
     use super::*;
     use crate::lifecycle::Policy;
 
@@ -630,6 +982,7 @@ mod tests {
         max_frames: 2,
         max_bytes: 1 << 20,
         policy: SlowConsumerPolicy::Disconnect,
+        slow_after: Duration::from_secs(2),
     };
 
     /// Room for every frame a test queues.
@@ -653,10 +1006,16 @@ mod tests {
         h
     }
 
+    /// Writes everything queued, as the driver does on a socket that takes it all.
     fn drain(h: &ConnHandle) -> Vec<Bytes> {
+        drain_out(h).into_iter().map(|(_, b)| b).collect()
+    }
+
+    fn drain_out(h: &ConnHandle) -> Vec<(u64, Bytes)> {
         let mut v = Vec::new();
         while let Next::Frame(o) = h.next_outbound() {
-            v.push(o.bytes);
+            v.push((o.id, o.bytes.clone()));
+            o.written();
         }
         v
     }
@@ -665,58 +1024,126 @@ mod tests {
         Payload::text(Bytes::copy_from_slice(p.as_bytes())).unwrap()
     }
 
-    #[test]
-    fn push_reaches_every_device_once_with_increasing_ids() {
+    /// Queues without waiting for room (the deadline has passed).
+    async fn queue(hub: &Hub, user: &str, p: &str, id: u64, limits: QueueLimits) -> Delivery {
+        let now = Instant::now();
+        hub.deliver(&PushRequest::to_user(user, &text(p)), id, now, limits, now)
+            .await
+    }
+
+    #[tokio::test]
+    async fn push_reaches_every_device_once_with_increasing_ids() {
         let hub = Hub::new();
         let a = conn(&hub, "u", Some("phone"), Transport::Ws);
         let b = conn(&hub, "u", Some("laptop"), Transport::Sse);
         let other = conn(&hub, "v", None, Transport::Ws);
-        let now = tokio::time::Instant::now();
-        let limits = ROOMY;
-        let o1 = hub.deliver(&PushRequest::to_user("u", &text("one")), 1, now, limits);
-        let o2 = hub.deliver(&PushRequest::to_user("u", &text("two")), 2, now, limits);
-        assert_eq!(o1.delivered, 2);
-        assert!(o2.id.unwrap() == o1.id.unwrap() + 1);
+        let d1 = queue(&hub, "u", "one", 1, ROOMY).await;
+        let d2 = queue(&hub, "u", "two", 2, ROOMY).await;
         assert_eq!(drain(&a).len(), 2);
         let sse = drain(&b);
         assert!(std::str::from_utf8(&sse[1]).unwrap().contains("data: two"));
+        let o1 = d1.settle(Instant::now()).await;
+        let o2 = d2.settle(Instant::now()).await;
+        assert_eq!(o1.delivered, 2);
+        assert!(o2.id.unwrap() == o1.id.unwrap() + 1);
         assert!(drain(&other).is_empty());
-        assert_eq!(
-            hub.deliver(&PushRequest::to_user("nobody", &text("x")), 3, now, limits)
-                .delivered,
-            0
-        );
+        let none = queue(&hub, "nobody", "x", 3, ROOMY).await;
+        assert_eq!(none.settle(Instant::now()).await.delivered, 0);
     }
 
-    #[test]
-    fn newer_connection_of_a_device_supersedes_the_older() {
+    #[tokio::test]
+    async fn delivered_counts_only_frames_written_to_the_socket() {
+        let hub = Hub::new();
+        let c = conn(&hub, "u", None, Transport::Ws);
+        let d = queue(&hub, "u", "x", 1, ROOMY).await;
+        // Nothing wrote it: not delivered, and the silent connection is a slow consumer.
+        let o = d.settle(Instant::now()).await;
+        assert_eq!((o.delivered, o.dropped), (0, 1));
+        assert!(matches!(
+            c.next_outbound(),
+            Next::Close(DisconnectReason::SlowConsumer)
+        ));
+    }
+
+    #[tokio::test]
+    async fn newer_connection_of_a_device_supersedes_the_older() {
         let hub = Hub::new();
         let old = conn(&hub, "u", Some("phone"), Transport::Ws);
         let new = conn(&hub, "u", Some("phone"), Transport::Ws);
         assert!(old.state().superseded);
-        let o = hub.deliver(
-            &PushRequest::to_user("u", &text("x")),
-            4,
-            tokio::time::Instant::now(),
-            ROOMY,
-        );
-        assert_eq!(o.delivered, 1);
+        let d = queue(&hub, "u", "x", 4, ROOMY).await;
         assert!(drain(&old).is_empty());
         assert_eq!(drain(&new).len(), 1);
+        assert_eq!(d.settle(Instant::now()).await.delivered, 1);
         hub.unregister(&old);
         hub.unregister(&new);
         assert!(hub.connections("u").is_empty());
     }
 
-    #[test]
-    fn slow_consumer_policies() {
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_to_a_reading_client_is_paced_not_cut_off() {
+        let hub = Arc::new(Hub::new());
+        let c = conn(&hub, "u", None, Transport::Ws);
+        let reader = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                while got.len() < 1000 {
+                    got.extend(drain_out(&c).into_iter().map(|(id, _)| id));
+                    tokio::task::yield_now().await;
+                }
+                got
+            })
+        };
+        let now = Instant::now();
+        let deadline = now + LIMITS.slow_after;
+        let mut deliveries = Vec::new();
+        for id in 1..=1000 {
+            let p = text("m");
+            let req = PushRequest::to_user("u", &p);
+            deliveries.push(hub.deliver(&req, id, now, LIMITS, deadline).await);
+        }
+        let mut delivered = 0;
+        for d in deliveries {
+            delivered += d.settle(deadline).await.delivered;
+        }
+        assert_eq!(delivered, 1000);
+        let got = reader.await.unwrap();
+        assert_eq!(got, (1..=1000).collect::<Vec<u64>>());
+        assert!(matches!(c.next_outbound(), Next::Idle));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_cut_off_after_the_bound() {
         let hub = Hub::new();
         let c = conn(&hub, "u", None, Transport::Ws);
-        let now = tokio::time::Instant::now();
-        hub.deliver(&PushRequest::to_user("u", &text("1")), 5, now, LIMITS);
-        hub.deliver(&PushRequest::to_user("u", &text("2")), 6, now, LIMITS);
-        let o = hub.deliver(&PushRequest::to_user("u", &text("3")), 7, now, LIMITS);
-        assert_eq!(o.dropped, 1);
+        let start = Instant::now();
+        let deadline = start + LIMITS.slow_after;
+        let mut outcomes = Vec::new();
+        for id in 1..=3 {
+            let p = text("m");
+            let req = PushRequest::to_user("u", &p);
+            let d = hub.deliver(&req, id, start, LIMITS, deadline).await;
+            outcomes.push(d.settle(deadline).await);
+        }
+        // The third waited for room until the bound (paused time jumps there), then the
+        // connection was cut off; none of the three counts as delivered.
+        assert_eq!(Instant::now(), deadline);
+        assert!(outcomes.iter().all(|o| o.delivered == 0 && o.dropped == 1));
+        assert!(matches!(
+            c.next_outbound(),
+            Next::Close(DisconnectReason::SlowConsumer)
+        ));
+    }
+
+    #[tokio::test]
+    async fn slow_consumer_policies() {
+        let hub = Hub::new();
+        let c = conn(&hub, "u", None, Transport::Ws);
+        queue(&hub, "u", "1", 5, LIMITS).await;
+        queue(&hub, "u", "2", 6, LIMITS).await;
+        let o = queue(&hub, "u", "3", 7, LIMITS).await;
+        assert_eq!(o.settle(Instant::now()).await.dropped, 1);
         assert!(matches!(
             c.next_outbound(),
             Next::Close(DisconnectReason::SlowConsumer)
@@ -724,100 +1151,199 @@ mod tests {
 
         let d = conn(&hub, "w", None, Transport::Ws);
         let keep = QueueLimits {
-            max_frames: 2,
-            max_bytes: 1 << 20,
             policy: SlowConsumerPolicy::DropOldest,
+            ..LIMITS
         };
         for (id, p) in [(8, "1"), (9, "2"), (10, "3")] {
-            hub.deliver(&PushRequest::to_user("w", &text(p)), id, now, keep);
+            queue(&hub, "w", p, id, keep).await;
         }
         let frames = drain(&d);
         assert_eq!(frames.len(), 2);
         assert!(String::from_utf8_lossy(&frames[1]).contains("\"3\""));
     }
 
-    #[test]
-    fn queue_is_bounded_in_bytes_too() {
+    #[tokio::test]
+    async fn a_heartbeat_into_a_full_queue_does_not_cut_off_the_client() {
+        let hub = Hub::new();
+        let c = conn(&hub, "u", None, Transport::Ws);
+        queue(&hub, "u", "1", 1, LIMITS).await;
+        queue(&hub, "u", "2", 2, LIMITS).await;
+        let ping = Outbound::control(Bytes::from_static(b"ping"));
+        assert_eq!(c.enqueue(ping, LIMITS), Enqueued::Queued);
+        // A client that floods pings without reading still reaches a limit.
+        let refused = (0..CONTROL_SLACK * 2)
+            .map(|_| c.enqueue(Outbound::control(Bytes::from_static(b"p")), LIMITS))
+            .any(|e| e == Enqueued::Refused);
+        assert!(refused);
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_never_drops_the_rest_of_a_partly_written_frame() {
+        let hub = Hub::new();
+        let c = conn(&hub, "u", None, Transport::Ws);
+        let keep = QueueLimits {
+            policy: SlowConsumerPolicy::DropOldest,
+            ..LIMITS
+        };
+        queue(&hub, "u", "first", 1, keep).await;
+        queue(&hub, "u", "second", 2, keep).await;
+        // The driver wrote 3 bytes of the first frame; the socket took no more.
+        let Next::Frame(mut out) = c.next_outbound() else {
+            panic!("a frame is queued")
+        };
+        out.bytes.advance(3);
+        out.partial = true;
+        let tail = out.bytes.clone();
+        c.requeue_front(out);
+        for id in 3..6 {
+            queue(&hub, "u", "later", id, keep).await;
+        }
+        let got = drain_out(&c);
+        assert_eq!(
+            got[0],
+            (1, tail),
+            "the partly written frame is finished first"
+        );
+        assert_eq!(got.last().unwrap().0, 5);
+    }
+
+    #[tokio::test]
+    async fn no_close_frame_while_a_frame_is_partly_written() {
+        let hub = Hub::new();
+        let c = conn(&hub, "u", None, Transport::Ws);
+        queue(&hub, "u", "first", 1, LIMITS).await;
+        queue(&hub, "u", "second", 2, LIMITS).await;
+        let Next::Frame(mut out) = c.next_outbound() else {
+            panic!("a frame is queued")
+        };
+        out.bytes.advance(1);
+        out.partial = true;
+        c.requeue_front(out);
+        assert!(!c.state().may_write_close());
+        // Cut off as a slow consumer: it closes at once, without its close frame.
+        queue(&hub, "u", "3", 3, LIMITS).await;
+        queue(&hub, "u", "4", 4, LIMITS).await;
+        assert!(matches!(
+            c.next_outbound(),
+            Next::Close(DisconnectReason::SlowConsumer)
+        ));
+        assert!(!c.state().may_write_close());
+
+        // A frame written whole leaves the connection free to send its close frame.
+        let d = conn(&hub, "w", None, Transport::Ws);
+        queue(&hub, "w", "x", 1, LIMITS).await;
+        drain(&d);
+        assert!(d.state().may_write_close());
+    }
+
+    #[tokio::test]
+    async fn a_push_waiting_on_a_connection_that_ends_stops_waiting() {
+        let hub = Hub::new();
+        let c = conn(&hub, "u", None, Transport::Ws);
+        let d = queue(&hub, "u", "x", 1, ROOMY).await;
+        c.discard();
+        let far = Instant::now() + Duration::from_secs(3600);
+        let o = tokio::time::timeout(Duration::from_secs(60), d.settle(far))
+            .await
+            .expect("settles when the connection ends");
+        assert_eq!((o.delivered, o.dropped), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn queue_is_bounded_in_bytes_too() {
         let hub = Hub::new();
         let c = conn(&hub, "u", None, Transport::Sse);
         let limits = QueueLimits {
             max_frames: 100,
             max_bytes: 250,
             policy: SlowConsumerPolicy::DropOldest,
+            slow_after: Duration::from_secs(1),
         };
-        let now = tokio::time::Instant::now();
         let big = "x".repeat(100);
         for id in 20..25 {
-            hub.deliver(&PushRequest::to_user("u", &text(&big)), id, now, limits);
+            queue(&hub, "u", &big, id, limits).await;
         }
-        let st = c.state();
-        assert!(st.queued_bytes <= 250, "{} bytes queued", st.queued_bytes);
-        assert_eq!(
-            st.queued_bytes,
-            st.queue.iter().map(|o| o.bytes.len()).sum::<usize>()
-        );
-        drop(st);
+        {
+            let st = c.state();
+            assert!(st.queued_bytes <= 250, "{} bytes queued", st.queued_bytes);
+            assert_eq!(
+                st.queued_bytes,
+                st.queue.iter().map(|o| o.bytes.len()).sum::<usize>()
+            );
+        }
         // One frame larger than the budget still goes through an empty queue.
         let d = conn(&hub, "w", None, Transport::Sse);
-        let o = hub.deliver(
-            &PushRequest::to_user("w", &text(&"y".repeat(1000))),
-            10,
-            now,
-            limits,
-        );
-        assert_eq!(o.delivered, 1);
+        let o = queue(&hub, "w", &"y".repeat(1000), 10, limits).await;
         assert_eq!(drain(&d).len(), 1);
+        assert_eq!(o.settle(Instant::now()).await.delivered, 1);
     }
 
-    #[test]
-    fn a_connection_gets_each_id_once_and_in_increasing_order() {
+    #[tokio::test]
+    async fn a_connection_gets_each_id_once_and_in_increasing_order() {
         let hub = Hub::new();
         let c = conn(&hub, "u", None, Transport::Ws);
-        let now = tokio::time::Instant::now();
-        let limits = ROOMY;
         for id in [5, 5, 6, 4, 7] {
-            hub.deliver(&PushRequest::to_user("u", &text("x")), id, now, limits);
+            queue(&hub, "u", "x", id, ROOMY).await;
         }
-        let ids: Vec<u64> = std::iter::from_fn(|| match c.next_outbound() {
-            Next::Frame(o) => Some(o.id),
-            _ => None,
-        })
-        .collect();
+        let ids: Vec<u64> = drain_out(&c).into_iter().map(|(id, _)| id).collect();
         assert_eq!(ids, vec![5, 6, 7]);
     }
 
-    #[test]
-    fn resume_puts_gap_and_backlog_before_live_messages_without_duplicates() {
+    #[tokio::test]
+    async fn resume_puts_gap_and_backlog_before_live_messages_without_duplicates() {
         let hub = Hub::new();
         let c = conn(&hub, "u", None, Transport::Ws);
-        let now = tokio::time::Instant::now();
-        let limits = ROOMY;
         // Live messages that arrived while the backlog was being read: 11 is also in the
         // backlog, 12 is not.
-        hub.deliver(&PushRequest::to_user("u", &text("11")), 11, now, limits);
-        hub.deliver(&PushRequest::to_user("u", &text("12")), 12, now, limits);
-        c.enqueue(Outbound::control(Bytes::from_static(b"ping")), limits);
+        queue(&hub, "u", "11", 11, ROOMY).await;
+        queue(&hub, "u", "12", 12, ROOMY).await;
+        c.enqueue(Outbound::control(Bytes::from_static(b"ping")), ROOMY);
         let backlog = (9..=11)
             .map(|id| Outbound {
                 bytes: Bytes::from(format!("m{id}")),
                 received_at: None,
                 id,
+                fate: None,
+                partial: false,
             })
             .collect();
         c.resume(Some(Bytes::from_static(b"gap")), backlog);
-        let got: Vec<(u64, Bytes)> = std::iter::from_fn(|| match c.next_outbound() {
-            Next::Frame(o) => Some((o.id, o.bytes)),
-            _ => None,
-        })
-        .collect();
+        let got = drain_out(&c);
         let ids: Vec<u64> = got.iter().map(|(id, _)| *id).collect();
         assert_eq!(ids, vec![0, 9, 10, 11, 12, 0]);
         assert_eq!(&got[0].1[..], b"gap");
         assert_eq!(&got[5].1[..], b"ping");
         // Later live messages continue after the backlog.
-        hub.deliver(&PushRequest::to_user("u", &text("11")), 11, now, limits);
-        hub.deliver(&PushRequest::to_user("u", &text("13")), 13, now, limits);
+        queue(&hub, "u", "11", 11, ROOMY).await;
+        queue(&hub, "u", "13", 13, ROOMY).await;
         assert!(matches!(c.next_outbound(), Next::Frame(o) if o.id == 13));
+    }
+
+    #[test]
+    fn acks_are_rate_limited_deduplicated_and_bounded_per_connection() {
+        let hub = Hub::new();
+        let c = conn(&hub, "u", None, Transport::Ws);
+        let mut slots = vec![c.admit_ack(1, 1_000, 3).unwrap()];
+        assert_eq!(c.admit_ack(1, 1_000, 3).unwrap_err(), AckRefused::Duplicate);
+        slots.push(c.admit_ack(2, 1_100, 3).unwrap());
+        slots.push(c.admit_ack(3, 1_200, 3).unwrap());
+        assert_eq!(c.admit_ack(4, 1_300, 3).unwrap_err(), AckRefused::Rate);
+        // The next second has a fresh allowance.
+        slots.push(c.admit_ack(4, 2_000, 3).unwrap());
+        // The share: acks not yet handled hold places; handling one frees its place.
+        let mut now = 10_000;
+        let mut id = 100;
+        while slots.len() < usize::from(ACKS_IN_FLIGHT) {
+            now += 1000;
+            id += 1;
+            slots.push(c.admit_ack(id, now, 1).unwrap());
+        }
+        assert_eq!(
+            c.admit_ack(id + 1, now + 1000, 1).unwrap_err(),
+            AckRefused::Share
+        );
+        slots.pop();
+        assert!(c.admit_ack(id + 2, now + 2000, 1).is_ok());
     }
 
     #[test]

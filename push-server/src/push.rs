@@ -8,6 +8,11 @@
 //! lower ID (it never queues an ID below one it has queued). The history gives IDs in the
 //! order of its appends, so appending and queueing for one user are done under one lock
 //! (the [`Sequencer`]), held across the append's round trip to the store.
+//!
+//! Back-pressure: a full connection queue is waited on (the socket drains it) rather than
+//! overflowed, and a push answers once its frames are written, so `delivered` counts what
+//! reached the sockets. Both waits share one bound per request (`--slow-consumer-timeout`);
+//! a connection that does not drain within it is a slow consumer.
 
 use push_registry::NewMessage;
 use tokio::sync::{oneshot, MutexGuard};
@@ -101,7 +106,11 @@ pub async fn push(
         })?
     };
     let mut appended = appended.into_iter();
-    let mut results = Vec::with_capacity(reqs.len());
+    // One bound for the whole request: a burst to a client that reads is paced by its
+    // socket; a client that does not read for this long is cut off, and the sender is
+    // held back at most this long by it.
+    let deadline = Instant::now() + shared.limits.slow_after;
+    let mut deliveries = Vec::with_capacity(reqs.len());
     for req in reqs {
         let (id, duplicate) = match req.id {
             Some(id) => (id, false),
@@ -111,7 +120,16 @@ pub async fn push(
             }
         };
         let receipt = wait_receipts.then(|| shared.receipts.wait(req.user, id));
-        let mut outcome = shared.hub.deliver(req, id, received_at, shared.limits);
+        let delivery = shared
+            .hub
+            .deliver(req, id, received_at, shared.limits, deadline)
+            .await;
+        deliveries.push((delivery, duplicate, receipt));
+    }
+    // `delivered` means written to the socket: wait for the frames queued above.
+    let mut results = Vec::with_capacity(reqs.len());
+    for (delivery, duplicate, receipt) in deliveries {
+        let mut outcome = delivery.settle(deadline).await;
         outcome.duplicate = duplicate;
         results.push(Pushed { outcome, receipt });
     }

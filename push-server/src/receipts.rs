@@ -7,7 +7,7 @@
 //! never waits for the history or Kafka: a flood of acks is counted and dropped rather than
 //! slowing message delivery.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::hub::Transport;
+use crate::hub::{AckSlot, Transport};
 use crate::metrics as m;
 
 /// Acknowledgements waiting for the receipt task. At 64 bytes each, 64 Ki of them is 4 MiB:
@@ -25,6 +25,11 @@ const ACK_QUEUE: usize = 64 * 1024;
 
 /// Acknowledgements the task handles per pass: one history read per user among them.
 const BATCH: usize = 512;
+
+/// (user, ID) pairs remembered as receipted, so that repeated acks of one message publish
+/// one receipt. 64 Ki pairs is about 4 MiB and covers far more than the acks of one
+/// history age on a busy node; an ack repeated after that long is rare and harmless.
+const RECENT: usize = 64 * 1024;
 
 /// A delivery receipt, as published (JSON on the Kafka topic and in admin API answers).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -62,6 +67,8 @@ pub struct Ack {
     pub id: u64,
     /// When it arrived, milliseconds since the Unix epoch.
     pub at_ms: u64,
+    /// The connection's place in the queue (WebSocket acks), given back once handled.
+    pub slot: Option<AckSlot>,
 }
 
 type WaiterKey = (Box<str>, u64);
@@ -92,10 +99,19 @@ impl Receipts {
     }
 
     /// Queues an acknowledgement; never waits. Counted and dropped when the queue is full.
-    pub fn ack(&self, ack: Ack) {
-        if self.tx.try_send(ack).is_err() {
+    pub fn ack(&self, ack: Ack) -> bool {
+        let queued = self.tx.try_send(ack).is_ok();
+        if !queued {
             metrics::counter!(m::RECEIPTS_DROPPED, "reason" => "overloaded").increment(1);
         }
+        queued
+    }
+
+    /// Whether acks from `POST /ack` are taken now: only while at least half the queue is
+    /// free. WebSocket acks are bounded per connection; these come from requests, so this
+    /// keeps the other half for the connections' shares.
+    pub fn room_for_posted(&self) -> bool {
+        self.tx.capacity() > ACK_QUEUE / 2
     }
 
     /// Resolves with the first receipt for message `id` of `user` (from any device).
@@ -212,9 +228,12 @@ async fn run(
     kafka: Option<KafkaReceipts>,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut recent = Recent::default();
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         let mut by_user: HashMap<Arc<str>, Vec<Ack>> = HashMap::new();
-        for ack in batch.drain(..) {
+        for mut ack in batch.drain(..) {
+            // Handled: the connection's place in the queue is free again.
+            ack.slot = None;
             by_user.entry(ack.user.clone()).or_default().push(ack);
         }
         // One history read per user, all users at once.
@@ -229,7 +248,11 @@ async fn run(
         let mut out = Vec::new();
         for (acks, found) in futures_util::future::join_all(reads).await {
             match found {
-                Ok(kept) => out.extend(acks.iter().filter_map(|a| receipt(a, &kept, &node))),
+                Ok(kept) => out.extend(
+                    acks.iter()
+                        .filter_map(|a| receipt(a, &kept, &node))
+                        .filter(|r| recent.first(&r.user, r.id)),
+                ),
                 Err(e) => {
                     metrics::counter!(m::HISTORY_ERRORS, "op" => "get").increment(1);
                     metrics::counter!(m::RECEIPTS_DROPPED, "reason" => "history_unavailable")
@@ -247,6 +270,32 @@ async fn run(
         if let Some(k) = &kafka {
             k.publish(&out).await;
         }
+    }
+}
+
+/// The (user, ID) pairs receipted lately, oldest first out.
+#[derive(Default)]
+struct Recent {
+    set: HashSet<(Arc<str>, u64)>,
+    order: VecDeque<(Arc<str>, u64)>,
+}
+
+impl Recent {
+    /// True the first time a pair is seen (within the last [`RECENT`]).
+    fn first(&mut self, user: &str, id: u64) -> bool {
+        let key: (Arc<str>, u64) = (user.into(), id);
+        if self.set.contains(&key) {
+            metrics::counter!(m::RECEIPTS_DROPPED, "reason" => "duplicate").increment(1);
+            return false;
+        }
+        if self.order.len() >= RECENT {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        self.set.insert(key.clone());
+        self.order.push_back(key);
+        true
     }
 }
 
@@ -276,4 +325,25 @@ fn receipt(ack: &Ack, kept: &[Buffered], node: &str) -> Option<Receipt> {
         sent_at_ms: msg.at_ms,
         acked_at_ms: ack.at_ms,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_receipted_once_however_often_it_is_acked() {
+        let mut recent = Recent::default();
+        assert!(recent.first("u", 1));
+        assert!(!recent.first("u", 1));
+        assert!(recent.first("v", 1));
+        assert!(recent.first("u", 2));
+        // Bounded: the oldest pairs are forgotten first.
+        for id in 10..10 + RECENT as u64 {
+            recent.first("w", id);
+        }
+        assert_eq!(recent.set.len(), RECENT);
+        assert_eq!(recent.order.len(), RECENT);
+        assert!(recent.first("u", 1));
+    }
 }

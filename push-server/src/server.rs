@@ -123,6 +123,7 @@ impl Shared {
                 max_frames: config.max_queue,
                 max_bytes: config.max_queue_bytes,
                 policy: config.slow_consumer,
+                slow_after: config.slow_consumer_timeout,
             },
             rate_limiter: Mutex::new(RateLimiter::new(
                 config.per_ip_rate,

@@ -103,6 +103,8 @@ async fn unparsable_client_message_gets_an_error_and_the_connection_stays() {
 async fn slow_consumer_is_disconnected_with_a_bounded_queue() {
     let mut cfg = config();
     cfg.max_queue = 4;
+    // The bound after which a client that does not drain is slow (short, for the test).
+    cfg.slow_consumer_timeout = std::time::Duration::from_millis(300);
     let server = start(cfg).await;
     // A client that never reads, with a small receive window so the kernel buffers fill.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -140,6 +142,7 @@ async fn slow_consumer_drop_oldest_keeps_the_connection() {
     let mut cfg = config();
     cfg.max_queue = 2;
     cfg.slow_consumer = push_server::hub::SlowConsumerPolicy::DropOldest;
+    cfg.slow_consumer_timeout = std::time::Duration::from_millis(300);
     let server = start(cfg).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
