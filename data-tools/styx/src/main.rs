@@ -360,6 +360,8 @@ fn workflow_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 async fn serve(args: ServeArgs) -> Result<()> {
     tracing_subscriber::fmt()
         .json()
+        // stdout carries only the "listening" line (scripts and tests read it).
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
