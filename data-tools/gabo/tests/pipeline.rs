@@ -1,0 +1,289 @@
+//! The path of an event against a real Kafka protocol peer (librdkafka's mock cluster, or
+//! `KAFKA_BROKERS`): gateway → topic → writer → staging → dedup → Parquet bucket + marker →
+//! audit. Duplicates sent on purpose, schema rejects, a late event, a broker outage.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use gabo::dedup::{self, Closed};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_reach_a_deduplicated_bucket_and_the_counts_balance() {
+    let kafka = Kafka::start();
+    let dirs = Dirs::new();
+    let types = vec![clicks()];
+    let plan = provision(&kafka, &types, &dirs.store).await;
+    assert!(
+        plan.iter().any(|c| c.starts_with("+ type clicks")),
+        "{plan:?}"
+    );
+    assert!(
+        provision(&kafka, &types, &dirs.store).await.is_empty(),
+        "applying twice changes nothing"
+    );
+    let gw = gateway(&kafka, &types, dirs.store.clone(), Duration::from_secs(20)).await;
+    let _w = writer(&kafka, types[0].clone(), &dirs);
+
+    // Five events with client IDs.
+    let (s, v) = post(
+        gw.addr(),
+        "/v1/events/clicks",
+        r#"[{"id":"a","user":"u"},{"id":"b","user":"u"},{"id":"c","user":"u"},{"id":"d","user":"u"},{"id":"e","user":"u"}]"#,
+    )
+    .await;
+    assert_eq!((s, v["accepted"].as_u64()), (200, Some(5)), "{v}");
+    // Duplicates of c and d sent on purpose, a new f, and one invalid event (index 2).
+    let (s, v) = post(
+        gw.addr(),
+        "/v1/events/clicks",
+        "{\"id\":\"c\",\"user\":\"u\"}\n{\"id\":\"d\",\"user\":\"u\"}\n{\"user\":42}\n{\"id\":\"f\",\"user\":\"u\"}\n",
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["accepted"], 3);
+    assert_eq!(v["rejected"][0]["index"], 2);
+    assert!(
+        v["rejected"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("/user"),
+        "{v}"
+    );
+    // Two events without IDs get fresh ones.
+    let (s, v) = post(
+        gw.addr(),
+        "/v1/events/clicks",
+        r#"[{"user":"x"},{"user":"y"}]"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let generated: Vec<String> = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(generated.len(), 2);
+
+    eventually("10 events staged", || async {
+        dirs.staged_lines("clicks") >= 10
+    })
+    .await;
+    let opts = dedup_options(&dirs);
+    let mut closed = None;
+    eventually("the hour to be complete", || async {
+        match dedup::dedup("clicks", hour(), &dirs.staging, &dirs.store, &opts).await {
+            Ok(c) => {
+                closed = Some(c);
+                true
+            }
+            Err(dedup::DedupError::Incomplete { .. }) => false,
+            Err(e) => panic!("dedup: {e}"),
+        }
+    })
+    .await;
+    let Some(Closed::Now(m)) = closed else {
+        panic!("expected this run to close the hour: {closed:?}")
+    };
+    assert_eq!(
+        (m.accepted, m.unique, m.duplicates, m.late),
+        (10, 8, 2, 0),
+        "{m:?}"
+    );
+    assert_eq!(m.hour, HOUR);
+
+    // The bucket: part-0.parquet with each ID once, then the JSON marker of the contract.
+    let mut want: Vec<String> = ["a", "b", "c", "d", "e", "f"].map(String::from).to_vec();
+    want.extend(generated);
+    want.sort();
+    assert_eq!(bucket_ids(&dirs.root(), "clicks").await, want);
+    let marker: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(format!("{}/clicks/2026-11-29/14/_SUCCESS", dirs.root())).unwrap(),
+    )
+    .unwrap();
+    for k in [
+        "type",
+        "hour",
+        "completed_at",
+        "accepted",
+        "staged",
+        "unique",
+        "duplicates",
+        "late",
+    ] {
+        assert!(marker.get(k).is_some(), "marker lacks {k}: {marker}");
+    }
+    let a = gabo::audit::audit(&dirs.store, "clicks", hour())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.check(), Ok(()));
+
+    // A closed hour is never rewritten.
+    let again = dedup::dedup("clicks", hour(), &dirs.staging, &dirs.store, &opts)
+        .await
+        .unwrap();
+    assert_eq!(again, Closed::Before(m.clone()));
+
+    // A late event for the closed hour: accepted, routed to the late bucket, counted.
+    let (s, _) = post(
+        gw.addr(),
+        "/v1/events/clicks",
+        r#"{"id":"late-1","user":"u"}"#,
+    )
+    .await;
+    assert_eq!(s, 200);
+    eventually("the late event in the late bucket", || async {
+        dirs.store.late("clicks", hour()).await.unwrap() == 1
+    })
+    .await;
+    assert!(std::path::Path::new(&format!("{}/clicks/_late/2026-11-29/14", dirs.root())).is_dir());
+    let a = gabo::audit::audit(&dirs.store, "clicks", hour())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((a.accepted, a.late), (11, 1));
+    assert_eq!(a.check(), Ok(()), "still balanced with the late event");
+    assert_eq!(
+        bucket_ids(&dirs.root(), "clicks").await.len(),
+        8,
+        "bucket unchanged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_answers_and_nothing_is_accepted() {
+    let kafka = Kafka::start();
+    let dirs = Dirs::new();
+    let types = vec![clicks()];
+    provision(&kafka, &types, &dirs.store).await;
+    let gw = gateway(&kafka, &types, dirs.store.clone(), Duration::from_secs(20)).await;
+
+    let (s, v) = post(
+        gw.addr(),
+        "/v1/events/clicks?atomic=true",
+        r#"[{"user":"a"},{"user":1}]"#,
+    )
+    .await;
+    assert_eq!(s, 422, "atomic: one invalid event refuses all: {v}");
+    assert_eq!(v["accepted"], 0);
+    assert_eq!(v["rejected"][0]["index"], 1);
+    let (s, v) = post(gw.addr(), "/v1/events/clicks", r#"[{"user":1}]"#).await;
+    assert_eq!((s, v["accepted"].as_u64()), (422, Some(0)));
+    let (s, _) = post(gw.addr(), "/v1/events/nope", r#"[{"user":"a"}]"#).await;
+    assert_eq!(s, 404);
+    let big = format!("[{}]", vec![r#"{"user":"a"}"#; 1001].join(","));
+    let (s, v) = post(gw.addr(), "/v1/events/clicks", &big).await;
+    assert_eq!(s, 413, "batch over 1000 events: {v}");
+    let huge = format!(r#"[{{"user":"{}"}}]"#, "x".repeat(600 * 1024));
+    let (s, _) = post(gw.addr(), "/v1/events/clicks", &huge).await;
+    assert_eq!(s, 413, "body over 512 KiB");
+    let (s, _) = post(gw.addr(), "/v1/events/clicks", "[{").await;
+    assert_eq!(s, 400);
+    assert_eq!(dirs.store.accepted("clicks", hour()).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_answers_503_and_half_accepts_nothing() {
+    let kafka = Kafka::start();
+    if !kafka.is_mock() {
+        eprintln!("broker outage needs the mock cluster; skipped against KAFKA_BROKERS");
+        return;
+    }
+    let dirs = Dirs::new();
+    let types = vec![clicks()];
+    provision(&kafka, &types, &dirs.store).await;
+    let gw = gateway(&kafka, &types, dirs.store.clone(), Duration::from_secs(3)).await;
+    let (s, _) = post(
+        gw.addr(),
+        "/v1/events/clicks",
+        r#"[{"id":"before","user":"u"}]"#,
+    )
+    .await;
+    assert_eq!(s, 200);
+
+    kafka.broker_down();
+    let batch: Vec<String> = (0..50)
+        .map(|i| format!(r#"{{"id":"down-{i}","user":"u"}}"#))
+        .collect();
+    let (s, v) = post(
+        gw.addr(),
+        "/v1/events/clicks",
+        &format!("[{}]", batch.join(",")),
+    )
+    .await;
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        v["reason"].as_str().unwrap().contains("nothing accepted"),
+        "{v}"
+    );
+    kafka.broker_up();
+
+    let mut ok = false;
+    eventually("the gateway to accept again", || {
+        let ok = &mut ok;
+        async move {
+            if !*ok {
+                *ok = post(
+                    gw.addr(),
+                    "/v1/events/clicks",
+                    r#"[{"id":"after","user":"u"}]"#,
+                )
+                .await
+                .0 == 200;
+            }
+            *ok
+        }
+    })
+    .await;
+    let _w = writer(&kafka, types[0].clone(), &dirs);
+    eventually("2 events staged", || async {
+        dirs.staged_lines("clicks") >= 2
+    })
+    .await;
+    let opts = dedup_options(&dirs);
+    eventually("the hour to close", || async {
+        dedup::dedup("clicks", hour(), &dirs.staging, &dirs.store, &opts)
+            .await
+            .is_ok()
+    })
+    .await;
+    assert_eq!(
+        bucket_ids(&dirs.root(), "clicks").await,
+        vec!["after".to_string(), "before".to_string()],
+        "none of the 503 batch reached the bucket"
+    );
+    let a = gabo::audit::audit(&dirs.store, "clicks", hour())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.accepted, 2);
+    assert_eq!(a.check(), Ok(()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incomplete_hour_is_refused_unless_forced() {
+    let dirs = Dirs::new();
+    let opts = dedup_options(&dirs);
+    // No writer has reported any watermark: nothing proves the hour complete.
+    let e = dedup::dedup("clicks", hour(), &dirs.staging, &dirs.store, &opts)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not complete"), "{e}");
+    let mut forced = opts.clone();
+    forced.force = true;
+    let Closed::Now(m) = dedup::dedup("clicks", hour(), &dirs.staging, &dirs.store, &forced)
+        .await
+        .unwrap()
+    else {
+        panic!("forced close")
+    };
+    assert_eq!(
+        (m.accepted, m.unique),
+        (0, 0),
+        "an empty hour gets an empty bucket"
+    );
+    assert!(bucket_ids(&dirs.root(), "clicks").await.is_empty());
+}
