@@ -195,7 +195,10 @@ impl UserBuffer {
                 gap: None,
             };
         }
-        let oldest = live.messages.front().map_or(live.last_id.saturating_add(1), |m| m.id);
+        let oldest = live
+            .messages
+            .front()
+            .map_or(live.last_id.saturating_add(1), |m| m.id);
         let messages: Vec<Buffered> = live
             .messages
             .iter()

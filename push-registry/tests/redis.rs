@@ -254,6 +254,10 @@ async fn writes_prune_only_past_the_bound() {
     // The next write that adds a field finds the hash at the bound and prunes it.
     let fresh = common::rec(user, None, "fresh", "node-a");
     reg.register(&fresh, common::LONG).await.unwrap();
-    assert_eq!(hlen(), (recs.len() + 1) as i64, "expired fields were not pruned");
+    assert_eq!(
+        hlen(),
+        (recs.len() + 1) as i64,
+        "expired fields were not pruned"
+    );
     assert_eq!(reg.lookup(user).await.unwrap().len(), recs.len() + 1);
 }

@@ -563,7 +563,10 @@ async fn handshake(
     }
     // A real client sends its request as soon as TCP is up: a connection still silent after
     // the first-byte timeout is let go long before the full handshake timeout would.
-    if tokio::time::timeout(cfg.first_byte_timeout, stream.readable())
+    // `peek`, not `readable()`: a freshly accepted socket reports itself readable before any
+    // byte arrived, which let a silent connection through to the full handshake timeout.
+    let mut first = [0u8; 1];
+    if tokio::time::timeout(cfg.first_byte_timeout, stream.peek(&mut first))
         .await
         .is_err()
     {
@@ -969,10 +972,15 @@ async fn accept(
         Err(e) => {
             // Newest refused (not oldest replaced): replacing would let a client with one
             // connection too many kick its own connections out in a loop.
-            let mut r = Refusal::new(429, "Too Many Requests", "too_many_connections", format!(
-                "{e} ({}); close one, or give each device its own `did`",
-                cfg.max_connections_per_user
-            ))
+            let mut r = Refusal::new(
+                429,
+                "Too Many Requests",
+                "too_many_connections",
+                format!(
+                    "{e} ({}); close one, or give each device its own `did`",
+                    cfg.max_connections_per_user
+                ),
+            )
             .header("Retry-After", "5");
             r.result = "user_limit";
             drop(place);

@@ -528,8 +528,7 @@ impl Hub {
                 conns: Vec::with_capacity(1),
             });
         if max_per_user > 0 {
-            let replaces =
-                |c: &ConnHandle| handle.device.is_some() && c.device == handle.device;
+            let replaces = |c: &ConnHandle| handle.device.is_some() && c.device == handle.device;
             let staying = entry
                 .conns
                 .iter()

@@ -218,7 +218,10 @@ mod tests {
         );
         assert!(r.allow(v6("2001:db8:1:3::1"), 0), "the next /64 is its own");
         assert_eq!(r.tracked(), 2);
-        assert_eq!(source_key(v6("::ffff:10.0.0.1")), IpAddr::from([10, 0, 0, 1]));
+        assert_eq!(
+            source_key(v6("::ffff:10.0.0.1")),
+            IpAddr::from([10, 0, 0, 1])
+        );
     }
 
     #[test]
@@ -230,7 +233,10 @@ mod tests {
         // Full of sources that are still limited: a new source is metered like any other,
         // by evicting the least recently used, and the table does not grow.
         assert!(r.allow(ip(9), 10));
-        assert!(!r.allow(ip(9), 10), "a new source past the bound is limited");
+        assert!(
+            !r.allow(ip(9), 10),
+            "a new source past the bound is limited"
+        );
         assert_eq!(r.tracked(), 4);
         assert_eq!(r.evicted(), 1);
         assert!(!r.allow(ip(3), 10), "recently used buckets are kept");

@@ -30,8 +30,7 @@ async fn connect_from(source: IpAddr, server: SocketAddr) -> TcpStream {
 /// Sends an SSE request from `source` and returns the status of the answer.
 async fn sse_status_from(source: IpAddr, server: &push_server::Server, token: &str) -> u16 {
     let mut s = connect_from(source, server.client_addr()).await;
-    let req =
-        format!("GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+    let req = format!("GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     status_of(&mut s).await
 }
@@ -57,7 +56,11 @@ async fn status_of(s: &mut TcpStream) -> u16 {
 }
 
 async fn connects(server: &push_server::Server, result: &str) -> f64 {
-    metric(server, &format!(r#"push_connects_total{{result="{result}"}}"#)).await
+    metric(
+        server,
+        &format!(r#"push_connects_total{{result="{result}"}}"#),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -74,9 +77,10 @@ async fn silent_connections_from_one_address_do_not_keep_another_address_out() {
     for _ in 0..40 {
         silent.push(connect_from(source(1), server.client_addr()).await);
     }
-    eventually("the silent connections past the per-address cap to be refused", || async {
-        connects(&server, "pending_ip_limit").await >= 36.0
-    })
+    eventually(
+        "the silent connections past the per-address cap to be refused",
+        || async { connects(&server, "pending_ip_limit").await >= 36.0 },
+    )
     .await;
     assert_eq!(
         server
@@ -143,7 +147,10 @@ async fn connections_per_address_are_capped() {
     let mut held = Vec::new();
     for u in ["a", "b"] {
         let mut s = connect_from(source(1), server.client_addr()).await;
-        let req = format!("GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n", auth(u));
+        let req = format!(
+            "GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+            auth(u)
+        );
         s.write_all(req.as_bytes()).await.unwrap();
         assert_eq!(status_of(&mut s).await, 200);
         held.push(s);
@@ -225,10 +232,19 @@ async fn resume_points_at_the_top_of_the_id_range_are_served() {
         .await;
         assert_eq!(sse.status, 200, "{}", sse.head);
         assert_eq!(sse.next_event().await.unwrap().event, "hello");
-        // Both connections work: a push reaches them.
+        // Both connections work: a push reaches them (after a `gap`, when the user has no
+        // history: the server cannot vouch for what the client saw).
         push(&server, "top", "after the top").await;
-        assert_eq!(ws_next_json(&mut ws).await["data"], "after the top");
-        assert_eq!(sse.next_event().await.unwrap().data, "after the top");
+        let mut msg = ws_next_json(&mut ws).await;
+        if msg["type"] == "gap" {
+            msg = ws_next_json(&mut ws).await;
+        }
+        assert_eq!(msg["data"], "after the top");
+        let mut ev = sse.next_event().await.unwrap();
+        if ev.event == "gap" {
+            ev = sse.next_event().await.unwrap();
+        }
+        assert_eq!(ev.data, "after the top");
         drop((ws, sse));
         eventually("both places to be given back", || async {
             server.shared().hub.open_total() == 0
@@ -236,9 +252,13 @@ async fn resume_points_at_the_top_of_the_id_range_are_served() {
         .await;
     }
     // Past u64 is not a message ID: a clear 400, not a wrap.
-    let err = ws_connect_with(&server, &format!("?token={t}&since=18446744073709551616"), &[])
-        .await
-        .unwrap_err();
+    let err = ws_connect_with(
+        &server,
+        &format!("?token={t}&since=18446744073709551616"),
+        &[],
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(err, tokio_tungstenite::tungstenite::Error::Http(ref r) if r.status() == 400),
         "{err:?}"
