@@ -566,9 +566,12 @@ async fn handshake(
     // `peek`, not `readable()`: a freshly accepted socket reports itself readable before any
     // byte arrived, which let a silent connection through to the full handshake timeout.
     let mut first = [0u8; 1];
-    if tokio::time::timeout(cfg.first_byte_timeout, stream.peek(&mut first))
-        .await
-        .is_err()
+    if tokio::time::timeout(
+        cfg.first_byte_timeout.min(cfg.handshake_timeout),
+        stream.peek(&mut first),
+    )
+    .await
+    .is_err()
     {
         let mut r = Refusal::new(
             408,
