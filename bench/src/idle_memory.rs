@@ -130,6 +130,7 @@ async fn scenario(args: Args) -> anyhow::Result<()> {
         .arg("--admin-listen")
         .arg(admin_addr.to_string())
         .args(["--auth-secret", SECRET, "--per-ip-rate", "0"])
+        .args(["--max-pending-per-ip", "0", "--max-connections-per-ip", "0"])
         .arg("--max-connections")
         .arg((args.conns + 1000).to_string())
         .args(["--heartbeat-interval", HEARTBEAT])

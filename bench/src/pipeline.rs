@@ -651,6 +651,7 @@ async fn start_node(
         .args(["--node-id", name, "--registry", registry])
         .args(["--auth-secret", SECRET, "--admin-token", ADMIN_TOKEN])
         .args(["--per-ip-rate", "0"])
+        .args(["--max-pending-per-ip", "0", "--max-connections-per-ip", "0"])
         .arg("--max-connections")
         .arg((users + 1000).to_string())
         .args(extra)

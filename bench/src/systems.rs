@@ -250,6 +250,7 @@ async fn start_push_server(opts: &Options) -> anyhow::Result<Running> {
             .arg("--admin-listen")
             .arg(admin.to_string())
             .args(["--auth-secret", SECRET, "--per-ip-rate", "0"])
+            .args(["--max-pending-per-ip", "0", "--max-connections-per-ip", "0"])
             .arg("--max-connections")
             .arg((opts.max_conns + 1000).to_string())
             .args(["--heartbeat-interval", "30s"])

@@ -195,14 +195,17 @@ impl UserBuffer {
                 gap: None,
             };
         }
-        let oldest = live.messages.front().map_or(live.last_id + 1, |m| m.id);
+        let oldest = live
+            .messages
+            .front()
+            .map_or(live.last_id.saturating_add(1), |m| m.id);
         let messages: Vec<Buffered> = live
             .messages
             .iter()
             .filter(|m| m.id > after)
             .cloned()
             .collect();
-        let gap = (after != 0 && after + 1 < oldest).then_some(oldest);
+        let gap = (after != 0 && after.saturating_add(1) < oldest).then_some(oldest);
         Resume { messages, gap }
     }
 }

@@ -117,7 +117,7 @@ impl MemoryStore {
             // that has since forgotten it (restart, expiry): say so.
             None => Resume {
                 messages: Vec::new(),
-                gap: (after != 0).then(|| first_id_now().max(after + 1)),
+                gap: (after != 0).then(|| first_id_now().max(after.saturating_add(1))),
             },
         }
     }

@@ -425,7 +425,7 @@ pub(crate) fn decode_since(
         // has since forgotten the user (expiry, a restart): say so.
         return Ok(Resume {
             messages: Vec::new(),
-            gap: (after != 0).then(|| now_us.max(after + 1)),
+            gap: (after != 0).then(|| now_us.max(after.saturating_add(1))),
         });
     };
     let last = int(last).ok_or_else(bad)?;
@@ -437,7 +437,11 @@ pub(crate) fn decode_since(
             gap: None,
         });
     }
-    let oldest = if oldest == 0 { last + 1 } else { oldest };
+    let oldest = if oldest == 0 {
+        last.saturating_add(1)
+    } else {
+        oldest
+    };
     let messages = members
         .iter()
         .map(|m| {
@@ -445,7 +449,7 @@ pub(crate) fn decode_since(
             decode_member(node, user, &m)
         })
         .collect::<Result<Vec<_>>>()?;
-    let gap = (after != 0 && after + 1 < oldest).then_some(oldest);
+    let gap = (after != 0 && after.saturating_add(1) < oldest).then_some(oldest);
     Ok(Resume { messages, gap })
 }
 

@@ -54,6 +54,7 @@ pub use record::{now_ms, Record};
 pub use redis_single::RedisRegistry;
 pub use registry::{NodePing, RefreshOutcome, Registry, Stats};
 pub use ring::{Consistency, RingRegistry};
+pub use store::PRUNE_AT;
 
 /// The lock shard of `key` among `shards`: a fixed hasher, so the choice is spread evenly
 /// and the same on every call (in-process sharding only; never persisted).

@@ -5,7 +5,8 @@
 //! connections) → the JSON-encoded [`Entry`] with its absolute expiry. The braces are a Redis
 //! Cluster hash tag, so everything about a user lives in one slot. The key itself carries a
 //! PEXPIRE at least as long as its longest-lived field, so an abandoned user disappears by
-//! itself; expired fields inside a live key are skipped by readers and pruned by writers.
+//! itself; expired fields inside a live key are skipped by readers and pruned by writers,
+//! but only once the hash holds [`PRUNE_AT`] fields (see there).
 //!
 //! Only commands that Dynomite proxies are used: HGETALL, EVAL with exactly one key (whose
 //! scripts call HGET, HGETALL, HSET, HDEL, PTTL and PEXPIRE on that key), SCAN and PING.
@@ -32,9 +33,23 @@ pub(crate) fn user_of_key(key: &str) -> Option<&str> {
     key.strip_prefix("pr:{")?.strip_suffix('}')
 }
 
-/// Lua helpers prepended to the write scripts. `live(e, now)`: decoded entry `e` is neither
-/// expired nor a tombstone. `prune`: drops expired fields of the key (a user has a handful).
-/// `keep`: makes the key live at least `ttl` ms more, never shortening it.
+/// Fields a user's hash may hold before a write that adds a field prunes the expired ones.
+///
+/// Pruning reads and decodes the whole hash (HGETALL): doing it on every register and
+/// refresh made each write O(fields) on the shared Redis, and a user with many connections
+/// made every one of their refreshes pay for all of them. Now a refresh of an existing field
+/// never prunes, and a write that adds a field prunes only when the hash already holds this
+/// many. Expired fields are left behind only by connections whose node died without
+/// unregistering; readers skip them, the key's own PEXPIRE removes them with an abandoned
+/// user, and this bound keeps an active user's hash from collecting them without end.
+/// 64 is four times the default `--max-connections-per-user` of one node: a normal user's
+/// hash never reaches it, so a normal user's writes never prune.
+pub const PRUNE_AT: usize = 64;
+
+/// Lua helpers prepended to the write scripts (after `PRUNE_AT`, see [`eval`]).
+/// `expired(e, now)`: decoded entry `e` is past its expiry. `prune`: drops expired fields of
+/// the key when `field` is new and the hash holds `PRUNE_AT` fields or more (see
+/// [`PRUNE_AT`]). `keep`: makes the key live at least `ttl` ms more, never shortening it.
 const LUA_HELPERS: &str = r#"
 local function decode(v)
   local ok, e = pcall(cjson.decode, v)
@@ -42,7 +57,9 @@ local function decode(v)
   return nil
 end
 local function expired(e, now) return (tonumber(e.exp) or 0) <= now end
-local function prune(key, now)
+local function prune(key, now, field)
+  if redis.call('HEXISTS', key, field) == 1 then return end
+  if redis.call('HLEN', key) < PRUNE_AT then return end
   local all = redis.call('HGETALL', key)
   for i = 1, #all, 2 do
     local e = decode(all[i + 1])
@@ -57,7 +74,7 @@ end
 /// ARGV: field, value, now, ttl. Overwrites the slot: the newest registration wins.
 const REGISTER: &str = r#"
 local now, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
-prune(KEYS[1], now)
+prune(KEYS[1], now, ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 keep(KEYS[1], ttl)
 return 1
@@ -72,7 +89,7 @@ if cur then
   local e = decode(cur)
   if e and not expired(e, now) and (e.conn_id ~= ARGV[5] or e.del) then return 0 end
 end
-prune(KEYS[1], now)
+prune(KEYS[1], now, ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 keep(KEYS[1], ttl)
 return 1
@@ -120,7 +137,7 @@ return 1
 
 fn eval(body: &str, user: &str) -> redis::Cmd {
     let mut cmd = redis::cmd("EVAL");
-    cmd.arg(format!("{LUA_HELPERS}{body}"))
+    cmd.arg(format!("local PRUNE_AT = {PRUNE_AT}\n{LUA_HELPERS}{body}"))
         .arg(1)
         .arg(key(user));
     cmd

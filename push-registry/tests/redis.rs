@@ -251,3 +251,61 @@ async fn a_foreign_value_is_reported_not_misread() {
         "{err}"
     );
 }
+
+/// Register and refresh do not read the user's whole hash while it is small (the prune used to
+/// run HGETALL and decode every field on every write); once the hash reaches the bound, a
+/// write that adds a field prunes the expired ones, so an active user's hash stays bounded.
+#[tokio::test]
+async fn writes_prune_only_past_the_bound() {
+    let server = RedisServer::start();
+    let monitor = server.monitor();
+    let reg = push_registry::open(&server.url()).await.unwrap();
+    let user = "prune-user";
+    let key = format!("pr:{{{user}}}");
+    // A few device-less connections registered and refreshed, as a node does.
+    let recs: Vec<_> = (0..4)
+        .map(|i| common::rec(user, None, &format!("c{i}"), "node-a"))
+        .collect();
+    for r in &recs {
+        reg.register(r, common::LONG).await.unwrap();
+    }
+    for _ in 0..3 {
+        reg.refresh(&recs, common::LONG).await.unwrap();
+    }
+    reg.lookup("small-hash-marker").await.unwrap();
+    assert!(monitor.wait_for("small-hash-marker", Duration::from_secs(10)));
+    let hgetalls: Vec<String> = monitor
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("\"HGETALL\"") && l.contains(&key))
+        .collect();
+    assert!(
+        hgetalls.is_empty(),
+        "register/refresh read the whole hash: {hgetalls:?}"
+    );
+
+    // Connections of a node that died without unregistering: their fields expire in place.
+    // Exactly enough to fill the hash to the bound, so that none of these writes prunes.
+    let short = Duration::from_millis(500);
+    for i in 0..push_registry::PRUNE_AT - recs.len() {
+        let r = common::rec(user, None, &format!("dead{i}"), "node-dead");
+        reg.register(&r, short).await.unwrap();
+    }
+    tokio::time::sleep(short + Duration::from_millis(500)).await;
+    let hlen = || match server.command(&["HLEN", &key]) {
+        testkit::resp::Reply::Int(n) => n,
+        other => panic!("HLEN answered {other:?}"),
+    };
+    // Refreshes of existing fields never prune, even with expired fields present.
+    reg.refresh(&recs, common::LONG).await.unwrap();
+    assert_eq!(hlen(), push_registry::PRUNE_AT as i64);
+    // The next write that adds a field finds the hash at the bound and prunes it.
+    let fresh = common::rec(user, None, "fresh", "node-a");
+    reg.register(&fresh, common::LONG).await.unwrap();
+    assert_eq!(
+        hlen(),
+        (recs.len() + 1) as i64,
+        "expired fields were not pruned"
+    );
+    assert_eq!(reg.lookup(user).await.unwrap().len(), recs.len() + 1);
+}

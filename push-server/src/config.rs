@@ -100,6 +100,15 @@ pub struct Config {
     /// and no `hello` is sent, for the Autobahn conformance suite. See `crate::autobahn`.
     #[cfg(feature = "autobahn-echo")]
     pub echo: bool,
+    // Admission limits (issue 14; docs/security.md "Admission limits"). 0 disables a cap.
+    /// Most connections of one source (IPv4 address, IPv6 /64) in their handshake at once.
+    pub max_pending_per_ip: usize,
+    /// How long a new connection may stay silent before its first byte.
+    pub first_byte_timeout: Duration,
+    /// Most connections of one user on this node (the newest is refused beyond).
+    pub max_connections_per_user: usize,
+    /// Most connections of one source (IPv4 address, IPv6 /64) on this node.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for Config {
@@ -148,6 +157,21 @@ impl Default for Config {
             demo: false,
             #[cfg(feature = "autobahn-echo")]
             echo: false,
+            // A handshake takes one round trip; 32 at once from one address is a burst of
+            // clients behind one NAT reconnecting together, while 4,096 slots shared by all
+            // need 128 addresses to fill.
+            max_pending_per_ip: 32,
+            // A real client sends its request right after TCP connects; only a silent
+            // connection waits longer. Short, so an idle connect holds a slot for 3 s, not
+            // for the whole handshake timeout.
+            first_byte_timeout: Duration::from_secs(3),
+            // A user runs a few apps and tabs; 16 is plenty, and bounds the user's entry in
+            // the hub (and its registry hash) that every push and unregister walks.
+            max_connections_per_user: 16,
+            // Carrier-grade and corporate NATs put hundreds of users, each with a few
+            // connections, behind one address; 4,096 leaves them room while one address
+            // still cannot take more than 4 % of a default node.
+            max_connections_per_ip: 4096,
         }
     }
 }
@@ -162,6 +186,8 @@ impl Config {
             node_id: "test".into(),
             auth_secret: Some(secret.into()),
             per_ip_rate: 0.0,
+            max_pending_per_ip: 0,
+            max_connections_per_ip: 0,
             ..Self::default()
         }
     }
@@ -290,6 +316,19 @@ pub struct ServeArgs {
     /// Serve a demo page at `/demo` on the admin port, built on the JavaScript client.
     #[arg(long, env = "PUSH_DEMO", num_args = 0..=1, default_missing_value = "true")]
     pub demo: Option<bool>,
+    // Admission limits (issue 14).
+    /// Most connections of one IPv4 address or IPv6 /64 in their handshake at once (0: no cap).
+    #[arg(long, env = "PUSH_MAX_PENDING_PER_IP")]
+    pub max_pending_per_ip: Option<usize>,
+    /// Time a new connection may stay silent before its first byte, e.g. 3s.
+    #[arg(long, env = "PUSH_FIRST_BYTE_TIMEOUT", value_parser = parse_duration)]
+    pub first_byte_timeout: Option<Duration>,
+    /// Most connections of one user on this node; newer ones get 429 (0: no cap).
+    #[arg(long, env = "PUSH_MAX_CONNECTIONS_PER_USER")]
+    pub max_connections_per_user: Option<usize>,
+    /// Most connections of one IPv4 address or IPv6 /64 on this node (0: no cap).
+    #[arg(long, env = "PUSH_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
 }
 
 /// The same settings as read from a TOML file. Unknown keys are an error, so a typo does
@@ -343,6 +382,12 @@ pub struct FileConfig {
     receipts_brokers: Option<String>,
     receipts_topic: Option<String>,
     demo: Option<bool>,
+    // Admission limits (issue 14).
+    max_pending_per_ip: Option<usize>,
+    #[serde(default, with = "humantime_serde_opt")]
+    first_byte_timeout: Option<Duration>,
+    max_connections_per_user: Option<usize>,
+    max_connections_per_ip: Option<usize>,
 }
 
 mod humantime_serde_opt {
@@ -466,6 +511,10 @@ impl ServeArgs {
             demo: pick!(demo, d.demo),
             #[cfg(feature = "autobahn-echo")]
             echo: false,
+            max_pending_per_ip: pick!(max_pending_per_ip, d.max_pending_per_ip),
+            first_byte_timeout: pick!(first_byte_timeout, d.first_byte_timeout),
+            max_connections_per_user: pick!(max_connections_per_user, d.max_connections_per_user),
+            max_connections_per_ip: pick!(max_connections_per_ip, d.max_connections_per_ip),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -548,6 +597,11 @@ impl Config {
         }
         if self.sweep_interval.is_zero() {
             return Err(invalid("sweep_interval", "must be above zero"));
+        }
+        // Above handshake_timeout it has no effect (the handshake timeout ends the wait
+        // first), so a short handshake timeout alone stays a valid setting.
+        if self.first_byte_timeout.is_zero() {
+            return Err(invalid("first_byte_timeout", "must be above zero"));
         }
         if self.auth_secret.as_deref().is_some_and(|s| s.len() < 16) {
             return Err(invalid(
@@ -660,6 +714,35 @@ mod tests {
         assert!(args(&["--ack-rate", "0"])
             .merge(FileConfig::default())
             .is_err());
+    }
+
+    #[test]
+    fn admission_limits_have_defaults_flags_env_and_file_keys() {
+        let d = Config::default();
+        assert_eq!(d.max_pending_per_ip, 32);
+        assert_eq!(d.first_byte_timeout, Duration::from_secs(3));
+        assert_eq!(d.max_connections_per_user, 16);
+        assert_eq!(d.max_connections_per_ip, 4096);
+        let file: FileConfig = toml::from_str(
+            r#"
+            max_pending_per_ip = 4
+            first_byte_timeout = "1s"
+            max_connections_per_user = 3
+            max_connections_per_ip = 100
+            "#,
+        )
+        .unwrap();
+        let cfg = args(&["--max-connections-per-user", "5"])
+            .merge(file)
+            .unwrap();
+        assert_eq!(cfg.max_pending_per_ip, 4);
+        assert_eq!(cfg.first_byte_timeout, Duration::from_secs(1));
+        assert_eq!(cfg.max_connections_per_user, 5);
+        assert_eq!(cfg.max_connections_per_ip, 100);
+        let err = args(&["--first-byte-timeout", "0s"])
+            .merge(FileConfig::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("first_byte_timeout"), "{err}");
     }
 
     #[test]

@@ -63,10 +63,8 @@ pub(crate) async fn serve(stream: TcpStream, remote: SocketAddr, shared: Arc<Sha
     let Some(accepted) = Box::pin(handshake(&stream, remote, &shared)).await else {
         return;
     };
-    let guard = Registered {
-        handle: accepted.handle,
-        shared,
-    };
+    drop(shared);
+    let guard = accepted.guard;
     let handle = &guard.handle;
     let shared = &guard.shared;
     let mut reader = WsReader::default();
@@ -432,7 +430,7 @@ impl Drop for Registered {
         if let Some(presence) = &self.shared.presence {
             presence.unregister(&self.handle);
         }
-        self.shared.hub.release(t);
+        self.shared.release_slot(t, self.handle.remote.ip());
         let i = t.index();
         self.shared.hot.open[i].decrement(1.0);
     }
@@ -440,17 +438,46 @@ impl Drop for Registered {
 
 /// A connection that passed its handshake.
 struct Accepted {
-    handle: Arc<ConnHandle>,
+    guard: Registered,
     /// Bytes received after the request head (early WebSocket frames).
     leftover: Vec<u8>,
 }
 
-/// Counts a connection in its handshake; the count is bounded by `max_pending_handshakes`.
-struct Pending<'a>(&'a Shared);
+/// Counts a connection in its handshake, in all (bounded by `max_pending_handshakes`) and
+/// for its source (bounded by `max_pending_per_ip`; taken by [`admit_source`]).
+struct Pending<'a> {
+    shared: &'a Shared,
+    ip: std::net::IpAddr,
+}
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        self.0.pending_handshakes.fetch_sub(1, Ordering::AcqRel);
+        self.shared
+            .pending_handshakes
+            .fetch_sub(1, Ordering::AcqRel);
+        self.shared
+            .pending_per_ip
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(self.ip);
+    }
+}
+
+/// A place reserved for a connection in admission: its transport's reservation in the hub
+/// and its source's count. Given back on drop (a refusal, a panic) unless kept, which hands
+/// it to the [`Registered`] guard.
+struct Slot<'a> {
+    shared: &'a Shared,
+    transport: Transport,
+    ip: std::net::IpAddr,
+    kept: bool,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.shared.release_slot(self.transport, self.ip);
+        }
     }
 }
 
@@ -558,8 +585,18 @@ async fn handshake(
     shared: &Arc<Shared>,
 ) -> Option<Accepted> {
     let cfg = &shared.config;
+    // Admission per source runs first, before a byte is read: a source that connects too
+    // often, or holds too many silent handshakes, must not get to hold any more of the
+    // slots that every client shares.
+    if let Err(r) = admit_source(remote, shared) {
+        refuse(stream, *r).await;
+        return None;
+    }
     let pending = shared.pending_handshakes.fetch_add(1, Ordering::AcqRel);
-    let _pending = Pending(shared);
+    let _pending = Pending {
+        shared,
+        ip: remote.ip(),
+    };
     if pending >= cfg.max_pending_handshakes {
         refuse(
             stream,
@@ -572,6 +609,28 @@ async fn handshake(
             .header("Retry-After", "1"),
         )
         .await;
+        return None;
+    }
+    // A real client sends its request as soon as TCP is up: a connection still silent after
+    // the first-byte timeout is let go long before the full handshake timeout would.
+    // `peek`, not `readable()`: a freshly accepted socket reports itself readable before any
+    // byte arrived, which let a silent connection through to the full handshake timeout.
+    let mut first = [0u8; 1];
+    if tokio::time::timeout(
+        cfg.first_byte_timeout.min(cfg.handshake_timeout),
+        stream.peek(&mut first),
+    )
+    .await
+    .is_err()
+    {
+        let mut r = Refusal::new(
+            408,
+            "Request Timeout",
+            "timeout",
+            "no request received in time",
+        );
+        r.result = "first_byte_timeout";
+        refuse(stream, r).await;
         return None;
     }
     let (head, leftover) =
@@ -616,7 +675,7 @@ async fn handshake(
             Ok(Ok(x)) => x,
         };
     if head.path == "/ack" {
-        match ack(&head, remote, shared) {
+        match ack(&head, shared) {
             Ok(n) => {
                 let body = serde_json::json!({ "accepted": n }).to_string();
                 respond(stream, &http::simple_response(202, "Accepted", &[], &body)).await;
@@ -634,17 +693,61 @@ async fn handshake(
     }
 }
 
+/// The per-source checks at accept: the connect rate (`--per-ip-rate`, `--per-ip-burst`)
+/// and the handshakes in progress (`--max-pending-per-ip`). On success the source's pending
+/// count was taken; the caller's [`Pending`] gives it back.
+fn admit_source(remote: SocketAddr, shared: &Shared) -> Result<(), Box<Refusal>> {
+    let ip = remote.ip();
+    let mut limiter = shared
+        .rate_limiter
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if !limiter.allow(ip, shared.now()) {
+        let retry = limiter.retry_after_secs();
+        drop(limiter);
+        let r = Refusal::new(
+            429,
+            "Too Many Requests",
+            "rate_limited",
+            "too many connects from this address",
+        )
+        .header("Retry-After", retry.to_string());
+        return Err(Box::new(r));
+    }
+    drop(limiter);
+    let acquired = shared
+        .pending_per_ip
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .acquire(ip);
+    if !acquired {
+        let mut r = Refusal::new(
+            429,
+            "Too Many Requests",
+            "too_many_pending",
+            format!(
+                "this address has {} connections in their handshake already",
+                shared.config.max_pending_per_ip
+            ),
+        )
+        .header("Retry-After", "1");
+        r.result = "pending_ip_limit";
+        return Err(Box::new(r));
+    }
+    Ok(())
+}
+
 /// `POST /ack?id=N[,M…]` with the client's token: acknowledgements for clients that cannot
 /// send them on their connection (SSE). Returns how many IDs were accepted.
-fn ack(head: &RequestHead, remote: SocketAddr, shared: &Shared) -> Result<usize, Box<Refusal>> {
+fn ack(head: &RequestHead, shared: &Shared) -> Result<usize, Box<Refusal>> {
     if head.method != "POST" {
         let r = Refusal::new(405, "Method Not Allowed", "method_not_allowed", "use POST")
             .header("Allow", "POST");
         return Err(Box::new(r));
     }
-    // Each request costs what a connect costs: the drain and per-IP checks come first.
+    // The per-IP rate and pending limits already ran at accept (`admit_source`): each
+    // request costs what a connect costs. The drain check comes first here.
     draining_check(shared)?;
-    rate_check(remote, shared)?;
     let token = auth::token_from_request(
         head.authorization.as_deref(),
         head.query_param("token"),
@@ -726,7 +829,8 @@ fn since(head: &RequestHead, transport: Transport) -> Result<Option<u64>, Box<Re
     })
 }
 
-struct Admitted {
+struct Admitted<'a> {
+    slot: Slot<'a>,
     transport: Transport,
     /// The last message ID the client saw, when it resumes.
     since: Option<u64>,
@@ -750,32 +854,12 @@ fn draining_check(shared: &Shared) -> Result<(), Box<Refusal>> {
     Ok(())
 }
 
-/// The per-IP limit on connects (and `POST /ack` requests).
-fn rate_check(remote: SocketAddr, shared: &Shared) -> Result<(), Box<Refusal>> {
-    let mut limiter = shared
-        .rate_limiter
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if limiter.allow(remote.ip(), shared.now()) {
-        return Ok(());
-    }
-    let retry = limiter.retry_after_secs();
-    let r = Refusal::new(
-        429,
-        "Too Many Requests",
-        "rate_limited",
-        "too many connects from this address",
-    )
-    .header("Retry-After", retry.to_string());
-    Err(Box::new(r))
-}
-
 /// Routing, limits and authentication, in order of cost. Reserves a place on success.
-fn admit(
+fn admit<'a>(
     head: &RequestHead,
     remote: SocketAddr,
-    shared: &Shared,
-) -> Result<Admitted, Box<Refusal>> {
+    shared: &'a Shared,
+) -> Result<Admitted<'a>, Box<Refusal>> {
     let cfg = &shared.config;
     let transport = match head.path.as_str() {
         "/ws" => Transport::Ws,
@@ -792,8 +876,8 @@ fn admit(
             .header("Allow", "GET");
         return Err(Box::new(r));
     }
+    // The per-IP limits ran at accept, before the head was read (`admit_source`).
     draining_check(shared)?;
-    rate_check(remote, shared)?;
     let ws = if transport == Transport::Ws {
         match ws::check_upgrade(head) {
             Ok(accept) => Some(accept),
@@ -832,7 +916,31 @@ fn admit(
             return Err(Box::new(r));
         }
     };
+    let ip_ok = shared
+        .conns_per_ip
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .acquire(remote.ip());
+    if !ip_ok {
+        let mut r = Refusal::new(
+            429,
+            "Too Many Requests",
+            "too_many_connections",
+            format!(
+                "this address holds its maximum of {} connections on this node",
+                cfg.max_connections_per_ip
+            ),
+        )
+        .header("Retry-After", "5");
+        r.result = "ip_limit";
+        return Err(Box::new(r));
+    }
     if !shared.hub.reserve(transport, cfg.max_connections) {
+        shared
+            .conns_per_ip
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(remote.ip());
         let r = Refusal::new(
             503,
             "Service Unavailable",
@@ -861,7 +969,14 @@ fn admit(
         });
         (accept, protocol)
     });
+    let slot = Slot {
+        shared,
+        transport,
+        ip: remote.ip(),
+        kept: false,
+    };
     Ok(Admitted {
+        slot,
         transport,
         since,
         claims,
@@ -874,7 +989,7 @@ async fn accept(
     remote: SocketAddr,
     shared: &Arc<Shared>,
     _head: RequestHead,
-    admitted: Admitted,
+    admitted: Admitted<'_>,
     leftover: Vec<u8>,
 ) -> Option<Accepted> {
     let cfg = &shared.config;
@@ -925,9 +1040,44 @@ async fn accept(
         policy.next_due(&handle.state().clock, slot, hears),
         Ordering::Relaxed,
     );
-    for old in shared.hub.register(handle.clone()) {
-        old.supersede(now);
+    let mut place = admitted.slot;
+    match shared
+        .hub
+        .register(handle.clone(), cfg.max_connections_per_user)
+    {
+        Ok(superseded) => {
+            for old in superseded {
+                old.supersede(now);
+            }
+        }
+        Err(e) => {
+            // Newest refused (not oldest replaced): replacing would let a client with one
+            // connection too many kick its own connections out in a loop.
+            let mut r = Refusal::new(
+                429,
+                "Too Many Requests",
+                "too_many_connections",
+                format!(
+                    "{e} ({}); close one, or give each device its own `did`",
+                    cfg.max_connections_per_user
+                ),
+            )
+            .header("Retry-After", "5");
+            r.result = "user_limit";
+            drop(place);
+            refuse(stream, r).await;
+            return None;
+        }
     }
+    // From here the guard undoes the registration however this ends (a write error, a
+    // panic): the place, the hub entry, the registry record and the gauge.
+    place.kept = true;
+    drop(place);
+    shared.hot.open[transport.index()].increment(1.0);
+    let guard = Registered {
+        handle: handle.clone(),
+        shared: shared.clone(),
+    };
     // Registered first, then the history read: a message appended before the read is in the
     // backlog, one appended after it finds this connection registered (here and in the
     // registry) and is queued live. Both at once are sent once (`ConnHandle::resume`).
@@ -944,19 +1094,13 @@ async fn accept(
     }
     let written = tokio::time::timeout(cfg.handshake_timeout, write_all(stream, &response)).await;
     if !matches!(written, Ok(Ok(()))) {
-        shared.hub.unregister(&handle);
-        if let Some(presence) = &shared.presence {
-            presence.unregister(&handle);
-        }
-        shared.hub.release(transport);
+        drop(guard);
         metrics::counter!(m::CONNECTS, "result" => "closed_early").increment(1);
         return None;
     }
-    let i = transport.index();
-    shared.hot.open[i].increment(1.0);
     metrics::counter!(m::CONNECTS, "result" => "ok").increment(1);
     tracing::debug!(conn = id, user = %handle.user, transport = transport.as_str(), %remote, "connected");
-    Some(Accepted { handle, leftover })
+    Some(Accepted { guard, leftover })
 }
 
 /// Reads what a resuming client is owed and puts it at the front of its queue.

@@ -722,6 +722,14 @@ struct UserEntry {
     conns: Vec<Arc<ConnHandle>>,
 }
 
+/// A user holds the most connections allowed on this node (`--max-connections-per-user`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("this user holds {held} connections on this node, the most allowed")]
+pub struct UserAtCapacity {
+    /// The user's connections now (staying and leaving).
+    pub held: usize,
+}
+
 /// One message for one user, as the admin API or the message processor hands it over.
 #[derive(Debug, Clone, Copy)]
 pub struct PushRequest<'a> {
@@ -830,16 +838,47 @@ impl Hub {
         self.open[transport.index()].fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Adds a connection (whose place was reserved). A previous connection for the same
-    /// user and device is marked superseded: it gets no more messages, and it is returned so
-    /// that the caller can start its grace period.
-    pub fn register(&self, handle: Arc<ConnHandle>) -> Vec<Arc<ConnHandle>> {
+    /// Adds a connection (whose place was reserved), unless its user is at `max_per_user`
+    /// (0: no cap). A previous connection for the same user and device is marked
+    /// superseded: it gets no more messages, and it is returned so that the caller can
+    /// start its grace period.
+    ///
+    /// The cap counts the user's *staying* connections: those superseded or asked to
+    /// reconnect are on their way out, and a client replacing one (rotation, drain, a
+    /// reconnect of the same device) must get in even at the cap, or rotation would lock
+    /// out a user who holds exactly `max_per_user`. Leaving connections are still bounded:
+    /// all of a user's connections together stay below twice the cap, so an entry (walked
+    /// under the shard lock by [`Hub::deliver`] and [`Hub::unregister`]) never holds more
+    /// than `2 × max_per_user` connections.
+    pub fn register(
+        &self,
+        handle: Arc<ConnHandle>,
+        max_per_user: usize,
+    ) -> Result<Vec<Arc<ConnHandle>>, UserAtCapacity> {
         let mut shard = self.shard(&handle.user);
         let entry = shard
             .entry(handle.user.clone())
             .or_insert_with(|| UserEntry {
                 conns: Vec::with_capacity(1),
             });
+        if max_per_user > 0 {
+            let replaces = |c: &ConnHandle| handle.device.is_some() && c.device == handle.device;
+            let staying = entry
+                .conns
+                .iter()
+                .filter(|c| {
+                    let st = c.state();
+                    !st.superseded && st.clock.asked_at.is_none() && !replaces(c)
+                })
+                .count();
+            if staying >= max_per_user || entry.conns.len() >= 2 * max_per_user {
+                // Not empty (at least one connection is staying or leaving), so no empty
+                // entry is left behind.
+                return Err(UserAtCapacity {
+                    held: entry.conns.len(),
+                });
+            }
+        }
         let mut superseded = Vec::new();
         if handle.device.is_some() {
             for c in &entry.conns {
@@ -853,10 +892,12 @@ impl Hub {
             }
         }
         entry.conns.push(handle);
-        superseded
+        Ok(superseded)
     }
 
-    /// Removes a connection. The user's entry goes with its last connection.
+    /// Removes a connection. The user's entry goes with its last connection. A linear walk
+    /// of the user's connections under the shard lock, like [`Hub::deliver`]'s: cheap because
+    /// [`Hub::register`] keeps a user below `2 × max_connections_per_user` (32 by default).
     pub fn unregister(&self, handle: &ConnHandle) {
         let mut shard = self.shard(&handle.user);
         if let Some(entry) = shard.get_mut(&handle.user) {
@@ -1002,7 +1043,7 @@ mod tests {
             Policy::default().new_clock(0, 0.5),
             0,
         ));
-        hub.register(h.clone());
+        hub.register(h.clone(), 0).unwrap();
         h
     }
 
@@ -1317,6 +1358,52 @@ mod tests {
         queue(&hub, "u", "11", 11, ROOMY).await;
         queue(&hub, "u", "13", 13, ROOMY).await;
         assert!(matches!(c.next_outbound(), Next::Frame(o) if o.id == 13));
+    }
+
+    fn conn_capped(
+        hub: &Hub,
+        user: &str,
+        device: Option<&str>,
+        max: usize,
+    ) -> Result<Arc<ConnHandle>, UserAtCapacity> {
+        let h = Arc::new(ConnHandle::new(
+            hub.next_conn_id(),
+            user.into(),
+            device.map(Into::into),
+            Transport::Ws,
+            "127.0.0.1:1".parse().unwrap(),
+            Policy::default().new_clock(0, 0.5),
+            0,
+        ));
+        hub.register(h.clone(), max).map(|_| h)
+    }
+
+    #[test]
+    fn per_user_cap_refuses_the_newest_but_lets_replacements_in() {
+        let hub = Hub::new();
+        let a = conn_capped(&hub, "u", Some("phone"), 2).unwrap();
+        let b = conn_capped(&hub, "u", None, 2).unwrap();
+        assert_eq!(
+            conn_capped(&hub, "u", None, 2).unwrap_err(),
+            UserAtCapacity { held: 2 }
+        );
+        assert!(conn_capped(&hub, "other", None, 2).is_ok());
+        // The same device reconnecting replaces its old connection, even at the cap.
+        let a2 = conn_capped(&hub, "u", Some("phone"), 2).unwrap();
+        assert!(a.state().superseded);
+        // A connection asked to reconnect (rotation) leaves room for its replacement.
+        b.state().clock.asked_at = Some(1);
+        let b2 = conn_capped(&hub, "u", None, 2).unwrap();
+        // Leaving connections count towards the hard bound of twice the cap.
+        assert_eq!(hub.connections("u").len(), 4);
+        a2.state().clock.asked_at = Some(1);
+        assert!(conn_capped(&hub, "u", Some("tablet"), 2).is_err());
+        hub.unregister(&a);
+        hub.unregister(&b);
+        let c = conn_capped(&hub, "u", None, 2).unwrap();
+        assert_eq!(hub.connections("u").len(), 3);
+        assert!(conn_capped(&hub, "u", None, 2).is_err(), "b2 and c stay");
+        drop((b2, c));
     }
 
     #[test]

@@ -42,7 +42,9 @@ fn configure(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
-/// Accepts client connections until the task is aborted.
+/// Accepts client connections until the task is aborted. Each connection's task checks
+/// its source (connect rate, handshakes in progress) first, before it reads a byte
+/// (`connection::handshake`), so a refused source holds no shared handshake slot.
 pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {

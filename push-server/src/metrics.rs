@@ -13,7 +13,10 @@ pub const CONNECTIONS_OPEN: &str = "push_connections_open";
 pub const CONNECTIONS_CAPACITY: &str = "push_connections_capacity";
 /// Gauge: 1 while the node drains.
 pub const DRAINING: &str = "push_draining";
-/// Counter, label `result`: connection attempts by outcome.
+/// Counter, label `result`: connection attempts by outcome: `ok`, `closed_early`, and each
+/// refusal's code. The admission limits (docs/security.md) add `rate_limited` (connect rate
+/// per source), `pending_ip_limit` (`--max-pending-per-ip`), `first_byte_timeout`,
+/// `ip_limit` (`--max-connections-per-ip`) and `user_limit` (`--max-connections-per-user`).
 pub const CONNECTS: &str = "push_connects_total";
 /// Counter, label `reason`: closed connections by reason.
 pub const DISCONNECTS: &str = "push_disconnects_total";

@@ -23,7 +23,7 @@ use crate::lifecycle::{Action, Millis};
 use crate::metrics as m;
 use crate::protocol::message::{ReconnectReason, ServerMessage};
 use crate::protocol::{sse, ws};
-use crate::ratelimit::RateLimiter;
+use crate::ratelimit::{PerSource, RateLimiter};
 use crate::{admin, listener};
 
 /// The `--registry` value for a node that registers nowhere: pushes reach it only through its
@@ -84,6 +84,10 @@ pub struct Shared {
     /// `u64::MAX` while not draining, else the drain's start in [`Millis`].
     drain_started: AtomicU64,
     pub(crate) rate_limiter: Mutex<RateLimiter>,
+    /// Handshakes in progress per source (`--max-pending-per-ip`).
+    pub(crate) pending_per_ip: Mutex<PerSource>,
+    /// Open connections (and reservations) per source (`--max-connections-per-ip`).
+    pub(crate) conns_per_ip: Mutex<PerSource>,
     /// Connections in their handshake now.
     pub pending_handshakes: AtomicUsize,
     pub(crate) prometheus: PrometheusHandle,
@@ -130,6 +134,8 @@ impl Shared {
                 config.per_ip_burst,
                 RATE_LIMIT_MAX_IPS,
             )),
+            pending_per_ip: Mutex::new(PerSource::new(config.max_pending_per_ip)),
+            conns_per_ip: Mutex::new(PerSource::new(config.max_connections_per_ip)),
             reconnect_frames: [
                 frames(ReconnectReason::Rotate),
                 frames(ReconnectReason::Drain),
@@ -170,6 +176,15 @@ impl Shared {
             u64::MAX => None,
             t => Some(t),
         }
+    }
+
+    /// Gives back a connection's place: its transport's reservation and its source's count.
+    pub(crate) fn release_slot(&self, transport: Transport, ip: std::net::IpAddr) {
+        self.hub.release(transport);
+        self.conns_per_ip
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(ip);
     }
 
     /// Whether the node is at capacity.
