@@ -43,12 +43,18 @@ fn main() -> anyhow::Result<()> {
             let landed = start + Duration::minutes(70);
             std::fs::write(
                 dir.join("_SUCCESS"),
-                format!(r#"{{"type":"d{i}","hour":"{}","completed_at":"{}","accepted":1,"staged":1,"unique":1,"duplicates":0,"late":0}}"#,
-                    start.format("%Y-%m-%dT%H"), landed.to_rfc3339()),
+                format!(
+                    r#"{{"type":"d{i}","hour":"{}","completed_at":"{}","accepted":1,"staged":1,"unique":1,"duplicates":0,"late":0}}"#,
+                    start.format("%Y-%m-%dT%H"),
+                    landed.to_rfc3339()
+                ),
             )?;
         }
     }
     std::fs::write(out.join("bench.yaml"), yaml)?;
-    println!("wrote {datasets} datasets × {hours} hours under {}", root.display());
+    println!(
+        "wrote {datasets} datasets × {hours} hours under {}",
+        root.display()
+    );
     Ok(())
 }

@@ -96,7 +96,13 @@ impl Notice {
         deadline: DateTime<Utc>,
         landed: Option<DateTime<Utc>>,
     ) -> Vec<Notice> {
-        let Some(url) = dataset.owner.webhook.as_deref().or(fallback).map(str::to_string) else {
+        let Some(url) = dataset
+            .owner
+            .webhook
+            .as_deref()
+            .or(fallback)
+            .map(str::to_string)
+        else {
             return Vec::new();
         };
         let lateness = status.lateness_seconds();
@@ -107,7 +113,11 @@ impl Notice {
             status: status.to_string(),
             lateness_seconds: lateness,
             starts_at: deadline,
-            ends_at: if state == AlertState::Resolved { landed } else { None },
+            ends_at: if state == AlertState::Resolved {
+                landed
+            } else {
+                None
+            },
             team: dataset.owner.team.clone(),
             url: url.clone(),
         };
@@ -207,11 +217,26 @@ mod tests {
         assert_eq!(transition(None, &Status::Pending), Transition::None);
         assert_eq!(transition(None, &Status::OnTime), Transition::None);
         assert_eq!(transition(None, &missing), Transition::Fire);
-        assert_eq!(transition(Some(AlertState::Firing), &missing), Transition::None);
-        assert_eq!(transition(Some(AlertState::Firing), &late), Transition::Resolve);
-        assert_eq!(transition(Some(AlertState::Firing), &Status::OnTime), Transition::Resolve);
-        assert_eq!(transition(Some(AlertState::Resolved), &late), Transition::None);
-        assert_eq!(transition(Some(AlertState::Resolved), &missing), Transition::None);
+        assert_eq!(
+            transition(Some(AlertState::Firing), &missing),
+            Transition::None
+        );
+        assert_eq!(
+            transition(Some(AlertState::Firing), &late),
+            Transition::Resolve
+        );
+        assert_eq!(
+            transition(Some(AlertState::Firing), &Status::OnTime),
+            Transition::Resolve
+        );
+        assert_eq!(
+            transition(Some(AlertState::Resolved), &late),
+            Transition::None
+        );
+        assert_eq!(
+            transition(Some(AlertState::Resolved), &missing),
+            Transition::None
+        );
         assert_eq!(transition(None, &late), Transition::FireAndResolve);
     }
 

@@ -210,7 +210,10 @@ impl Checker {
                     landed,
                     checked_at: now,
                 };
-                if seen.get(&key).is_none_or(|s| s.status != status || s.landed != landed) {
+                if seen
+                    .get(&key)
+                    .is_none_or(|s| s.status != status || s.landed != landed)
+                {
                     changed.push((key.clone(), new));
                 }
                 next_seen.insert(key.clone(), new);
@@ -225,7 +228,12 @@ impl Checker {
                     notices.extend(Notice::for_transition(
                         t,
                         self.fallback_webhook.as_deref(),
-                        d, &key.1, &status, deadline, landed));
+                        d,
+                        &key.1,
+                        &status,
+                        deadline,
+                        landed,
+                    ));
                 }
                 snapshot
                     .rows
@@ -246,7 +254,8 @@ impl Checker {
             *seen = next_seen;
         }
         let queued = if self.alerts_enabled {
-            self.state.save_partitions(changed.iter().map(|(k, s)| (k, s)))?;
+            self.state
+                .save_partitions(changed.iter().map(|(k, s)| (k, s)))?;
             self.state.record_alerts(&transitions, &notices, now)?;
             let mut fired = self.fired.lock().expect("lock poisoned");
             for (k, s, _) in transitions {

@@ -116,8 +116,18 @@ mod tests {
         let sla = Duration::hours(2);
         let cases: &[(&str, Option<&str>, &str, Status)] = &[
             // (case, landed, now, expected)
-            ("not landed, period running", None, "2026-11-29T14:30:00Z", Status::Pending),
-            ("not landed, exactly at the deadline", None, "2026-11-29T17:00:00Z", Status::Pending),
+            (
+                "not landed, period running",
+                None,
+                "2026-11-29T14:30:00Z",
+                Status::Pending,
+            ),
+            (
+                "not landed, exactly at the deadline",
+                None,
+                "2026-11-29T17:00:00Z",
+                Status::Pending,
+            ),
             (
                 "not landed, one second past the deadline",
                 None,
@@ -128,10 +138,22 @@ mod tests {
                 "not landed, a day later",
                 None,
                 "2026-11-30T17:00:00Z",
-                Status::Missing { overdue_seconds: 86_400 },
+                Status::Missing {
+                    overdue_seconds: 86_400,
+                },
             ),
-            ("landed before the period ended", Some("2026-11-29T14:59:00Z"), "2026-11-29T15:00:00Z", Status::OnTime),
-            ("landed exactly at the deadline", Some("2026-11-29T17:00:00Z"), "2026-11-29T18:00:00Z", Status::OnTime),
+            (
+                "landed before the period ended",
+                Some("2026-11-29T14:59:00Z"),
+                "2026-11-29T15:00:00Z",
+                Status::OnTime,
+            ),
+            (
+                "landed exactly at the deadline",
+                Some("2026-11-29T17:00:00Z"),
+                "2026-11-29T18:00:00Z",
+                Status::OnTime,
+            ),
             (
                 "landed 90 s after the deadline",
                 Some("2026-11-29T17:01:30Z"),
@@ -158,11 +180,18 @@ mod tests {
         let p = p14();
         assert_eq!(
             classify(&p, sla, None, t("2026-11-29T16:00:00Z")),
-            Status::Missing { overdue_seconds: 1800 }
+            Status::Missing {
+                overdue_seconds: 1800
+            }
         );
         // The marker is written at 16:10; the next pass sees it.
         assert_eq!(
-            classify(&p, sla, Some(t("2026-11-29T16:10:00Z")), t("2026-11-29T16:15:00Z")),
+            classify(
+                &p,
+                sla,
+                Some(t("2026-11-29T16:10:00Z")),
+                t("2026-11-29T16:15:00Z")
+            ),
             Status::Late { by_seconds: 2400 }
         );
     }
@@ -183,7 +212,10 @@ mod tests {
         let json = br#"{"type":"receipt","hour":"2026-11-29T14","completed_at":"2026-11-29T15:04:05+01:00","accepted":3}"#;
         assert_eq!(marker_landed(json, mtime), t("2026-11-29T14:04:05Z"));
         assert_eq!(marker_landed(b"", mtime), mtime);
-        assert_eq!(marker_landed(br#"{"completed_at":"yesterday"}"#, mtime), mtime);
+        assert_eq!(
+            marker_landed(br#"{"completed_at":"yesterday"}"#, mtime),
+            mtime
+        );
         assert_eq!(marker_landed(br#"{"hour":"x"}"#, mtime), mtime);
     }
 }

@@ -151,12 +151,7 @@ impl DeclSet {
             let mut files: Vec<PathBuf> = std::fs::read_dir(path)
                 .map_err(io)?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    matches!(
-                        p.extension().and_then(|e| e.to_str()),
-                        Some("yaml" | "yml")
-                    )
-                })
+                .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
                 .collect();
             files.sort();
             if files.is_empty() {
@@ -265,7 +260,10 @@ fn is_name(s: &str) -> bool {
 /// Validates one dataset; the error is (field, message).
 fn validate(raw: RawDataset, root: &str) -> Result<Dataset, (&'static str, String)> {
     if !is_name(&raw.id) {
-        return Err(("id", "must be non-empty letters, digits, '.', '_' or '-'".into()));
+        return Err((
+            "id",
+            "must be non-empty letters, digits, '.', '_' or '-'".into(),
+        ));
     }
     if !is_name(&raw.owner.team) {
         return Err((
@@ -279,7 +277,12 @@ fn validate(raw: RawDataset, root: &str) -> Result<Dataset, (&'static str, Strin
     if let Some(hook) = &raw.owner.webhook {
         match url::Url::parse(hook) {
             Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-            Ok(u) => return Err(("owner.webhook", format!("scheme {:?} is not http or https", u.scheme()))),
+            Ok(u) => {
+                return Err((
+                    "owner.webhook",
+                    format!("scheme {:?} is not http or https", u.scheme()),
+                ))
+            }
             Err(e) => return Err(("owner.webhook", format!("{hook:?} is not a URL: {e}"))),
         }
     }
@@ -289,23 +292,37 @@ fn validate(raw: RawDataset, root: &str) -> Result<Dataset, (&'static str, Strin
     }
     match raw.partitioning {
         Partitioning::Hourly if !location.contains("{hour}") => {
-            return Err(("location", "an hourly dataset's template must contain {hour}".into()))
+            return Err((
+                "location",
+                "an hourly dataset's template must contain {hour}".into(),
+            ))
         }
         Partitioning::Daily if location.contains("{hour}") => {
-            return Err(("location", "a daily dataset's template cannot contain {hour}".into()))
+            return Err((
+                "location",
+                "a daily dataset's template cannot contain {hour}".into(),
+            ))
         }
         _ => {}
     }
-    let sample = location.replace("{date}", "2026-01-01").replace("{hour}", "00");
+    let sample = location
+        .replace("{date}", "2026-01-01")
+        .replace("{hour}", "00");
     crate::store::parse_location(&sample).map_err(|e| ("location", e.to_string()))?;
     if raw.marker.is_empty() || raw.marker.contains('/') {
-        return Err(("marker", "must be a non-empty object name without '/'".into()));
+        return Err((
+            "marker",
+            "must be a non-empty object name without '/'".into(),
+        ));
     }
     let sla = parse_iso_duration(&raw.sla).map_err(|m| ("sla", m))?;
     if let Some(p) = &raw.producer {
         let parts: Vec<&str> = p.split('/').collect();
         if parts.len() != 2 || parts.iter().any(|s| s.is_empty()) {
-            return Err(("producer", format!("{p:?} is not a Styx workflow id `component/workflow`")));
+            return Err((
+                "producer",
+                format!("{p:?} is not a Styx workflow id `component/workflow`"),
+            ));
         }
     }
     Ok(Dataset {
@@ -325,8 +342,11 @@ fn validate(raw: RawDataset, root: &str) -> Result<Dataset, (&'static str, Strin
 /// Parses an ISO-8601 duration of fixed length: `PnW`, `PnDTnHnMnS` (any part may be left
 /// out). Years and months are refused: their length depends on the calendar, a deadline must not.
 pub fn parse_iso_duration(s: &str) -> Result<Duration, String> {
-    let bad = |why: &str| format!("{s:?} is not an ISO-8601 duration like PT2H, PT90M or P1DT6H: {why}");
-    let rest = s.strip_prefix('P').ok_or_else(|| bad("it must start with P"))?;
+    let bad =
+        |why: &str| format!("{s:?} is not an ISO-8601 duration like PT2H, PT90M or P1DT6H: {why}");
+    let rest = s
+        .strip_prefix('P')
+        .ok_or_else(|| bad("it must start with P"))?;
     if rest.is_empty() {
         return Err(bad("no amount"));
     }
@@ -379,7 +399,10 @@ fn find_line(text: &str, id: &str, field: &str) -> usize {
     let key = |line: &str| -> Option<(String, String)> {
         let l = line.trim_start().trim_start_matches("- ").trim_start();
         let (k, v) = l.split_once(':')?;
-        Some((k.trim().to_string(), v.trim().trim_matches(['"', '\'']).to_string()))
+        Some((
+            k.trim().to_string(),
+            v.trim().trim_matches(['"', '\'']).to_string(),
+        ))
     };
     let lines: Vec<&str> = text.lines().collect();
     let Some(start) = lines
@@ -389,7 +412,10 @@ fn find_line(text: &str, id: &str, field: &str) -> usize {
         return 0;
     };
     for (i, line) in lines.iter().enumerate().skip(start) {
-        if i > start && key(line).is_some_and(|(k, _)| k == "id") && line.trim_start().starts_with("- ") {
+        if i > start
+            && key(line).is_some_and(|(k, _)| k == "id")
+            && line.trim_start().starts_with("- ")
+        {
             break;
         }
         if key(line).is_some_and(|(k, _)| k == leaf) {
@@ -485,17 +511,29 @@ datasets:
     #[test]
     fn errors_name_file_line_dataset_and_field() {
         let e = err(&GOOD.replace("sla: PT2H", "sla: 2 hours"));
-        assert!(e.starts_with("decl/test.yaml:9: dataset \"gabo.receipt\": field `sla`"), "{e}");
+        assert!(
+            e.starts_with("decl/test.yaml:8: dataset \"gabo.receipt\": field `sla`"),
+            "{e}"
+        );
 
         let e = err(&GOOD.replace("http://127.0.0.1:1/hook", "ftp://x/"));
-        assert!(e.starts_with("decl/test.yaml:5: dataset \"gabo.receipt\": field `owner.webhook`"), "{e}");
+        assert!(
+            e.starts_with("decl/test.yaml:5: dataset \"gabo.receipt\": field `owner.webhook`"),
+            "{e}"
+        );
 
         let e = err(&GOOD.replace("[gabo.receipt]", "[nope]"));
-        assert!(e.starts_with("decl/test.yaml:18: dataset \"daily.report\": field `upstream`"), "{e}");
+        assert!(
+            e.starts_with("decl/test.yaml:18: dataset \"daily.report\": field `upstream`"),
+            "{e}"
+        );
         assert!(e.contains("\"nope\" names no declared dataset"), "{e}");
 
         let e = err(&GOOD.replace("/data/report/{date}/", "/data/report/{date}/{hour}/"));
-        assert!(e.contains("dataset \"daily.report\": field `location`"), "{e}");
+        assert!(
+            e.contains("dataset \"daily.report\": field `location`"),
+            "{e}"
+        );
 
         let e = err(&GOOD.replace("producer: gabo/dedup-receipt", "producer: gabo"));
         assert!(e.contains("field `producer`"), "{e}");
@@ -507,7 +545,7 @@ datasets:
     #[test]
     fn syntax_errors_name_file_line_and_field() {
         let e = err(&GOOD.replace("partitioning: daily", "partitioning: weekly"));
-        assert!(e.starts_with("decl/test.yaml:16:"), "{e}");
+        assert!(e.starts_with("decl/test.yaml:15:"), "{e}");
         assert!(e.contains("partitioning"), "{e}");
 
         let e = err(&GOOD.replace("marker: DONE", "markr: DONE"));
@@ -519,10 +557,19 @@ datasets:
 
     #[test]
     fn iso_durations() {
-        for (s, secs) in [("PT2H", 7200), ("PT90M", 5400), ("P1D", 86400), ("P1W", 604_800), ("PT1H30M15S", 5415), ("P1DT1S", 86401)] {
+        for (s, secs) in [
+            ("PT2H", 7200),
+            ("PT90M", 5400),
+            ("P1D", 86400),
+            ("P1W", 604_800),
+            ("PT1H30M15S", 5415),
+            ("P1DT1S", 86401),
+        ] {
             assert_eq!(parse_iso_duration(s).unwrap().num_seconds(), secs, "{s}");
         }
-        for s in ["", "P", "PT", "2H", "PT2", "P1M", "P1Y", "PTH", "PT1M1H", "P1H"] {
+        for s in [
+            "", "P", "PT", "2H", "PT2", "P1M", "P1Y", "PTH", "PT1M1H", "P1H",
+        ] {
             assert!(parse_iso_duration(s).is_err(), "{s:?}");
         }
     }
@@ -538,13 +585,22 @@ datasets:
 
         std::fs::write(&file, GOOD.replace("sla: PT2H", "sla: soon")).unwrap();
         let e = decls.reload().unwrap_err().to_string();
-        assert!(e.contains("a.yaml:9: dataset \"gabo.receipt\": field `sla`"), "{e}");
+        assert!(
+            e.contains("a.yaml:8: dataset \"gabo.receipt\": field `sla`"),
+            "{e}"
+        );
         assert_eq!(decls.current().datasets.len(), 2, "previous set stays live");
-        assert_eq!(decls.current().datasets["gabo.receipt"].sla, Duration::hours(2));
+        assert_eq!(
+            decls.current().datasets["gabo.receipt"].sla,
+            Duration::hours(2)
+        );
 
         std::fs::write(&file, GOOD.replace("sla: PT2H", "sla: PT3H")).unwrap();
         decls.reload().unwrap();
-        assert_eq!(decls.current().datasets["gabo.receipt"].sla, Duration::hours(3));
+        assert_eq!(
+            decls.current().datasets["gabo.receipt"].sla,
+            Duration::hours(3)
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::classify::{self, Status};
-use crate::decl::{DeclSet, Dataset};
+use crate::decl::{Dataset, DeclSet};
 use crate::http::HttpClient;
 use crate::partition::{Partition, Partitioning};
 use crate::store::Stores;
@@ -158,7 +158,10 @@ impl Explanation {
                 deadline.to_rfc3339()
             ),
         }];
-        let bad: Vec<&Upstream> = upstream.iter().filter(|u| u.status.is_bad() || u.status == Status::Pending).collect();
+        let bad: Vec<&Upstream> = upstream
+            .iter()
+            .filter(|u| u.status.is_bad() || u.status == Status::Pending)
+            .collect();
         if dataset.upstream.is_empty() {
             lines.push("It has no declared upstream datasets.".to_string());
         } else if bad.is_empty() {
@@ -171,11 +174,15 @@ impl Explanation {
                 lines.push(match u.status {
                     Status::Late { by_seconds } => format!(
                         "Upstream {} {} landed late itself, by {}.",
-                        u.dataset, u.partition, human(by_seconds)
+                        u.dataset,
+                        u.partition,
+                        human(by_seconds)
                     ),
                     Status::Missing { overdue_seconds } => format!(
                         "Upstream {} {} is missing itself, {} past its deadline.",
-                        u.dataset, u.partition, human(overdue_seconds)
+                        u.dataset,
+                        u.partition,
+                        human(overdue_seconds)
                     ),
                     _ => format!("Upstream {} {} has not landed yet.", u.dataset, u.partition),
                 });
@@ -343,7 +350,9 @@ pub async fn explain(
     let (status, landed) = status_of(stores, d, &p, now).await;
     let mut upstream = Vec::new();
     for id in &d.upstream {
-        let Some(u) = set.datasets.get(id) else { continue };
+        let Some(u) = set.datasets.get(id) else {
+            continue;
+        };
         for up in upstream_partitions(&p, u.partitioning) {
             let (s, _) = status_of(stores, u, &up, now).await;
             upstream.push(Upstream {
@@ -354,7 +363,9 @@ pub async fn explain(
         }
     }
     let producer = ask_styx(client, styx, d.producer.as_deref(), partition).await;
-    Ok(Explanation::build(d, &p, status, landed, upstream, producer))
+    Ok(Explanation::build(
+        d, &p, status, landed, upstream, producer,
+    ))
 }
 
 #[cfg(test)]
@@ -396,7 +407,9 @@ mod tests {
         let e = Explanation::build(
             &dataset(),
             &p,
-            Status::Missing { overdue_seconds: 5400 },
+            Status::Missing {
+                overdue_seconds: 5400,
+            },
             None,
             vec![Upstream {
                 dataset: "gabo.receipt".into(),
@@ -415,10 +428,27 @@ mod tests {
                 ],
             },
         );
-        assert!(e.lines[0].contains("is missing: no _SUCCESS marker, 1h30m past its deadline 2026-11-29T16:00:00+00:00"), "{:?}", e.lines);
-        assert_eq!(e.lines[1], "Upstream gabo.receipt 2026-11-29T14 landed late itself, by 10m00s.");
-        assert!(e.lines[2].contains("is QUEUED after its last event `retryAfter`"), "{}", e.lines[2]);
-        assert!(e.lines[2].contains("last exit code 3; last error: input bucket empty"), "{}", e.lines[2]);
+        assert!(
+            e.lines[0].contains(
+                "is missing: no _SUCCESS marker, 1h30m past its deadline 2026-11-29T16:00:00+00:00"
+            ),
+            "{:?}",
+            e.lines
+        );
+        assert_eq!(
+            e.lines[1],
+            "Upstream gabo.receipt 2026-11-29T14 landed late itself, by 10m00s."
+        );
+        assert!(
+            e.lines[2].contains("is QUEUED after its last event `retryAfter`"),
+            "{}",
+            e.lines[2]
+        );
+        assert!(
+            e.lines[2].contains("last exit code 3; last error: input bucket empty"),
+            "{}",
+            e.lines[2]
+        );
     }
 
     #[test]
@@ -430,9 +460,15 @@ mod tests {
             Status::Pending,
             None,
             vec![],
-            Producer::NotConfigured { workflow: "styx/report-delivered".into() },
+            Producer::NotConfigured {
+                workflow: "styx/report-delivered".into(),
+            },
         );
-        assert!(e.lines[2].starts_with("Styx is not configured"), "{:?}", e.lines);
+        assert!(
+            e.lines[2].starts_with("Styx is not configured"),
+            "{:?}",
+            e.lines
+        );
     }
 
     #[test]
@@ -442,6 +478,9 @@ mod tests {
         assert_eq!(ups.len(), 24);
         assert_eq!(ups[23].name(), "2026-11-29T23");
         let h = Partitioning::Hourly.parse("2026-11-29T14").unwrap();
-        assert_eq!(upstream_partitions(&h, Partitioning::Daily)[0].name(), "2026-11-29");
+        assert_eq!(
+            upstream_partitions(&h, Partitioning::Daily)[0].name(),
+            "2026-11-29"
+        );
     }
 }

@@ -16,16 +16,29 @@ use datamon::state::State;
 use datamon::store::Stores;
 
 #[derive(Parser, Debug)]
-#[command(name = "datamon", about = "Early warning for late and missing data, with clear owners")]
+#[command(
+    name = "datamon",
+    about = "Early warning for late and missing data, with clear owners"
+)]
 struct Cli {
     /// Declaration file, or directory of *.yaml files.
-    #[arg(long, env = "DATAMON_DECLARATIONS", default_value = "data-tools/datamon/declarations", global = true)]
+    #[arg(
+        long,
+        env = "DATAMON_DECLARATIONS",
+        default_value = "data-tools/datamon/declarations",
+        global = true
+    )]
     declarations: PathBuf,
     /// Fills `{root}` in location templates (the data tools' shared output directory).
     #[arg(long, env = "DATAMON_ROOT", default_value = "data", global = true)]
     root: PathBuf,
     /// SQLite state file (partitions seen, alerts fired, notification queue).
-    #[arg(long, env = "DATAMON_STATE", default_value = "datamon.sqlite", global = true)]
+    #[arg(
+        long,
+        env = "DATAMON_STATE",
+        default_value = "datamon.sqlite",
+        global = true
+    )]
     state: PathBuf,
     /// Partitions looked back per dataset.
     #[arg(long, default_value_t = DEFAULT_WINDOW, global = true)]
@@ -34,7 +47,12 @@ struct Cli {
     #[arg(long, env = "DATAMON_STYX", global = true)]
     styx: Option<String>,
     /// This datamon's base URL, for links in alerts.
-    #[arg(long, env = "DATAMON_BASE_URL", default_value = "http://127.0.0.1:9464", global = true)]
+    #[arg(
+        long,
+        env = "DATAMON_BASE_URL",
+        default_value = "http://127.0.0.1:9464",
+        global = true
+    )]
     base_url: String,
     /// Webhook for owners that declare none (Alertmanager webhook JSON, or an Alertmanager's
     /// /api/v2/alerts).
@@ -77,7 +95,9 @@ enum Cmd {
 
 fn humantime_like(s: &str) -> Result<Duration, String> {
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n.parse().map_err(|_| format!("{s:?}: expected e.g. 500ms, 30s, 5m"))?;
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 500ms, 30s, 5m"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
@@ -142,7 +162,14 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             );
             for row in snap.rows.values() {
                 for c in row.cells.iter().filter(|c| c.status.is_bad()) {
-                    println!("{} {} {} {}s ({})", c.status.name(), row.dataset, c.partition, c.status.lateness_seconds(), row.team);
+                    println!(
+                        "{} {} {} {}s ({})",
+                        c.status.name(),
+                        row.dataset,
+                        c.partition,
+                        c.status.lateness_seconds(),
+                        row.team
+                    );
                 }
             }
             Ok(if snap.any_bad() {
@@ -162,7 +189,13 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 now(&cli),
             )
             .await?;
-            println!("{} {} ({}), owner {}", e.dataset, e.partition, e.status.name(), e.owner);
+            println!(
+                "{} {} ({}), owner {}",
+                e.dataset,
+                e.partition,
+                e.status.name(),
+                e.owner
+            );
             for l in &e.lines {
                 println!("- {l}");
             }
@@ -171,13 +204,26 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Cmd::Serve { listen, interval } => {
             let state = Arc::new(State::open(&cli.state)?);
             let checker = Arc::new(
-                Checker::new(decls.clone(), Stores::default(), state.clone(), cli.window, true)?
-                    .with_fallback_webhook(cli.webhook.clone()),
+                Checker::new(
+                    decls.clone(),
+                    Stores::default(),
+                    state.clone(),
+                    cli.window,
+                    true,
+                )?
+                .with_fallback_webhook(cli.webhook.clone()),
             );
-            let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
             let addr = listener.local_addr()?;
             let poke = Arc::new(tokio::sync::Notify::new());
-            tokio::spawn(datamon::deliver::run(state.clone(), client.clone(), cli.base_url.clone(), poke.clone()));
+            tokio::spawn(datamon::deliver::run(
+                state.clone(),
+                client.clone(),
+                cli.base_url.clone(),
+                poke.clone(),
+            ));
             // The first pass runs before the address is printed, so whoever waits for the
             // line finds a populated grid.
             let pass = |checker: Arc<Checker>| {
@@ -200,7 +246,12 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 }
             };
             pass(checker.clone()).await;
-            let app = Arc::new(datamon::web::App { checker: checker.clone(), client, styx: cli.styx.clone(), metrics });
+            let app = Arc::new(datamon::web::App {
+                checker: checker.clone(),
+                client,
+                styx: cli.styx.clone(),
+                metrics,
+            });
             println!("datamon serving on http://{addr}");
             std::io::stdout().flush().ok();
             tokio::spawn(datamon::web::serve(listener, app));
@@ -219,8 +270,15 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
 }
 
 fn print_table(s: &Snapshot, owner: Option<&str>) {
-    println!("{:<36} {:<16} {:>7} {:>5} {:>7} {:>7}  last partition", "DATASET", "OWNER", "ON_TIME", "LATE", "MISSING", "PENDING");
-    for row in s.rows.values().filter(|r| owner.is_none_or(|o| r.team == o)) {
+    println!(
+        "{:<36} {:<16} {:>7} {:>5} {:>7} {:>7}  last partition",
+        "DATASET", "OWNER", "ON_TIME", "LATE", "MISSING", "PENDING"
+    );
+    for row in s
+        .rows
+        .values()
+        .filter(|r| owner.is_none_or(|o| r.team == o))
+    {
         let n = |name: &str| row.cells.iter().filter(|c| c.status.name() == name).count();
         let last = row
             .cells
@@ -229,6 +287,14 @@ fn print_table(s: &Snapshot, owner: Option<&str>) {
             .find(|c| c.status.name() != "pending")
             .map(|c| format!("{} {}", c.partition, c.status.name()))
             .unwrap_or_default();
-        println!("{:<36} {:<16} {:>7} {:>5} {:>7} {:>7}  {last}", row.dataset, row.team, n("on_time"), n("late"), n("missing"), n("pending"));
+        println!(
+            "{:<36} {:<16} {:>7} {:>5} {:>7} {:>7}  {last}",
+            row.dataset,
+            row.team,
+            n("on_time"),
+            n("late"),
+            n("missing"),
+            n("pending")
+        );
     }
 }

@@ -37,7 +37,11 @@ pub fn record_pass(s: &Snapshot) {
     metrics::counter!(PASSES).increment(1);
     for row in s.rows.values() {
         for status in ["on_time", "late", "missing", "pending"] {
-            let n = row.cells.iter().filter(|c| c.status.name() == status).count();
+            let n = row
+                .cells
+                .iter()
+                .filter(|c| c.status.name() == status)
+                .count();
             metrics::gauge!(PARTITIONS, "dataset" => row.dataset.clone(), "status" => status)
                 .set(n as f64);
         }

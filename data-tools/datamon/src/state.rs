@@ -288,33 +288,4 @@ impl State {
         )?;
         Ok(())
     }
-
-    /// Alert history of one partition: (state, status, fired_at, resolved_at).
-    pub fn alert_of(
-        &self,
-        dataset: &str,
-        partition: &str,
-    ) -> Result<Option<(String, DateTime<Utc>, Option<DateTime<Utc>>)>, StateError> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT state, fired_at, resolved_at FROM alerts WHERE dataset = ?1 AND partition = ?2",
-                params![dataset, partition],
-                |r| {
-                    let fired: String = r.get(1)?;
-                    let resolved: Option<String> = r.get(2)?;
-                    Ok((r.get(0)?, parse_ts(&fired), resolved.as_deref().map(parse_ts)))
-                },
-            )
-            .optional()?)
-    }
-
-    /// Delivered and undelivered notification counts.
-    pub fn delivery_counts(&self) -> Result<(i64, i64), StateError> {
-        Ok(self.conn().query_row(
-            "SELECT COUNT(delivered_at), COUNT(*) - COUNT(delivered_at) FROM deliveries",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?)
-    }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::ObjectStoreExt;
 
 /// Markers bigger than this are not parsed: a marker is a small JSON object or empty, and a
 /// stray big file must not be read whole for each check. The last-modified time is used.
@@ -72,7 +72,7 @@ impl Stores {
         marker: &str,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
         let dir = parse_location(location)?;
-        let path = dir.child(marker);
+        let path = dir.clone().join(marker);
         let read = |source| StoreError::Read {
             path: path.to_string(),
             source,
@@ -98,7 +98,9 @@ mod tests {
     #[test]
     fn locations() {
         assert_eq!(
-            parse_location("file:///srv/gabo/r/2026-11-29/14/").unwrap().as_ref(),
+            parse_location("file:///srv/gabo/r/2026-11-29/14/")
+                .unwrap()
+                .as_ref(),
             "srv/gabo/r/2026-11-29/14"
         );
         assert_eq!(parse_location("/srv/x/").unwrap().as_ref(), "srv/x");
@@ -114,9 +116,18 @@ mod tests {
         let stores = Stores::default();
         assert_eq!(stores.landed(&loc, "_SUCCESS").await.unwrap(), None);
 
-        std::fs::write(dir.join("_SUCCESS"), r#"{"completed_at":"2026-11-29T15:02:00Z"}"#).unwrap();
+        std::fs::write(
+            dir.join("_SUCCESS"),
+            r#"{"completed_at":"2026-11-29T15:02:00Z"}"#,
+        )
+        .unwrap();
         assert_eq!(
-            stores.landed(&loc, "_SUCCESS").await.unwrap().unwrap().to_rfc3339(),
+            stores
+                .landed(&loc, "_SUCCESS")
+                .await
+                .unwrap()
+                .unwrap()
+                .to_rfc3339(),
             "2026-11-29T15:02:00+00:00"
         );
 

@@ -62,7 +62,11 @@ fn json(code: StatusCode, v: &impl serde::Serialize) -> Resp {
 }
 
 fn not_found(what: &str) -> Resp {
-    respond(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", format!("not found: {what}\n"))
+    respond(
+        StatusCode::NOT_FOUND,
+        "text/plain; charset=utf-8",
+        format!("not found: {what}\n"),
+    )
 }
 
 /// Escapes text for HTML.
@@ -93,16 +97,29 @@ pub async fn handle(app: Arc<App>, req: Request<hyper::body::Incoming>) -> Resp 
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let snapshot = app.checker.latest();
     match segs.as_slice() {
-        [] => html(StatusCode::OK, grid_page(&app, &snapshot, query_owner(&req).as_deref())),
+        [] => html(
+            StatusCode::OK,
+            grid_page(&app, &snapshot, query_owner(&req).as_deref()),
+        ),
         ["owner", team] => {
-            if !app.checker.declarations().current().teams().iter().any(|t| t == *team) {
+            if !app
+                .checker
+                .declarations()
+                .current()
+                .teams()
+                .iter()
+                .any(|t| t == *team)
+            {
                 return not_found("no such owner");
             }
             html(StatusCode::OK, grid_page(&app, &snapshot, Some(*team)))
         }
         ["explain", dataset, partition] => match run_explain(&app, dataset, partition).await {
             Ok(e) => html(StatusCode::OK, explain_page(&e)),
-            Err(e) => html(StatusCode::NOT_FOUND, page("Not found", &format!("<p>{}</p>", esc(&e.to_string())))),
+            Err(e) => html(
+                StatusCode::NOT_FOUND,
+                page("Not found", &format!("<p>{}</p>", esc(&e.to_string()))),
+            ),
         },
         ["api", "v1", "status"] => {
             let owner = query_owner(&req);
@@ -115,10 +132,17 @@ pub async fn handle(app: Arc<App>, req: Request<hyper::body::Incoming>) -> Resp 
         ["api", "v1", "explain", dataset, partition] => {
             match run_explain(&app, dataset, partition).await {
                 Ok(e) => json(StatusCode::OK, &e),
-                Err(e) => json(StatusCode::NOT_FOUND, &serde_json::json!({"error": e.to_string()})),
+                Err(e) => json(
+                    StatusCode::NOT_FOUND,
+                    &serde_json::json!({"error": e.to_string()}),
+                ),
             }
         }
-        ["metrics"] => respond(StatusCode::OK, "text/plain; version=0.0.4", app.metrics.render()),
+        ["metrics"] => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            app.metrics.render(),
+        ),
         ["healthz"] => respond(StatusCode::OK, "text/plain", "ok\n"),
         _ => not_found(&path),
     }
@@ -183,7 +207,11 @@ pub fn grid_page(app: &App, s: &Snapshot, owner: Option<&str>) -> String {
         s.checked_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "never".into())
     );
     body.push_str("<table id=\"grid\">");
-    for row in s.rows.values().filter(|r| owner.is_none_or(|o| r.team == o)) {
+    for row in s
+        .rows
+        .values()
+        .filter(|r| owner.is_none_or(|o| r.team == o))
+    {
         let _ = write!(
             body,
             "<tr data-dataset=\"{d}\"><th class=\"ds\"><a href=\"/owner/{t}\">{t}</a> {d}</th>",
@@ -193,7 +221,12 @@ pub fn grid_page(app: &App, s: &Snapshot, owner: Option<&str>) -> String {
         for c in &row.cells {
             let title = match c.status.lateness_seconds() {
                 0 => format!("{} {}: {}", row.dataset, c.partition, c.status.name()),
-                n => format!("{} {}: {} ({n} s)", row.dataset, c.partition, c.status.name()),
+                n => format!(
+                    "{} {}: {} ({n} s)",
+                    row.dataset,
+                    c.partition,
+                    c.status.name()
+                ),
             };
             let _ = write!(
                 body,
@@ -208,7 +241,11 @@ pub fn grid_page(app: &App, s: &Snapshot, owner: Option<&str>) -> String {
     }
     body.push_str("</table>");
     if !s.errors.is_empty() {
-        let _ = write!(body, "<p>{} markers could not be read; see the log.</p>", s.errors.len());
+        let _ = write!(
+            body,
+            "<p>{} markers could not be read; see the log.</p>",
+            s.errors.len()
+        );
     }
     let title = match owner {
         Some(o) => format!("Datasets of {o}"),

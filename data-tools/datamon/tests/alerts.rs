@@ -54,9 +54,14 @@ datasets:
     .await;
 
     // The receiver comes up on that port.
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
     let receiver = Receiver::start(listener, |_| (200, String::new()));
-    wait_for("the firing alert", || async { !receiver.bodies().is_empty() }).await;
+    wait_for("the firing alert", || async {
+        !receiver.bodies().is_empty()
+    })
+    .await;
     let fired = &receiver.bodies()[0];
     assert_eq!(fired["version"], "4");
     assert_eq!(fired["status"], "firing");
@@ -78,23 +83,37 @@ datasets:
         metric_of(&served.url, "datamon_checks_total").await >= 3.0
     })
     .await;
-    assert_eq!(receiver.bodies().len(), 1, "no second firing after a restart");
+    assert_eq!(
+        receiver.bodies().len(),
+        1,
+        "no second firing after a restart"
+    );
 
     // The partition lands, 20 minutes after its deadline: one resolve.
     tree.land("receipts", "2026-11-29T12", "2026-11-29T14:20:00Z");
     wait_for("the resolve", || async { receiver.bodies().len() >= 2 }).await;
     let resolved = &receiver.bodies()[1];
     assert_eq!(resolved["status"], "resolved");
-    assert_eq!(resolved["alerts"][0]["labels"]["partition"], "2026-11-29T12");
+    assert_eq!(
+        resolved["alerts"][0]["labels"]["partition"],
+        "2026-11-29T12"
+    );
     assert_eq!(resolved["alerts"][0]["endsAt"], "2026-11-29T14:20:00+00:00");
-    assert_eq!(resolved["alerts"][0]["annotations"]["lateness_seconds"], "1200");
+    assert_eq!(
+        resolved["alerts"][0]["annotations"]["lateness_seconds"],
+        "1200"
+    );
 
     let passes = metric_of(&served.url, "datamon_checks_total").await;
     wait_for("five more passes", || async {
         metric_of(&served.url, "datamon_checks_total").await >= passes + 5.0
     })
     .await;
-    assert_eq!(receiver.bodies().len(), 2, "exactly one firing and one resolve");
+    assert_eq!(
+        receiver.bodies().len(),
+        2,
+        "exactly one firing and one resolve"
+    );
 
     let (code, status) = get(&format!("{}/api/v1/status", served.url)).await;
     assert_eq!(code, 200);
@@ -129,10 +148,20 @@ datasets:
         .arg("check")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let bodies = receiver.bodies();
     assert_eq!(bodies.len(), 2);
-    assert!(receiver.paths.lock().unwrap().iter().all(|p| p == "/api/v2/alerts"));
+    assert!(receiver
+        .paths
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|p| p == "/api/v2/alerts"));
     let mut parts: Vec<String> = bodies
         .iter()
         .map(|b| b[0]["labels"]["partition"].as_str().unwrap().to_string())

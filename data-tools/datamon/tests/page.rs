@@ -17,7 +17,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A headless Chromium, killed on drop.
 struct Browser {
@@ -66,7 +67,10 @@ impl Browser {
         let ws_url = tokio::task::spawn_blocking(move || {
             let mut lines = BufReader::new(stderr).lines();
             let url = loop {
-                let line = lines.next().expect("chromium printed its DevTools URL").unwrap();
+                let line = lines
+                    .next()
+                    .expect("chromium printed its DevTools URL")
+                    .unwrap();
                 if let Some(i) = line.find("ws://") {
                     break line[i..].trim().to_string();
                 }
@@ -77,7 +81,9 @@ impl Browser {
         })
         .await
         .unwrap();
-        let (ws, _) = tokio_tungstenite::connect_async(ws_url.as_str()).await.unwrap();
+        let (ws, _) = tokio_tungstenite::connect_async(ws_url.as_str())
+            .await
+            .unwrap();
         let mut b = Browser {
             child,
             ws,
@@ -85,10 +91,16 @@ impl Browser {
             session: String::new(),
             _profile: profile,
         };
-        let target = b.call(None, "Target.createTarget", json!({"url": "about:blank"})).await;
+        let target = b
+            .call(None, "Target.createTarget", json!({"url": "about:blank"}))
+            .await;
         let target = target["targetId"].as_str().unwrap().to_string();
         let attached = b
-            .call(None, "Target.attachToTarget", json!({"targetId": target, "flatten": true}))
+            .call(
+                None,
+                "Target.attachToTarget",
+                json!({"targetId": target, "flatten": true}),
+            )
             .await;
         b.session = attached["sessionId"].as_str().unwrap().to_string();
         b
@@ -120,7 +132,11 @@ impl Browser {
     async fn eval(&mut self, expr: &str) -> Value {
         let s = self.session.clone();
         let r = self
-            .call(Some(&s), "Runtime.evaluate", json!({"expression": expr, "returnByValue": true}))
+            .call(
+                Some(&s),
+                "Runtime.evaluate",
+                json!({"expression": expr, "returnByValue": true}),
+            )
             .await;
         r["result"]["value"].clone()
     }
@@ -128,7 +144,8 @@ impl Browser {
     /// Navigates and waits until the page has loaded.
     async fn open(&mut self, url: &str) {
         let s = self.session.clone();
-        self.call(Some(&s), "Page.navigate", json!({"url": url})).await;
+        self.call(Some(&s), "Page.navigate", json!({"url": url}))
+            .await;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let ready = self.eval("document.readyState + ' ' + location.href").await;
@@ -155,7 +172,9 @@ impl Browser {
 
     async fn screenshot(&mut self) -> Vec<u8> {
         let s = self.session.clone();
-        let r = self.call(Some(&s), "Page.captureScreenshot", json!({"format": "png"})).await;
+        let r = self
+            .call(Some(&s), "Page.captureScreenshot", json!({"format": "png"}))
+            .await;
         base64::engine::general_purpose::STANDARD
             .decode(r["data"].as_str().unwrap())
             .unwrap()
@@ -216,7 +235,12 @@ datasets:
     assert_eq!(cells.len(), expect.len(), "{cells:?}");
     for (got, want) in cells.iter().zip(expect) {
         assert_eq!(
-            (got.0.as_str(), got.1.as_str(), got.2.as_str(), got.3.as_str()),
+            (
+                got.0.as_str(),
+                got.1.as_str(),
+                got.2.as_str(),
+                got.3.as_str()
+            ),
             want,
             "{cells:?}"
         );
@@ -241,11 +265,22 @@ datasets:
     let cells = browser.cells().await;
     assert_eq!(cells.len(), 4);
     assert!(cells.iter().all(|c| c.0 == "c.broken"));
-    let title = browser.eval("document.querySelector('h1').textContent").await;
+    let title = browser
+        .eval("document.querySelector('h1').textContent")
+        .await;
     assert_eq!(title, "Datasets of beta");
 
     // A cell's link leads to its explanation.
-    browser.open(&format!("{}/explain/b.slow/2026-11-29T12", served.url)).await;
-    let why = browser.eval("document.getElementById('why').textContent").await;
-    assert!(why.as_str().unwrap().contains("b.slow 2026-11-29T12 is missing"), "{why}");
+    browser
+        .open(&format!("{}/explain/b.slow/2026-11-29T12", served.url))
+        .await;
+    let why = browser
+        .eval("document.getElementById('why').textContent")
+        .await;
+    assert!(
+        why.as_str()
+            .unwrap()
+            .contains("b.slow 2026-11-29T12 is missing"),
+        "{why}"
+    );
 }

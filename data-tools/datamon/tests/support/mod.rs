@@ -91,7 +91,10 @@ pub struct Served {
 impl Served {
     /// Starts `cmd serve --listen 127.0.0.1:0 extra…` and waits for its address line.
     pub fn start(mut cmd: Command, extra: &[&str]) -> Served {
-        cmd.arg("serve").arg("--listen").arg("127.0.0.1:0").args(extra);
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .args(extra);
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -164,32 +167,40 @@ impl Receiver {
                 let (stream, _) = listener.accept().await.unwrap();
                 let (b, p, answer) = (b.clone(), p.clone(), answer.clone());
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (b, p, answer) = (b.clone(), p.clone(), answer.clone());
-                        async move {
-                            let path = req.uri().path().to_string();
-                            p.lock().unwrap().push(path.clone());
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            if !body.is_empty() {
-                                b.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let (b, p, answer) = (b.clone(), p.clone(), answer.clone());
+                            async move {
+                                let path = req.uri().path().to_string();
+                                p.lock().unwrap().push(path.clone());
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                if !body.is_empty() {
+                                    b.lock()
+                                        .unwrap()
+                                        .push(serde_json::from_slice(&body).unwrap());
+                                }
+                                let (code, text) = answer(&path);
+                                Ok::<_, std::convert::Infallible>(
+                                    hyper::Response::builder()
+                                        .status(code)
+                                        .header("content-type", "application/json")
+                                        .body(Full::new(Bytes::from(text)))
+                                        .unwrap(),
+                                )
                             }
-                            let (code, text) = answer(&path);
-                            Ok::<_, std::convert::Infallible>(
-                                hyper::Response::builder()
-                                    .status(code)
-                                    .header("content-type", "application/json")
-                                    .body(Full::new(Bytes::from(text)))
-                                    .unwrap(),
-                            )
-                        }
-                    });
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
                 });
             }
         });
-        Receiver { addr, bodies, paths }
+        Receiver {
+            addr,
+            bodies,
+            paths,
+        }
     }
 
     pub fn bodies(&self) -> Vec<serde_json::Value> {
