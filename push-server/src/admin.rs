@@ -73,10 +73,24 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             // Answered on a task of its own, bounded in time, so a full port still accepts
             // (and refuses) quickly and a refused peer that does not read costs nothing.
             tokio::spawn(async move {
-                use tokio::io::AsyncWriteExt as _;
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
                 let mut stream = stream;
-                let write = stream.write_all(TOO_MANY);
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
+                let answer = async {
+                    stream.write_all(TOO_MANY).await?;
+                    stream.shutdown().await?;
+                    // Read (a little of) what the peer sent before closing: closing with
+                    // unread input sends a reset, which can discard the answer at the peer.
+                    let mut sink = [0u8; 4096];
+                    let mut left = 64 * 1024;
+                    while left > 0 {
+                        match stream.read(&mut sink).await? {
+                            0 => break,
+                            n => left -= n.min(left),
+                        }
+                    }
+                    Ok::<_, std::io::Error>(())
+                };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), answer).await;
             });
             continue;
         };
