@@ -213,11 +213,11 @@ fn push_through_kafka_and_the_processor_reaches_every_client() {
         let redis = testkit::RedisServer::start();
         let mut node = Config::local_test(SECRET);
         node.registry = redis.url();
-        node.admin_token = Some("deliver-secret".into());
+        node.admin_token = Some("deliver-secret-0123456789".into());
         let server = start(node).await;
         let mut settings =
             msg_processor::Settings::new(brokers.as_str(), "push", "loadtest", redis.url());
-        settings.admin_token = Some("deliver-secret".into());
+        settings.admin_token = Some("deliver-secret-0123456789".into());
         settings
             .kafka
             .push(("fetch.wait.max.ms".into(), "10".into()));
@@ -225,7 +225,7 @@ fn push_through_kafka_and_the_processor_reaches_every_client() {
             .await
             .expect("processor starts");
         let mut cfg = config(&server, Scenario::Push, 20, 100.0);
-        cfg.admin_token = Some("deliver-secret".into());
+        cfg.admin_token = Some("deliver-secret-0123456789".into());
         cfg.kafka = Some(loadtest::pusher::KafkaTarget {
             brokers: brokers.clone(),
             topic: "push".into(),

@@ -14,8 +14,13 @@ pub struct Settings {
     pub group: String,
     /// Registry URL (push-registry): `redis://…`, `ring://…`, ...
     pub registry: String,
-    /// The nodes' `--admin-token` (shared secret of the internal deliver endpoint).
+    /// The nodes' `--admin-token`: sent on the internal deliver endpoint when no internal
+    /// secret is set (the nodes then check every message ID against the history).
     pub admin_token: Option<String>,
+    /// The nodes' `--internal-secret`: the secret of the internal deliver endpoint.
+    pub internal_secret: Option<String>,
+    /// Networks that registry records may name as nodes (default loopback only).
+    pub peer_nets: push_registry::PeerNets,
     /// Where malformed, refused and undeliverable messages go; `None` drops them (counted).
     pub dead_letter_topic: Option<String>,
     /// Most messages of one partition processed as one batch (one registry round trip).
@@ -67,6 +72,8 @@ impl Settings {
             group: group.into(),
             registry: registry.into(),
             admin_token: None,
+            internal_secret: None,
+            peer_nets: push_registry::PeerNets::default(),
             dead_letter_topic: None,
             batch_size: 500,
             batch_linger: Duration::from_millis(2),
@@ -134,9 +141,16 @@ pub struct Args {
     /// Registry URL: `redis://host:port`, `redis-cluster://…`, `ring://…` (see push-registry).
     #[arg(long, env = "MSGPROC_REGISTRY")]
     pub registry: String,
-    /// The nodes' admin token (shared secret of `/internal/v1/deliver`).
-    #[arg(long, env = "MSGPROC_ADMIN_TOKEN")]
+    /// The nodes' admin token (sent to `/internal/v1/deliver` when no internal secret is set).
+    #[arg(long, env = "MSGPROC_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// The nodes' `--internal-secret` (the secret of `/internal/v1/deliver`).
+    #[arg(long, env = "MSGPROC_INTERNAL_SECRET", hide_env_values = true)]
+    pub internal_secret: Option<String>,
+    /// Networks (CIDRs, comma-separated, or `any`) that registry records may name as nodes
+    /// to deliver to; a record outside them gets nothing (its messages stay in the history).
+    #[arg(long, env = "MSGPROC_PEER_NETS", default_value = push_registry::peer_nets::DEFAULT_PEER_NETS)]
+    pub peer_nets: String,
     /// Topic for malformed, refused and undeliverable messages; without it they are dropped
     /// (and counted).
     #[arg(long, env = "MSGPROC_DEAD_LETTER_TOPIC")]
@@ -199,6 +213,9 @@ impl Args {
     pub fn settings(&self) -> Result<Settings, String> {
         let mut s = Settings::new(&self.brokers, &self.topic, &self.group, &self.registry);
         s.admin_token = self.admin_token.clone();
+        s.internal_secret = self.internal_secret.clone();
+        s.peer_nets = push_registry::PeerNets::parse(&self.peer_nets)
+            .map_err(|e| format!("--peer-nets: {e}"))?;
         s.dead_letter_topic = self.dead_letter_topic.clone();
         s.batch_size = self.batch_size;
         s.batch_linger = self.batch_linger;
@@ -254,6 +271,40 @@ mod tests {
         assert_eq!(s.batch_size, 50);
         assert_eq!(s.retry_backoff, Duration::from_millis(10));
         assert_eq!(s.kafka, [("fetch.wait.max.ms".into(), "10".into())]);
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_help() {
+        use clap::CommandFactory as _;
+        std::env::set_var("MSGPROC_ADMIN_TOKEN", "visible-admin-token-value");
+        std::env::set_var("MSGPROC_INTERNAL_SECRET", "visible-internal-secret");
+        let help = Args::command().render_long_help().to_string();
+        std::env::remove_var("MSGPROC_ADMIN_TOKEN");
+        std::env::remove_var("MSGPROC_INTERNAL_SECRET");
+        assert!(help.contains("MSGPROC_ADMIN_TOKEN"), "{help}");
+        assert!(!help.contains("visible-admin-token-value"), "{help}");
+        assert!(!help.contains("visible-internal-secret"), "{help}");
+    }
+
+    #[test]
+    fn peer_nets_default_to_loopback_and_parse() {
+        let base = [
+            "msg-processor",
+            "--brokers",
+            "b:9092",
+            "--registry",
+            "memory",
+        ];
+        let s = Args::try_parse_from(base).unwrap().settings().unwrap();
+        assert!(s.peer_nets.contains("127.0.0.1".parse().unwrap()));
+        assert!(!s.peer_nets.contains("10.0.0.1".parse().unwrap()));
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(["--peer-nets", "10.0.0.0/8"]);
+        let s = Args::try_parse_from(&args).unwrap().settings().unwrap();
+        assert!(s.peer_nets.contains("10.0.0.1".parse().unwrap()));
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(["--peer-nets", "10.0.0.0/99"]);
+        assert!(Args::try_parse_from(&args).unwrap().settings().is_err());
     }
 
     #[test]

@@ -213,6 +213,21 @@ impl Engine {
         active: &[(usize, Delivery)],
     ) -> Vec<(usize, Result<push_lib::Outcome, String>)> {
         let mut out = Vec::with_capacity(idxs.len());
+        // The record's address decides where the internal secret and the payloads go: only
+        // to networks in --peer-nets. A refused node counts as "not connected there", so the
+        // message stays in the history for the user's resume and is not retried.
+        let target = match self.settings.peer_nets.resolve(node).await {
+            Ok(t) => t.to_string(),
+            Err(e) => {
+                metrics::counter!(m::PEER_REFUSED).increment(idxs.len() as u64);
+                tracing::warn!(%node, error = %e, "registry record names a node outside --peer-nets; not sent");
+                return idxs
+                    .iter()
+                    .map(|&ai| (ai, Ok(push_lib::Outcome::NotConnected)))
+                    .collect();
+            }
+        };
+        let node = target.as_str();
         let mut failed: Option<String> = None;
         let requests = route::chunks(
             idxs,
@@ -250,7 +265,7 @@ impl Engine {
                 Err(e) => {
                     metrics::counter!(m::DELIVER_REQUESTS, "result" => "error").increment(1);
                     if matches!(e, push_lib::Error::Http { status: 401, .. }) {
-                        tracing::error!(%node, "node refused the admin token: check --admin-token");
+                        tracing::error!(%node, "node refused the secret: check --internal-secret (or --admin-token)");
                     } else {
                         tracing::warn!(%node, error = %e, "deliver failed; will retry");
                     }

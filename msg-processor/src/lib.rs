@@ -85,6 +85,7 @@ impl Processor {
         let history = push_registry::open_store(&settings.registry, settings.history).await?;
         let nodes = DeliverClient::new(&DeliverConfig {
             admin_token: settings.admin_token.clone(),
+            internal_secret: settings.internal_secret.clone(),
             timeout: settings.deliver_timeout,
             max_idle_per_node: settings.node_connections,
             ..DeliverConfig::default()

@@ -36,6 +36,9 @@ pub const RETRIES: &str = "msgproc_retries_total";
 pub const DELIVER_REQUESTS: &str = "msgproc_deliver_requests_total";
 /// Counter: failed registry lookups (retried).
 pub const REGISTRY_ERRORS: &str = "msgproc_registry_errors_total";
+/// Counter: deliveries not sent because the registry record named a node outside
+/// `--peer-nets` (the message stays in the history for the user's resume).
+pub const PEER_REFUSED: &str = "msgproc_peer_refused_total";
 /// Gauge, labels `topic`, `partition`: messages between this consumer's position and the
 /// partition's end (from librdkafka statistics).
 pub const CONSUMER_LAG: &str = "msgproc_consumer_lag";
@@ -91,6 +94,10 @@ fn describe() {
     describe_counter!(RETRIES, "Messages sent again after a failed round.");
     describe_counter!(DELIVER_REQUESTS, "Deliver requests to nodes, by result.");
     describe_counter!(REGISTRY_ERRORS, "Failed registry lookups.");
+    describe_counter!(
+        PEER_REFUSED,
+        "Deliveries not sent to a node outside --peer-nets."
+    );
     describe_gauge!(CONSUMER_LAG, "Messages behind the partition's end.");
     describe_histogram!(BATCH_SIZE, "Messages per processed batch.");
     describe_histogram!(NODE_BATCH_SIZE, "Messages per deliver request.");

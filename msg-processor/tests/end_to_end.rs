@@ -336,6 +336,36 @@ async fn malformed_and_refused_messages_go_to_the_dead_letter_topic_and_the_part
     .expect("test finished within its deadline");
 }
 
+/// A registry record decides where the internal secret and the payload go: a node outside
+/// `--peer-nets` gets neither; the message stays in the history for the user's resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_outside_peer_nets_is_sent_nothing() {
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let kafka = MockKafka::start();
+        kafka.create_topic("push", 1);
+        let redis = testkit::RedisServer::start();
+        let a = node("node-a", &redis.url(), None).await;
+        let clients = connect_all(&a, &["u".to_owned()]).await;
+        wait_registered(&redis.url(), &[("u".into(), "node-a".into())]).await;
+        let mut s = settings(&kafka.brokers(), "push", &redis.url());
+        s.peer_nets = push_registry::PeerNets::parse("10.0.0.0/8").unwrap();
+        let p = processor(s).await;
+        produce(&producer(&kafka.brokers(), "push"), &["u".to_owned()], 0..1).await;
+        eventually("the message to be kept for resume", || {
+            Stats::get(&p.stats().stored) >= 1
+        })
+        .await;
+        assert_eq!(Stats::get(&p.stats().delivered), 0);
+        assert!(
+            first_seen(&clients[0].inbox).is_empty(),
+            "the node got the payload"
+        );
+        p.shutdown().await;
+    })
+    .await
+    .expect("test finished within its deadline");
+}
+
 /// Opt-in: runs the end-to-end flow against the Kafka-compatible broker in `KAFKA_BROKERS`
 /// (see docs/envelope.md). Without it, the test says so and returns: it proves nothing then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

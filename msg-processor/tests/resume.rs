@@ -53,6 +53,7 @@ async fn receipt_node(
     cfg.node_id = id.into();
     cfg.registry = registry.into();
     cfg.admin_token = Some(ADMIN_TOKEN.into());
+    cfg.admin_security.internal_secret = Some(INTERNAL_SECRET.into());
     cfg.receipts_brokers = Some(brokers.into());
     if let Some(l) = lifetime {
         cfg.lifecycle.lifetime = l;

@@ -7,6 +7,11 @@
 //!
 //! The client keeps connections alive in a small pool per node: a steady stream of batches
 //! then costs no TCP or HTTP handshake each.
+//!
+//! The endpoint takes the nodes' `--internal-secret` (or, on nodes without one, their
+//! `--admin-token`); only a caller with the internal secret may set a message's `id` (the
+//! message processor does). Answers are read up to [`MAX_ANSWER_BYTES`]; counts in them are
+//! taken as they come (u64), never added up unchecked.
 
 use std::time::Duration;
 
@@ -60,8 +65,11 @@ impl Outcome {
 /// Settings of a [`DeliverClient`].
 #[derive(Debug, Clone)]
 pub struct DeliverConfig {
-    /// The nodes' `--admin-token`; `None` when they run without one.
+    /// The nodes' `--admin-token`; `None` when they run without one. Sent only when no
+    /// `internal_secret` is given.
     pub admin_token: Option<String>,
+    /// The nodes' `--internal-secret`: sent instead of the admin token when set.
+    pub internal_secret: Option<String>,
     /// Whole-request deadline: connect, send, answer.
     pub timeout: Duration,
     /// Connect deadline. Short: a dead node should be found out fast and retried elsewhere.
@@ -74,6 +82,7 @@ impl Default for DeliverConfig {
     fn default() -> Self {
         Self {
             admin_token: None,
+            internal_secret: None,
             timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
             max_idle_per_node: 8,
@@ -129,12 +138,16 @@ struct WireOutcome {
 impl DeliverClient {
     /// A client with its own connection pool.
     pub fn new(config: &DeliverConfig) -> Result<Self> {
-        let auth = match &config.admin_token {
+        let secret = config
+            .internal_secret
+            .as_ref()
+            .or(config.admin_token.as_ref());
+        let auth = match secret {
             Some(t) => {
                 let mut v = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| {
                     Error::InvalidUrl {
-                        url: "(admin token)".into(),
-                        reason: "admin token must be visible ASCII".into(),
+                        url: "(secret)".into(),
+                        reason: "internal secret and admin token must be visible ASCII".into(),
                     }
                 })?;
                 // Keeps the secret out of debug output of the request.
@@ -215,8 +228,7 @@ impl DeliverClient {
                 .await
                 .map_err(|e| unreachable(error_chain(&e)))?;
             let status = resp.status();
-            let bytes = resp
-                .into_body()
+            let bytes = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
                 .collect()
                 .await
                 .map_err(|e| unreachable(e.to_string()))?
@@ -230,11 +242,13 @@ impl DeliverClient {
         if !status.is_success() {
             return Err(Error::Http {
                 status: status.as_u16(),
-                body: String::from_utf8_lossy(&bytes).into_owned(),
+                body: String::from_utf8_lossy(&bytes).chars().take(500).collect(),
             });
         }
-        let answer: Answer = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::BadResponse(format!("{e}: {}", String::from_utf8_lossy(&bytes))))?;
+        let answer: Answer = serde_json::from_slice(&bytes).map_err(|e| {
+            let shown: String = String::from_utf8_lossy(&bytes).chars().take(500).collect();
+            Error::BadResponse(format!("{e}: {shown}"))
+        })?;
         if answer.results.len() != items.len() {
             return Err(Error::BadResponse(format!(
                 "{} results for {} items",
@@ -285,6 +299,11 @@ pub struct DirectTransport {
     client: DeliverClient,
     addr: String,
 }
+
+/// Largest answer read from a node: an outcome (with a receipt) is well under 400 bytes and a
+/// request carries at most [`MAX_ITEMS_PER_REQUEST`] items; anything larger is not a
+/// push-server answering, and is not buffered.
+pub const MAX_ANSWER_BYTES: usize = 8 * 1024 * 1024;
 
 /// Most items per request: push-server's batch limit.
 pub const MAX_ITEMS_PER_REQUEST: usize = 10_000;

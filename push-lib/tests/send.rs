@@ -14,6 +14,8 @@ use rdkafka::ClientConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(30);
+const ADMIN_TOKEN: &str = "direct-admin-token-0123";
+const INTERNAL_SECRET: &str = "direct-internal-secret-0123";
 const SECRET: &str = "push-lib-test-secret-0123456789";
 
 /// Reads `n` records of `topic` from the start.
@@ -148,7 +150,8 @@ async fn next_json(ws: &mut Ws) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_transport_delivers_through_a_node_s_deliver_endpoint() {
     let mut cfg = push_server::Config::local_test(SECRET);
-    cfg.admin_token = Some("tok".into());
+    cfg.admin_token = Some(ADMIN_TOKEN.into());
+    cfg.admin_security.internal_secret = Some(INTERNAL_SECRET.into());
     let server = push_server::Server::start(cfg).await.unwrap();
     let token = server.mint_token("alice", None, Duration::from_secs(600));
     let url = format!("ws://{}/ws?token={token}", server.client_addr());
@@ -157,7 +160,7 @@ async fn direct_transport_delivers_through_a_node_s_deliver_endpoint() {
 
     let admin = format!("http://{}", server.admin_addr());
     let good = DeliverConfig {
-        admin_token: Some("tok".into()),
+        internal_secret: Some(INTERNAL_SECRET.into()),
         ..DeliverConfig::default()
     };
     let client = PushClient::direct(&admin, &good).unwrap();
@@ -189,7 +192,8 @@ async fn direct_transport_delivers_through_a_node_s_deliver_endpoint() {
     let wrong = PushClient::direct(
         &admin,
         &DeliverConfig {
-            admin_token: Some("wrong".into()),
+            // The admin token is not the internal secret.
+            admin_token: Some(ADMIN_TOKEN.into()),
             ..DeliverConfig::default()
         },
     )
@@ -208,7 +212,7 @@ async fn direct_transport_delivers_through_a_node_s_deliver_endpoint() {
 #[tokio::test]
 async fn direct_send_and_wait_receipt_returns_the_clients_acknowledgement() {
     let mut cfg = push_server::Config::local_test(SECRET);
-    cfg.admin_token = Some("tok".into());
+    cfg.admin_token = Some(ADMIN_TOKEN.into());
     let server = push_server::Server::start(cfg).await.unwrap();
     let token = server.mint_token("bob", Some("tablet"), Duration::from_secs(600));
     let url = format!("ws://{}/ws?token={token}", server.client_addr());
@@ -217,7 +221,7 @@ async fn direct_send_and_wait_receipt_returns_the_clients_acknowledgement() {
     let client = PushClient::direct(
         &format!("http://{}", server.admin_addr()),
         &DeliverConfig {
-            admin_token: Some("tok".into()),
+            admin_token: Some(ADMIN_TOKEN.into()),
             ..DeliverConfig::default()
         },
     )
@@ -239,4 +243,33 @@ async fn direct_send_and_wait_receipt_returns_the_clients_acknowledgement() {
     assert_eq!(receipt.mid.as_deref(), Some("invoice-9"));
     assert_eq!(receipt.device.as_deref(), Some("tablet"));
     assert_eq!(Some(receipt.id), msg["id"].as_u64());
+}
+
+/// A "node" whose answer is valid JSON padded far past any real answer: the client stops
+/// reading at `MAX_ANSWER_BYTES` instead of buffering whatever a registry record points at.
+#[tokio::test]
+async fn a_nodes_answer_is_read_only_up_to_a_bound() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let _ = s.read(&mut buf).await;
+        let pad = "x".repeat(push_lib::direct::MAX_ANSWER_BYTES + 1024);
+        let body = format!(r#"{{"results":[{{"outcome":"stored","id":1}}],"pad":"{pad}"}}"#);
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = s.write_all(head.as_bytes()).await;
+        let _ = s.write_all(body.as_bytes()).await;
+    });
+    let client = push_lib::direct::DeliverClient::new(&DeliverConfig::default()).unwrap();
+    let env = Envelope::new("alice", "x");
+    let err = client
+        .deliver(&addr.to_string(), &[&env])
+        .await
+        .expect_err("an oversized answer is refused");
+    assert!(err.to_string().contains("length limit"), "{err}");
 }

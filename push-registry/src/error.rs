@@ -6,13 +6,13 @@ pub enum Error {
     /// The registry URL could not be understood.
     #[error("invalid registry URL {url:?}: {reason}")]
     InvalidUrl {
-        /// The URL as given.
+        /// The URL as given, with any password redacted.
         url: String,
         /// What is wrong with it.
         reason: String,
     },
     /// A storage node refused, timed out or answered with an error.
-    #[error("storage node {node} failed: {source}")]
+    #[error("storage node {} failed: {source}", crate::url::redact(.node))]
     Node {
         /// `host:port` (or the cluster's seed list) of the node.
         node: String,
@@ -21,7 +21,7 @@ pub enum Error {
         source: redis::RedisError,
     },
     /// A stored value could not be decoded: written by something else, or corrupted.
-    #[error("storage node {node} holds an undecodable value for user {user:?}: {reason}")]
+    #[error("storage node {} holds an undecodable value for user {user:?}: {reason}", crate::url::redact(.node))]
     Corrupt {
         /// The node that returned it.
         node: String,
@@ -46,7 +46,7 @@ pub enum Error {
     },
     /// `safe_quorum`: enough replicas answered but not enough of them agreed (ring backend).
     /// Read repair has been attempted, so a retry normally succeeds.
-    #[error("{op} with safe_quorum: only {agreeing} of the replicas that answered agree, {needed} needed (replicas: {})", .nodes.join(", "))]
+    #[error("{op} with safe_quorum: only {agreeing} of the replicas that answered agree, {needed} needed (replicas: {})", crate::url::redact(&.nodes.join(",")))]
     Disagreement {
         /// The operation.
         op: &'static str,
@@ -68,7 +68,7 @@ pub enum Error {
 fn fmt_failures(failures: &[(String, String)]) -> String {
     failures
         .iter()
-        .map(|(node, why)| format!("{node} ({why})"))
+        .map(|(node, why)| format!("{} ({why})", crate::url::redact(node)))
         .collect::<Vec<_>>()
         .join(", ")
 }

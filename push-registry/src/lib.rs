@@ -19,6 +19,7 @@
 //! | [`cluster`] | `redis-cluster://`: Redis Cluster |
 //! | [`ring`] | `ring://`: Dynomite's racks, token ring and quorums, run client-side |
 //! | [`url`] | registry URL → [`url::BackendUrl`] |
+//! | [`peer_nets`] | [`PeerNets`]: which record `node_addr`s may receive secrets and payloads |
 //! | [`history_redis`] | [`MessageStore`] on `redis://`, `redis-cluster://` and `ring://` (see `docs/history.md`) |
 //!
 //! [`open`] turns a URL into a backend. The `push-registry` binary (`src/main.rs`) is the
@@ -31,6 +32,7 @@ pub mod history;
 pub mod history_redis;
 pub mod memory;
 pub mod murmur3;
+pub mod peer_nets;
 pub mod record;
 pub mod redis_single;
 pub mod registry;
@@ -50,6 +52,7 @@ pub use history::{open_store, MemoryStore, MessageStore};
 pub use history_redis::{ClusterStore, RedisStore, RingStore};
 pub use memory::MemoryRegistry;
 pub use node::Timeouts;
+pub use peer_nets::PeerNets;
 pub use record::{now_ms, Record};
 pub use redis_single::RedisRegistry;
 pub use registry::{NodePing, RefreshOutcome, Registry, Stats};

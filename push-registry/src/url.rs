@@ -63,10 +63,32 @@ pub(crate) fn timeouts(timeout_ms: Option<u64>) -> Timeouts {
     }
 }
 
+/// `url` (or a node name, or a list of them) with every `user:pass@` replaced by `***@`, for
+/// logs and error messages: a registry password must not end up in either.
+pub fn redact(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, url),
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let nodes: Vec<String> = authority
+        .split(',')
+        .map(|n| match n.rsplit_once('@') {
+            Some((_, host)) => format!("***@{host}"),
+            None => n.to_owned(),
+        })
+        .collect();
+    let prefix = scheme.map(|s| format!("{s}://")).unwrap_or_default();
+    format!("{prefix}{}{tail}", nodes.join(","))
+}
+
 /// Parses a registry URL.
 pub fn parse(url: &str) -> Result<BackendUrl> {
     let invalid = |reason: &str| Error::InvalidUrl {
-        url: url.to_string(),
+        url: redact(url),
         reason: reason.to_string(),
     };
     let (scheme, rest) = match url.split_once("://") {
@@ -194,6 +216,28 @@ fn racks(nodes: &[String], spec: &str) -> std::result::Result<Vec<(String, Vec<S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_urls_and_errors() {
+        assert_eq!(
+            redact("redis://user:hunter2@h:6379/0?timeout_ms=5"),
+            "redis://***@h:6379/0?timeout_ms=5"
+        );
+        assert_eq!(
+            redact("ring://:pw@a:1,b:2,u:pw@c:3?racks=3"),
+            "ring://***@a:1,b:2,***@c:3?racks=3"
+        );
+        assert_eq!(redact("a:pw@h:1"), "***@h:1");
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+        let err = parse("redis://user:hunter2@h:6379?timeout_ms=x").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let err = crate::Error::Corrupt {
+            node: "u:hunter2@h:1".into(),
+            user: "x".into(),
+            reason: "r".into(),
+        };
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
 
     #[test]
     fn parses_each_scheme() {

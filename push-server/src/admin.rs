@@ -12,8 +12,18 @@
 //! | `GET /readyz` | 200, or 503 when at capacity or draining |
 //! | `GET /demo` | with `--demo` only: the demo page (`demo`) |
 //!
-//! With `--admin-token`, `/v1/*` and `/internal/*` require `Authorization: Bearer <token>`; the probes and
-//! `/metrics` stay open for kubelets and scrapers.
+//! Every request target is parsed once into an [`AdminRoute`] (a non-canonical path such as
+//! `//v1/push/x` is refused with 400), and who may call it is a property of that route: the
+//! probes and `/metrics` are open for kubelets and scrapers; `/v1/*` needs `--admin-token`
+//! when one is set; `/internal/v1/deliver` needs `--internal-secret` when one is set (else the
+//! admin token). Only a caller with the internal secret may set a message's `id`; other
+//! callers' ids must name a message the history keeps with the same content.
+//!
+//! Before routing: the `Host` header must be an IP literal, `localhost`, the advertised host
+//! or an `--admin-allowed-hosts` name (a DNS-rebinding page sends its own name), and requests
+//! from a browser page (`Origin`, or `Sec-Fetch-Site` other than `none`) are refused on every
+//! route that needs a secret. The port holds at most `--admin-max-connections`, and times out
+//! slow heads and bodies. See docs/security.md.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -29,9 +39,9 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use tokio::net::TcpListener;
 
+use crate::admin_route::{Access, AdminRoute, RouteError};
 use crate::hub::{PushOutcome, PushRequest};
 use crate::metrics as m;
-use crate::protocol::http::percent_decode;
 use crate::protocol::message::Payload;
 use crate::push::{self, Pushed};
 use crate::server::Shared;
@@ -41,8 +51,14 @@ pub const MAX_BATCH: usize = 10_000;
 
 type Resp = Response<Full<Bytes>>;
 
+/// Answer to a connection over `--admin-max-connections`, written before closing it.
+const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 73\r\n\r\n{\"error\":\"too_many_connections\",\"message\":\"admin port connection limit\"}\n";
+
 /// Serves the admin port until the task is aborted.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let sec = &shared.config.admin_security;
+    let slots = Arc::new(tokio::sync::Semaphore::new(sec.admin_max_connections));
+    let header_timeout = sec.admin_header_timeout;
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(x) => x,
@@ -53,17 +69,45 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             }
         };
         let _ = stream.set_nodelay(true);
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!(m::ADMIN_REFUSED, "reason" => "too_many_connections").increment(1);
+            // Answered on a task of its own, bounded in time, so a full port still accepts
+            // (and refuses) quickly and a refused peer that does not read costs nothing.
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let mut stream = stream;
+                let answer = async {
+                    stream.write_all(TOO_MANY).await?;
+                    stream.shutdown().await?;
+                    // Read (a little of) what the peer sent before closing: closing with
+                    // unread input sends a reset, which can discard the answer at the peer.
+                    let mut sink = [0u8; 4096];
+                    let mut left = 64 * 1024;
+                    while left > 0 {
+                        match stream.read(&mut sink).await? {
+                            0 => break,
+                            n => left -= n.min(left),
+                        }
+                    }
+                    Ok::<_, std::io::Error>(())
+                };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), answer).await;
+            });
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(route(req, &shared).await) }
             });
             // A header timeout keeps a stalled or slowloris admin client from holding a
-            // connection for ever; keep-alive serves the message processor's steady stream.
+            // connection for ever (bodies have theirs in read_body); keep-alive serves the
+            // message processor's steady stream.
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(30))
+                .header_read_timeout(header_timeout)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service);
             if let Err(e) = conn.await {
@@ -106,32 +150,50 @@ impl ApiError {
     }
 
     fn into_response(self) -> Resp {
-        error(self.status, self.code, self.message)
+        let mut r = error(self.status, self.code, self.message);
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert("WWW-Authenticate", HeaderValue::from_static("Bearer"));
+        }
+        r
     }
 }
 
+/// A counted refusal (`push_admin_refused_total{reason}`).
+fn refuse(reason: &'static str, status: StatusCode, message: impl std::fmt::Display) -> ApiError {
+    metrics::counter!(m::ADMIN_REFUSED, "reason" => reason).increment(1);
+    ApiError::new(status, reason, message)
+}
+
 async fn route(req: Request<Incoming>, shared: &Shared) -> Resp {
-    let path = req.uri().path().to_owned();
-    let method = req.method().clone();
-    if path.starts_with("/v1/") || path.starts_with("/internal/") {
-        if let Some(expected) = &shared.config.admin_token {
-            if !bearer_matches(&req, expected) {
-                let mut r = error(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "admin API requires `Authorization: Bearer <admin token>`",
-                );
-                r.headers_mut()
-                    .insert("WWW-Authenticate", HeaderValue::from_static("Bearer"));
-                return r;
-            }
-        }
+    if let Err(e) = check_host(&req, shared) {
+        return e.into_response();
     }
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    match (method, segments.as_slice()) {
-        (Method::GET, ["healthz"]) => json_response(StatusCode::OK, json!({"status": "ok"})),
-        (Method::GET, ["readyz"]) => readyz(shared),
-        (Method::GET, ["metrics"]) => {
+    let route = match AdminRoute::parse(req.uri().path()) {
+        Ok(r) => r,
+        Err(e @ RouteError::NotCanonical(_)) => {
+            return refuse("not_canonical", StatusCode::BAD_REQUEST, e).into_response()
+        }
+        Err(e @ RouteError::BadUser) => return error(StatusCode::BAD_REQUEST, "bad_user", e),
+        Err(RouteError::NotFound) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no admin route `{}`", req.uri().path()),
+            )
+        }
+    };
+    let trusted_ids = match authorize(&req, route.access(), shared) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let method = req.method().clone();
+    match (method, route) {
+        (Method::GET, AdminRoute::Healthz) => {
+            json_response(StatusCode::OK, json!({"status": "ok"}))
+        }
+        (Method::GET, AdminRoute::Readyz) => readyz(shared),
+        (Method::GET, AdminRoute::Metrics) => {
             let mut r = Response::new(Full::new(Bytes::from(shared.prometheus.render())));
             r.headers_mut().insert(
                 CONTENT_TYPE,
@@ -139,38 +201,119 @@ async fn route(req: Request<Incoming>, shared: &Shared) -> Resp {
             );
             r
         }
-        (Method::POST, ["v1", "push"]) => push_batch(req, shared).await,
-        (Method::POST, ["internal", "v1", "deliver"]) => deliver(req, shared).await,
-        (Method::POST, ["v1", "push", user]) => match decode_user(user) {
-            Ok(user) => push_one(req, &user, shared).await,
-            Err(e) => e.into_response(),
-        },
-        (Method::GET, ["v1", "users", user]) => match decode_user(user) {
-            Ok(user) => user_connections(&user, shared),
-            Err(e) => e.into_response(),
-        },
-        (Method::GET, ["v1", "history", user]) => match decode_user(user) {
-            Ok(user) => history(&req, &user, shared).await,
-            Err(e) => e.into_response(),
-        },
-        (Method::GET, ["demo", rest @ ..]) if shared.config.demo => {
-            crate::demo::serve(rest, shared.config.listen.port())
+        (Method::POST, AdminRoute::PushBatch) => push_batch(req, shared).await,
+        (Method::POST, AdminRoute::Deliver) => deliver(req, shared, trusted_ids).await,
+        (Method::POST, AdminRoute::PushOne(user)) => push_one(req, &user, shared).await,
+        (Method::GET, AdminRoute::Users(user)) => user_connections(&user, shared),
+        (Method::GET, AdminRoute::History(user)) => history(&req, &user, shared).await,
+        (Method::GET, AdminRoute::Demo(asset)) if shared.config.demo => {
+            crate::demo::serve(&[asset.as_str()], shared.config.listen.port())
         }
-        (_, ["healthz" | "readyz" | "metrics"])
-        | (_, ["v1", "push"])
-        | (_, ["v1", "push", _])
-        | (_, ["v1", "users", _])
-        | (_, ["v1", "history", _])
-        | (_, ["internal", "v1", "deliver"]) => error(
+        (_, AdminRoute::Demo(_)) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "the demo page is off (start the node with --demo)",
+        ),
+        _ => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "see docs/protocol.md for the admin routes",
         ),
-        _ => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no admin route `{path}`"),
-        ),
+    }
+}
+
+/// Checks the caller's secret for a route of `access`. `Ok(true)`: the caller holds the
+/// internal secret, so the message IDs it sends are taken as they are.
+fn authorize(req: &Request<Incoming>, access: Access, shared: &Shared) -> Result<bool, ApiError> {
+    if access == Access::Open {
+        return Ok(false);
+    }
+    // The one browser page the admin port serves is its own demo (`--demo`, off by default);
+    // it may push from its own origin. A cross-site page still gets 403, and a rebinding
+    // page is stopped by the Host check before routing.
+    if from_browser(req) && !(shared.config.demo && same_origin(req)) {
+        return Err(refuse(
+            "browser",
+            StatusCode::FORBIDDEN,
+            "the admin API does not serve browser pages (Origin or Sec-Fetch-Site present)",
+        ));
+    }
+    let internal = shared.config.admin_security.internal_secret.as_deref();
+    let (expected, what, trusted) = match (access, internal) {
+        (Access::Internal, Some(secret)) => (Some(secret), "internal secret", true),
+        _ => (shared.config.admin_token.as_deref(), "admin token", false),
+    };
+    match expected {
+        Some(expected) if !bearer_matches(req, expected) => Err(refuse(
+            "unauthorized",
+            StatusCode::UNAUTHORIZED,
+            format!("this route requires `Authorization: Bearer <{what}>`"),
+        )),
+        _ => Ok(trusted),
+    }
+}
+
+/// Whether a browser sent the request from a page: browsers add `Origin` to every cross-
+/// origin POST (a `text/plain` form or `fetch(…, {mode: "no-cors"})` needs no preflight), and
+/// `Sec-Fetch-Site` to every request, `none` only when a person typed the address.
+fn from_browser(req: &Request<Incoming>) -> bool {
+    let h = req.headers();
+    h.contains_key(hyper::header::ORIGIN)
+        || h.get("sec-fetch-site")
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"none"))
+}
+
+/// A browser request from a page of this same origin (the demo page).
+fn same_origin(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"same-origin"))
+}
+
+/// DNS rebinding: a page on `evil.example` whose name now resolves to 127.0.0.1 reaches the
+/// admin port as its own origin, but its requests carry `Host: evil.example`. Callers that
+/// mean this node use an address, `localhost`, the advertised name, or an allowed name.
+fn check_host(req: &Request<Incoming>, shared: &Shared) -> Result<(), ApiError> {
+    let Some(host) = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Err(refuse(
+            "bad_host",
+            StatusCode::BAD_REQUEST,
+            "a Host header is required (HTTP/1.1)",
+        ));
+    };
+    let name = host_name(host);
+    let sec = &shared.config.admin_security;
+    let advertised = shared.config.advertise_addr.as_deref().map(host_name);
+    let ok = name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || advertised.is_some_and(|a| a.eq_ignore_ascii_case(name))
+        || sec
+            .admin_allowed_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name));
+    if ok {
+        Ok(())
+    } else {
+        Err(refuse(
+            "bad_host",
+            StatusCode::FORBIDDEN,
+            format!("Host `{name}` is not this node's (add it to --admin-allowed-hosts)"),
+        ))
+    }
+}
+
+/// The host part of a `Host` header or `host:port` (brackets of an IPv6 literal removed).
+fn host_name(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
     }
 }
 
@@ -196,20 +339,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn decode_user(raw: &str) -> Result<String, ApiError> {
-    match percent_decode(raw) {
-        Some(u) if !u.is_empty() && u.len() <= crate::auth::MAX_ID_LEN => Ok(u),
-        _ => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_user",
-            format!(
-                "user ID must be 1 to {} bytes of percent-encoded UTF-8",
-                crate::auth::MAX_ID_LEN
-            ),
-        )),
-    }
-}
-
 fn readyz(shared: &Shared) -> Resp {
     let open = shared.hub.open_total();
     let capacity = shared.config.max_connections;
@@ -223,9 +352,23 @@ fn readyz(shared: &Shared) -> Resp {
     }
 }
 
-/// Reads a body of at most `limit` bytes, or answers 413.
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(req.into_body(), limit).collect().await {
+/// Reads a body of at most `limit` bytes within `--admin-body-timeout`, or answers 413 / 408.
+async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    shared: &Shared,
+) -> Result<Bytes, ApiError> {
+    let timeout = shared.config.admin_security.admin_body_timeout;
+    let read = Limited::new(req.into_body(), limit).collect();
+    let Ok(read) = tokio::time::timeout(timeout, read).await else {
+        metrics::counter!(m::ADMIN_REFUSED, "reason" => "body_timeout").increment(1);
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the body did not arrive within {timeout:?}"),
+        ));
+    };
+    match read {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -326,7 +469,7 @@ async fn push_one(req: Request<Incoming>, user: &str, shared: &Shared) -> Resp {
         Ok(w) => w,
         Err(e) => return e.into_response(),
     };
-    let body = match read_body(req, shared.config.max_message_bytes).await {
+    let body = match read_body(req, shared.config.max_message_bytes, shared).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
@@ -407,7 +550,7 @@ impl BatchItem<'_> {
 async fn read_batch(req: Request<Incoming>, shared: &Shared) -> Result<Bytes, ApiError> {
     // A batch may carry many messages of the maximum size, up to a bound.
     let limit = shared.config.max_message_bytes.saturating_mul(64);
-    read_body(req, limit).await
+    read_body(req, limit, shared).await
 }
 
 fn parse_batch(body: &[u8]) -> Result<Vec<BatchItem<'_>>, ApiError> {
@@ -486,7 +629,11 @@ async fn push_batch_items(
 /// that user/device here: kept in the history for when they resume), `duplicate` (kept
 /// before under the same `message_id`; connections that had it do not get it again), or
 /// `invalid` (never deliverable: dead-letter it). `?wait_receipt_ms=N` waits for receipts.
-async fn deliver(req: Request<Incoming>, shared: &Shared) -> Resp {
+///
+/// `trusted_ids`: the caller holds the internal secret. Otherwise an item's `id` must name a
+/// message the history keeps for that user with the same content, or the item is `invalid`:
+/// an id of `u64::MAX` would make a connection skip every later message.
+async fn deliver(req: Request<Incoming>, shared: &Shared, trusted_ids: bool) -> Resp {
     let received = tokio::time::Instant::now();
     let wait = match receipt_wait(&req) {
         Ok(w) => w,
@@ -496,7 +643,7 @@ async fn deliver(req: Request<Incoming>, shared: &Shared) -> Resp {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    deliver_items(&body, received, wait, shared)
+    deliver_items(&body, received, wait, trusted_ids, shared)
         .await
         .unwrap_or_else(ApiError::into_response)
 }
@@ -505,14 +652,20 @@ async fn deliver_items(
     body: &[u8],
     received: tokio::time::Instant,
     wait: Option<std::time::Duration>,
+    trusted_ids: bool,
     shared: &Shared,
 ) -> Result<Resp, ApiError> {
     let items = parse_batch(body)?;
     metrics::counter!(m::PUSHES).increment(items.len() as u64);
-    let payloads: Vec<Result<Payload, String>> = items
+    let mut payloads: Vec<Result<Payload, String>> = items
         .iter()
         .map(|item| item.payload(shared.config.max_message_bytes))
         .collect();
+    if !trusted_ids {
+        if let Err(e) = check_ids(&items, &mut payloads, shared).await {
+            return Ok(history_unavailable(e));
+        }
+    }
     let valid: Vec<(&BatchItem<'_>, &Payload)> = items
         .iter()
         .zip(&payloads)
@@ -581,6 +734,54 @@ async fn history(req: &Request<Incoming>, user: &str, shared: &Shared) -> Resp {
         ),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "history_unavailable", e),
     }
+}
+
+/// Marks invalid every item whose `id` the history does not keep for its user with the same
+/// payload, device and message ID (one `get` per user).
+async fn check_ids(
+    items: &[BatchItem<'_>],
+    payloads: &mut [Result<Payload, String>],
+    shared: &Shared,
+) -> Result<(), push_registry::Error> {
+    let mut by_user: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
+    for (i, item) in items.iter().enumerate() {
+        if item.id.is_some() && payloads[i].is_ok() {
+            by_user.entry(item.user.as_ref()).or_default().push(i);
+        }
+    }
+    for (user, idxs) in by_user {
+        let ids: Vec<u64> = idxs.iter().filter_map(|&i| items[i].id).collect();
+        let kept = shared.store.get(user, &ids).await?;
+        for i in idxs {
+            let item = &items[i];
+            let Ok(p) = &payloads[i] else { continue };
+            let matches = kept.iter().any(|b| {
+                Some(b.id) == item.id
+                    && b.json == p.is_json
+                    && same_payload(&b.data, &p.bytes, p.is_json)
+                    && b.device.as_deref() == item.device.as_deref()
+                    && b.mid.as_deref() == item.message_id.as_deref()
+            });
+            if !matches {
+                metrics::counter!(m::ADMIN_REFUSED, "reason" => "bad_id").increment(1);
+                payloads[i] = Err(
+                    "`id` is not a message the history keeps for this user; only callers with the internal secret may set ids that are not"
+                        .into(),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Equal payloads; JSON compared as values, since a forwarding node re-encodes it (key order,
+/// spacing).
+fn same_payload(kept: &[u8], sent: &[u8], json: bool) -> bool {
+    if !json {
+        return kept == sent;
+    }
+    let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).ok();
+    kept == sent || matches!((parse(kept), parse(sent)), (Some(a), Some(b)) if a == b)
 }
 
 fn user_connections(user: &str, shared: &Shared) -> Resp {

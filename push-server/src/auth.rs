@@ -1,7 +1,9 @@
 //! Client authentication: HS256 JSON Web Tokens (RFC 7519).
 //!
 //! Claims: `sub` is the user ID (required), `did` an optional device or client ID, `exp` the
-//! expiry (checked when present; required when the server is started with `--require-exp`).
+//! expiry (required unless the server is started with `--allow-tokens-without-exp`: a token
+//! without one would be valid for ever), `nbf` (checked when present), and `iss` / `aud` when
+//! the server is started with `--token-issuer` / `--token-audience`.
 //! Any HS256 JWT library given the same secret makes tokens this accepts.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -26,6 +28,9 @@ pub struct Claims {
     /// Issued at, seconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
+    /// Not before, seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
 }
 
 /// Why a token was refused. Each is answered with 401 (WebSocket close 4001 once open).
@@ -67,6 +72,7 @@ impl Authenticator {
         }
         // Clock skew between the token issuer and this node.
         validation.leeway = 30;
+        validation.validate_nbf = true;
         validation.validate_aud = false;
         Self {
             decoding: DecodingKey::from_secret(secret),
@@ -75,12 +81,29 @@ impl Authenticator {
         }
     }
 
+    /// Requires `iss` to be `issuer` and `aud` to contain `audience` (each when `Some`).
+    pub fn with_issuer_audience(mut self, issuer: Option<&str>, audience: Option<&str>) -> Self {
+        if let Some(iss) = issuer {
+            self.validation.set_issuer(&[iss]);
+            self.validation.required_spec_claims.insert("iss".into());
+        }
+        if let Some(aud) = audience {
+            self.validation.set_audience(&[aud]);
+            self.validation.validate_aud = true;
+            self.validation.required_spec_claims.insert("aud".into());
+        }
+        self
+    }
+
     /// Verifies `token` and returns its claims.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => {
+                    AuthError::Invalid("token not valid yet (nbf)".into())
+                }
                 _ => AuthError::Invalid(e.to_string()),
             })?;
         let claims = data.claims;
@@ -112,6 +135,7 @@ impl Authenticator {
             did: device.map(str::to_owned),
             exp: Some(now + ttl.as_secs()),
             iat: Some(now),
+            nbf: None,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 signing cannot fail")
@@ -180,6 +204,7 @@ mod tests {
             did: None,
             exp: Some(1_000_000),
             iat: None,
+            nbf: None,
         };
         let t = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -197,6 +222,7 @@ mod tests {
             did: None,
             exp: None,
             iat: None,
+            nbf: None,
         };
         let t = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -206,6 +232,64 @@ mod tests {
         .unwrap();
         assert!(Authenticator::new(b"k", false).verify(&t).is_ok());
         assert!(Authenticator::new(b"k", true).verify(&t).is_err());
+    }
+
+    fn sign(claims: &serde_json::Value, secret: &[u8]) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap()
+    }
+
+    fn unix_now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    #[test]
+    fn nbf_in_the_future_is_refused() {
+        let a = Authenticator::new(b"k", true);
+        let now = unix_now();
+        let early = sign(
+            &serde_json::json!({"sub": "u", "exp": now + 3600, "nbf": now + 600}),
+            b"k",
+        );
+        assert!(matches!(a.verify(&early), Err(AuthError::Invalid(m)) if m.contains("nbf")));
+        let ok = sign(
+            &serde_json::json!({"sub": "u", "exp": now + 3600, "nbf": now - 10}),
+            b"k",
+        );
+        assert!(a.verify(&ok).is_ok());
+    }
+
+    #[test]
+    fn issuer_and_audience_when_configured() {
+        let a =
+            Authenticator::new(b"k", true).with_issuer_audience(Some("auth.example"), Some("push"));
+        let exp = unix_now() + 3600;
+        let good = sign(
+            &serde_json::json!({"sub": "u", "exp": exp, "iss": "auth.example", "aud": "push"}),
+            b"k",
+        );
+        assert!(a.verify(&good).is_ok());
+        for bad in [
+            serde_json::json!({"sub": "u", "exp": exp}),
+            serde_json::json!({"sub": "u", "exp": exp, "iss": "evil", "aud": "push"}),
+            serde_json::json!({"sub": "u", "exp": exp, "iss": "auth.example", "aud": "other"}),
+        ] {
+            assert!(a.verify(&sign(&bad, b"k")).is_err(), "{bad}");
+        }
+        // Without the settings, iss and aud are not looked at.
+        assert!(Authenticator::new(b"k", true)
+            .verify(&sign(
+                &serde_json::json!({"sub": "u", "exp": exp, "aud": "x"}),
+                b"k"
+            ))
+            .is_ok());
     }
 
     #[test]

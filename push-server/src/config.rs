@@ -36,7 +36,7 @@ pub struct Config {
     pub node_id: String,
     /// HS256 secret for client tokens. `None`: the server makes one at start and prints it.
     pub auth_secret: Option<String>,
-    /// Refuse tokens without `exp`.
+    /// Refuse tokens without `exp` (true unless `--allow-tokens-without-exp`).
     pub require_exp: bool,
     /// Bearer token for the admin API's `/v1/*` routes.
     pub admin_token: Option<String>,
@@ -109,6 +109,184 @@ pub struct Config {
     pub max_connections_per_user: usize,
     /// Most connections of one source (IPv4 address, IPv6 /64) on this node.
     pub max_connections_per_ip: usize,
+    /// Admin port and secrets hardening (docs/security.md).
+    pub admin_security: AdminSecurity,
+}
+
+// ---- Admin port and secrets (issue 14, harden-admin) ----
+
+/// Shortest admin token or internal secret accepted: 16 bytes of a random secret cannot be
+/// guessed over the network, and a shorter one is likely a word someone typed.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// Settings of the admin port's protection and of the secrets between components.
+#[derive(Debug, Clone)]
+pub struct AdminSecurity {
+    /// Secret of `/internal/v1/deliver` and of node-to-node forwarding. Only a caller with it
+    /// may set a message's `id`; without one configured, ids are checked against the history.
+    pub internal_secret: Option<String>,
+    /// Start although the admin port binds a non-loopback address without an admin token.
+    pub admin_insecure: bool,
+    /// Host names (besides IP literals, `localhost` and the advertised host) accepted in the
+    /// admin requests' `Host` header: a DNS-rebinding page sends its own name.
+    pub admin_allowed_hosts: Vec<String>,
+    /// Most admin connections open at once.
+    pub admin_max_connections: usize,
+    /// Time allowed for an admin request's head.
+    pub admin_header_timeout: Duration,
+    /// Time allowed for an admin request's body.
+    pub admin_body_timeout: Duration,
+    /// Networks that registry records may name as nodes to forward to.
+    pub peer_nets: push_registry::PeerNets,
+    /// Required `iss` claim of client tokens.
+    pub token_issuer: Option<String>,
+    /// Required `aud` claim of client tokens.
+    pub token_audience: Option<String>,
+}
+
+impl Default for AdminSecurity {
+    fn default() -> Self {
+        Self {
+            internal_secret: None,
+            admin_insecure: false,
+            admin_allowed_hosts: Vec::new(),
+            // The message processors keep a few keep-alive connections each; scrapers and
+            // operators a handful. 256 leaves room for both and bounds what a flood holds.
+            admin_max_connections: 256,
+            // Real callers send a head in one packet; 10 s covers a loaded machine.
+            admin_header_timeout: Duration::from_secs(10),
+            // A batch is at most 64 messages of the largest size: 30 s is slow even on a bad
+            // link, and bounds how long a trickling body holds a connection.
+            admin_body_timeout: Duration::from_secs(30),
+            peer_nets: push_registry::PeerNets::default(),
+            token_issuer: None,
+            token_audience: None,
+        }
+    }
+}
+
+/// Raw admin security flags (flattened into [`ServeArgs`]).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AdminSecurityArgs {
+    /// Secret of /internal/v1/deliver and node-to-node forwarding (at least 16 bytes); the
+    /// message processor sends the same. Only callers with it may set message IDs.
+    #[arg(long, env = "PUSH_INTERNAL_SECRET", hide_env_values = true)]
+    pub internal_secret: Option<String>,
+    /// Start even though the admin port binds a non-loopback address without --admin-token.
+    #[arg(long, env = "PUSH_ADMIN_INSECURE", num_args = 0..=1, default_missing_value = "true")]
+    pub admin_insecure: Option<bool>,
+    /// Host names accepted in admin requests' Host header, comma-separated (IP literals,
+    /// localhost and the advertised host always are).
+    #[arg(long, env = "PUSH_ADMIN_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub admin_allowed_hosts: Option<Vec<String>>,
+    /// Most admin connections open at once (default 256).
+    #[arg(long, env = "PUSH_ADMIN_MAX_CONNECTIONS")]
+    pub admin_max_connections: Option<usize>,
+    /// Time allowed for an admin request's head, e.g. 10s.
+    #[arg(long, env = "PUSH_ADMIN_HEADER_TIMEOUT", value_parser = parse_duration)]
+    pub admin_header_timeout: Option<Duration>,
+    /// Time allowed for an admin request's body, e.g. 30s.
+    #[arg(long, env = "PUSH_ADMIN_BODY_TIMEOUT", value_parser = parse_duration)]
+    pub admin_body_timeout: Option<Duration>,
+    /// Networks (CIDRs, comma-separated, or `any`) that registry records may name as nodes
+    /// to forward to. Default: loopback only.
+    #[arg(long, env = "PUSH_PEER_NETS")]
+    pub peer_nets: Option<String>,
+    /// Accept client tokens without an `exp` claim (they never expire).
+    #[arg(long, env = "PUSH_ALLOW_TOKENS_WITHOUT_EXP", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_tokens_without_exp: Option<bool>,
+    /// Required `iss` claim of client tokens.
+    #[arg(long, env = "PUSH_TOKEN_ISSUER")]
+    pub token_issuer: Option<String>,
+    /// Required `aud` claim of client tokens.
+    #[arg(long, env = "PUSH_TOKEN_AUDIENCE")]
+    pub token_audience: Option<String>,
+}
+
+impl AdminSecurityArgs {
+    /// Merges flags over the file over the defaults; returns the settings and whether tokens
+    /// without `exp` are allowed.
+    fn merge(&self, file: &FileConfig) -> Result<(AdminSecurity, bool), ConfigError> {
+        let d = AdminSecurity::default();
+        macro_rules! pick {
+            ($field:ident) => {
+                self.$field.clone().or(file.$field.clone())
+            };
+        }
+        let peer_nets = match pick!(peer_nets) {
+            Some(s) => {
+                push_registry::PeerNets::parse(&s).map_err(|message| ConfigError::Invalid {
+                    name: "peer_nets",
+                    message,
+                })?
+            }
+            None => d.peer_nets,
+        };
+        let sec = AdminSecurity {
+            internal_secret: pick!(internal_secret),
+            admin_insecure: pick!(admin_insecure).unwrap_or(d.admin_insecure),
+            admin_allowed_hosts: pick!(admin_allowed_hosts).unwrap_or(d.admin_allowed_hosts),
+            admin_max_connections: pick!(admin_max_connections).unwrap_or(d.admin_max_connections),
+            admin_header_timeout: pick!(admin_header_timeout).unwrap_or(d.admin_header_timeout),
+            admin_body_timeout: pick!(admin_body_timeout).unwrap_or(d.admin_body_timeout),
+            peer_nets,
+            token_issuer: pick!(token_issuer),
+            token_audience: pick!(token_audience),
+        };
+        Ok((sec, pick!(allow_tokens_without_exp).unwrap_or(false)))
+    }
+}
+
+impl Config {
+    /// Checks the admin port's exposure and the secrets' lengths.
+    fn validate_admin_security(&self) -> Result<(), ConfigError> {
+        let invalid = |name, message: String| ConfigError::Invalid { name, message };
+        let sec = &self.admin_security;
+        for (name, secret) in [
+            ("admin_token", &self.admin_token),
+            ("internal_secret", &sec.internal_secret),
+        ] {
+            if secret.as_deref().is_some_and(|s| s.len() < MIN_SECRET_LEN) {
+                return Err(invalid(
+                    name,
+                    format!(
+                        "must be at least {MIN_SECRET_LEN} bytes (e.g. `openssl rand -hex 16`)"
+                    ),
+                ));
+            }
+            if secret
+                .as_deref()
+                .is_some_and(|s| !s.bytes().all(|b| b.is_ascii_graphic()))
+            {
+                return Err(invalid(name, "must be visible ASCII (no spaces)".into()));
+            }
+        }
+        if !self.admin_listen.ip().is_loopback()
+            && self.admin_token.is_none()
+            && !sec.admin_insecure
+        {
+            return Err(invalid(
+                "admin_listen",
+                format!(
+                    "{} is not a loopback address: anyone who reaches it could push to any user; set --admin-token (and --internal-secret), or pass --admin-insecure to accept that",
+                    self.admin_listen
+                ),
+            ));
+        }
+        if sec.admin_max_connections == 0 {
+            return Err(invalid(
+                "admin_max_connections",
+                "must be at least 1".into(),
+            ));
+        }
+        if sec.admin_header_timeout.is_zero() || sec.admin_body_timeout.is_zero() {
+            return Err(invalid(
+                "admin_header_timeout",
+                "admin header and body timeouts must be above zero".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -118,7 +296,7 @@ impl Default for Config {
             admin_listen: "127.0.0.1:9090".parse().expect("literal address"),
             node_id: default_node_id(),
             auth_secret: None,
-            require_exp: false,
+            require_exp: true,
             admin_token: None,
             max_connections: 100_000,
             reuse_port: false,
@@ -172,6 +350,7 @@ impl Default for Config {
             // connections, behind one address; 4,096 leaves them room while one address
             // still cannot take more than 4 % of a default node.
             max_connections_per_ip: 4096,
+            admin_security: AdminSecurity::default(),
         }
     }
 }
@@ -218,10 +397,7 @@ pub struct ServeArgs {
     /// HS256 secret for client tokens. Without one, a random secret is made and printed.
     #[arg(long, env = "PUSH_AUTH_SECRET", hide_env_values = true)]
     pub auth_secret: Option<String>,
-    /// Refuse tokens that carry no `exp` claim.
-    #[arg(long, env = "PUSH_REQUIRE_EXP", num_args = 0..=1, default_missing_value = "true")]
-    pub require_exp: Option<bool>,
-    /// Bearer token required on the admin API's /v1/* routes.
+    /// Bearer token required on the admin API's /v1/* routes (at least 16 bytes).
     #[arg(long, env = "PUSH_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Most client connections open at once; readiness fails and new clients get 503 beyond.
@@ -329,6 +505,9 @@ pub struct ServeArgs {
     /// Most connections of one IPv4 address or IPv6 /64 on this node (0: no cap).
     #[arg(long, env = "PUSH_MAX_CONNECTIONS_PER_IP")]
     pub max_connections_per_ip: Option<usize>,
+    /// Admin port and secrets hardening.
+    #[command(flatten)]
+    pub admin_security: AdminSecurityArgs,
 }
 
 /// The same settings as read from a TOML file. Unknown keys are an error, so a typo does
@@ -340,7 +519,6 @@ pub struct FileConfig {
     admin_listen: Option<SocketAddr>,
     node_id: Option<String>,
     auth_secret: Option<String>,
-    require_exp: Option<bool>,
     admin_token: Option<String>,
     max_connections: Option<usize>,
     reuse_port: Option<bool>,
@@ -388,6 +566,19 @@ pub struct FileConfig {
     first_byte_timeout: Option<Duration>,
     max_connections_per_user: Option<usize>,
     max_connections_per_ip: Option<usize>,
+    // Admin port and secrets (issue 14, harden-admin): see AdminSecurityArgs.
+    internal_secret: Option<String>,
+    admin_insecure: Option<bool>,
+    admin_allowed_hosts: Option<Vec<String>>,
+    admin_max_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde_opt")]
+    admin_header_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    admin_body_timeout: Option<Duration>,
+    peer_nets: Option<String>,
+    allow_tokens_without_exp: Option<bool>,
+    token_issuer: Option<String>,
+    token_audience: Option<String>,
 }
 
 mod humantime_serde_opt {
@@ -467,12 +658,13 @@ impl ServeArgs {
                     .unwrap_or($default)
             };
         }
+        let (admin_security, allow_without_exp) = self.admin_security.merge(&file)?;
         let cfg = Config {
             listen: pick!(listen, d.listen),
             admin_listen: pick!(admin_listen, d.admin_listen),
             node_id: pick!(node_id, d.node_id),
             auth_secret: self.auth_secret.clone().or(file.auth_secret.clone()),
-            require_exp: pick!(require_exp, d.require_exp),
+            require_exp: !allow_without_exp,
             admin_token: self.admin_token.clone().or(file.admin_token.clone()),
             max_connections: pick!(max_connections, d.max_connections),
             reuse_port: pick!(reuse_port, d.reuse_port),
@@ -515,6 +707,7 @@ impl ServeArgs {
             first_byte_timeout: pick!(first_byte_timeout, d.first_byte_timeout),
             max_connections_per_user: pick!(max_connections_per_user, d.max_connections_per_user),
             max_connections_per_ip: pick!(max_connections_per_ip, d.max_connections_per_ip),
+            admin_security,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -609,7 +802,7 @@ impl Config {
                 "must be at least 16 bytes (HS256 keys shorter than that are guessable)",
             ));
         }
-        Ok(())
+        self.validate_admin_security()
     }
 }
 
@@ -743,6 +936,66 @@ mod tests {
             .merge(FileConfig::default())
             .unwrap_err();
         assert!(err.to_string().contains("first_byte_timeout"), "{err}");
+    }
+
+    #[test]
+    fn admin_security_settings() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            internal_secret = "internal-secret-0123456789"
+            admin_allowed_hosts = ["push.internal"]
+            admin_body_timeout = "5s"
+            peer_nets = "10.0.0.0/8"
+            "#,
+        )
+        .unwrap();
+        let cfg = args(&["--admin-max-connections", "9", "--token-issuer", "auth"])
+            .merge(file)
+            .unwrap();
+        let sec = &cfg.admin_security;
+        assert_eq!(
+            sec.internal_secret.as_deref(),
+            Some("internal-secret-0123456789")
+        );
+        assert_eq!(sec.admin_allowed_hosts, ["push.internal"]);
+        assert_eq!(sec.admin_body_timeout, Duration::from_secs(5));
+        assert_eq!(sec.admin_header_timeout, Duration::from_secs(10));
+        assert_eq!(sec.admin_max_connections, 9);
+        assert!(sec.peer_nets.contains("10.1.2.3".parse().unwrap()));
+        assert_eq!(sec.token_issuer.as_deref(), Some("auth"));
+        assert!(cfg.require_exp, "exp is required by default");
+        let lax = args(&["--allow-tokens-without-exp"])
+            .merge(FileConfig::default())
+            .unwrap();
+        assert!(!lax.require_exp);
+        let d = Config::default().admin_security;
+        assert_eq!(d.admin_max_connections, 256);
+        assert!(!d.peer_nets.contains("10.1.2.3".parse().unwrap()));
+        // A public admin port needs a token or the explicit opt-out.
+        let err = args(&["--admin-listen", "0.0.0.0:9090"])
+            .merge(FileConfig::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("--admin-insecure"), "{err}");
+        assert!(
+            args(&["--admin-listen", "0.0.0.0:9090", "--admin-insecure"])
+                .merge(FileConfig::default())
+                .is_ok()
+        );
+        assert!(args(&[
+            "--admin-listen",
+            "0.0.0.0:9090",
+            "--admin-token",
+            "admin-token-0123456789"
+        ])
+        .merge(FileConfig::default())
+        .is_ok());
+        for short in [["--admin-token", "short"], ["--internal-secret", "short"]] {
+            let err = args(&short).merge(FileConfig::default()).unwrap_err();
+            assert!(err.to_string().contains("at least 16"), "{err}");
+        }
+        assert!(args(&["--peer-nets", "10.0.0.0/40"])
+            .merge(FileConfig::default())
+            .is_err());
     }
 
     #[test]

@@ -954,18 +954,15 @@ fn admit<'a>(
         return Err(Box::new(r));
     }
     let ws = ws.map(|accept| {
+        // Only the fixed protocol name is ever selected: echoing the token would put the
+        // secret into a response header that proxies and browser tools log. Browsers that
+        // carry the token there offer `push.v1` beside it (docs/protocol.md).
         let protocol = head.ws_protocol.as_deref().and_then(|offered| {
-            let items: Vec<&str> = offered.split(',').map(str::trim).collect();
-            if items.contains(&message::SUBPROTOCOL) {
-                Some(message::SUBPROTOCOL.to_owned())
-            } else {
-                // Browsers fail a handshake that selects no offered protocol; if the token
-                // was the only entry, select it.
-                token
-                    .as_deref()
-                    .filter(|t| items.contains(t))
-                    .map(str::to_owned)
-            }
+            offered
+                .split(',')
+                .map(str::trim)
+                .any(|p| p == message::SUBPROTOCOL)
+                .then(|| message::SUBPROTOCOL.to_owned())
         });
         (accept, protocol)
     });

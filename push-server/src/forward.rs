@@ -6,6 +6,11 @@
 //!
 //! Forwarded items carry their ID, and a node never forwards an item that came with one, so a
 //! message crosses at most one hop.
+//!
+//! The registry decides where a forward goes, and whoever can write to the registry's storage
+//! writes its records: a node sends the internal secret and the payload only to addresses in
+//! `--peer-nets` (default loopback), reads at most [`MAX_ANSWER_BYTES`] of an answer, and adds
+//! the counts a node returns with saturating arithmetic.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -27,10 +32,15 @@ use crate::server::Shared;
 /// sender's request waits for this.
 const TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Largest answer read from another node: an outcome is under 200 bytes, and a forward
+/// carries at most one batch (10,000 items); anything larger is not a push-server talking.
+pub const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+
 /// A keep-alive HTTP client for the other nodes' internal deliver endpoint.
 pub struct Forwarder {
     client: Client<HttpConnector, Full<Bytes>>,
     auth: Option<HeaderValue>,
+    peer_nets: push_registry::PeerNets,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -40,8 +50,9 @@ impl std::fmt::Debug for Forwarder {
 }
 
 impl Forwarder {
-    /// A client presenting `admin_token` (the cluster's shared `--admin-token`).
-    pub fn new(admin_token: Option<&str>) -> Self {
+    /// A client presenting `secret` (the cluster's `--internal-secret`, or without one its
+    /// `--admin-token`) to nodes in `peer_nets`.
+    pub fn new(secret: Option<&str>, peer_nets: push_registry::PeerNets) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
@@ -49,7 +60,13 @@ impl Forwarder {
             client: Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(4)
                 .build(connector),
-            auth: admin_token.and_then(|t| HeaderValue::from_str(&format!("Bearer {t}")).ok()),
+            auth: secret.and_then(|t| {
+                let mut v = HeaderValue::from_str(&format!("Bearer {t}")).ok()?;
+                // Keeps the secret out of debug output of the request.
+                v.set_sensitive(true);
+                Some(v)
+            }),
+            peer_nets,
         }
     }
 
@@ -108,11 +125,21 @@ impl Forwarder {
             }
         }
         for (node, idxs) in per_node {
-            match self.deliver(node, reqs, pushed, &idxs).await {
+            let target = match self.peer_nets.resolve(node).await {
+                Ok(t) => t,
+                Err(e) => {
+                    metrics::counter!(m::FORWARD_REFUSED, "reason" => "peer_not_allowed")
+                        .increment(1);
+                    tracing::warn!(%node, error = %e, "registry record names a node outside --peer-nets; not forwarded, messages kept in the history");
+                    continue;
+                }
+            };
+            match self.deliver(node, target, reqs, pushed, &idxs).await {
                 Ok(delivered) => {
                     metrics::counter!(m::FORWARDED).increment(idxs.len() as u64);
                     for (&i, n) in idxs.iter().zip(delivered) {
-                        pushed[i].outcome.delivered += n;
+                        let o = &mut pushed[i].outcome;
+                        o.delivered = o.delivered.saturating_add(n);
                     }
                 }
                 Err(e) => {
@@ -126,6 +153,7 @@ impl Forwarder {
     async fn deliver(
         &self,
         node: &str,
+        target: std::net::SocketAddr,
         reqs: &[PushRequest<'_>],
         pushed: &[Pushed],
         idxs: &[usize],
@@ -152,7 +180,8 @@ impl Forwarder {
         let body = serde_json::to_vec(&items).map_err(|e| e.to_string())?;
         let mut req = Request::builder()
             .method(Method::POST)
-            .uri(format!("http://{node}/internal/v1/deliver"))
+            .uri(format!("http://{target}/internal/v1/deliver"))
+            .header(hyper::header::HOST, node)
             .header(CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| e.to_string())?;
@@ -162,17 +191,15 @@ impl Forwarder {
         let exchange = async {
             let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
             let status = resp.status();
-            let bytes = resp
-                .into_body()
+            let bytes = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
                 .collect()
                 .await
                 .map_err(|e| e.to_string())?
                 .to_bytes();
             if !status.is_success() {
-                return Err(format!(
-                    "HTTP {status}: {}",
-                    String::from_utf8_lossy(&bytes)
-                ));
+                let text = String::from_utf8_lossy(&bytes);
+                let shown: String = text.chars().take(200).collect();
+                return Err(format!("HTTP {status}: {shown}"));
             }
             let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
             let results = v["results"].as_array().cloned().unwrap_or_default();
@@ -185,7 +212,10 @@ impl Forwarder {
             }
             Ok(results
                 .iter()
-                .map(|r| r["delivered"].as_u64().unwrap_or(0) as usize)
+                .map(|r| {
+                    let n = r["delivered"].as_u64().unwrap_or(0);
+                    usize::try_from(n).unwrap_or(usize::MAX)
+                })
                 .collect())
         };
         tokio::time::timeout(TIMEOUT, exchange)

@@ -17,6 +17,7 @@
 //! | [`push`] | the push path: append to the history for an ID, then queue, per user in order |
 //! | `connection` | one socket: handshake, then the driver loop (I/O) |
 //! | `listener` | client port socket options and accept loop |
+//! | [`admin_route`] | admin request target → route and who may call it (pure) |
 //! | `admin` | admin HTTP on hyper: push API, metrics, probes |
 //! | `demo` | the `--demo` page on the admin port, built on `clients/js` |
 //! | [`server`] | wires the above: [`Server::start`], the sweeper, drain |
@@ -26,6 +27,7 @@
 //!
 //! The client protocol is documented in `docs/protocol.md`.
 
+pub mod admin_route;
 pub mod auth;
 #[cfg(feature = "autobahn-echo")]
 pub mod autobahn;

@@ -150,15 +150,25 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 }
 
 /// What an operator trying the server for the first time needs: where it listens, a token,
-/// and commands to paste.
+/// and commands to paste. Secrets and sample tokens are printed only to a terminal: stdout
+/// sent to a file or a log collector would keep them (the generated secret signs every
+/// client's token).
 fn print_banner(server: &Server) {
+    use std::io::IsTerminal as _;
     let client = server.client_addr();
     let admin = server.admin_addr();
     let (secret, generated) = server.secret();
-    let token = server.mint_token("demo", None, Duration::from_secs(24 * 3600));
     println!("push-server {} ready", env!("CARGO_PKG_VERSION"));
     println!("  clients  ws://{client}/ws   http://{client}/sse");
     println!("  admin    http://{admin}  (/v1/push/<user>, /metrics, /healthz, /readyz)");
+    if !std::io::stdout().is_terminal() {
+        if generated {
+            println!("  secret   generated and not shown (stdout is not a terminal); set PUSH_AUTH_SECRET to choose one");
+        }
+        println!("  token    mint one with `push-server token --user U` and the same secret");
+        return;
+    }
+    let token = server.mint_token("demo", None, Duration::from_secs(24 * 3600));
     if generated {
         println!("  secret   {secret}");
         println!(
@@ -170,6 +180,11 @@ fn print_banner(server: &Server) {
     println!();
     println!("  listen (SSE):   curl -N -H 'Authorization: Bearer {token}' http://{client}/sse");
     println!("  listen (WS):    websocat 'ws://{client}/ws?token={token}'");
-    println!("  push:           curl -X POST http://{admin}/v1/push/demo -d 'hello'");
+    let auth = if server.shared().config.admin_token.is_some() {
+        " -H 'Authorization: Bearer $PUSH_ADMIN_TOKEN'"
+    } else {
+        ""
+    };
+    println!("  push:           curl -X POST{auth} http://{admin}/v1/push/demo -d 'hello'");
     println!();
 }

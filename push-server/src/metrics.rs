@@ -58,6 +58,14 @@ pub const FORWARD_ERRORS: &str = "push_forward_errors_total";
 /// Counter: accept() failures (for example out of file descriptors).
 pub const ACCEPT_ERRORS: &str = "push_accept_errors_total";
 
+// Admin-port hardening (issue 14, harden-admin).
+/// Counter, label `reason` (`not_canonical`, `unauthorized`, `bad_host`, `browser`,
+/// `too_many_connections`, `body_timeout`, `bad_id`): admin requests refused.
+pub const ADMIN_REFUSED: &str = "push_admin_refused_total";
+/// Counter, label `reason` (`peer_not_allowed`): forwards not sent because the registry
+/// record named a node outside `--peer-nets`.
+pub const FORWARD_REFUSED: &str = "push_forward_refused_total";
+
 /// Latency buckets: a push on loopback takes tens of microseconds; a loaded node, tens of
 /// milliseconds; anything past a second is an incident.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -117,6 +125,11 @@ fn describe() {
         "Admin receive to socket write, per message and connection."
     );
     describe_counter!(ACCEPT_ERRORS, "Failed accept() calls.");
+    describe_counter!(ADMIN_REFUSED, "Admin requests refused, by reason.");
+    describe_counter!(
+        FORWARD_REFUSED,
+        "Forwards not sent to a node outside --peer-nets."
+    );
     describe_counter!(
         MESSAGES_STORED,
         "Messages kept for users with no connection on this node."

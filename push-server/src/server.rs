@@ -122,7 +122,10 @@ impl Shared {
         metrics::gauge!(m::CONNECTIONS_CAPACITY).set(config.max_connections as f64);
         metrics::gauge!(m::DRAINING).set(0.0);
         Self {
-            auth: Authenticator::new(secret.as_bytes(), config.require_exp),
+            auth: Authenticator::new(secret.as_bytes(), config.require_exp).with_issuer_audience(
+                config.admin_security.token_issuer.as_deref(),
+                config.admin_security.token_audience.as_deref(),
+            ),
             limits: QueueLimits {
                 max_frames: config.max_queue,
                 max_bytes: config.max_queue_bytes,
@@ -155,7 +158,14 @@ impl Shared {
             store,
             sequencer: crate::push::Sequencer::new(),
             receipts: Arc::new(crate::receipts::Receipts::new()),
-            forwarder: crate::forward::Forwarder::new(config.admin_token.as_deref()),
+            forwarder: crate::forward::Forwarder::new(
+                config
+                    .admin_security
+                    .internal_secret
+                    .as_deref()
+                    .or(config.admin_token.as_deref()),
+                config.admin_security.peer_nets.clone(),
+            ),
             config,
             hub: Hub::new(),
             epoch: tokio::time::Instant::now(),

@@ -107,3 +107,29 @@ fn invalid_settings_fail_with_a_clear_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("heartbeat_timeout"), "{err}");
 }
+
+#[test]
+fn a_generated_secret_is_not_printed_to_a_pipe() {
+    use std::io::BufRead as _;
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env_remove("PUSH_AUTH_SECRET")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut banner = String::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        banner.push_str(&line);
+        banner.push('\n');
+        if line.trim().starts_with("token ") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(banner.contains("not shown"), "{banner}");
+    assert!(!banner.contains("eyJ"), "a token was printed: {banner}");
+}

@@ -170,7 +170,7 @@ async fn sse_resumes_from_last_event_id() {
 #[tokio::test]
 async fn messages_for_one_device_are_not_resumed_on_another() {
     let mut cfg = config();
-    cfg.admin_token = Some("shared-secret".into());
+    cfg.admin_token = Some("shared-secret-0123456789".into());
     let server = start(cfg).await;
     let batch = json!([
         {"user": "ed", "device": "watch", "data": "for the watch"},
@@ -180,7 +180,7 @@ async fn messages_for_one_device_are_not_resumed_on_another() {
         server.admin_addr(),
         "POST",
         "/internal/v1/deliver",
-        &[("Authorization", "Bearer shared-secret")],
+        &[("Authorization", "Bearer shared-secret-0123456789")],
         batch.to_string().as_bytes(),
     )
     .await;

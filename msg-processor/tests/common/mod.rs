@@ -21,6 +21,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 pub const SECRET: &str = "msg-processor-test-secret-0123456789";
 pub const ADMIN_TOKEN: &str = "shared-deliver-secret";
+/// The nodes' and processors' `--internal-secret` (the processor sends it, not the token).
+pub const INTERNAL_SECRET: &str = "internal-deliver-secret-0123";
 
 /// Upper bound for one wait: generous for a loaded CI machine; a hang still ends the test.
 pub const WAIT: Duration = Duration::from_secs(45);
@@ -67,6 +69,7 @@ impl MockKafka {
 pub fn settings(brokers: &str, topic: &str, registry: &str) -> Settings {
     let mut s = Settings::new(brokers, topic, "test-group", registry);
     s.admin_token = Some(ADMIN_TOKEN.into());
+    s.internal_secret = Some(INTERNAL_SECRET.into());
     s.dead_letter_topic = Some(format!("{topic}-dlq"));
     s.batch_size = 100;
     s.retry_backoff = Duration::from_millis(50);
@@ -96,6 +99,7 @@ pub async fn node(id: &str, registry: &str, advertise: Option<SocketAddr>) -> Se
     cfg.node_id = id.into();
     cfg.registry = registry.into();
     cfg.admin_token = Some(ADMIN_TOKEN.into());
+    cfg.admin_security.internal_secret = Some(INTERNAL_SECRET.into());
     cfg.advertise_addr = advertise.map(|a| a.to_string());
     Server::start(cfg).await.expect("node starts")
 }

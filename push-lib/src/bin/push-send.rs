@@ -35,8 +35,11 @@ struct Args {
     #[arg(long)]
     direct: Option<String>,
     /// The node's `--admin-token` (direct only).
-    #[arg(long, env = "PUSH_ADMIN_TOKEN")]
+    #[arg(long, env = "PUSH_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// The node's `--internal-secret` (direct only; sent instead of the admin token).
+    #[arg(long, env = "PUSH_INTERNAL_SECRET", hide_env_values = true)]
+    internal_secret: Option<String>,
     /// The user to push to.
     #[arg(long, default_value = "demo", conflicts_with = "users")]
     user: String,
@@ -92,6 +95,7 @@ impl Args {
             (None, Some(url)) => {
                 let cfg = DeliverConfig {
                     admin_token: self.admin_token.clone(),
+                    internal_secret: self.internal_secret.clone(),
                     timeout: self.timeout,
                     ..DeliverConfig::default()
                 };

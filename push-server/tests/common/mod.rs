@@ -404,22 +404,22 @@ impl Drop for Proc {
     }
 }
 
-/// Starts the `push-server` binary on port 0 and reads its banner.
+/// Starts the `push-server` binary on port 0 with [`SECRET`] and reads its banner (which,
+/// on a pipe, prints no token: the sample token is minted here with the same secret).
 pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new(BIN);
     cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .env_remove("PUSH_AUTH_SECRET");
+        .env("PUSH_AUTH_SECRET", SECRET);
     for (k, v) in envs {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().expect("spawn push-server");
     let stdout = child.stdout.take().unwrap();
     let mut lines = std::io::BufReader::new(stdout).lines();
-    let (mut client, mut admin, mut token) = (None, None, None);
-    let mut prev = String::new();
+    let (mut client, mut admin) = (None, None);
     for line in lines.by_ref() {
         let line = line.unwrap();
         let t = line.trim();
@@ -429,20 +429,21 @@ pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
         if let Some(rest) = t.strip_prefix("admin    http://") {
             admin = rest.split_whitespace().next().and_then(|a| a.parse().ok());
         }
-        if prev.starts_with("token ") {
-            token = Some(t.to_owned());
-        }
-        prev = t.to_owned();
-        if t.starts_with("push:") {
+        if t.starts_with("token ") {
             break;
         }
     }
+    let token = push_server::auth::Authenticator::new(SECRET.as_bytes(), true).mint(
+        "demo",
+        None,
+        Duration::from_secs(3600),
+    );
     // Keep draining stdout so the process never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
     Proc {
         child,
         client: client.expect("banner names the client address"),
         admin: admin.expect("banner names the admin address"),
-        token: token.expect("banner prints a sample token"),
+        token,
     }
 }
