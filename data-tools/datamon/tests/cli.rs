@@ -189,3 +189,40 @@ async fn explain_with_styx_on_port_0() {
     assert_eq!(code, 2);
     assert!(err.contains("no dataset \"nope\" is declared"), "{err}");
 }
+
+#[test]
+fn the_shipped_platform_declarations_load_and_are_watched() {
+    let tree = Tree::new("shipped");
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/declarations/platform.yaml");
+    tree.declare(&std::fs::read_to_string(shipped).unwrap());
+    // GABO's receipts bucket for 15:00 landed at 16:10, inside its one-hour SLA.
+    tree.land("gabo/receipts", "2026-11-29T15", "2026-11-29T16:10:00Z");
+    let (code, out, err) = run(tree
+        .cmd("2026-11-29T16:30:00Z")
+        .args(["--window", "2", "status"]));
+    assert_eq!(code, 0, "{out}{err}");
+    for id in ["gabo.receipts", "gabo.outcomes", "reports.delivered"] {
+        assert!(out.contains(id), "{id} missing from:\n{out}");
+    }
+    let receipts: Vec<&str> = out
+        .lines()
+        .find(|l| l.starts_with("gabo.receipts"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // DATASET OWNER ON_TIME LATE MISSING PENDING last: hour 15 on time, hour 16 pending.
+    assert_eq!(
+        receipts,
+        [
+            "gabo.receipts",
+            "push-data",
+            "1",
+            "0",
+            "0",
+            "1",
+            "2026-11-29T15",
+            "on_time"
+        ],
+        "{out}"
+    );
+}
