@@ -72,7 +72,7 @@ pub fn format(d: Duration) -> String {
 
 /// `#[serde(with = "iso")]` for a `Duration` written as an ISO-8601 string.
 pub mod iso {
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserializer, Serializer};
     use std::time::Duration;
 
     /// Writes `PT1H`.
@@ -82,9 +82,33 @@ pub mod iso {
 
     /// Reads `PT1H`.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        super::parse(&s).map_err(serde::de::Error::custom)
+        super::parsed_str(d, "an ISO-8601 duration such as PT1H", super::parse)
     }
+}
+
+/// Deserialises a string and parses it with `parse`, failing *inside* the deserializer's
+/// visitor. Why not `String::deserialize(d)?.parse()`: an error raised after the string was
+/// read carries no position, while one raised in the visitor gets the YAML deserializer's
+/// line, column and field path (`offset: invalid … at line 4 column 9`).
+pub fn parsed_str<'de, D, T>(
+    d: D,
+    expecting: &'static str,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct V<F>(&'static str, F);
+    impl<'de, T, F: FnOnce(&str) -> Result<T, String>> serde::de::Visitor<'de> for V<F> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<T, E> {
+            (self.1)(s).map_err(E::custom)
+        }
+    }
+    d.deserialize_str(V(expecting, parse))
 }
 
 #[cfg(test)]

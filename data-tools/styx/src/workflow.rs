@@ -112,9 +112,11 @@ impl Serialize for Schedule {
 
 impl<'de> Deserialize<'de> for Schedule {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+        crate::duration::parsed_str(
+            d,
+            "a schedule such as hourly or a cron expression",
+            str::parse,
+        )
     }
 }
 
@@ -337,11 +339,18 @@ impl Workflow {
                 .location()
                 .map(|l| (l.line(), l.column()))
                 .unwrap_or((0, 0));
+            // The position leads the message (`file:line:column: field: what`), so the
+            // library's trailing copy of it goes.
+            let message = e.to_string();
+            let message = message
+                .strip_suffix(&format!(" at line {line} column {column}"))
+                .unwrap_or(&message)
+                .to_string();
             WorkflowError::Invalid {
                 file: file.to_string(),
                 line,
                 column,
-                message: e.to_string(),
+                message,
             }
         })?;
         // Names become path segments (URLs, log dirs): checked here, with the field's line.

@@ -195,7 +195,8 @@ fn disabled_workflows_get_no_natural_triggers_but_manual_ones() {
 #[test]
 fn retry_policy_drives_runs() {
     let mut e = engine();
-    e.put_workflow(wf("retry: {max_cost: 2.5}\n"), t(10, 0))
+    // Disabled: natural triggers of the hours passed below would add launches of their own.
+    e.put_workflow(wf("enabled: false\nretry: {max_cost: 2.5}\n"), t(10, 0))
         .unwrap();
     trig(&mut e, "2026-11-29T05", t(10, 0));
     let l = launches(&mut e).remove(0);
@@ -332,7 +333,9 @@ fn resources_cap_concurrent_runs() {
     }
     let first = launches(&mut e);
     assert_eq!(params(&first), ["2026-11-29T01", "2026-11-29T02"]);
-    e.tick(t(10, 10)).unwrap();
+    // Every step stays within the 10-minute submit timeout: 02 (never confirmed by this
+    // test's runner) must keep its slot, not time out and free it.
+    e.tick(t(10, 6)).unwrap();
     assert!(launches(&mut e).is_empty(), "both slots taken");
     assert_eq!(
         e.active_run(&key("2026-11-29T03"))
@@ -342,8 +345,8 @@ fn resources_cap_concurrent_runs() {
         Some("waiting for resource db")
     );
     assert_eq!(e.resources(), [("db".to_string(), 2, 2)]);
-    finish(&mut e, &first[0], 0, t(10, 11));
-    e.tick(t(10, 12)).unwrap();
+    finish(&mut e, &first[0], 0, t(10, 7));
+    e.tick(t(10, 8)).unwrap();
     assert_eq!(
         params(&launches(&mut e)),
         ["2026-11-29T03"],
