@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use styx::client::{timeline, Client};
 use styx::engine::{Engine, EngineConfig};
+use styx::runner::k8s_http::K8sRunner;
 use styx::runner::local::LocalRunner;
 use styx::runner::{Runner, StubRunner};
 use styx::service::{self, Handle};
@@ -96,9 +97,17 @@ struct ServeArgs {
     /// Workflow files or directories of *.yaml to load at start (create or replace).
     #[arg(long = "workflows")]
     workflows: Vec<PathBuf>,
-    /// `local` (bubblewrap sandboxes) or `stub` (every run succeeds at once).
+    /// `local` (bubblewrap sandboxes), `k8s` (a Kubernetes Job per run, through --k8s-api) or
+    /// `stub` (every run succeeds at once).
     #[arg(long, default_value = "local")]
     runner: String,
+    /// The Kubernetes API for `--runner k8s`: `kubectl proxy`'s address, which holds the
+    /// cluster's credentials and TLS.
+    #[arg(long, default_value = "http://127.0.0.1:8001")]
+    k8s_api: String,
+    /// The namespace of the Jobs.
+    #[arg(long, default_value = "styx")]
+    k8s_namespace: String,
     /// How often the scheduler looks for due triggers, timeouts and free slots.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     tick: Duration,
@@ -376,8 +385,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let state_dir = std::fs::canonicalize(&args.state_dir)?;
     let runner: Arc<dyn Runner> = match args.runner.as_str() {
         "local" => Arc::new(LocalRunner::new(&state_dir.join("runs")).map_err(anyhow::Error::msg)?),
+        "k8s" => Arc::new(K8sRunner::new(&args.k8s_api, &args.k8s_namespace)),
         "stub" => Arc::new(StubRunner::default()),
-        other => bail!("unknown runner {other:?}: use local or stub"),
+        other => bail!("unknown runner {other:?}: use local, k8s or stub"),
     };
     let store = SqliteStore::open(&state_dir.join("styx.db"))?;
     let mut engine = Engine::open(Box::new(store), EngineConfig::default())?;

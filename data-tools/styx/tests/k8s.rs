@@ -118,3 +118,171 @@ fn recorded_watch_streams_map_to_events() {
         matches!(watch_event(&deadline), Some(Event::RunError { message }) if message.contains("DeadlineExceeded"))
     );
 }
+
+/// An API server on 127.0.0.1:0 that plays back a recorded stream: the Job's and the Pod's
+/// watch events of `file`, split by kind onto the two watches the runner opens. It records
+/// every request (method, path and query, body).
+struct RecordedApi {
+    url: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RecordedApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn recorded_api(file: &str, create_status: u16) -> RecordedApi {
+    use http_body_util::{BodyExt, Full};
+    let text = std::fs::read_to_string(dir().join(file)).unwrap();
+    let (mut jobs, mut pods) = (String::new(), String::new());
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let out = if v["object"]["kind"] == "Pod" {
+            &mut pods
+        } else {
+            &mut jobs
+        };
+        out.push_str(line);
+        out.push('\n');
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (jobs, pods, seen) = (jobs.clone(), pods.clone(), seen2.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (jobs, pods, seen) = (jobs.clone(), pods.clone(), seen.clone());
+                        async move {
+                            let method = req.method().to_string();
+                            let target = req.uri().path_and_query().unwrap().to_string();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            seen.lock().unwrap().push((
+                                method.clone(),
+                                target.clone(),
+                                String::from_utf8_lossy(&body).into_owned(),
+                            ));
+                            let (status, body) = match method.as_str() {
+                            "POST" if create_status == 201 => (201, "{}".to_string()),
+                            "POST" => (create_status, r#"{"kind":"Status","message":"jobs \"x\" is forbidden: exceeded quota"}"#.to_string()),
+                            "GET" if target.contains("/pods?watch=1") => (200, pods),
+                            "GET" if target.contains("/jobs?watch=1") => (200, jobs),
+                            _ => (200, "{}".to_string()),
+                        };
+                            let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(body)));
+                            *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, std::convert::Infallible>(r)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    RecordedApi { url, seen, task }
+}
+
+/// Launches one execution on a `K8sRunner` against `api` and collects its reports until an
+/// outcome (or `limit` reports).
+async fn reports_of(api: &RecordedApi, limit: usize) -> Vec<Event> {
+    use styx::runner::Runner;
+    let runner = styx::runner::k8s_http::K8sRunner::new(&api.url, "styx");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    runner.launch(launch(), tx);
+    let mut got = Vec::new();
+    while got.len() < limit {
+        let r = tokio::time::timeout(std::time::Duration::from_secs(60), rx.recv())
+            .await
+            .expect("a report within a minute")
+            .expect("the runner keeps the channel until an outcome");
+        assert_eq!(r.execution_id, "styx-run-00c0ffee12345678");
+        let outcome = matches!(r.event, Event::Terminate { .. } | Event::RunError { .. });
+        got.push(r.event);
+        if outcome {
+            break;
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_creates_the_job_and_follows_its_watches() {
+    let api = recorded_api("success.jsonl", 201).await;
+    assert_eq!(
+        reports_of(&api, 10).await,
+        [
+            Event::Submitted {
+                execution_id: "styx-run-00c0ffee12345678".into()
+            },
+            Event::Started,
+            Event::Terminate { exit_code: 0 },
+        ]
+    );
+    let seen = api.seen.lock().unwrap().clone();
+    let (_, target, body) = seen.iter().find(|(m, _, _)| m == "POST").expect("a POST");
+    assert_eq!(target, "/apis/batch/v1/namespaces/styx/jobs");
+    let posted: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(posted, job(&launch(), "styx"), "the Job of the golden file");
+    assert!(seen.iter().any(|(m, t, _)| m == "GET"
+        && t == "/api/v1/namespaces/styx/pods?watch=1&labelSelector=styx-execution-id%3Dstyx-run-00c0ffee12345678"));
+
+    let api = recorded_api("missing-deps.jsonl", 201).await;
+    assert_eq!(
+        reports_of(&api, 10).await.last(),
+        Some(&Event::Terminate { exit_code: 20 })
+    );
+    let api = recorded_api("image-pull.jsonl", 201).await;
+    assert_eq!(
+        reports_of(&api, 10).await.last(),
+        Some(&Event::RunError {
+            message: "pod cannot start: ErrImagePull".into()
+        })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_job_is_a_run_error_with_the_api_reason() {
+    let api = recorded_api("success.jsonl", 403).await;
+    match &reports_of(&api, 10).await[..] {
+        [Event::RunError { message }] => {
+            assert!(
+                message.contains("403") && message.contains("exceeded quota"),
+                "{message}"
+            )
+        }
+        other => panic!("expected one runError, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_deletes_the_job() {
+    use styx::runner::Runner;
+    // A stream that never ends in an outcome: the Job is added, its pod runs.
+    let api = recorded_api("running.jsonl", 201).await;
+    let runner = styx::runner::k8s_http::K8sRunner::new(&api.url, "styx");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut l = launch();
+    l.execution_id = "styx-run-kill".into();
+    runner.launch(l, tx);
+    let first = rx.recv().await.unwrap();
+    assert!(matches!(first.event, Event::Submitted { .. }));
+    runner.kill("styx-run-kill");
+    for _ in 0..1200 {
+        if api.seen.lock().unwrap().iter().any(|(m, t, _)| {
+            m == "DELETE" && t == "/apis/batch/v1/namespaces/styx/jobs/styx-run-kill?propagationPolicy=Background"
+        }) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no DELETE of the Job: {:?}", api.seen.lock().unwrap());
+}

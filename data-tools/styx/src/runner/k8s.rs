@@ -1,11 +1,10 @@
 //! The Kubernetes runner's two pure halves: the Job object for an execution, and the mapping
-//! from a watched Job's status to Styx events.
+//! from a watched Job's or Pod's status to Styx events. [`super::k8s_http`] drives them against
+//! the API.
 //!
-//! No cluster runs in this project's CI, and the `kube` client (with `k8s-openapi`) would add
-//! minutes to every clean build; the Job is built as plain JSON (the API's own format) and
-//! tested against golden files, and the mapping against recorded watch responses. A driver
-//! that POSTs the Job to `/apis/batch/v1/namespaces/{ns}/jobs` and watches it with
-//! `?watch=1&labelSelector=styx-execution-id=…` is the remaining glue; see `docs/styx.md`.
+//! The Job is built as plain JSON (the API's own format) rather than with `k8s-openapi`'s types,
+//! which would add minutes to every clean build; it is tested against a golden file, and the
+//! mapping against recorded watch responses (no cluster runs in this project's CI).
 
 use serde_json::{json, Value};
 
@@ -14,7 +13,7 @@ use crate::engine::Launch;
 use crate::state::Event;
 
 /// Kubernetes names: lowercase alphanumerics and '-', at most 63 characters.
-fn dns_label(s: &str) -> String {
+pub fn dns_label(s: &str) -> String {
     let mut out: String = s
         .chars()
         .map(|c| {

@@ -4,10 +4,12 @@
 //! | runner | where |
 //! |---|---|
 //! | [`local::LocalRunner`] | the embedded default: one bubblewrap sandbox per run |
-//! | [`k8s`] | a Kubernetes Job per run: the Job object and the watch → event mapping |
+//! | [`k8s`] | a Kubernetes Job per run: the Job object and the watch → event mapping (pure) |
+//! | [`k8s_http::K8sRunner`] | creates and watches those Jobs through the API (`kubectl proxy`) |
 //! | [`StubRunner`] | succeeds at once (benchmarks, API tests) |
 
 pub mod k8s;
+pub mod k8s_http;
 pub mod local;
 
 use tokio::sync::mpsc;
