@@ -1,8 +1,10 @@
-//! The Kubernetes runner's pure halves: the generated Job against a golden file, and the
-//! watch → event mapping against recorded watch responses (no cluster runs here).
+//! The Kubernetes runner: the generated Job against a golden file, the watch → event mapping
+//! against recorded watch responses, and the runner against an API server on port 0 that plays
+//! those recordings back (no cluster runs here).
 //!
-//! After an intended change of the Job: `UPDATE_GOLDEN=1 cargo nextest run -p styx k8s`, then
-//! review the diff of `tests/k8s/job.golden.json`.
+//! After an intended change of the Job:
+//! `UPDATE_GOLDEN=1 cargo nextest run -p styx -E 'binary(k8s)'`, then review the diff of
+//! `tests/k8s/job.golden.json`.
 
 use std::path::PathBuf;
 
