@@ -5,9 +5,15 @@
 //! without one would be valid for ever), `nbf` (checked when present), and `iss` / `aud` when
 //! the server is started with `--token-issuer` / `--token-audience`.
 //! Any HS256 JWT library given the same secret makes tokens this accepts.
+//!
+//! The claims, the ID limit and where a request carries its token are always here; minting
+//! and verifying ([`Authenticator`]) need the `jwt` feature, which pulls in `jsonwebtoken`:
+//! a crate that only parses messages does not pay for it.
 
+#[cfg(feature = "jwt")]
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+#[cfg(feature = "jwt")]
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +54,7 @@ pub enum AuthError {
 }
 
 /// Verifies and mints tokens with one shared secret.
+#[cfg(feature = "jwt")]
 #[derive(Clone)]
 pub struct Authenticator {
     decoding: DecodingKey,
@@ -55,12 +62,14 @@ pub struct Authenticator {
     validation: Validation,
 }
 
+#[cfg(feature = "jwt")]
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authenticator").finish_non_exhaustive()
     }
 }
 
+#[cfg(feature = "jwt")]
 impl Authenticator {
     /// An authenticator for `secret`. With `require_exp`, tokens without `exp` are refused.
     pub fn new(secret: &[u8], require_exp: bool) -> Self {
@@ -170,7 +179,7 @@ pub fn token_from_request(
         .map(str::to_owned)
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "jwt"))]
 mod tests {
     use super::*;
 
