@@ -51,6 +51,10 @@ pub enum ItemError {
     /// A text payload that is not UTF-8.
     #[error("{0}")]
     Utf8(#[from] std::str::Utf8Error),
+    /// The item sets an `id` that the node's history does not keep for this user with the
+    /// same content, and the caller does not hold the internal secret.
+    #[error("`id` is not a message the history keeps for this user; only callers with the internal secret may set ids that are not")]
+    UntrustedId,
     /// The payload is larger than the node accepts.
     #[error("data exceeds {limit} bytes")]
     TooBig {
