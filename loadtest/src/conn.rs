@@ -15,32 +15,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use push_server::protocol::ws;
-use serde::Deserialize;
+use push_proto::message::{self, ClientMessage, Received};
+use push_proto::{sse, ws};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-/// The transport of one client.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// WebSocket on `/ws`.
-    Ws,
-    /// Server-Sent Events on `/sse`.
-    Sse,
-}
-
-impl Transport {
-    /// The name on the command line, in reports and in push-server's metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ws => "ws",
-            Self::Sse => "sse",
-        }
-    }
-}
+pub use push_proto::message::Hello;
+pub use push_proto::Transport;
 
 /// Any valid 16-byte base64 key: the client checks the server's accept value against it.
 const WS_KEY: &str = "bG9hZHRlc3Qta2V5LTAwMQ==";
@@ -56,21 +37,6 @@ const MAX_PENDING: usize = 1024 * 1024;
 /// cache poisoning by browser scripts; a load generator talking to its own server does not
 /// need that, and a constant saves a random draw per frame.
 const MASK: [u8; 4] = [0x6c, 0x74, 0x21, 0x07];
-
-/// The `hello` that opens every connection.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Hello {
-    /// Connection ID on its node.
-    pub conn_id: u64,
-    /// Node ID.
-    pub node: String,
-    /// When the server will ask this connection to reconnect, ms from now.
-    #[serde(default)]
-    pub lifetime_ms: u64,
-    /// The server's heartbeat interval, ms.
-    #[serde(default)]
-    pub heartbeat_ms: u64,
-}
 
 /// What arrived on a connection.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,6 +73,9 @@ pub struct Conn {
     transport: Transport,
     /// Bytes of an incomplete frame or event.
     pending: Vec<u8>,
+    /// WebSocket: the fragments of a message being assembled (empty and unallocated
+    /// between messages).
+    ws: ws::WsReader,
     /// The hello (all zero for a raw connection).
     pub hello: Hello,
     /// A close frame was sent (WebSocket) or the socket shut down.
@@ -181,12 +150,12 @@ async fn open_inner(
     // caller counts, so it is an error here.
     loop {
         match conn.next_event().await {
-            Event::Other(json) => match parse_hello(&json) {
-                Some(hello) => {
+            Event::Other(json) => match message::parse_server_message(&json) {
+                Ok(Received::Hello(hello)) => {
                     conn.hello = hello;
                     break;
                 }
-                None => bail!("hello_not_first: first message is `{json}`"),
+                _ => bail!("hello_not_first: first message is `{json}`"),
             },
             Event::Ping(p) => conn.pong(&p).await?,
             Event::Heartbeat => {}
@@ -288,12 +257,8 @@ async fn handshake(
         stream,
         transport,
         pending: Vec::new(),
-        hello: Hello {
-            conn_id: 0,
-            node: String::new(),
-            lifetime_ms: 0,
-            heartbeat_ms: 0,
-        },
+        ws: ws::WsReader::default(),
+        hello: Hello::default(),
         closing: false,
         raw: false,
         chunked: chunked.then(Vec::new),
@@ -324,19 +289,6 @@ fn request(server: SocketAddr, transport: Transport, token: &str, since: Option<
             )
         }
     }
-}
-
-fn parse_hello(json: &str) -> Option<Hello> {
-    #[derive(Deserialize)]
-    struct Typed {
-        #[serde(rename = "type")]
-        kind: String,
-    }
-    let typed: Typed = serde_json::from_str(json).ok()?;
-    if typed.kind != "hello" {
-        return None;
-    }
-    serde_json::from_str(json).ok()
 }
 
 impl Conn {
@@ -389,20 +341,21 @@ impl Conn {
 
     /// One complete event from the front of `pending`, if there is one.
     fn parse_pending(&mut self) -> anyhow::Result<Option<Event>> {
-        let parsed = match (self.transport, self.raw) {
-            (Transport::Ws, false) => parse_ws(&self.pending)?,
-            (Transport::Sse, false) => parse_sse(&self.pending),
-            (Transport::Ws, true) => {
-                parse_ws(&self.pending)?.map(|(ev, used)| (raw_event(ev), used))
+        let (event, used) = match self.transport {
+            Transport::Ws => {
+                let (event, used) = parse_ws(&mut self.ws, &self.pending)?;
+                (event, used)
             }
-            (Transport::Sse, true) => {
-                parse_sse(&self.pending).map(|(ev, used)| (raw_event(ev), used))
-            }
-        };
-        let Some((event, used)) = parsed else {
-            return Ok(None);
+            Transport::Sse => match parse_sse(&self.pending) {
+                Some((event, used)) => (Some(event), used),
+                None => (None, 0),
+            },
         };
         self.pending.drain(..used);
+        let Some(event) = event else {
+            return Ok(None);
+        };
+        let event = if self.raw { raw_event(event) } else { event };
         if self.pending.is_empty() {
             // Give the allocation back: an idle client should hold no buffer.
             self.pending = Vec::new();
@@ -422,8 +375,7 @@ impl Conn {
         if self.transport != Transport::Ws {
             return Ok(false);
         }
-        let text = format!(r#"{{"type":"ack","id":{id}}}"#);
-        let frame = ws::encode_client_frame(true, ws::OpCode::Text, text.as_bytes(), MASK);
+        let frame = ClientMessage::Ack { id }.ws_frame(MASK);
         self.stream.write_all(&frame).await.map(|()| true)
     }
 
@@ -448,74 +400,25 @@ impl Conn {
     }
 }
 
-/// Parses one server frame at the front of `buf`: `Ok(None)` until it is complete.
-fn parse_ws(buf: &[u8]) -> anyhow::Result<Option<(Event, usize)>> {
-    let [b0, b1, ..] = *buf else {
-        return Ok(None);
-    };
-    if b1 & 0x80 != 0 {
-        bail!("server frames must not be masked");
-    }
-    let (len, start) = match b1 & 0x7f {
-        126 => match buf.get(2..4) {
-            Some(b) => (usize::from(u16::from_be_bytes([b[0], b[1]])), 4),
-            None => return Ok(None),
-        },
-        127 => match buf.get(2..10) {
-            Some(b) => {
-                let len = u64::from_be_bytes(b.try_into().expect("8 bytes"));
-                (usize::try_from(len).context("frame too large")?, 10)
-            }
-            None => return Ok(None),
-        },
-        n => (usize::from(n), 2),
-    };
-    if buf.len() < start + len {
-        return Ok(None);
-    }
-    let payload = &buf[start..start + len];
-    let event = match b0 & 0x0f {
-        0x1 => text_event(std::str::from_utf8(payload).context("text frame not UTF-8")?),
-        0x8 => Event::Closed(Some(
-            payload
-                .get(..2)
-                .map_or(ws::close_code::NORMAL, |c| u16::from_be_bytes([c[0], c[1]])),
-        )),
-        0x9 => Event::Ping(payload.to_vec()),
-        _ => Event::Heartbeat,
-    };
-    Ok(Some((event, start + len)))
+/// Decodes server frames at the front of `buf` until one completes a message: the event
+/// (`None` until then) and the bytes used.
+fn parse_ws(reader: &mut ws::WsReader, buf: &[u8]) -> anyhow::Result<(Option<Event>, usize)> {
+    let (message, used) = reader.next_from_server(buf, MAX_PENDING)?;
+    let event = message.map(|m| match m {
+        ws::Message::Text(text) => text_event(&text),
+        ws::Message::Close(code, _) => Event::Closed(Some(code.unwrap_or(ws::close_code::NORMAL))),
+        ws::Message::Ping(payload) => Event::Ping(payload),
+        ws::Message::Pong | ws::Message::Binary(_) => Event::Heartbeat,
+    });
+    Ok((event, used))
 }
 
-/// A WebSocket text message → event.
+/// A WebSocket text message (or an SSE control event's data) → event.
 fn text_event(text: &str) -> Event {
-    #[derive(Deserialize)]
-    struct Msg<'a> {
-        #[serde(rename = "type")]
-        kind: &'a str,
-        id: Option<u64>,
-        mid: Option<String>,
-        data: Option<&'a serde_json::value::RawValue>,
-        reason: Option<String>,
-    }
-    match serde_json::from_str::<Msg<'_>>(text) {
-        Ok(Msg {
-            kind: "message",
-            id: Some(id),
-            mid,
-            data,
-            ..
-        }) => Event::Message {
-            id,
-            mid,
-            data: data.map(|d| d.get().to_owned()).unwrap_or_default(),
-        },
-        Ok(Msg {
-            kind: "reconnect",
-            reason,
-            ..
-        }) => Event::Reconnect {
-            reason: reason.unwrap_or_default(),
+    match message::parse_server_message(text) {
+        Ok(Received::Message { id, mid, data }) => Event::Message { id, mid, data },
+        Ok(Received::Reconnect { reason, .. }) => Event::Reconnect {
+            reason: reason.as_str().to_owned(),
         },
         _ => Event::Other(text.to_owned()),
     }
@@ -560,44 +463,19 @@ fn dechunk(raw: &[u8], out: &mut Vec<u8>) -> anyhow::Result<usize> {
 }
 
 /// Parses one SSE event (or heartbeat comment block) at the front of `buf`.
-///
-/// The server ends lines with `\n` only; `\r\n` is accepted too. `data:` lines are joined
-/// with `\n`, as `EventSource` does.
 fn parse_sse(buf: &[u8]) -> Option<(Event, usize)> {
-    let end = find(buf, b"\n\n")
-        .map(|i| i + 2)
-        .or_else(|| find(buf, b"\r\n\r\n").map(|i| i + 4))?;
-    let block = String::from_utf8_lossy(&buf[..end]);
-    let (mut event, mut id, mut data) = (None::<String>, None::<u64>, Vec::<&str>::new());
-    for line in block.lines() {
-        let line = line.trim_end_matches('\r');
-        if line.is_empty() || line.starts_with(':') {
-            continue;
-        }
-        let (field, value) = line.split_once(':').unwrap_or((line, ""));
-        let value = value.strip_prefix(' ').unwrap_or(value);
-        match field {
-            "event" => event = Some(value.to_owned()),
-            "id" => id = value.parse().ok(),
-            "data" => data.push(value),
-            _ => {}
-        }
+    let (event, used) = sse::parse_event(buf)?;
+    if event.is_heartbeat() {
+        return Some((Event::Heartbeat, used));
     }
-    let data = data.join("\n");
-    let ev = match (event.as_deref(), id) {
-        (None, _) if data.is_empty() => Event::Heartbeat,
-        (Some("message") | None, Some(id)) => Event::Message {
-            id,
-            mid: None,
-            data,
+    let ev = match Received::from_sse(&event) {
+        Some(Received::Message { id, mid, data }) => Event::Message { id, mid, data },
+        Some(Received::Reconnect { reason, .. }) => Event::Reconnect {
+            reason: reason.as_str().to_owned(),
         },
-        (Some("reconnect"), _) => match text_event(&data) {
-            ev @ Event::Reconnect { .. } => ev,
-            _ => Event::Other(data),
-        },
-        _ => Event::Other(data),
+        _ => Event::Other(event.data),
     };
-    Some((ev, end))
+    Some((ev, used))
 }
 
 /// Appends what the socket has to `buf`; a closed socket or an oversized head is an error.
@@ -624,14 +502,19 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use push_server::protocol::{message, sse};
+
+    /// One whole event from `buf`, by a fresh reader.
+    fn ws_event(buf: &[u8]) -> anyhow::Result<Option<Event>> {
+        Ok(parse_ws(&mut ws::WsReader::default(), buf)?.0)
+    }
 
     #[test]
     fn parses_ws_frames_whole_or_not_at_all() {
         let payload = message::Payload::json(br#"{"s":3,"t":5}"#.to_vec().into()).unwrap();
         let frame = message::message_ws_frame(42, Some("m1"), &payload);
-        assert!(parse_ws(&frame[..frame.len() - 1]).unwrap().is_none());
-        let (ev, used) = parse_ws(&frame).unwrap().unwrap();
+        assert!(ws_event(&frame[..frame.len() - 1]).unwrap().is_none());
+        let (ev, used) = parse_ws(&mut ws::WsReader::default(), &frame).unwrap();
+        let ev = ev.unwrap();
         assert_eq!(used, frame.len());
         assert_eq!(
             ev,
@@ -643,16 +526,16 @@ mod tests {
         );
         let ping = ws::encode_frame(ws::OpCode::Ping, b"x");
         assert_eq!(
-            parse_ws(&ping).unwrap().unwrap().0,
+            ws_event(&ping).unwrap().unwrap(),
             Event::Ping(b"x".to_vec())
         );
         let close = ws::close_frame(4003, "late");
         assert_eq!(
-            parse_ws(&close).unwrap().unwrap().0,
+            ws_event(&close).unwrap().unwrap(),
             Event::Closed(Some(4003))
         );
         let masked = ws::encode_client_frame(true, ws::OpCode::Text, b"x", MASK);
-        assert!(parse_ws(&masked).is_err());
+        assert!(ws_event(&masked).is_err());
     }
 
     #[test]
@@ -707,19 +590,11 @@ mod tests {
                 data: r#"{"s":1}"#.into()
             }
         );
-        let (ev, _) = parse_ws(&ws::encode_frame(ws::OpCode::Text, br#"{"s":2}"#))
+        let ev = ws_event(&ws::encode_frame(ws::OpCode::Text, br#"{"s":2}"#))
             .unwrap()
             .unwrap();
         assert!(matches!(raw_event(ev), Event::Message { id: 0, .. }));
         assert_eq!(raw_event(Event::Heartbeat), Event::Heartbeat);
-    }
-
-    #[test]
-    fn hello_is_recognised() {
-        let json = r#"{"type":"hello","version":1,"conn_id":3,"node":"n","user":"u","lifetime_ms":5,"heartbeat_ms":9}"#;
-        let h = parse_hello(json).unwrap();
-        assert_eq!((h.conn_id, h.lifetime_ms, h.heartbeat_ms), (3, 5, 9));
-        assert!(parse_hello(r#"{"type":"message","id":1}"#).is_none());
     }
 
     #[test]
