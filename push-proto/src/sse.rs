@@ -76,35 +76,37 @@ impl SseEvent {
 /// Parses one event (or heartbeat comment block) at the front of `buf`: `None` until the
 /// blank line that ends it has arrived, then the event and the bytes it used.
 ///
-/// push-server ends lines with `\n` only; `\r\n` is accepted too. `data:` lines are joined
-/// with `\n`, as `EventSource` does; one space after the colon is not part of the value.
+/// push-server ends lines with `\n` only; `\r\n` is accepted too (a lone `\r` is not).
+/// Lines are read one by one, so the answer does not depend on how the bytes were split
+/// into reads. `data:` lines are joined with `\n`, as `EventSource` does; one space after
+/// the colon is not part of the value.
 pub fn parse_event(buf: &[u8]) -> Option<(SseEvent, usize)> {
-    let end = find(buf, b"\n\n")
-        .map(|i| i + 2)
-        .or_else(|| find(buf, b"\r\n\r\n").map(|i| i + 4))?;
-    let block = String::from_utf8_lossy(&buf[..end]);
     let mut event = SseEvent::default();
-    let mut data = Vec::<&str>::new();
-    for line in block.lines() {
-        let line = line.trim_end_matches('\r');
-        if line.is_empty() || line.starts_with(':') {
+    let mut data = Vec::<String>::new();
+    let mut at = 0;
+    loop {
+        let eol = at + buf[at..].iter().position(|&b| b == b'\n')?;
+        let raw = &buf[at..eol];
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        at = eol + 1;
+        if raw.is_empty() {
+            break;
+        }
+        let line = String::from_utf8_lossy(raw);
+        if line.starts_with(':') {
             continue;
         }
-        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let (field, value) = line.split_once(':').unwrap_or((&line, ""));
         let value = value.strip_prefix(' ').unwrap_or(value);
         match field {
             "event" => event.event = Some(value.to_owned()),
             "id" => event.id = Some(value.to_owned()),
-            "data" => data.push(value),
+            "data" => data.push(value.to_owned()),
             _ => {}
         }
     }
     event.data = data.join("\n");
-    Some((event, end))
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    Some((event, at))
 }
 
 #[cfg(test)]
@@ -133,6 +135,26 @@ mod tests {
         assert_eq!(ev.id.as_deref(), Some("1795694168:0"));
         assert_eq!(ev.data, r#"{"s":1}"#);
         assert!(!ev.is_heartbeat());
+        // The same event whatever the split: the first blank line ends it.
+        let wire = b"data: a\r\n\r\ndata: b\n\n";
+        for split in 0..wire.len() {
+            let whole = parse_event(wire).unwrap();
+            let first = parse_event(&wire[..split]);
+            assert!(
+                first.is_none() || first == Some(whole.clone()),
+                "split at {split}"
+            );
+            assert_eq!(
+                whole,
+                (
+                    SseEvent {
+                        data: "a".into(),
+                        ..Default::default()
+                    },
+                    11
+                )
+            );
+        }
     }
 
     #[test]
