@@ -276,7 +276,7 @@ fn churn_with_a_node_restart_loses_nothing() {
                 // first make sure it holds some clients (they keep moving between nodes).
                 let old = a.take().expect("node A runs");
                 eventually("some clients on node A", || {
-                    old.shared().hub.open_total() >= USERS / 4
+                    std::future::ready(old.shared().hub.open_total() >= USERS / 4)
                 })
                 .await;
                 cut_at_restart = old.shared().hub.open_total();
@@ -289,13 +289,13 @@ fn churn_with_a_node_restart_loses_nothing() {
         }
         let want: Vec<u64> = (0..PER_USER).collect();
         eventually("every message at every client", || {
-            seen.values().all(|s| {
+            std::future::ready(seen.values().all(|s| {
                 let s = s.lock().unwrap();
                 let mut ids: Vec<u64> = s.messages.iter().map(|(id, _)| *id).collect();
                 ids.sort_unstable();
                 ids.dedup();
                 ids.len() as u64 >= PER_USER
-            })
+            }))
         })
         .await;
         let mut rotations = 0;
