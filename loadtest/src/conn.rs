@@ -88,32 +88,93 @@ pub struct Conn {
     chunked: Option<Vec<u8>>,
 }
 
-/// How a connection attempt failed, for the report's error table.
-pub fn error_kind(e: &anyhow::Error) -> String {
-    let text = format!("{e:#}");
-    if let Some(i) = text.find("server answered `") {
-        // "server answered `HTTP/1.1 503 Service Unavailable`: {...draining...}"
-        let rest = &text[i + "server answered `".len()..];
-        let status = rest.split_whitespace().nth(1).unwrap_or("?");
-        let code = ["draining", "at_capacity", "rate_limited", "unauthorized"]
-            .into_iter()
-            .find(|c| rest.contains(c))
-            .unwrap_or("refused");
-        return format!("http_{status}_{code}");
+/// Why a connection attempt failed, where the failure is the protocol's rather than the
+/// socket's (those stay `std::io::Error`s in the chain).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The server refused with an HTTP status other than the transport's (`101`, `200`).
+    #[error("server answered `{status_line}`: {body}")]
+    Refused {
+        /// The status line, e.g. `HTTP/1.1 503 Service Unavailable`.
+        status_line: String,
+        /// The start of the body (push-server's refusals are `{"error":…,"message":…}`).
+        body: String,
+    },
+    /// No hello (or response head) within the deadline.
+    #[error("no {what} within {timeout:?}: timed out")]
+    Timeout {
+        /// `hello` or `response`.
+        what: &'static str,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// The server closed the connection before its hello (or its response head).
+    #[error("server closed the connection {0}")]
+    Closed(String),
+    /// The first message was not the hello (a protocol violation the caller counts).
+    #[error("hello_not_first: first message is {0}")]
+    HelloNotFirst(String),
+    /// Anything else wrong with the server's handshake.
+    #[error("{0}")]
+    Handshake(String),
+}
+
+impl ConnectError {
+    /// The row of the report's error table.
+    fn kind(&self) -> String {
+        match self {
+            Self::Refused { status_line, body } => {
+                let status = status_line.split_whitespace().nth(1).unwrap_or("?");
+                // The refusal codes the report names; others are counted as `refused`.
+                let error = serde_json::from_str::<serde_json::Value>(body)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_owned));
+                let code = ["draining", "at_capacity", "rate_limited", "unauthorized"]
+                    .into_iter()
+                    .find(|c| error.as_deref() == Some(*c))
+                    .unwrap_or("refused");
+                format!("http_{status}_{code}")
+            }
+            Self::Timeout { .. } => "timeout".into(),
+            Self::Closed(_) => "closed_before_hello".into(),
+            Self::HelloNotFirst(_) | Self::Handshake(_) => "other".into(),
+        }
     }
-    for (needle, kind) in [
-        ("Connection refused", "connection_refused"),
-        ("Cannot assign requested address", "no_source_port"),
-        ("Too many open files", "too_many_open_files"),
-        ("timed out", "timeout"),
-        ("closed the connection", "closed_before_hello"),
-        ("Connection reset", "connection_reset"),
-    ] {
-        if text.contains(needle) {
+}
+
+/// How a connection attempt failed, for the report's error table: from the typed error in
+/// the chain ([`ConnectError`], or the socket's `std::io::Error`), never from its text.
+pub fn error_kind(e: &anyhow::Error) -> String {
+    for cause in e.chain() {
+        if let Some(c) = cause.downcast_ref::<ConnectError>() {
+            return c.kind();
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            let emfile = [rustix::io::Errno::MFILE, rustix::io::Errno::NFILE]
+                .iter()
+                .any(|e| io.raw_os_error() == Some(e.raw_os_error()));
+            let kind = match io.kind() {
+                _ if emfile => "too_many_open_files",
+                ErrorKind::ConnectionRefused => "connection_refused",
+                ErrorKind::AddrNotAvailable => "no_source_port",
+                ErrorKind::TimedOut => "timeout",
+                ErrorKind::ConnectionReset => "connection_reset",
+                _ => continue,
+            };
             return kind.into();
         }
     }
     "other".into()
+}
+
+/// Whether the attempt failed because the first message was not the hello.
+pub fn is_hello_not_first(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<ConnectError>(),
+            Some(ConnectError::HelloNotFirst(_))
+        )
+    })
 }
 
 /// Opens a connection from `source` to `server` with `token`, resuming after `since` if
@@ -129,7 +190,10 @@ pub async fn open(
 ) -> anyhow::Result<Conn> {
     tokio::time::timeout(timeout, open_inner(source, server, transport, token, since))
         .await
-        .map_err(|_| anyhow::anyhow!("no hello within {timeout:?}: timed out"))?
+        .map_err(|_| ConnectError::Timeout {
+            what: "hello",
+            timeout,
+        })?
 }
 
 async fn open_inner(
@@ -155,12 +219,14 @@ async fn open_inner(
                     conn.hello = hello;
                     break;
                 }
-                _ => bail!("hello_not_first: first message is `{json}`"),
+                _ => return Err(ConnectError::HelloNotFirst(format!("`{json}`")).into()),
             },
             Event::Ping(p) => conn.pong(&p).await?,
             Event::Heartbeat => {}
-            Event::Closed(code) => bail!("server closed the connection before hello ({code:?})"),
-            other => bail!("hello_not_first: first message is {other:?}"),
+            Event::Closed(code) => {
+                return Err(ConnectError::Closed(format!("before hello ({code:?})")).into())
+            }
+            other => return Err(ConnectError::HelloNotFirst(format!("{other:?}")).into()),
         }
     }
     conn.pending.shrink_to_fit();
@@ -190,7 +256,10 @@ pub async fn open_raw(
     };
     let mut conn = tokio::time::timeout(timeout, handshake(source, server, transport, &request))
         .await
-        .map_err(|_| anyhow::anyhow!("no response within {timeout:?}: timed out"))??;
+        .map_err(|_| ConnectError::Timeout {
+            what: "response",
+            timeout,
+        })??;
     conn.raw = true;
     conn.pending.shrink_to_fit();
     Ok(conn)
@@ -236,7 +305,11 @@ async fn handshake(
     if status_line.split_whitespace().nth(1) != Some(expected) {
         // Refusals carry a short JSON body saying why (`draining`, `at_capacity`, ...).
         let body = String::from_utf8_lossy(&buf[head_end..]);
-        bail!("server answered `{status_line}`: {}", body.trim());
+        return Err(ConnectError::Refused {
+            status_line: status_line.to_owned(),
+            body: body.trim().to_owned(),
+        }
+        .into());
     }
     let header = |name: &str| {
         head.lines().find_map(|l| {
@@ -248,7 +321,9 @@ async fn handshake(
     };
     if transport == Transport::Ws && header("sec-websocket-accept") != Some(ws::accept_key(WS_KEY))
     {
-        bail!("101 without the right Sec-WebSocket-Accept");
+        return Err(
+            ConnectError::Handshake("101 without the right Sec-WebSocket-Accept".into()).into(),
+        );
     }
     let chunked = transport == Transport::Sse
         && header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
@@ -481,15 +556,19 @@ fn parse_sse(buf: &[u8]) -> Option<(Event, usize)> {
 /// Appends what the socket has to `buf`; a closed socket or an oversized head is an error.
 async fn read_some(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
     if buf.len() > MAX_HANDSHAKE {
-        bail!("handshake larger than {MAX_HANDSHAKE} bytes");
+        return Err(ConnectError::Handshake(format!(
+            "handshake larger than {MAX_HANDSHAKE} bytes"
+        ))
+        .into());
     }
     let mut chunk = [0u8; 1024];
     let n = stream.read(&mut chunk).await?;
     if n == 0 {
-        bail!(
-            "server closed the connection after: {}",
+        return Err(ConnectError::Closed(format!(
+            "after: {}",
             String::from_utf8_lossy(buf).trim()
-        );
+        ))
+        .into());
     }
     buf.extend_from_slice(&chunk[..n]);
     Ok(())
@@ -595,6 +674,56 @@ mod tests {
             .unwrap();
         assert!(matches!(raw_event(ev), Event::Message { id: 0, .. }));
         assert_eq!(raw_event(Event::Heartbeat), Event::Heartbeat);
+    }
+
+    #[test]
+    fn error_kinds_come_from_typed_errors() {
+        let refused = |line: &str, body: &str| {
+            error_kind(&anyhow::Error::new(ConnectError::Refused {
+                status_line: line.into(),
+                body: body.into(),
+            }))
+        };
+        assert_eq!(
+            refused(
+                "HTTP/1.1 503 Service Unavailable",
+                r#"{"error":"draining","message":"go elsewhere"}"#
+            ),
+            "http_503_draining"
+        );
+        assert_eq!(
+            refused(
+                "HTTP/1.1 429 Too Many Requests",
+                r#"{"error":"too_many_pending"}"#
+            ),
+            "http_429_refused"
+        );
+        assert_eq!(
+            refused("HTTP/1.1 404 Not Found", "<html>"),
+            "http_404_refused"
+        );
+        let io = |kind| anyhow::Error::new(std::io::Error::from(kind)).context("connect a -> b");
+        assert_eq!(
+            error_kind(&io(ErrorKind::ConnectionRefused)),
+            "connection_refused"
+        );
+        assert_eq!(
+            error_kind(&io(ErrorKind::AddrNotAvailable)),
+            "no_source_port"
+        );
+        let emfile = std::io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error());
+        assert_eq!(
+            error_kind(&anyhow::Error::new(emfile)),
+            "too_many_open_files"
+        );
+        let late = anyhow::Error::new(ConnectError::Timeout {
+            what: "hello",
+            timeout: Duration::from_secs(1),
+        });
+        assert_eq!(error_kind(&late), "timeout");
+        let first = anyhow::Error::new(ConnectError::HelloNotFirst("x".into()));
+        assert!(is_hello_not_first(&first) && !is_hello_not_first(&late));
+        assert_eq!(error_kind(&anyhow::anyhow!("Connection refused")), "other");
     }
 
     #[test]

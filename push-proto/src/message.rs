@@ -243,11 +243,17 @@ pub struct Hello {
 }
 
 /// A server message as a client reads it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The control messages deserialize tagged by `type`; a data message is read apart by
+/// [`parse_server_message`] (its `data` is raw JSON, which serde cannot buffer inside a
+/// tagged enum).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum Received {
     /// The first message of a connection.
     Hello(Hello),
     /// A push.
+    #[serde(skip_deserializing)]
     Message {
         /// Per-user increasing ID.
         id: u64,
@@ -262,6 +268,7 @@ pub enum Received {
         /// Why.
         reason: ReconnectReason,
         /// How long the server waits before closing this connection itself.
+        #[serde(default)]
         grace_ms: u64,
     },
     /// The history lost messages after the client's resume point ([`ServerMessage::Gap`]).
@@ -279,28 +286,6 @@ pub enum Received {
         message: String,
     },
     /// The answer to an application-level `ping`.
-    Pong,
-}
-
-/// The control messages, tagged by `type` (a data message carries raw JSON, which serde
-/// cannot buffer inside a tagged enum, so it is read apart).
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum Control {
-    Hello(Hello),
-    Reconnect {
-        reason: ReconnectReason,
-        #[serde(default)]
-        grace_ms: u64,
-    },
-    Gap {
-        after: u64,
-        oldest: Option<u64>,
-    },
-    Error {
-        code: String,
-        message: String,
-    },
     Pong,
 }
 
@@ -328,13 +313,7 @@ pub fn parse_server_message(text: &str) -> Result<Received, serde_json::Error> {
             data: flat.data.map(|d| d.get().to_owned()).unwrap_or_default(),
         });
     }
-    Ok(match serde_json::from_str::<Control>(text)? {
-        Control::Hello(h) => Received::Hello(h),
-        Control::Reconnect { reason, grace_ms } => Received::Reconnect { reason, grace_ms },
-        Control::Gap { after, oldest } => Received::Gap { after, oldest },
-        Control::Error { code, message } => Received::Error { code, message },
-        Control::Pong => Received::Pong,
-    })
+    serde_json::from_str(text)
 }
 
 impl Received {
