@@ -10,7 +10,7 @@
 //! default, 4 KiB at best before throughput suffers), which measured 4.1–7.6 KiB per idle
 //! connection here (see docs/BENCHMARKS.md). This decoder keeps nothing while idle: the
 //! driver reads into a per-worker scratch buffer and only a partial frame is copied into the
-//! connection's own [`WsReader::partial`]. The codec is sans-I/O and fuzzed (`fuzz/`).
+//! connection's own `WsReader::partial`. The codec is sans-I/O and fuzzed (`fuzz/`).
 
 use base64::Engine as _;
 use bytes::{BufMut, Bytes, BytesMut};

@@ -68,7 +68,7 @@ impl Default for Receipts {
 }
 
 impl Receipts {
-    /// An empty queue; [`Receipts::spawn`] starts its task.
+    /// An empty queue; the server starts its task (`Receipts::spawn`).
     pub fn new() -> Self {
         let (tx, rx) = mpsc::channel(ACK_QUEUE);
         Self {
