@@ -5,8 +5,8 @@ use std::hint::black_box;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use push_server::protocol::message::{self, Payload};
-use push_server::protocol::{sse, ws};
+use push_proto::message::{self, Payload};
+use push_proto::{sse, ws};
 
 fn frames(c: &mut Criterion) {
     let mut g = c.benchmark_group("ws");

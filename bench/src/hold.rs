@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use push_server::auth::Authenticator;
+use push_proto::auth::Authenticator;
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, Semaphore};
@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, Semaphore};
 use hdrhistogram::Histogram;
 use loadtest::conn::{self, Conn, Event};
 
-pub use loadtest::conn::Transport;
+pub use push_proto::Transport;
 
 use crate::sys;
 

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use loadtest::conn::{self, Conn, Transport};
-use push_server::auth::Authenticator;
+use push_proto::auth::Authenticator;
 use rustix::process::{kill_process, Pid, Signal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use push_server::protocol::http::{parse_request_head, RequestHead};
-use push_server::protocol::ws;
+use push_proto::http::{parse_request_head, RequestHead};
+use push_proto::ws;
 
 fuzz_target!(|data: &[u8]| {
     const MAX: usize = 8 * 1024;

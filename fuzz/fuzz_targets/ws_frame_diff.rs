@@ -9,7 +9,7 @@
 use std::io::Cursor;
 
 use libfuzzer_sys::fuzz_target;
-use push_server::protocol::ws::{close_code, decode_frame, OpCode};
+use push_proto::ws::{close_code, decode_frame, OpCode};
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode as TOpCode};
 use tungstenite::protocol::frame::FrameHeader;
 

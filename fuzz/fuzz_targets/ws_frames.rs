@@ -4,11 +4,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use push_server::protocol::ws::WsReader;
+use push_proto::ws::WsReader;
 
 const MAX_MESSAGE: usize = 4096;
 
-fn run(chunks: &[&[u8]]) -> (Vec<push_server::protocol::ws::Message>, Option<String>) {
+fn run(chunks: &[&[u8]]) -> (Vec<push_proto::ws::Message>, Option<String>) {
     let mut reader = WsReader::default();
     let mut out = Vec::new();
     for chunk in chunks {

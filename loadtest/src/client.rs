@@ -142,7 +142,7 @@ impl Client {
 
     fn failed(&self, e: &anyhow::Error) {
         let kind = conn::error_kind(e);
-        if format!("{e:#}").contains("hello_not_first") {
+        if conn::is_hello_not_first(e) {
             self.env
                 .stats
                 .violation("hello_not_first", format!("{e:#}"));
@@ -377,7 +377,10 @@ impl Client {
                     stats.violation("protocol_error", text);
                     return Step::Closed(None);
                 }
-                if text.contains(r#""type":"hello""#) {
+                if matches!(
+                    push_proto::message::parse_server_message(&text),
+                    Ok(push_proto::message::Received::Hello(_))
+                ) {
                     stats.violation("second_hello", text);
                 }
                 Step::Continue

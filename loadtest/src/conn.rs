@@ -15,32 +15,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use push_server::protocol::ws;
-use serde::Deserialize;
+use push_proto::message::{self, ClientMessage, Received};
+use push_proto::{sse, ws};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-/// The transport of one client.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// WebSocket on `/ws`.
-    Ws,
-    /// Server-Sent Events on `/sse`.
-    Sse,
-}
-
-impl Transport {
-    /// The name on the command line, in reports and in push-server's metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ws => "ws",
-            Self::Sse => "sse",
-        }
-    }
-}
+pub use push_proto::message::Hello;
+pub use push_proto::Transport;
 
 /// Any valid 16-byte base64 key: the client checks the server's accept value against it.
 const WS_KEY: &str = "bG9hZHRlc3Qta2V5LTAwMQ==";
@@ -56,21 +37,6 @@ const MAX_PENDING: usize = 1024 * 1024;
 /// cache poisoning by browser scripts; a load generator talking to its own server does not
 /// need that, and a constant saves a random draw per frame.
 const MASK: [u8; 4] = [0x6c, 0x74, 0x21, 0x07];
-
-/// The `hello` that opens every connection.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Hello {
-    /// Connection ID on its node.
-    pub conn_id: u64,
-    /// Node ID.
-    pub node: String,
-    /// When the server will ask this connection to reconnect, ms from now.
-    #[serde(default)]
-    pub lifetime_ms: u64,
-    /// The server's heartbeat interval, ms.
-    #[serde(default)]
-    pub heartbeat_ms: u64,
-}
 
 /// What arrived on a connection.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,6 +73,9 @@ pub struct Conn {
     transport: Transport,
     /// Bytes of an incomplete frame or event.
     pending: Vec<u8>,
+    /// WebSocket: the fragments of a message being assembled (empty and unallocated
+    /// between messages).
+    ws: ws::WsReader,
     /// The hello (all zero for a raw connection).
     pub hello: Hello,
     /// A close frame was sent (WebSocket) or the socket shut down.
@@ -119,32 +88,93 @@ pub struct Conn {
     chunked: Option<Vec<u8>>,
 }
 
-/// How a connection attempt failed, for the report's error table.
-pub fn error_kind(e: &anyhow::Error) -> String {
-    let text = format!("{e:#}");
-    if let Some(i) = text.find("server answered `") {
-        // "server answered `HTTP/1.1 503 Service Unavailable`: {...draining...}"
-        let rest = &text[i + "server answered `".len()..];
-        let status = rest.split_whitespace().nth(1).unwrap_or("?");
-        let code = ["draining", "at_capacity", "rate_limited", "unauthorized"]
-            .into_iter()
-            .find(|c| rest.contains(c))
-            .unwrap_or("refused");
-        return format!("http_{status}_{code}");
+/// Why a connection attempt failed, where the failure is the protocol's rather than the
+/// socket's (those stay `std::io::Error`s in the chain).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The server refused with an HTTP status other than the transport's (`101`, `200`).
+    #[error("server answered `{status_line}`: {body}")]
+    Refused {
+        /// The status line, e.g. `HTTP/1.1 503 Service Unavailable`.
+        status_line: String,
+        /// The start of the body (push-server's refusals are `{"error":…,"message":…}`).
+        body: String,
+    },
+    /// No hello (or response head) within the deadline.
+    #[error("no {what} within {timeout:?}: timed out")]
+    Timeout {
+        /// `hello` or `response`.
+        what: &'static str,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// The server closed the connection before its hello (or its response head).
+    #[error("server closed the connection {0}")]
+    Closed(String),
+    /// The first message was not the hello (a protocol violation the caller counts).
+    #[error("hello_not_first: first message is {0}")]
+    HelloNotFirst(String),
+    /// Anything else wrong with the server's handshake.
+    #[error("{0}")]
+    Handshake(String),
+}
+
+impl ConnectError {
+    /// The row of the report's error table.
+    fn kind(&self) -> String {
+        match self {
+            Self::Refused { status_line, body } => {
+                let status = status_line.split_whitespace().nth(1).unwrap_or("?");
+                // The refusal codes the report names; others are counted as `refused`.
+                let error = serde_json::from_str::<serde_json::Value>(body)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_owned));
+                let code = ["draining", "at_capacity", "rate_limited", "unauthorized"]
+                    .into_iter()
+                    .find(|c| error.as_deref() == Some(*c))
+                    .unwrap_or("refused");
+                format!("http_{status}_{code}")
+            }
+            Self::Timeout { .. } => "timeout".into(),
+            Self::Closed(_) => "closed_before_hello".into(),
+            Self::HelloNotFirst(_) | Self::Handshake(_) => "other".into(),
+        }
     }
-    for (needle, kind) in [
-        ("Connection refused", "connection_refused"),
-        ("Cannot assign requested address", "no_source_port"),
-        ("Too many open files", "too_many_open_files"),
-        ("timed out", "timeout"),
-        ("closed the connection", "closed_before_hello"),
-        ("Connection reset", "connection_reset"),
-    ] {
-        if text.contains(needle) {
+}
+
+/// How a connection attempt failed, for the report's error table: from the typed error in
+/// the chain ([`ConnectError`], or the socket's `std::io::Error`), never from its text.
+pub fn error_kind(e: &anyhow::Error) -> String {
+    for cause in e.chain() {
+        if let Some(c) = cause.downcast_ref::<ConnectError>() {
+            return c.kind();
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            let emfile = [rustix::io::Errno::MFILE, rustix::io::Errno::NFILE]
+                .iter()
+                .any(|e| io.raw_os_error() == Some(e.raw_os_error()));
+            let kind = match io.kind() {
+                _ if emfile => "too_many_open_files",
+                ErrorKind::ConnectionRefused => "connection_refused",
+                ErrorKind::AddrNotAvailable => "no_source_port",
+                ErrorKind::TimedOut => "timeout",
+                ErrorKind::ConnectionReset => "connection_reset",
+                _ => continue,
+            };
             return kind.into();
         }
     }
     "other".into()
+}
+
+/// Whether the attempt failed because the first message was not the hello.
+pub fn is_hello_not_first(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<ConnectError>(),
+            Some(ConnectError::HelloNotFirst(_))
+        )
+    })
 }
 
 /// Opens a connection from `source` to `server` with `token`, resuming after `since` if
@@ -160,7 +190,10 @@ pub async fn open(
 ) -> anyhow::Result<Conn> {
     tokio::time::timeout(timeout, open_inner(source, server, transport, token, since))
         .await
-        .map_err(|_| anyhow::anyhow!("no hello within {timeout:?}: timed out"))?
+        .map_err(|_| ConnectError::Timeout {
+            what: "hello",
+            timeout,
+        })?
 }
 
 async fn open_inner(
@@ -181,17 +214,19 @@ async fn open_inner(
     // caller counts, so it is an error here.
     loop {
         match conn.next_event().await {
-            Event::Other(json) => match parse_hello(&json) {
-                Some(hello) => {
+            Event::Other(json) => match message::parse_server_message(&json) {
+                Ok(Received::Hello(hello)) => {
                     conn.hello = hello;
                     break;
                 }
-                None => bail!("hello_not_first: first message is `{json}`"),
+                _ => return Err(ConnectError::HelloNotFirst(format!("`{json}`")).into()),
             },
             Event::Ping(p) => conn.pong(&p).await?,
             Event::Heartbeat => {}
-            Event::Closed(code) => bail!("server closed the connection before hello ({code:?})"),
-            other => bail!("hello_not_first: first message is {other:?}"),
+            Event::Closed(code) => {
+                return Err(ConnectError::Closed(format!("before hello ({code:?})")).into())
+            }
+            other => return Err(ConnectError::HelloNotFirst(format!("{other:?}")).into()),
         }
     }
     conn.pending.shrink_to_fit();
@@ -221,7 +256,10 @@ pub async fn open_raw(
     };
     let mut conn = tokio::time::timeout(timeout, handshake(source, server, transport, &request))
         .await
-        .map_err(|_| anyhow::anyhow!("no response within {timeout:?}: timed out"))??;
+        .map_err(|_| ConnectError::Timeout {
+            what: "response",
+            timeout,
+        })??;
     conn.raw = true;
     conn.pending.shrink_to_fit();
     Ok(conn)
@@ -267,7 +305,11 @@ async fn handshake(
     if status_line.split_whitespace().nth(1) != Some(expected) {
         // Refusals carry a short JSON body saying why (`draining`, `at_capacity`, ...).
         let body = String::from_utf8_lossy(&buf[head_end..]);
-        bail!("server answered `{status_line}`: {}", body.trim());
+        return Err(ConnectError::Refused {
+            status_line: status_line.to_owned(),
+            body: body.trim().to_owned(),
+        }
+        .into());
     }
     let header = |name: &str| {
         head.lines().find_map(|l| {
@@ -279,7 +321,9 @@ async fn handshake(
     };
     if transport == Transport::Ws && header("sec-websocket-accept") != Some(ws::accept_key(WS_KEY))
     {
-        bail!("101 without the right Sec-WebSocket-Accept");
+        return Err(
+            ConnectError::Handshake("101 without the right Sec-WebSocket-Accept".into()).into(),
+        );
     }
     let chunked = transport == Transport::Sse
         && header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
@@ -288,12 +332,8 @@ async fn handshake(
         stream,
         transport,
         pending: Vec::new(),
-        hello: Hello {
-            conn_id: 0,
-            node: String::new(),
-            lifetime_ms: 0,
-            heartbeat_ms: 0,
-        },
+        ws: ws::WsReader::default(),
+        hello: Hello::default(),
         closing: false,
         raw: false,
         chunked: chunked.then(Vec::new),
@@ -324,19 +364,6 @@ fn request(server: SocketAddr, transport: Transport, token: &str, since: Option<
             )
         }
     }
-}
-
-fn parse_hello(json: &str) -> Option<Hello> {
-    #[derive(Deserialize)]
-    struct Typed {
-        #[serde(rename = "type")]
-        kind: String,
-    }
-    let typed: Typed = serde_json::from_str(json).ok()?;
-    if typed.kind != "hello" {
-        return None;
-    }
-    serde_json::from_str(json).ok()
 }
 
 impl Conn {
@@ -389,20 +416,21 @@ impl Conn {
 
     /// One complete event from the front of `pending`, if there is one.
     fn parse_pending(&mut self) -> anyhow::Result<Option<Event>> {
-        let parsed = match (self.transport, self.raw) {
-            (Transport::Ws, false) => parse_ws(&self.pending)?,
-            (Transport::Sse, false) => parse_sse(&self.pending),
-            (Transport::Ws, true) => {
-                parse_ws(&self.pending)?.map(|(ev, used)| (raw_event(ev), used))
+        let (event, used) = match self.transport {
+            Transport::Ws => {
+                let (event, used) = parse_ws(&mut self.ws, &self.pending)?;
+                (event, used)
             }
-            (Transport::Sse, true) => {
-                parse_sse(&self.pending).map(|(ev, used)| (raw_event(ev), used))
-            }
-        };
-        let Some((event, used)) = parsed else {
-            return Ok(None);
+            Transport::Sse => match parse_sse(&self.pending) {
+                Some((event, used)) => (Some(event), used),
+                None => (None, 0),
+            },
         };
         self.pending.drain(..used);
+        let Some(event) = event else {
+            return Ok(None);
+        };
+        let event = if self.raw { raw_event(event) } else { event };
         if self.pending.is_empty() {
             // Give the allocation back: an idle client should hold no buffer.
             self.pending = Vec::new();
@@ -422,8 +450,7 @@ impl Conn {
         if self.transport != Transport::Ws {
             return Ok(false);
         }
-        let text = format!(r#"{{"type":"ack","id":{id}}}"#);
-        let frame = ws::encode_client_frame(true, ws::OpCode::Text, text.as_bytes(), MASK);
+        let frame = ClientMessage::Ack { id }.ws_frame(MASK);
         self.stream.write_all(&frame).await.map(|()| true)
     }
 
@@ -448,74 +475,25 @@ impl Conn {
     }
 }
 
-/// Parses one server frame at the front of `buf`: `Ok(None)` until it is complete.
-fn parse_ws(buf: &[u8]) -> anyhow::Result<Option<(Event, usize)>> {
-    let [b0, b1, ..] = *buf else {
-        return Ok(None);
-    };
-    if b1 & 0x80 != 0 {
-        bail!("server frames must not be masked");
-    }
-    let (len, start) = match b1 & 0x7f {
-        126 => match buf.get(2..4) {
-            Some(b) => (usize::from(u16::from_be_bytes([b[0], b[1]])), 4),
-            None => return Ok(None),
-        },
-        127 => match buf.get(2..10) {
-            Some(b) => {
-                let len = u64::from_be_bytes(b.try_into().expect("8 bytes"));
-                (usize::try_from(len).context("frame too large")?, 10)
-            }
-            None => return Ok(None),
-        },
-        n => (usize::from(n), 2),
-    };
-    if buf.len() < start + len {
-        return Ok(None);
-    }
-    let payload = &buf[start..start + len];
-    let event = match b0 & 0x0f {
-        0x1 => text_event(std::str::from_utf8(payload).context("text frame not UTF-8")?),
-        0x8 => Event::Closed(Some(
-            payload
-                .get(..2)
-                .map_or(ws::close_code::NORMAL, |c| u16::from_be_bytes([c[0], c[1]])),
-        )),
-        0x9 => Event::Ping(payload.to_vec()),
-        _ => Event::Heartbeat,
-    };
-    Ok(Some((event, start + len)))
+/// Decodes server frames at the front of `buf` until one completes a message: the event
+/// (`None` until then) and the bytes used.
+fn parse_ws(reader: &mut ws::WsReader, buf: &[u8]) -> anyhow::Result<(Option<Event>, usize)> {
+    let (message, used) = reader.next_from_server(buf, MAX_PENDING)?;
+    let event = message.map(|m| match m {
+        ws::Message::Text(text) => text_event(&text),
+        ws::Message::Close(code, _) => Event::Closed(Some(code.unwrap_or(ws::close_code::NORMAL))),
+        ws::Message::Ping(payload) => Event::Ping(payload),
+        ws::Message::Pong | ws::Message::Binary(_) => Event::Heartbeat,
+    });
+    Ok((event, used))
 }
 
-/// A WebSocket text message → event.
+/// A WebSocket text message (or an SSE control event's data) → event.
 fn text_event(text: &str) -> Event {
-    #[derive(Deserialize)]
-    struct Msg<'a> {
-        #[serde(rename = "type")]
-        kind: &'a str,
-        id: Option<u64>,
-        mid: Option<String>,
-        data: Option<&'a serde_json::value::RawValue>,
-        reason: Option<String>,
-    }
-    match serde_json::from_str::<Msg<'_>>(text) {
-        Ok(Msg {
-            kind: "message",
-            id: Some(id),
-            mid,
-            data,
-            ..
-        }) => Event::Message {
-            id,
-            mid,
-            data: data.map(|d| d.get().to_owned()).unwrap_or_default(),
-        },
-        Ok(Msg {
-            kind: "reconnect",
-            reason,
-            ..
-        }) => Event::Reconnect {
-            reason: reason.unwrap_or_default(),
+    match message::parse_server_message(text) {
+        Ok(Received::Message { id, mid, data }) => Event::Message { id, mid, data },
+        Ok(Received::Reconnect { reason, .. }) => Event::Reconnect {
+            reason: reason.as_str().to_owned(),
         },
         _ => Event::Other(text.to_owned()),
     }
@@ -560,58 +538,37 @@ fn dechunk(raw: &[u8], out: &mut Vec<u8>) -> anyhow::Result<usize> {
 }
 
 /// Parses one SSE event (or heartbeat comment block) at the front of `buf`.
-///
-/// The server ends lines with `\n` only; `\r\n` is accepted too. `data:` lines are joined
-/// with `\n`, as `EventSource` does.
 fn parse_sse(buf: &[u8]) -> Option<(Event, usize)> {
-    let end = find(buf, b"\n\n")
-        .map(|i| i + 2)
-        .or_else(|| find(buf, b"\r\n\r\n").map(|i| i + 4))?;
-    let block = String::from_utf8_lossy(&buf[..end]);
-    let (mut event, mut id, mut data) = (None::<String>, None::<u64>, Vec::<&str>::new());
-    for line in block.lines() {
-        let line = line.trim_end_matches('\r');
-        if line.is_empty() || line.starts_with(':') {
-            continue;
-        }
-        let (field, value) = line.split_once(':').unwrap_or((line, ""));
-        let value = value.strip_prefix(' ').unwrap_or(value);
-        match field {
-            "event" => event = Some(value.to_owned()),
-            "id" => id = value.parse().ok(),
-            "data" => data.push(value),
-            _ => {}
-        }
+    let (event, used) = sse::parse_event(buf)?;
+    if event.is_heartbeat() {
+        return Some((Event::Heartbeat, used));
     }
-    let data = data.join("\n");
-    let ev = match (event.as_deref(), id) {
-        (None, _) if data.is_empty() => Event::Heartbeat,
-        (Some("message") | None, Some(id)) => Event::Message {
-            id,
-            mid: None,
-            data,
+    let ev = match Received::from_sse(&event) {
+        Some(Received::Message { id, mid, data }) => Event::Message { id, mid, data },
+        Some(Received::Reconnect { reason, .. }) => Event::Reconnect {
+            reason: reason.as_str().to_owned(),
         },
-        (Some("reconnect"), _) => match text_event(&data) {
-            ev @ Event::Reconnect { .. } => ev,
-            _ => Event::Other(data),
-        },
-        _ => Event::Other(data),
+        _ => Event::Other(event.data),
     };
-    Some((ev, end))
+    Some((ev, used))
 }
 
 /// Appends what the socket has to `buf`; a closed socket or an oversized head is an error.
 async fn read_some(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
     if buf.len() > MAX_HANDSHAKE {
-        bail!("handshake larger than {MAX_HANDSHAKE} bytes");
+        return Err(ConnectError::Handshake(format!(
+            "handshake larger than {MAX_HANDSHAKE} bytes"
+        ))
+        .into());
     }
     let mut chunk = [0u8; 1024];
     let n = stream.read(&mut chunk).await?;
     if n == 0 {
-        bail!(
-            "server closed the connection after: {}",
+        return Err(ConnectError::Closed(format!(
+            "after: {}",
             String::from_utf8_lossy(buf).trim()
-        );
+        ))
+        .into());
     }
     buf.extend_from_slice(&chunk[..n]);
     Ok(())
@@ -624,14 +581,19 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use push_server::protocol::{message, sse};
+
+    /// One whole event from `buf`, by a fresh reader.
+    fn ws_event(buf: &[u8]) -> anyhow::Result<Option<Event>> {
+        Ok(parse_ws(&mut ws::WsReader::default(), buf)?.0)
+    }
 
     #[test]
     fn parses_ws_frames_whole_or_not_at_all() {
         let payload = message::Payload::json(br#"{"s":3,"t":5}"#.to_vec().into()).unwrap();
         let frame = message::message_ws_frame(42, Some("m1"), &payload);
-        assert!(parse_ws(&frame[..frame.len() - 1]).unwrap().is_none());
-        let (ev, used) = parse_ws(&frame).unwrap().unwrap();
+        assert!(ws_event(&frame[..frame.len() - 1]).unwrap().is_none());
+        let (ev, used) = parse_ws(&mut ws::WsReader::default(), &frame).unwrap();
+        let ev = ev.unwrap();
         assert_eq!(used, frame.len());
         assert_eq!(
             ev,
@@ -643,16 +605,16 @@ mod tests {
         );
         let ping = ws::encode_frame(ws::OpCode::Ping, b"x");
         assert_eq!(
-            parse_ws(&ping).unwrap().unwrap().0,
+            ws_event(&ping).unwrap().unwrap(),
             Event::Ping(b"x".to_vec())
         );
         let close = ws::close_frame(4003, "late");
         assert_eq!(
-            parse_ws(&close).unwrap().unwrap().0,
+            ws_event(&close).unwrap().unwrap(),
             Event::Closed(Some(4003))
         );
         let masked = ws::encode_client_frame(true, ws::OpCode::Text, b"x", MASK);
-        assert!(parse_ws(&masked).is_err());
+        assert!(ws_event(&masked).is_err());
     }
 
     #[test]
@@ -707,7 +669,7 @@ mod tests {
                 data: r#"{"s":1}"#.into()
             }
         );
-        let (ev, _) = parse_ws(&ws::encode_frame(ws::OpCode::Text, br#"{"s":2}"#))
+        let ev = ws_event(&ws::encode_frame(ws::OpCode::Text, br#"{"s":2}"#))
             .unwrap()
             .unwrap();
         assert!(matches!(raw_event(ev), Event::Message { id: 0, .. }));
@@ -715,11 +677,53 @@ mod tests {
     }
 
     #[test]
-    fn hello_is_recognised() {
-        let json = r#"{"type":"hello","version":1,"conn_id":3,"node":"n","user":"u","lifetime_ms":5,"heartbeat_ms":9}"#;
-        let h = parse_hello(json).unwrap();
-        assert_eq!((h.conn_id, h.lifetime_ms, h.heartbeat_ms), (3, 5, 9));
-        assert!(parse_hello(r#"{"type":"message","id":1}"#).is_none());
+    fn error_kinds_come_from_typed_errors() {
+        let refused = |line: &str, body: &str| {
+            error_kind(&anyhow::Error::new(ConnectError::Refused {
+                status_line: line.into(),
+                body: body.into(),
+            }))
+        };
+        assert_eq!(
+            refused(
+                "HTTP/1.1 503 Service Unavailable",
+                r#"{"error":"draining","message":"go elsewhere"}"#
+            ),
+            "http_503_draining"
+        );
+        assert_eq!(
+            refused(
+                "HTTP/1.1 429 Too Many Requests",
+                r#"{"error":"too_many_pending"}"#
+            ),
+            "http_429_refused"
+        );
+        assert_eq!(
+            refused("HTTP/1.1 404 Not Found", "<html>"),
+            "http_404_refused"
+        );
+        let io = |kind| anyhow::Error::new(std::io::Error::from(kind)).context("connect a -> b");
+        assert_eq!(
+            error_kind(&io(ErrorKind::ConnectionRefused)),
+            "connection_refused"
+        );
+        assert_eq!(
+            error_kind(&io(ErrorKind::AddrNotAvailable)),
+            "no_source_port"
+        );
+        let emfile = std::io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error());
+        assert_eq!(
+            error_kind(&anyhow::Error::new(emfile)),
+            "too_many_open_files"
+        );
+        let late = anyhow::Error::new(ConnectError::Timeout {
+            what: "hello",
+            timeout: Duration::from_secs(1),
+        });
+        assert_eq!(error_kind(&late), "timeout");
+        let first = anyhow::Error::new(ConnectError::HelloNotFirst("x".into()));
+        assert!(is_hello_not_first(&first) && !is_hello_not_first(&late));
+        assert_eq!(error_kind(&anyhow::anyhow!("Connection refused")), "other");
     }
 
     #[test]

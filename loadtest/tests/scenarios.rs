@@ -198,12 +198,9 @@ async fn the_binary_exits_non_zero_on_loss_and_zero_otherwise() {
 /// Its own runtime, shut down while the mock cluster still runs (Kafka clients close then).
 #[test]
 fn push_through_kafka_and_the_processor_reaches_every_client() {
-    use rdkafka::mocking::MockCluster;
-    use rdkafka::producer::DefaultProducerContext;
-    let cluster: MockCluster<'static, DefaultProducerContext> =
-        MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("push", 2, 1).expect("topic");
-    let brokers = cluster.bootstrap_servers();
+    let cluster = testkit::kafka::MockKafka::start();
+    cluster.create_topic("push", 2);
+    let brokers = cluster.brokers();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

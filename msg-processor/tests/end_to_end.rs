@@ -52,7 +52,7 @@ fn assert_complete_in_order(clients: &[Client], seqs: std::ops::Range<u64>) {
 async fn wait_complete(clients: &[Client], n: usize) {
     eventually(
         &format!("{n} messages at each of {} clients", clients.len()),
-        || clients.iter().all(|c| first_seen(&c.inbox).len() >= n),
+        || std::future::ready(clients.iter().all(|c| first_seen(&c.inbox).len() >= n)),
     )
     .await;
 }
@@ -60,8 +60,10 @@ async fn wait_complete(clients: &[Client], n: usize) {
 /// Waits until the group has handed all `partitions` out, to every processor given.
 async fn wait_assigned(ps: &[&msg_processor::Processor], partitions: u64) {
     eventually("partitions assigned to every processor", || {
-        ps.iter().all(|p| Stats::get(&p.stats().partitions) > 0)
-            && total(ps, |s| &s.partitions) == partitions
+        std::future::ready(
+            ps.iter().all(|p| Stats::get(&p.stats().partitions) > 0)
+                && total(ps, |s| &s.partitions) == partitions,
+        )
     })
     .await;
 }
@@ -139,7 +141,9 @@ async fn a_killed_processor_s_partitions_are_taken_over_and_nothing_is_lost() {
             })
         };
         let (s1, s2) = (p1.stats().clone(), p2.stats().clone());
-        eventually("p1 delivering", || Stats::get(&s1.delivered) >= 50).await;
+        eventually("p1 delivering", || {
+            std::future::ready(Stats::get(&s1.delivered) >= 50)
+        }).await;
         let (killed_with, mid_production) = (Stats::get(&s1.delivered), !feeder.is_finished());
         p1.kill().await;
         eprintln!("killed p1 after it delivered {killed_with}; production still running: {mid_production}");
@@ -193,7 +197,7 @@ async fn messages_to_a_dead_node_are_retried_then_follow_the_users_to_their_new_
         produce(&producer, &all, 5..10).await;
         let stats = p.stats().clone();
         eventually("the processor retrying the dead node", || {
-            Stats::get(&stats.retries) > 0
+            std::future::ready(Stats::get(&stats.retries) > 0)
         })
         .await;
         // The users reconnect (same device) to node B: the newest registration wins.
@@ -352,7 +356,7 @@ async fn a_node_outside_peer_nets_is_sent_nothing() {
         let p = processor(s).await;
         produce(&producer(&kafka.brokers(), "push"), &["u".to_owned()], 0..1).await;
         eventually("the message to be kept for resume", || {
-            Stats::get(&p.stats().stored) >= 1
+            std::future::ready(Stats::get(&p.stats().stored) >= 1)
         })
         .await;
         assert_eq!(Stats::get(&p.stats().delivered), 0);

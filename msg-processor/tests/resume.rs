@@ -67,7 +67,7 @@ async fn receipt_node(
 fn token(user: &str) -> String {
     // Any node verifies a token signed with the shared secret; mint with a throwaway
     // authenticator of the same secret.
-    push_server::auth::Authenticator::new(SECRET.as_bytes(), false).mint(
+    push_proto::auth::Authenticator::new(SECRET.as_bytes(), false).mint(
         user,
         Some("phone"),
         Duration::from_secs(3600),
@@ -125,7 +125,7 @@ fn a_receipt_travels_from_push_lib_through_kafka_to_a_websocket_client_and_back(
         assert_eq!(receipt.device.as_deref(), Some("phone"));
         assert_eq!(receipt.mid.as_deref(), Some("order-shipped-17"));
         assert_eq!(receipt.node, "node-a");
-        assert_eq!(receipt.transport, "ws");
+        assert_eq!(receipt.transport.as_str(), "ws");
         assert!(receipt.acked_at_ms >= receipt.sent_at_ms);
 
         // Nobody is connected for this user: the message is kept, no receipt comes.
@@ -276,7 +276,7 @@ fn churn_with_a_node_restart_loses_nothing() {
                 // first make sure it holds some clients (they keep moving between nodes).
                 let old = a.take().expect("node A runs");
                 eventually("some clients on node A", || {
-                    old.shared().hub.open_total() >= USERS / 4
+                    std::future::ready(old.shared().hub.open_total() >= USERS / 4)
                 })
                 .await;
                 cut_at_restart = old.shared().hub.open_total();
@@ -289,13 +289,13 @@ fn churn_with_a_node_restart_loses_nothing() {
         }
         let want: Vec<u64> = (0..PER_USER).collect();
         eventually("every message at every client", || {
-            seen.values().all(|s| {
+            std::future::ready(seen.values().all(|s| {
                 let s = s.lock().unwrap();
                 let mut ids: Vec<u64> = s.messages.iter().map(|(id, _)| *id).collect();
                 ids.sort_unstable();
                 ids.dedup();
                 ids.len() as u64 >= PER_USER
-            })
+            }))
         })
         .await;
         let mut rotations = 0;

@@ -22,45 +22,14 @@ use hyper::{Method, Request};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde::{Deserialize, Serialize};
+use push_proto::api::{DeliverAnswer, DeliverItem, DeliverResult, DELIVER_PATH};
 
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::receipt::DeliveryReceipt;
 
-/// The node's answer for one item.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Written to `connections` of the user's connections; `id` is the per-user message ID.
-    Delivered {
-        /// The per-user message ID the clients saw.
-        id: Option<u64>,
-        /// How many connections it was written to.
-        connections: u64,
-    },
-    /// Already delivered under this message ID (a redelivery): as good as delivered.
-    Duplicate,
-    /// The user (or device) has no connection on that node; the message is kept in the
-    /// user's history, and their clients get it when they resume.
-    Stored {
-        /// The per-user message ID it was kept under.
-        id: Option<u64>,
-    },
-    /// The user (or device) has no connection on that node (nodes that keep no history).
-    NotConnected,
-    /// The node refused the item (bad user ID, payload too large, ...): it never will.
-    Invalid {
-        /// The node's reason.
-        reason: String,
-    },
-}
-
-impl Outcome {
-    /// Delivered now or earlier.
-    pub fn is_delivered(&self) -> bool {
-        matches!(self, Outcome::Delivered { .. } | Outcome::Duplicate)
-    }
-}
+/// The node's answer for one item: the wire type from push-proto.
+pub use push_proto::api::DeliverOutcome as Outcome;
 
 /// Settings of a [`DeliverClient`].
 #[derive(Debug, Clone)]
@@ -104,35 +73,6 @@ impl std::fmt::Debug for DeliverClient {
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
-}
-
-#[derive(Serialize)]
-struct Item<'a> {
-    user: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    device: Option<&'a str>,
-    message_id: &'a str,
-    data: &'a serde_json::Value,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct Answer {
-    results: Vec<WireOutcome>,
-}
-
-#[derive(Deserialize)]
-struct WireOutcome {
-    outcome: String,
-    #[serde(default)]
-    id: Option<u64>,
-    #[serde(default)]
-    delivered: Option<u64>,
-    #[serde(default)]
-    reason: Option<String>,
-    #[serde(default)]
-    receipt: Option<DeliveryReceipt>,
 }
 
 impl DeliverClient {
@@ -191,13 +131,19 @@ impl DeliverClient {
         items: &[(&Envelope, Option<u64>)],
         wait_receipt: Option<Duration>,
     ) -> Result<Vec<(Outcome, Option<DeliveryReceipt>)>> {
-        let body: Vec<Item<'_>> = items
+        let data = items
             .iter()
-            .map(|(e, id)| Item {
-                user: &e.user,
-                device: e.device.as_deref(),
-                message_id: e.id.as_str(),
-                data: &e.data,
+            .map(|(e, _)| serde_json::value::to_raw_value(&e.data))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .expect("JSON values serialize");
+        let body: Vec<DeliverItem<'_>> = items
+            .iter()
+            .zip(&data)
+            .map(|((e, id), data)| DeliverItem {
+                user: e.user.as_str().into(),
+                device: e.device.as_deref().map(Into::into),
+                message_id: Some(e.id.as_str().into()),
+                data,
                 id: *id,
             })
             .collect();
@@ -207,7 +153,7 @@ impl DeliverClient {
             .unwrap_or_default();
         let mut req = Request::builder()
             .method(Method::POST)
-            .uri(format!("http://{addr}/internal/v1/deliver{query}"))
+            .uri(format!("http://{addr}{DELIVER_PATH}{query}"))
             .header(CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| Error::InvalidUrl {
@@ -245,7 +191,7 @@ impl DeliverClient {
                 body: String::from_utf8_lossy(&bytes).chars().take(500).collect(),
             });
         }
-        let answer: Answer = serde_json::from_slice(&bytes).map_err(|e| {
+        let answer: DeliverAnswer = serde_json::from_slice(&bytes).map_err(|e| {
             let shown: String = String::from_utf8_lossy(&bytes).chars().take(500).collect();
             Error::BadResponse(format!("{e}: {shown}"))
         })?;
@@ -256,26 +202,11 @@ impl DeliverClient {
                 items.len()
             )));
         }
-        answer
+        Ok(answer
             .results
             .into_iter()
-            .map(|r| {
-                let outcome = match r.outcome.as_str() {
-                    "delivered" => Outcome::Delivered {
-                        id: r.id,
-                        connections: r.delivered.unwrap_or(0),
-                    },
-                    "duplicate" => Outcome::Duplicate,
-                    "stored" => Outcome::Stored { id: r.id },
-                    "not_connected" => Outcome::NotConnected,
-                    "invalid" => Outcome::Invalid {
-                        reason: r.reason.unwrap_or_default(),
-                    },
-                    other => return Err(Error::BadResponse(format!("unknown outcome {other:?}"))),
-                };
-                Ok((outcome, r.receipt))
-            })
-            .collect()
+            .map(DeliverResult::into_outcome)
+            .collect())
     }
 }
 

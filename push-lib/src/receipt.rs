@@ -14,34 +14,14 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Message as _, Offset, TopicPartitionList};
-use serde::Deserialize;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::kafka::KafkaConfig;
 
-/// A delivery receipt: a device of the user acknowledged the message.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct DeliveryReceipt {
-    /// The user.
-    pub user: String,
-    /// The device that acknowledged, if its token names one.
-    #[serde(default)]
-    pub device: Option<String>,
-    /// The per-user message ID the client saw.
-    pub id: u64,
-    /// The message's envelope ID, if it had one.
-    #[serde(default)]
-    pub mid: Option<String>,
-    /// The push-server node that received the acknowledgement.
-    pub node: String,
-    /// `ws` or `sse`.
-    pub transport: String,
-    /// When the message was kept in the history (sent), milliseconds since the Unix epoch.
-    pub sent_at_ms: u64,
-    /// When the client acknowledged it, milliseconds since the Unix epoch.
-    pub acked_at_ms: u64,
-}
+/// A delivery receipt: a device of the user acknowledged the message (the wire type from
+/// push-proto, as push-server publishes it).
+pub use push_proto::api::Receipt as DeliveryReceipt;
 
 type Waiters = Arc<Mutex<HashMap<String, Vec<oneshot::Sender<DeliveryReceipt>>>>>;
 

@@ -9,8 +9,8 @@ use futures_util::{SinkExt, StreamExt};
 use push_lib::{Accepted, DeliverConfig, Envelope, KafkaConfig, Outcome, PushClient, SendOptions};
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::Message as _;
-use rdkafka::mocking::MockCluster;
 use rdkafka::ClientConfig;
+use testkit::kafka::MockKafka;
 use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -42,9 +42,9 @@ async fn read(brokers: &str, topic: &str, n: usize) -> Vec<(String, Envelope, i3
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_send_is_acknowledged_keyed_by_user_and_in_order_per_user() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("push", 4, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let cluster = MockKafka::start();
+    cluster.create_topic("push", 4);
+    let brokers = cluster.brokers();
     let client = PushClient::kafka(&KafkaConfig::new(&brokers, "push")).unwrap();
     let opts = SendOptions {
         ttl: Some(Duration::from_secs(60)),
@@ -81,8 +81,8 @@ async fn kafka_send_is_acknowledged_keyed_by_user_and_in_order_per_user() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_envelope_is_refused_before_sending() {
-    let cluster = MockCluster::new(1).unwrap();
-    let client = PushClient::kafka(&KafkaConfig::new(cluster.bootstrap_servers(), "push")).unwrap();
+    let cluster = MockKafka::start();
+    let client = PushClient::kafka(&KafkaConfig::new(cluster.brokers(), "push")).unwrap();
     let err = client
         .send("", "x", &SendOptions::default())
         .await
@@ -93,9 +93,9 @@ async fn an_invalid_envelope_is_refused_before_sending() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_send_cli_spreads_count_messages_over_users() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("push", 4, 1).unwrap();
-    let brokers = cluster.bootstrap_servers();
+    let cluster = MockKafka::start();
+    cluster.create_topic("push", 4);
+    let brokers = cluster.brokers();
     let bin = env!("CARGO_BIN_EXE_push-send");
     let out = tokio::time::timeout(
         WAIT,

@@ -37,7 +37,7 @@ async fn cluster_passes_the_suite_and_survives_a_master_failover() {
 
     // Replication is asynchronous, so a write acknowledged just before the kill could be
     // lost; these were written well before, so all must be there, through the new master.
-    let ok = common::eventually(Duration::from_secs(20), || async {
+    let ok = testkit::poll_until(Duration::from_secs(20), || async {
         matches!(reg.lookup_many(&users).await, Ok(found) if found.iter().all(|r| r.len() == 1))
     })
     .await;

@@ -30,7 +30,7 @@ async fn memory_is_bounded_and_frees_expired_entries() {
         Err(Error::Full { limit: 3 })
     ));
     // Once the short-lived entries expire, the sweep makes room again.
-    let admitted = common::eventually(std::time::Duration::from_secs(5), || async {
+    let admitted = testkit::poll_until(std::time::Duration::from_secs(5), || async {
         reg.register(&extra, common::LONG).await.is_ok()
     })
     .await;

@@ -128,7 +128,7 @@ async fn errors_name_the_failed_node() {
 
     // The backend reconnects by itself once the node is back.
     server.restart();
-    let back = common::eventually(Duration::from_secs(5), || async {
+    let back = testkit::poll_until(Duration::from_secs(5), || async {
         reg.lookup("u").await.is_ok()
     })
     .await;
@@ -161,7 +161,7 @@ async fn history_errors_name_the_failed_node_and_recover_after_restart() {
     // Back, empty: the store reconnects by itself, and the node, which forgot the user,
     // seeds new IDs from the clock, above every ID it gave before.
     server.restart();
-    let back = common::eventually(Duration::from_secs(5), || async {
+    let back = testkit::poll_until(Duration::from_secs(5), || async {
         store.since("ida", 0).await.is_ok()
     })
     .await;

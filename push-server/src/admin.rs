@@ -34,9 +34,8 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
+use push_proto::api::ItemError;
 use serde_json::json;
-use serde_json::value::RawValue;
 use tokio::net::TcpListener;
 
 use crate::admin_route::{Access, AdminRoute, RouteError};
@@ -496,53 +495,17 @@ async fn push_one(req: Request<Incoming>, user: &str, shared: &Shared) -> Resp {
     json_response(StatusCode::OK, body)
 }
 
-#[derive(Deserialize)]
-struct BatchItem<'a> {
-    #[serde(borrow)]
-    user: std::borrow::Cow<'a, str>,
-    #[serde(default, borrow)]
-    device: Option<std::borrow::Cow<'a, str>>,
-    /// The queue's message ID (push-lib envelope), for deduplication.
-    #[serde(default, borrow)]
-    message_id: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow)]
-    data: &'a RawValue,
-    /// The per-user ID, when the message processor took it from the history already.
-    #[serde(default)]
-    id: Option<u64>,
-}
+/// One item of a push or deliver batch: the wire type from push-proto.
+type BatchItem<'a> = push_proto::api::DeliverItem<'a>;
 
-impl BatchItem<'_> {
-    /// The item's payload, or why it cannot be sent. A JSON string is a text payload (SSE
-    /// clients get the string itself); any other JSON value is a JSON payload.
-    fn payload(&self, max_bytes: usize) -> Result<Payload, String> {
-        if self.user.is_empty() || self.user.len() > crate::auth::MAX_ID_LEN {
-            return Err(format!(
-                "user ID must be 1 to {} bytes",
-                crate::auth::MAX_ID_LEN
-            ));
-        }
-        let raw = self.data.get();
-        let payload = if raw.starts_with('"') {
-            let text: String = serde_json::from_str(raw).map_err(|e| e.to_string())?;
-            Payload::text(Bytes::from(text)).map_err(|e| e.to_string())?
-        } else {
-            Payload::json(Bytes::copy_from_slice(raw.as_bytes())).map_err(|e| e.to_string())?
-        };
-        if payload.bytes.len() > max_bytes {
-            return Err(format!("data exceeds {max_bytes} bytes"));
-        }
-        Ok(payload)
-    }
-
-    fn request<'b>(&'b self, payload: &'b Payload) -> PushRequest<'b> {
-        PushRequest {
-            user: &self.user,
-            device: self.device.as_deref(),
-            message_id: self.message_id.as_deref(),
-            payload,
-            id: self.id,
-        }
+/// The push request for a checked item.
+fn push_request<'b>(item: &'b BatchItem<'_>, payload: &'b Payload) -> PushRequest<'b> {
+    PushRequest {
+        user: &item.user,
+        device: item.device.as_deref(),
+        message_id: item.message_id.as_deref(),
+        payload,
+        id: item.id,
     }
 }
 
@@ -606,7 +569,7 @@ async fn push_batch_items(
     let reqs: Vec<PushRequest<'_>> = items
         .iter()
         .zip(&payloads)
-        .map(|(item, payload)| item.request(payload))
+        .map(|(item, payload)| push_request(item, payload))
         .collect();
     let pushed = match push::push(shared, &reqs, received, false).await {
         Ok(p) => p,
@@ -657,7 +620,7 @@ async fn deliver_items(
 ) -> Result<Resp, ApiError> {
     let items = parse_batch(body)?;
     metrics::counter!(m::PUSHES).increment(items.len() as u64);
-    let mut payloads: Vec<Result<Payload, String>> = items
+    let mut payloads: Vec<Result<Payload, ItemError>> = items
         .iter()
         .map(|item| item.payload(shared.config.max_message_bytes))
         .collect();
@@ -671,7 +634,7 @@ async fn deliver_items(
         .zip(&payloads)
         .filter_map(|(item, p)| p.as_ref().ok().map(|p| (item, p)))
         .collect();
-    let reqs: Vec<PushRequest<'_>> = valid.iter().map(|(i, p)| i.request(p)).collect();
+    let reqs: Vec<PushRequest<'_>> = valid.iter().map(|(i, p)| push_request(i, p)).collect();
     let mut pushed = match push::push(shared, &reqs, received, wait.is_some()).await {
         Ok(p) => p,
         Err(e) => return Ok(history_unavailable(e)),
@@ -688,7 +651,7 @@ async fn deliver_items(
     let results: Vec<_> = payloads
         .iter()
         .map(|p| match p {
-            Err(reason) => json!({"outcome": "invalid", "reason": reason}),
+            Err(reason) => json!({"outcome": "invalid", "reason": reason.to_string()}),
             Ok(_) => {
                 let o = pushed.next().expect("one result per valid item").outcome;
                 let outcome = if o.duplicate {
@@ -740,7 +703,7 @@ async fn history(req: &Request<Incoming>, user: &str, shared: &Shared) -> Resp {
 /// payload, device and message ID (one `get` per user).
 async fn check_ids(
     items: &[BatchItem<'_>],
-    payloads: &mut [Result<Payload, String>],
+    payloads: &mut [Result<Payload, ItemError>],
     shared: &Shared,
 ) -> Result<(), push_registry::Error> {
     let mut by_user: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
@@ -764,10 +727,7 @@ async fn check_ids(
             });
             if !matches {
                 metrics::counter!(m::ADMIN_REFUSED, "reason" => "bad_id").increment(1);
-                payloads[i] = Err(
-                    "`id` is not a message the history keeps for this user; only callers with the internal secret may set ids that are not"
-                        .into(),
-                );
+                payloads[i] = Err(ItemError::UntrustedId);
             }
         }
     }

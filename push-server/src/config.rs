@@ -32,7 +32,7 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Admin port (push API, metrics, health).
     pub admin_listen: SocketAddr,
-    /// This node's ID in logs, metrics and (later) the registry.
+    /// This node's ID in logs, metrics and its registry records.
     pub node_id: String,
     /// HS256 secret for client tokens. `None`: the server makes one at start and prints it.
     pub auth_secret: Option<String>,

@@ -22,6 +22,7 @@ use hyper::{Method, Request};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use push_proto::api::{DeliverAnswer, DeliverItem, DELIVER_PATH};
 
 use crate::hub::PushRequest;
 use crate::metrics as m;
@@ -157,69 +158,93 @@ impl Forwarder {
         reqs: &[PushRequest<'_>],
         pushed: &[Pushed],
         idxs: &[usize],
-    ) -> Result<Vec<usize>, String> {
-        let items: Vec<serde_json::Value> = idxs
+    ) -> Result<Vec<usize>, ForwardError> {
+        let data: Vec<_> = idxs
             .iter()
-            .map(|&i| {
+            .map(|&i| reqs[i].payload.to_raw_json())
+            .collect();
+        let items: Vec<DeliverItem<'_>> = idxs
+            .iter()
+            .zip(&data)
+            .map(|(&i, data)| {
                 let r = &reqs[i];
-                let text = std::str::from_utf8(&r.payload.bytes).unwrap_or_default();
-                let data: serde_json::Value = if r.payload.is_json {
-                    serde_json::from_str(text).unwrap_or(serde_json::Value::Null)
-                } else {
-                    serde_json::Value::String(text.to_owned())
-                };
-                serde_json::json!({
-                    "user": r.user,
-                    "device": r.device,
-                    "message_id": r.message_id,
-                    "data": data,
-                    "id": pushed[i].outcome.id,
-                })
+                DeliverItem {
+                    user: r.user.into(),
+                    device: r.device.map(Into::into),
+                    message_id: r.message_id.map(Into::into),
+                    data,
+                    id: pushed[i].outcome.id,
+                }
             })
             .collect();
-        let body = serde_json::to_vec(&items).map_err(|e| e.to_string())?;
+        let body = serde_json::to_vec(&items).expect("deliver items serialize");
         let mut req = Request::builder()
             .method(Method::POST)
-            .uri(format!("http://{target}/internal/v1/deliver"))
+            .uri(format!("http://{target}{DELIVER_PATH}"))
             .header(hyper::header::HOST, node)
             .header(CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ForwardError::Request(e.to_string()))?;
         if let Some(auth) = &self.auth {
             req.headers_mut().insert(AUTHORIZATION, auth.clone());
         }
         let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| ForwardError::Request(e.to_string()))?;
             let status = resp.status();
             let bytes = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
                 .collect()
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| ForwardError::Request(e.to_string()))?
                 .to_bytes();
             if !status.is_success() {
                 let text = String::from_utf8_lossy(&bytes);
                 let shown: String = text.chars().take(200).collect();
-                return Err(format!("HTTP {status}: {shown}"));
+                return Err(ForwardError::Status(status, shown));
             }
-            let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-            let results = v["results"].as_array().cloned().unwrap_or_default();
-            if results.len() != idxs.len() {
-                return Err(format!(
-                    "{} results for {} items",
-                    results.len(),
-                    idxs.len()
-                ));
+            let answer: DeliverAnswer = serde_json::from_slice(&bytes)?;
+            if answer.results.len() != idxs.len() {
+                return Err(ForwardError::Count {
+                    results: answer.results.len(),
+                    items: idxs.len(),
+                });
             }
-            Ok(results
+            Ok(answer
+                .results
                 .iter()
-                .map(|r| {
-                    let n = r["delivered"].as_u64().unwrap_or(0);
-                    usize::try_from(n).unwrap_or(usize::MAX)
-                })
+                .map(|r| usize::try_from(r.delivered.unwrap_or(0)).unwrap_or(usize::MAX))
                 .collect())
         };
         tokio::time::timeout(TIMEOUT, exchange)
             .await
-            .map_err(|_| format!("no answer within {TIMEOUT:?}"))?
+            .map_err(|_| ForwardError::Timeout(TIMEOUT))?
     }
+}
+
+/// Why a forward to another node failed (the messages stay in the history).
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The request could not be built, sent, or its answer read.
+    #[error("{0}")]
+    Request(String),
+    /// The node answered with an error status (and this start of a body).
+    #[error("HTTP {0}: {1}")]
+    Status(hyper::StatusCode, String),
+    /// The answer is not the deliver endpoint's JSON.
+    #[error("bad answer: {0}")]
+    Answer(#[from] serde_json::Error),
+    /// The answer does not have one result per item.
+    #[error("{results} results for {items} items")]
+    Count {
+        /// Results in the answer.
+        results: usize,
+        /// Items sent.
+        items: usize,
+    },
+    /// No answer in time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
 }

@@ -3,8 +3,8 @@
 //!
 //! A connection's driver task owns the socket; everything else reaches the connection
 //! through its [`ConnHandle`]: the admin API enqueues messages, the sweeper enqueues
-//! heartbeats and `reconnect`, or asks it to close. The driver is woken by the handle's
-//! `Notify` and writes what is queued.
+//! heartbeats and `reconnect`, or asks it to close. The driver is woken through the
+//! handle's `AtomicWaker` and writes what is queued.
 //!
 //! Locks are `std::sync::Mutex`, never held across an `.await` (clippy denies it): every
 //! critical section is a few pointer moves. Lock order: a hub shard, then a connection's
@@ -25,33 +25,7 @@ use tokio::time::Instant;
 use crate::lifecycle::{Clock, DisconnectReason, Millis};
 use crate::protocol::message::{self, Payload};
 
-/// The client transport of a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// WebSocket on `/ws`.
-    Ws,
-    /// Server-Sent Events on `/sse`.
-    Sse,
-}
-
-impl Transport {
-    /// The metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ws => "ws",
-            Self::Sse => "sse",
-        }
-    }
-
-    /// Index into per-transport arrays (metrics, counters).
-    pub(crate) fn index(self) -> usize {
-        match self {
-            Self::Ws => 0,
-            Self::Sse => 1,
-        }
-    }
-}
+pub use push_proto::Transport;
 
 /// What to do when a connection's outbound queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]

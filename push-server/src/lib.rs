@@ -1,13 +1,13 @@
 //! push-server: the edge of the push platform. It holds one long-lived WebSocket or SSE
 //! connection per client and writes a message to a user's connections the moment the admin
-//! API (or, later, the message processor) asks.
+//! API or the message processor (through the internal deliver endpoint) asks.
 //!
 //! Layers, lowest first; a layer never uses one above it:
 //!
 //! | module | role |
 //! |---|---|
-//! | [`protocol`] | sans-I/O: HTTP request head, WebSocket frames, SSE events, client messages |
-//! | [`auth`] | HS256 JWT verification and minting |
+//! | [`protocol`] | the wire, re-exported from the `push-proto` crate: HTTP request head, WebSocket frames, SSE events, client messages |
+//! | [`auth`] | HS256 JWT verification and minting (re-exported from `push-proto`) |
 //! | [`lifecycle`] | pure policy with `now` passed in: lifetimes, heartbeats, drain slots |
 //! | [`ratelimit`] | per-IP connect token buckets (pure) |
 //! | [`hub`] | user → local connections; each connection's bounded outbound queue |

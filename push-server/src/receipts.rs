@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use push_registry::{Buffered, MessageStore};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::hub::{AckSlot, Transport};
@@ -31,28 +30,9 @@ const BATCH: usize = 512;
 /// history age on a busy node; an ack repeated after that long is rare and harmless.
 const RECENT: usize = 64 * 1024;
 
-/// A delivery receipt, as published (JSON on the Kafka topic and in admin API answers).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Receipt {
-    /// The user.
-    pub user: String,
-    /// The device that acknowledged, if its token names one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub device: Option<String>,
-    /// The message's per-user ID.
-    pub id: u64,
-    /// The queue's message ID (push-lib envelope ID), if the message had one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mid: Option<String>,
-    /// The node that received the acknowledgement.
-    pub node: String,
-    /// `ws` or `sse`.
-    pub transport: &'static str,
-    /// When the message was appended to the history, milliseconds since the Unix epoch.
-    pub sent_at_ms: u64,
-    /// When the acknowledgement arrived, milliseconds since the Unix epoch.
-    pub acked_at_ms: u64,
-}
+/// A delivery receipt, as published (JSON on the Kafka topic and in admin API answers): the
+/// wire type from push-proto, which push-lib reads.
+pub use push_proto::api::Receipt;
 
 /// One acknowledgement from a client.
 #[derive(Debug)]
@@ -88,7 +68,7 @@ impl Default for Receipts {
 }
 
 impl Receipts {
-    /// An empty queue; [`Receipts::spawn`] starts its task.
+    /// An empty queue; the server starts its task (`Receipts::spawn`).
     pub fn new() -> Self {
         let (tx, rx) = mpsc::channel(ACK_QUEUE);
         Self {
@@ -262,7 +242,7 @@ async fn run(
             }
         }
         for r in &out {
-            metrics::counter!(m::RECEIPTS, "transport" => r.transport).increment(1);
+            metrics::counter!(m::RECEIPTS, "transport" => r.transport.as_str()).increment(1);
             let secs = r.acked_at_ms.saturating_sub(r.sent_at_ms) as f64 / 1000.0;
             metrics::histogram!(m::RECEIPT_SECONDS).record(secs);
             receipts.publish_local(r);
@@ -321,7 +301,7 @@ fn receipt(ack: &Ack, kept: &[Buffered], node: &str) -> Option<Receipt> {
         id: ack.id,
         mid: msg.mid.clone(),
         node: node.to_owned(),
-        transport: ack.transport.as_str(),
+        transport: ack.transport,
         sent_at_ms: msg.at_ms,
         acked_at_ms: ack.at_ms,
     })

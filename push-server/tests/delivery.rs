@@ -282,12 +282,10 @@ async fn a_resume_backlog_counts_against_the_queue_byte_limit() {
 async fn repeated_acks_publish_one_kafka_receipt() {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::Message as _;
-    let kafka = rdkafka::mocking::MockCluster::new(1).expect("mock cluster starts");
-    kafka
-        .create_topic("push-receipts", 1, 1)
-        .expect("topic created");
+    let kafka = testkit::kafka::MockKafka::start();
+    kafka.create_topic("push-receipts", 1);
     let mut cfg = config();
-    cfg.receipts_brokers = Some(kafka.bootstrap_servers());
+    cfg.receipts_brokers = Some(kafka.brokers());
     let server = start(cfg).await;
     let mut ws = ws_connect(&server, &token(&server, "kafka-acker", None)).await;
     assert_eq!(ws_next_json(&mut ws).await["type"], "hello");
@@ -316,7 +314,7 @@ async fn repeated_acks_publish_one_kafka_receipt() {
     // Acked last: once its receipt is read, every earlier one is too (one partition).
     ws_send_json(&mut ws, json!({"type": "ack", "id": marker})).await;
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap_servers())
+        .set("bootstrap.servers", kafka.brokers())
         .set("group.id", "receipt-reader")
         .set("auto.offset.reset", "earliest")
         .create()

@@ -8,12 +8,16 @@
 //! | [`Monitor`] | a `MONITOR` connection that records every command a server executes |
 //! | [`RedisCluster`] | N masters (+ replicas) joined with `redis-cli --cluster create` |
 //! | [`resp`] | the few lines of RESP the harness needs, over a blocking `TcpStream` |
+//! | [`eventually`], [`poll_until`] | poll a condition until it holds, for tests of asynchronous effects |
+//! | [`kafka::MockKafka`] | librdkafka's mock cluster (feature `kafka`): a real Kafka protocol peer on a local port |
 //!
 //! Everything here panics with a message on failure: it is test support, and a failing harness
 //! should stop the test with the reason rather than hand back an error nobody handles.
 //!
 //! Needs `redis-server` and `redis-cli` on `PATH` (Debian: `apt-get install -y redis-server`).
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod resp;
 
 use std::io::{BufReader, Write};
@@ -29,6 +33,45 @@ use resp::Reply;
 /// How long a fresh `redis-server` may take to answer `PING`. Generous: CI machines are shared,
 /// and the loop returns as soon as it answers.
 const START_DEADLINE: Duration = Duration::from_secs(15);
+
+/// How long [`eventually`] waits. Generous: CI machines are shared and loaded, the loop
+/// returns as soon as the condition holds, and a hang still ends the test.
+pub const WAIT: Duration = Duration::from_secs(45);
+
+/// Polls `cond` every 20 ms until it holds; panics naming `what` after [`WAIT`].
+///
+/// Tests of asynchronous effects (a registration, a delivery, a close) assert with this
+/// rather than sleep-and-check, so they neither flake on a slow machine nor wait longer
+/// than needed on a fast one. A synchronous condition is `|| std::future::ready(…)`.
+pub async fn eventually<F, Fut>(what: &str, cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    assert!(
+        poll_until(WAIT, cond).await,
+        "timed out after {WAIT:?} waiting for {what}"
+    );
+}
+
+/// Polls `cond` every 20 ms until it holds or `within` passes; returns whether it held
+/// (for a test that reports more than [`eventually`]'s message when it does not).
+pub async fn poll_until<F, Fut>(within: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 /// A local TCP port that was free a moment ago.
 ///

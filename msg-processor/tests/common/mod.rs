@@ -13,8 +13,6 @@ use futures_util::StreamExt;
 use msg_processor::{Processor, Settings};
 use push_lib::{KafkaConfig, PushClient};
 use push_server::{Config, Server};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
@@ -27,43 +25,9 @@ pub const INTERNAL_SECRET: &str = "internal-deliver-secret-0123";
 /// Upper bound for one wait: generous for a loaded CI machine; a hang still ends the test.
 pub const WAIT: Duration = Duration::from_secs(45);
 
-/// Polls `cond` every 20 ms until it holds; panics with `what` after `WAIT`.
-pub async fn eventually<F>(what: &str, mut cond: F)
-where
-    F: FnMut() -> bool,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// librdkafka's in-process mock cluster: a real Kafka protocol peer on a local TCP port.
-/// Not `Send`: keep it in the test's own future, not in a spawned task.
-pub struct MockKafka {
-    cluster: MockCluster<'static, DefaultProducerContext>,
-}
-
-impl MockKafka {
-    pub fn start() -> Self {
-        let cluster = MockCluster::new(1).expect("mock cluster starts");
-        Self { cluster }
-    }
-
-    pub fn brokers(&self) -> String {
-        self.cluster.bootstrap_servers()
-    }
-
-    pub fn create_topic(&self, topic: &str, partitions: i32) {
-        self.cluster
-            .create_topic(topic, partitions, 1)
-            .expect("mock topic");
-    }
-}
+#[allow(unused_imports)] // not every test binary polls
+pub use testkit::eventually;
+pub use testkit::kafka::MockKafka;
 
 /// Processor settings for tests: fast group membership and retries.
 pub fn settings(brokers: &str, topic: &str, registry: &str) -> Settings {

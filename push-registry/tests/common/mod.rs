@@ -4,7 +4,7 @@
 
 pub mod history;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use push_registry::{Record, RefreshOutcome, Registry};
 
@@ -26,24 +26,6 @@ fn conns(records: &[Record]) -> Vec<&str> {
 
 /// Long enough that nothing expires during a test by accident.
 pub const LONG: Duration = Duration::from_secs(60);
-
-/// Polls `check` until it holds or `timeout` passes; returns whether it held.
-pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 /// The contract of [`Registry`], checked the same way on every backend. `tag` keeps users
 /// apart when one storage holds several runs.
@@ -143,7 +125,7 @@ pub async fn behaviour_suite(reg: &dyn Registry, tag: &str) {
             .unwrap(),
         [RefreshOutcome::Owned]
     );
-    let gone = eventually(Duration::from_secs(5), || async {
+    let gone = testkit::poll_until(Duration::from_secs(5), || async {
         reg.lookup(&carol).await.unwrap() == vec![kept.clone()]
     })
     .await;

@@ -291,21 +291,8 @@ pub async fn metric(server: &Server, sample: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Polls `cond` until it holds or WAIT passes.
-pub async fn eventually<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+#[allow(unused_imports)] // not every test binary polls
+pub use testkit::eventually;
 
 /// A WebSocket opened by hand, for tests that need control over every byte.
 pub struct RawWs {

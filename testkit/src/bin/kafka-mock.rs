@@ -8,8 +8,7 @@
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
+use testkit::kafka::MockKafka;
 
 fn main() -> ExitCode {
     let mut topics = Vec::new();
@@ -23,7 +22,7 @@ fn main() -> ExitCode {
             _ => return usage(&format!("unexpected argument `{arg}`")),
         }
     }
-    let cluster = match MockCluster::<DefaultProducerContext>::new(1) {
+    let cluster = match MockKafka::try_start() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("kafka-mock: cannot start the mock cluster: {e}");
@@ -31,12 +30,12 @@ fn main() -> ExitCode {
         }
     };
     for (name, partitions) in &topics {
-        if let Err(e) = cluster.create_topic(name, *partitions, 1) {
+        if let Err(e) = cluster.try_create_topic(name, *partitions) {
             eprintln!("kafka-mock: cannot create topic {name}: {e}");
             return ExitCode::FAILURE;
         }
     }
-    println!("{}", cluster.bootstrap_servers());
+    println!("{}", cluster.brokers());
     let _ = std::io::stdout().flush();
     // Serve until the parent closes our stdin (or dies, which closes it too).
     let mut sink = [0u8; 256];

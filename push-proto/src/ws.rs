@@ -1,18 +1,22 @@
-//! WebSocket (RFC 6455) for the server side: the opening handshake, a frame decoder for
-//! client frames and an encoder for server frames.
+//! WebSocket (RFC 6455), both ends. Server half: the opening handshake, a decoder of
+//! client frames ([`WsReader::feed`]) and an encoder of server frames ([`encode_frame`]).
+//! Client half: an encoder of masked frames ([`encode_client_frame`]) and a decoder of
+//! server frames that assembles fragmented messages ([`WsReader::next_from_server`]).
+//! Both decoders share one frame parser and one message assembler; they differ only in
+//! whether frames must be masked (client → server) or must not be (server → client).
 //!
 //! Why our own codec rather than tungstenite: an idle connection must cost well under 2 KiB
 //! of RSS. tungstenite keeps a read buffer and a write buffer per connection (128 KiB by
 //! default, 4 KiB at best before throughput suffers), which measured 4.1–7.6 KiB per idle
 //! connection here (see docs/BENCHMARKS.md). This decoder keeps nothing while idle: the
 //! driver reads into a per-worker scratch buffer and only a partial frame is copied into the
-//! connection's own [`WsReader::partial`]. The codec is sans-I/O and fuzzed (`fuzz/`).
+//! connection's own `WsReader::partial`. The codec is sans-I/O and fuzzed (`fuzz/`).
 
 use base64::Engine as _;
 use bytes::{BufMut, Bytes, BytesMut};
 use sha1::{Digest, Sha1};
 
-use super::http::RequestHead;
+use crate::http::RequestHead;
 
 /// The GUID of RFC 6455 section 1.3, appended to the client key before hashing.
 const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -275,29 +279,55 @@ impl WsReader {
         on_message: &mut impl FnMut(Message),
     ) -> Result<usize, FrameError> {
         let total = data.len();
-        while let Some((frame, used)) = decode_frame(data, max_message)? {
+        while let Some((frame, used)) = decode(data, max_message, Role::Server)? {
             data = &data[used..];
-            self.on_frame(frame, max_message, on_message)?;
+            if let Some(message) = self.on_frame(frame, max_message)? {
+                on_message(message);
+            }
         }
         Ok(total - data.len())
     }
 
+    /// Client half: decodes server frames from the front of `buf` until one completes a
+    /// message. Returns the message (`None`: more bytes are needed) and how many bytes of
+    /// `buf` were used; the caller drops those and keeps the rest for the next call.
+    /// Fragments of a message are held in the reader between calls; control frames
+    /// interleaved with them come out on their own.
+    ///
+    /// Server frames must not be masked (RFC 6455 5.1). `max_message` bounds a frame and
+    /// an assembled message, as on the server side.
+    pub fn next_from_server(
+        &mut self,
+        buf: &[u8],
+        max_message: usize,
+    ) -> Result<(Option<Message>, usize), FrameError> {
+        let mut used = 0;
+        while let Some((frame, n)) = decode(&buf[used..], max_message, Role::Client)? {
+            used += n;
+            if let Some(message) = self.on_frame(frame, max_message)? {
+                return Ok((Some(message), used));
+            }
+        }
+        Ok((None, used))
+    }
+
+    /// Applies one frame: a complete message, or `None` while a fragmented one is still
+    /// being assembled.
     fn on_frame(
         &mut self,
         frame: Frame,
         max_message: usize,
-        on_message: &mut impl FnMut(Message),
-    ) -> Result<(), FrameError> {
-        match frame.opcode {
-            OpCode::Ping => on_message(Message::Ping(frame.payload)),
-            OpCode::Pong => on_message(Message::Pong),
-            OpCode::Close => on_message(parse_close(&frame.payload)?),
+    ) -> Result<Option<Message>, FrameError> {
+        Ok(match frame.opcode {
+            OpCode::Ping => Some(Message::Ping(frame.payload)),
+            OpCode::Pong => Some(Message::Pong),
+            OpCode::Close => Some(parse_close(&frame.payload)?),
             OpCode::Text | OpCode::Binary => {
                 if self.fragments.is_some() {
                     return Err(FrameError::Protocol("new message inside a fragmented one"));
                 }
                 if frame.fin {
-                    on_message(finish(frame.opcode, frame.payload)?);
+                    Some(finish(frame.opcode, frame.payload)?)
                 } else {
                     let mut fragments = Fragments {
                         opcode: frame.opcode,
@@ -306,6 +336,7 @@ impl WsReader {
                     };
                     fragments.check_text()?;
                     self.fragments = Some(fragments);
+                    None
                 }
             }
             OpCode::Continuation => {
@@ -323,13 +354,13 @@ impl WsReader {
                 if frame.fin {
                     // `finish` checks the whole text, including a code point left open.
                     let f = self.fragments.take().expect("checked above");
-                    on_message(finish(f.opcode, f.data)?);
+                    Some(finish(f.opcode, f.data)?)
                 } else {
                     fragments.check_text()?;
+                    None
                 }
             }
-        }
-        Ok(())
+        })
     }
 }
 
@@ -358,7 +389,7 @@ fn parse_close(payload: &[u8]) -> Result<Message, FrameError> {
     }
 }
 
-/// One decoded (unmasked) client frame.
+/// One decoded (unmasked) frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     /// Final fragment of its message.
@@ -376,6 +407,32 @@ pub struct Frame {
 /// A declared length above `max_payload` is refused before any payload is buffered, so a
 /// peer cannot make the server hold more than `max_payload` bytes.
 pub fn decode_frame(buf: &[u8], max_payload: usize) -> Result<Option<(Frame, usize)>, FrameError> {
+    decode(buf, max_payload, Role::Server)
+}
+
+/// Decodes one server frame from the front of `buf`: the client half of [`decode_frame`],
+/// with the same checks except that server frames must not be masked.
+pub fn decode_server_frame(
+    buf: &[u8],
+    max_payload: usize,
+) -> Result<Option<(Frame, usize)>, FrameError> {
+    decode(buf, max_payload, Role::Client)
+}
+
+/// Which end decodes: the two differ only in the masking rule (RFC 6455 5.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Reads client frames: masked.
+    Server,
+    /// Reads server frames: not masked.
+    Client,
+}
+
+fn decode(
+    buf: &[u8],
+    max_payload: usize,
+    role: Role,
+) -> Result<Option<(Frame, usize)>, FrameError> {
     let [b0, b1, ..] = *buf else {
         return Ok(None);
     };
@@ -386,8 +443,15 @@ pub fn decode_frame(buf: &[u8], max_payload: usize) -> Result<Option<(Frame, usi
         ));
     }
     let opcode = OpCode::from_u8(b0 & 0x0F).ok_or(FrameError::Protocol("unknown opcode"))?;
-    if b1 & 0x80 == 0 {
-        return Err(FrameError::Protocol("client frames must be masked"));
+    let masked = b1 & 0x80 != 0;
+    match role {
+        Role::Server if !masked => {
+            return Err(FrameError::Protocol("client frames must be masked"));
+        }
+        Role::Client if masked => {
+            return Err(FrameError::Protocol("server frames must not be masked"));
+        }
+        _ => {}
     }
     let (len, mut pos) = match b1 & 0x7F {
         126 => match buf.get(2..4) {
@@ -416,11 +480,16 @@ pub fn decode_frame(buf: &[u8], max_payload: usize) -> Result<Option<(Frame, usi
             limit: max_payload,
         });
     }
-    let Some(mask) = buf.get(pos..pos + 4) else {
-        return Ok(None);
+    let mask: [u8; 4] = if masked {
+        let Some(mask) = buf.get(pos..pos + 4) else {
+            return Ok(None);
+        };
+        pos += 4;
+        mask.try_into().expect("4 bytes")
+    } else {
+        // XOR with zeros: the unmasked payload as it is.
+        [0; 4]
     };
-    let mask: [u8; 4] = mask.try_into().expect("4 bytes");
-    pos += 4;
     let len = len as usize;
     let Some(body) = buf.get(pos..pos + len) else {
         return Ok(None);
@@ -471,8 +540,8 @@ pub fn close_frame(code: u16, reason: &str) -> Bytes {
     encode_frame(OpCode::Close, &payload)
 }
 
-/// Encodes a masked client frame. Used by tests, the fuzzer's round trips and the load
-/// generator; the server never masks.
+/// Encodes a masked client frame: the client half of [`encode_frame`]. Used by the load
+/// generator, the bench, tests and the fuzzer's round trips; the server never masks.
 pub fn encode_client_frame(fin: bool, opcode: OpCode, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 14);
     out.push(if fin { 0x80 } else { 0 } | opcode.as_u8());
@@ -505,6 +574,61 @@ mod tests {
             r.feed(c, max, |m| out.push(m))?;
         }
         Ok(out)
+    }
+
+    #[test]
+    fn the_client_half_reads_server_frames_and_fragments() {
+        let mut wire = encode_frame(OpCode::Text, b"whole").to_vec();
+        // A fragmented message (as other servers may send) with a ping in between.
+        wire.extend(unmasked(false, OpCode::Text, "h\u{e9}".as_bytes()));
+        wire.extend_from_slice(&encode_frame(OpCode::Ping, b"p"));
+        wire.extend(unmasked(true, OpCode::Continuation, b"llo"));
+        wire.extend_from_slice(&close_frame(close_code::REPLACED, "newer"));
+        for split in 0..wire.len() {
+            let mut r = WsReader::default();
+            let mut pending = Vec::new();
+            let mut got = Vec::new();
+            for chunk in [&wire[..split], &wire[split..]] {
+                pending.extend_from_slice(chunk);
+                loop {
+                    let (msg, used) = r.next_from_server(&pending, 1024).unwrap();
+                    pending.drain(..used);
+                    match msg {
+                        Some(m) => got.push(m),
+                        None => break,
+                    }
+                }
+            }
+            assert!(pending.is_empty(), "split at {split}");
+            assert_eq!(
+                got,
+                vec![
+                    Message::Text("whole".into()),
+                    Message::Ping(b"p".to_vec()),
+                    Message::Text("h\u{e9}llo".into()),
+                    Message::Close(Some(close_code::REPLACED), "newer".into()),
+                ],
+                "split at {split}"
+            );
+        }
+        // Masked frames are a client's, never a server's.
+        let masked = encode_client_frame(true, OpCode::Text, b"x", MASK);
+        assert!(decode_server_frame(&masked, 1024).is_err());
+        assert!(decode_frame(&encode_frame(OpCode::Text, b"x"), 1024).is_err());
+        let big = encode_frame(OpCode::Binary, &[0; 2000]);
+        assert!(matches!(
+            decode_server_frame(&big, 1024),
+            Err(FrameError::TooBig { .. })
+        ));
+    }
+
+    /// A server frame with the FIN bit as given (the server itself sends final frames only).
+    fn unmasked(fin: bool, opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+        let mut f = encode_frame(opcode, payload).to_vec();
+        if !fin {
+            f[0] &= 0x7f;
+        }
+        f
     }
 
     #[test]
