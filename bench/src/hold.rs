@@ -173,6 +173,25 @@ impl Tally {
         }
         Ok(t)
     }
+
+    /// The report of a process that opened connections since `started`.
+    pub fn connected(&self, started: Instant) -> Connected {
+        Connected {
+            ok: self.ok as u64,
+            failed: self.failed as u64,
+            errors: self
+                .errors
+                .iter()
+                .map(|(k, v)| (k.clone(), *v as u64))
+                .collect(),
+            connect_secs: started.elapsed().as_secs_f64(),
+            opened_per_sec: self.ok as f64 / self.opening.as_secs_f64().max(1e-6),
+            connect_p50_us: self.latency_us.value_at_quantile(0.5),
+            connect_p99_us: self.latency_us.value_at_quantile(0.99),
+            connect_max_us: self.latency_us.max(),
+            rss_kib: sys::memory(std::process::id()).ok().map(|m| m.rss_kib),
+        }
+    }
 }
 
 /// `bench hold`'s report once every connection has opened or failed.

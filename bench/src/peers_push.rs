@@ -612,8 +612,8 @@ pub fn ratios(results: &[PeerResult<Push>]) -> Vec<(String, Option<f64>, Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser as _;
     use crate::systems::Peer;
+    use clap::Parser as _;
     use serde_json::json;
 
     #[derive(clap::Parser)]

@@ -40,8 +40,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::admin;
-use crate::hold::{Reporter, SPARE_FDS};
-use crate::receive::{now_us, Connected, Report};
+use crate::hold::{Connected, Reporter, SPARE_FDS};
+use crate::receive::{now_us, Report};
 use crate::redis::RedisProc;
 use crate::sys::{self, round2, CpuMeter};
 use crate::systems::{self, Peer, Running, SECRET};

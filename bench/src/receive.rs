@@ -18,7 +18,7 @@
 //! has no time placeholder: the latency is then taken from the millisecond timestamp in the
 //! first 48 bits of the push-lib message ID).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -86,18 +86,6 @@ struct Payload {
     t: Option<u64>,
 }
 
-/// A server `message` frame, the fields the accounting needs.
-#[derive(Debug, Deserialize)]
-struct Frame {
-    #[serde(rename = "type")]
-    kind: String,
-    /// The server's per-connection message number.
-    id: Option<u64>,
-    /// The queue's message ID.
-    mid: Option<String>,
-    data: Option<Payload>,
-}
-
 /// One message, as the accounting sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Arrival {
@@ -110,42 +98,21 @@ pub struct Arrival {
 }
 
 /// One `message` as the client parsed it: its per-connection `id`, `mid` and `data`.
-fn arrival(id: u64, mid: Option<&str>, data: &str) -> anyhow::Result<Option<Arrival>> {
-    let payload: Payload = serde_json::from_str(data).context("data is not the expected JSON")?;
-    let frame = Frame {
-        kind: "message".into(),
-        id: Some(id),
-        mid: mid.map(str::to_owned),
-        data: Some(payload),
-    };
-    from_frame(frame)
-}
-
-/// Reads a `message` frame; `Ok(None)` for other frames (heartbeats as text, notices).
-#[cfg(test)]
-fn parse_frame(text: &[u8]) -> anyhow::Result<Option<Arrival>> {
-    let frame: Frame = serde_json::from_slice(text).context("frame is not the expected JSON")?;
-    from_frame(frame)
-}
-
-fn from_frame(frame: Frame) -> anyhow::Result<Option<Arrival>> {
-    if frame.kind != "message" {
-        return Ok(None);
-    }
-    let mid = frame.mid.context("message without `mid`")?;
-    let data = frame.data.context("message without `data`")?;
+fn arrival(id: u64, mid: Option<&str>, data: &str) -> anyhow::Result<Arrival> {
+    let data: Payload = serde_json::from_str(data).context("data is not the expected JSON")?;
+    let mid = mid.context("message without `mid`")?.to_owned();
     let seq = data
         .s
         .or(data.n)
         .context("payload has neither `s` nor `n`")?;
     let sent_us = data.t.or_else(|| id_millis(&mid).map(|ms| ms * 1000));
-    Ok(Some(Arrival {
-        conn_seq: frame.id,
+    Ok(Arrival {
+        conn_seq: Some(id),
         mid,
         run: data.r,
         seq,
         sent_us,
-    }))
+    })
 }
 
 /// The creation time in a push-lib generated message ID: 32 hex digits whose first 12 are
@@ -265,19 +232,6 @@ struct Shared {
     closed: AtomicUsize,
 }
 
-/// `bench receive`'s report on the connections.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Connected {
-    /// Connections open.
-    pub ok: u64,
-    /// Attempts failed.
-    pub failed: u64,
-    /// Error kind → count.
-    pub errors: BTreeMap<String, usize>,
-    /// Until every connection opened or failed.
-    pub connect_secs: f64,
-}
-
 /// `bench receive`'s answer to `report <run>`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -338,14 +292,13 @@ async fn receive(args: Args) -> anyhow::Result<()> {
                 let ended = hold::drive(conn, &heartbeats, |id, mid, data| {
                     let now = now_us();
                     match arrival(id, mid, data) {
-                        Ok(Some(a)) => {
+                        Ok(a) => {
                             let seen = tracker.observe(&a);
                             let mut runs = shared.runs.lock().expect("no panics under the lock");
                             runs.entry(a.run)
                                 .or_insert_with(RunStats::new)
                                 .add(seen, a.sent_us, now);
                         }
-                        Ok(None) => {}
                         Err(e) => {
                             // The first few say what is wrong; thousands more say nothing new.
                             if shared.bad_frames.fetch_add(1, Ordering::Relaxed) < 5 {
@@ -366,15 +319,7 @@ async fn receive(args: Args) -> anyhow::Result<()> {
         },
     );
     let t = Tally::collect(&mut rx, args.users, deadline).await?;
-    hold::report(
-        "connected",
-        &Connected {
-            ok: t.ok as u64,
-            failed: t.failed as u64,
-            errors: t.errors,
-            connect_secs: started.elapsed().as_secs_f64(),
-        },
-    );
+    hold::report("connected", &t.connected(started));
 
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     loop {
@@ -453,26 +398,31 @@ mod tests {
 
     #[test]
     fn parses_the_benchs_and_push_sends_payloads() {
-        let bench =
-            br#"{"type":"message","id":4,"mid":"m1","data":{"r":2,"s":7,"t":1700000000000000}}"#;
+        let bench = r#"{"r":2,"s":7,"t":1700000000000000}"#;
         assert_eq!(
-            parse_frame(bench).unwrap(),
-            Some(Arrival {
+            super::arrival(4, Some("m1"), bench).unwrap(),
+            Arrival {
                 conn_seq: Some(4),
                 mid: "m1".into(),
                 run: 2,
                 seq: 7,
                 sent_us: Some(1_700_000_000_000_000),
-            })
+            }
         );
         // push-send: `--json --data '{"r":1,"n":{n}}'`; the time comes from the ID.
         let mid = format!("{:012x}{}", 1_700_000_000_123u64, "0".repeat(20));
-        let text = format!(r#"{{"type":"message","id":1,"mid":"{mid}","data":{{"r":1,"n":42}}}}"#);
-        let a = parse_frame(text.as_bytes()).unwrap().unwrap();
+        let a = super::arrival(1, Some(&mid), r#"{"r":1,"n":42}"#).unwrap();
         assert_eq!((a.run, a.seq), (1, 42));
         assert_eq!(a.sent_us, Some(1_700_000_000_123_000));
-        assert_eq!(parse_frame(br#"{"type":"reconnect"}"#).unwrap(), None);
-        assert!(parse_frame(br#"{"type":"message","id":1,"data":{"r":1,"s":1}}"#).is_err());
+        assert!(
+            super::arrival(1, None, r#"{"r":1,"s":1}"#).is_err(),
+            "no mid"
+        );
+        assert!(
+            super::arrival(1, Some("m"), r#"{"r":1}"#).is_err(),
+            "no sequence"
+        );
+        assert!(super::arrival(1, Some("m"), "hello").is_err(), "not JSON");
     }
 
     #[test]
