@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::hold::{spawn_holder, Connected, HoldPlan, Present, Transport};
 use crate::side::{self, CommonArgs, PeerResult, PeersArg, Plan};
@@ -54,8 +55,6 @@ pub struct Accept {
     /// Connect latency, ms.
     pub connect_max_ms: Option<f64>,
 }
-
-use serde_json::Value;
 
 impl Accept {
     fn line(&self) -> String {

@@ -142,13 +142,14 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// Counts `n` outcomes from `rx`; fails if `deadline` passes first.
+    /// Counts `n` outcomes from `rx`, of attempts begun at `started`; fails if `deadline`
+    /// passes first.
     pub async fn collect(
         rx: &mut mpsc::UnboundedReceiver<Result<u64, String>>,
         n: usize,
+        started: Instant,
         deadline: tokio::time::Instant,
     ) -> anyhow::Result<Self> {
-        let started = Instant::now();
         let mut t = Tally {
             ok: 0,
             failed: 0,
@@ -291,7 +292,7 @@ async fn hold(args: Args) -> anyhow::Result<()> {
             }
         },
     );
-    let t = Tally::collect(&mut rx, args.conns, deadline).await?;
+    let t = Tally::collect(&mut rx, args.conns, started, deadline).await?;
     report(
         "connected",
         &Connected {

@@ -348,6 +348,7 @@ async fn measure(running: Running, args: &Args) -> anyhow::Result<Push> {
 /// Opens one subscription per user, each driven by its own task until the run ends.
 async fn subscribe(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>) -> anyhow::Result<Tally> {
     let c = &args.common;
+    let started = std::time::Instant::now();
     let transport = c.transport;
     let heartbeats = Arc::new(AtomicUsize::new(0));
     let (r, seen) = (running.clone(), seen.clone());
@@ -377,7 +378,7 @@ async fn subscribe(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>) -> any
         },
     );
     let deadline = Instant::now() + Duration::from_secs(60);
-    Tally::collect(&mut rx, args.subscribers, deadline)
+    Tally::collect(&mut rx, args.subscribers, started, deadline)
         .await
         .context("subscriptions did not finish within 60 s")
 }

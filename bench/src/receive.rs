@@ -318,7 +318,7 @@ async fn receive(args: Args) -> anyhow::Result<()> {
             }
         },
     );
-    let t = Tally::collect(&mut rx, args.users, deadline).await?;
+    let t = Tally::collect(&mut rx, args.users, started, deadline).await?;
     hold::report("connected", &t.connected(started));
 
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
