@@ -7,10 +7,11 @@
 
 use std::path::Path;
 
+use crate::peers_push::Push;
+use crate::side::PeerResult;
 use anyhow::Context as _;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
-use serde_json::Value;
 
 /// TTF files tried, in order, for the chart's text.
 const FONTS: &[&str] = &[
@@ -37,26 +38,15 @@ fn load_font() -> bool {
 type Point = (f64, f64, f64);
 
 /// The points of every step of a result.
-fn points(r: &Value) -> Vec<Point> {
-    r["steps"]
-        .as_array()
-        .map(|steps| {
-            steps
-                .iter()
-                .filter_map(|s| {
-                    Some((
-                        s["rate"].as_f64()?,
-                        s["p50_ms"].as_f64()?.max(0.01),
-                        s["p99_ms"].as_f64()?.max(0.01),
-                    ))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+fn points(r: &Push) -> Vec<Point> {
+    r.steps
+        .iter()
+        .map(|s| (f64::from(s.rate), s.p50_ms.max(0.01), s.p99_ms.max(0.01)))
+        .collect()
 }
 
 /// Draws the chart of `results` (the `peers-push` JSON) into `path`.
-pub fn latency_against_rate(path: &Path, results: &[Value]) -> anyhow::Result<()> {
+pub fn latency_against_rate(path: &Path, results: &[PeerResult<Push>]) -> anyhow::Result<()> {
     let text = load_font();
     if !text {
         eprintln!(
@@ -66,7 +56,7 @@ pub fn latency_against_rate(path: &Path, results: &[Value]) -> anyhow::Result<()
     }
     let series: Vec<(String, Vec<Point>)> = results
         .iter()
-        .map(|r| (r["peer"].as_str().unwrap_or("?").to_owned(), points(r)))
+        .filter_map(|r| Some((r.peer.clone(), points(r.ran()?))))
         .filter(|(_, p)| !p.is_empty())
         .collect();
     let all = series.iter().flat_map(|(_, p)| p.iter());

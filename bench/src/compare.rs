@@ -2,33 +2,30 @@
 //! markdown table with ratios against each peer (`--out`), the JSON of every result
 //! (`--json-out`) and the latency chart (`--chart`).
 //!
-//! In order: idle memory at 15k SSE connections, one process each ([`crate::peers`]); idle
-//! memory at 100k WebSocket connections over several processes ([`crate::idle_scale`]);
-//! accept rate for a 10k burst ([`crate::peers_accept`]); push by user at fixed rates
-//! ([`crate::peers_push`]). Each scenario runs push-server, Nchan and Pushpin one after the
-//! other and skips a peer that is missing with a line saying so.
+//! In order: idle memory at 15k SSE connections, one process each ([`idle::peers`]); idle
+//! memory at 100k WebSocket connections over several processes ([`idle::scale`]); accept
+//! rate for a 10k burst ([`accept`]); push by user at fixed rates ([`peers_push`]). Each
+//! scenario runs push-server, Nchan and Pushpin one after the other and skips a peer that is
+//! missing with a line saying so.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
+use crate::accept::{self, Accept};
 use crate::hold::Transport;
-use crate::systems::Peer;
-use crate::{idle_scale, peers, peers_accept, peers_push, sys};
+use crate::idle::{self, Idle};
+use crate::peers_push::{self, Push, Step};
+use crate::side::{CommonArgs, PeerResult, PeersArg};
+use crate::sys;
 
 /// Arguments of `bench compare`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Systems, in order.
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "push-server,nchan,pushpin"
-    )]
-    peers: Vec<Peer>,
+    #[command(flatten)]
+    peers: PeersArg,
     /// The markdown table.
     #[arg(long, default_value = "docs/bench/compare.md")]
     out: PathBuf,
@@ -74,17 +71,36 @@ pub struct Args {
     from_json: Option<PathBuf>,
 }
 
+/// Everything one `bench compare` run measured: the JSON it writes and reads back.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Report {
+    command: String,
+    date: String,
+    commit: String,
+    machine: String,
+    load_average_before: String,
+    load_average_after: String,
+    minutes: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle: Option<Vec<PeerResult<Idle>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scale: Option<Vec<PeerResult<Idle>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accept: Option<Vec<PeerResult<Accept>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    push: Option<Vec<PeerResult<Push>>>,
+}
+
 /// Runs every scenario, then writes the table, the JSON and the chart.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let report = match &args.from_json {
+    let report: Report = match &args.from_json {
         Some(path) => serde_json::from_str(
             &std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?,
-        )?,
-        None => {
-            let runtime = crate::runtime()?;
-            runtime.block_on(crate::until_signal(all(&args)))?
-        }
+        )
+        .with_context(|| format!("{} is not a `bench compare` JSON", path.display()))?,
+        None => crate::runtime(Some(2))?.block_on(crate::until_signal(all(&args)))?,
     };
     let markdown = markdown(&report, &args);
     for path in [&args.out, &args.json_out, &args.chart] {
@@ -98,7 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(&args.json_out, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("cannot write {}", args.json_out.display()))?;
     }
-    if let Some(push) = report["push"].as_array() {
+    if let Some(push) = &report.push {
         crate::chart::latency_against_rate(&args.chart, push)?;
     }
     print!("{markdown}");
@@ -111,82 +127,74 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn all(args: &Args) -> anyhow::Result<Value> {
+async fn all(args: &Args) -> anyhow::Result<Report> {
     let started = std::time::Instant::now();
-    let load_before = load_average();
-    let mut report = json!({
-        "command": std::env::args().collect::<Vec<_>>().join(" "),
-        "date": shell(&["date", "-u", "+%Y-%m-%d %H:%M UTC"]),
-        "commit": shell(&["git", "rev-parse", "--short", "HEAD"]),
-        "machine": sys::machine(),
-        "load_average_before": load_before,
-    });
+    let common = |transport, sources, concurrency| CommonArgs {
+        transport,
+        sources,
+        concurrency,
+        server_bin: args.server_bin.clone(),
+        json: true,
+    };
+    let peers = args.peers.clone();
+    let mut report = Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        date: shell(&["date", "-u", "+%Y-%m-%d %H:%M UTC"]),
+        commit: shell(&["git", "rev-parse", "--short", "HEAD"]),
+        machine: sys::machine(),
+        load_average_before: load_average(),
+        ..Report::default()
+    };
     if args.idle_conns > 0 {
-        let a = peers::Args {
+        let a = idle::PeersArgs {
+            common: common(Transport::Sse, 32, 256),
+            peers: peers.clone(),
             conns: args.idle_conns,
-            transport: Transport::Sse,
-            peers: args.peers.clone(),
-            sources: 32,
-            concurrency: 256,
             pushpin_concurrency: 64,
             settle_secs: 5,
-            server_bin: args.server_bin.clone(),
-            json: true,
         };
-        report["idle"] = Value::Array(peers::all(&a).await?);
+        report.idle = Some(idle::peers(&a).await?);
     }
     if args.scale_conns > 0 {
-        let a = idle_scale::Args {
-            peers: args.peers.clone(),
+        let a = idle::ScaleArgs {
+            common: common(Transport::Ws, 64, 128),
+            peers: peers.clone(),
             conns: args.scale_conns,
             nodes: args.scale_nodes,
             nchan_workers: u32::try_from(args.scale_conns.div_ceil(15_000))
                 .unwrap_or(8)
                 .max(1),
-            transport: Transport::Ws,
-            sources: 64,
-            concurrency: 128,
             settle_secs: 5,
-            server_bin: args.server_bin.clone(),
-            json: true,
         };
-        report["scale"] = Value::Array(idle_scale::all(&a).await?);
+        report.scale = Some(idle::scale(&a).await?);
     }
     if args.accept_conns > 0 {
-        let a = peers_accept::Args {
-            peers: args.peers.clone(),
+        let a = accept::Args {
+            common: common(Transport::Sse, 32, 256),
+            peers: peers.clone(),
             conns: args.accept_conns,
-            transport: Transport::Sse,
-            concurrency: 256,
-            sources: 32,
             nchan_workers: 2,
-            server_bin: args.server_bin.clone(),
-            json: true,
         };
-        report["accept"] = Value::Array(peers_accept::all(&a).await?);
+        report.accept = Some(accept::all(&a).await?);
     }
     if args.subscribers > 0 {
         let a = peers_push::Args {
-            peers: args.peers.clone(),
+            common: common(Transport::Sse, 16, 64),
+            peers,
             subscribers: args.subscribers,
-            transport: Transport::Sse,
             rates: args.rates.clone(),
             step_secs: args.step_secs,
             http_conns: 32,
             p99_bound_ms: args.p99_bound_ms,
             keep_going: false,
-            sources: 16,
-            concurrency: 64,
             nchan_workers: 2,
             pushpin_message_rate: 200_000,
-            server_bin: args.server_bin.clone(),
-            json: true,
             chart: None,
         };
-        report["push"] = Value::Array(peers_push::all(&a).await?);
+        report.push = Some(peers_push::all(&a).await?);
     }
-    report["load_average_after"] = json!(load_average());
-    report["minutes"] = json!(sys::round2(started.elapsed().as_secs_f64() / 60.0));
+    report.load_average_after = load_average();
+    report.minutes = sys::round2(started.elapsed().as_secs_f64() / 60.0);
     Ok(report)
 }
 
@@ -207,47 +215,42 @@ fn load_average() -> String {
         .unwrap_or_default()
 }
 
-/// The result of `peer` in a scenario's array.
-fn of<'a>(results: &'a Value, peer: &str) -> Option<&'a Value> {
-    results.as_array()?.iter().find(|r| r["peer"] == peer)
-}
-
 /// A figure of one system, or why there is none.
-fn cell(results: &Value, peer: &str, key: &str) -> String {
-    match of(results, peer) {
+fn cell<T>(results: &[PeerResult<T>], peer: &str, get: &impl Fn(&T) -> Option<f64>) -> String {
+    match results.iter().find(|r| r.peer == peer) {
         None => "not run".into(),
-        Some(r) => match (&r[key], r["skipped"].as_str(), r["error"].as_str()) {
-            (_, Some(_), _) => "skipped".into(),
-            (_, _, Some(_)) => "failed".into(),
-            (Value::Null, _, _) => "none".into(),
-            (v, _, _) => fmt_num(v),
+        Some(r) => match (r.ran(), &r.outcome) {
+            (Some(t), _) => get(t).map_or("none".into(), fmt_num),
+            (None, crate::side::Outcome::Skipped { .. }) => "skipped".into(),
+            (None, _) => "failed".into(),
         },
     }
 }
 
-fn fmt_num(v: &Value) -> String {
-    match v.as_f64() {
-        Some(x) if x.fract() == 0.0 && x.abs() >= 1000.0 => {
-            let s = format!("{x:.0}");
-            // Thousands separated by commas, as in the rest of BENCHMARKS.md.
-            let mut out = String::new();
-            for (i, c) in s.chars().enumerate() {
-                if i > 0 && (s.len() - i) % 3 == 0 {
-                    out.push(',');
-                }
-                out.push(c);
-            }
-            out
-        }
-        Some(x) => format!("{x}"),
-        None => v.to_string(),
+/// A number as the rest of BENCHMARKS.md writes it: whole numbers from 1,000 with commas.
+fn fmt_num(x: f64) -> String {
+    if x.fract() != 0.0 || x.abs() < 1000.0 {
+        return format!("{x}");
     }
+    let s = format!("{x:.0}");
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// `ours ÷ theirs` of a figure, or `–`.
-fn ratio(results: &Value, peer: &str, key: &str) -> Option<f64> {
-    let ours = of(results, "push-server")?[key].as_f64()?;
-    let theirs = of(results, peer)?[key].as_f64()?;
+fn ratio<T>(
+    results: &[PeerResult<T>],
+    peer: &str,
+    get: &impl Fn(&T) -> Option<f64>,
+) -> Option<f64> {
+    let ours = get(crate::side::of(results, "push-server")?)?;
+    let theirs = get(crate::side::of(results, peer)?)?;
     (theirs > 0.0).then(|| sys::round2(ours / theirs))
 }
 
@@ -276,178 +279,96 @@ fn say(r: Option<f64>, better: Better) -> String {
 /// CPU time the system's own processes used per message in a step, µs: the step's
 /// `cpu_cores` minus `bench` and `others`, times the readings' window, over the messages
 /// accepted.
-fn cpu_us_per_msg(step: &Value) -> Option<f64> {
-    let cores: f64 = step["cpu_cores"]
-        .as_object()?
+fn cpu_us_per_msg(step: &Step) -> Option<f64> {
+    let cores: f64 = step
+        .cpu_cores
         .iter()
         .filter(|(k, _)| *k != "bench" && *k != "others")
-        .filter_map(|(_, v)| v.as_f64())
+        .map(|(_, v)| v)
         .sum();
     // Below 1,000/s the CPU readings (10 ms ticks) say little per message.
-    step["achieved"].as_f64().filter(|r| *r >= 1000.0)?;
-    let accepted = step["accepted"].as_f64().filter(|n| *n > 0.0)?;
+    if step.achieved < 1000.0 || step.accepted == 0 {
+        return None;
+    }
+    let accepted = step.accepted as f64;
     // Older reports have no window: the sending time (accepted ÷ achieved) stands in.
-    let wall = step["wall_secs"]
-        .as_f64()
-        .or_else(|| Some(accepted / step["achieved"].as_f64().filter(|r| *r > 0.0)?))?;
+    let wall = step.wall_secs.unwrap_or(accepted / step.achieved);
     Some(sys::round2(cores * wall / accepted * 1e6))
 }
 
+const PEERS: [&str; 2] = ["nchan", "pushpin"];
+
+/// One row of the main table: a figure of each system and push-server's ratios.
+fn row<T>(
+    md: &mut String,
+    name: &str,
+    results: &[PeerResult<T>],
+    better: Better,
+    get: impl Fn(&T) -> Option<f64>,
+) {
+    let _ = writeln!(
+        md,
+        "| {name} | {} | {} | {} | {} | {} |",
+        cell(results, "push-server", &get),
+        cell(results, PEERS[0], &get),
+        cell(results, PEERS[1], &get),
+        say(ratio(results, PEERS[0], &get), better),
+        say(ratio(results, PEERS[1], &get), better),
+    );
+}
+
 /// The markdown report.
-pub fn markdown(report: &Value, args: &Args) -> String {
-    let peers = ["nchan", "pushpin"];
+pub fn markdown(report: &Report, args: &Args) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# push-server side by side with Nchan and Pushpin\n");
     let _ = writeln!(
         md,
         "Generated by `{}` on {} (commit `{}`, {}; load average {} before, {} after; {} minutes). \
          Ratios are push-server's figure over the peer's, from this one run.\n",
-        report["command"].as_str().unwrap_or("bench compare"),
-        report["date"].as_str().unwrap_or("?"),
-        report["commit"].as_str().unwrap_or("?"),
-        report["machine"].as_str().unwrap_or("?"),
-        report["load_average_before"].as_str().unwrap_or("?"),
-        report["load_average_after"].as_str().unwrap_or("?"),
-        report["minutes"],
+        report.command,
+        report.date,
+        report.commit,
+        report.machine,
+        report.load_average_before,
+        report.load_average_after,
+        report.minutes,
     );
     let _ = writeln!(
         md,
         "| scenario | push-server | Nchan | Pushpin | push-server ÷ Nchan | push-server ÷ Pushpin |\n|---|---|---|---|---|---|"
     );
-    let mut row = |name: String, results: &Value, key: &str, better: Better| {
-        let _ = writeln!(
-            md,
-            "| {name} | {} | {} | {} | {} | {} |",
-            cell(results, "push-server", key),
-            cell(results, peers[0], key),
-            cell(results, peers[1], key),
-            say(ratio(results, peers[0], key), better),
-            say(ratio(results, peers[1], key), better),
+    let kib = |r: &Idle| Some(r.kib_per_conn);
+    if let Some(idle) = &report.idle {
+        let name = format!(
+            "idle RSS per SSE connection, {} conns, one process (KiB)",
+            args.idle_conns
         );
-    };
-    let idle = &report["idle"];
-    if idle.is_array() {
-        row(
-            format!(
-                "idle RSS per SSE connection, {} conns, one process (KiB)",
-                args.idle_conns
-            ),
-            idle,
-            "kib_per_conn",
-            Better::Lower,
-        );
+        row(&mut md, &name, idle, Better::Lower, kib);
     }
-    let scale = &report["scale"];
-    if scale.is_array() {
-        row(
-            format!(
-                "idle RSS per WebSocket connection, {} conns, several processes (KiB)",
-                args.scale_conns
-            ),
-            scale,
-            "kib_per_conn",
-            Better::Lower,
+    if let Some(scale) = &report.scale {
+        let name = format!(
+            "idle RSS per WebSocket connection, {} conns, several processes (KiB)",
+            args.scale_conns
         );
+        row(&mut md, &name, scale, Better::Lower, kib);
     }
-    let accept = &report["accept"];
-    if accept.is_array() {
-        row(
-            format!(
-                "accept: SSE connections opened per second, burst of {}",
-                args.accept_conns
-            ),
-            accept,
-            "opened_per_sec",
-            Better::Higher,
+    if let Some(accept) = &report.accept {
+        let name = format!(
+            "accept: SSE connections opened per second, burst of {}",
+            args.accept_conns
         );
-        row(
-            "accept: connect latency p50 (ms)".into(),
-            accept,
-            "connect_p50_ms",
-            Better::Lower,
-        );
-        row(
-            "accept: connect latency p99 (ms)".into(),
-            accept,
-            "connect_p99_ms",
-            Better::Lower,
-        );
-        row(
-            "accept: connections failed".into(),
-            accept,
-            "failed",
-            Better::NoRatio,
-        );
+        row(&mut md, &name, accept, Better::Higher, |r| r.opened_per_sec);
+        let p50 = "accept: connect latency p50 (ms)";
+        row(&mut md, p50, accept, Better::Lower, |r| r.connect_p50_ms);
+        let p99 = "accept: connect latency p99 (ms)";
+        row(&mut md, p99, accept, Better::Lower, |r| r.connect_p99_ms);
+        let failed = "accept: connections failed";
+        row(&mut md, failed, accept, Better::NoRatio, |r| {
+            Some(r.failed as f64)
+        });
     }
-    let push = &report["push"];
-    if push.is_array() {
-        row(
-            format!(
-                "push by user: highest sustained rate, msg/s ({} SSE subscribers, 32 keep-alive publishers)",
-                args.subscribers
-            ),
-            push,
-            "max_sustained_rate",
-            Better::Higher,
-        );
-        row(
-            "push by user: latency p50 at that rate (ms)".into(),
-            push,
-            "p50_ms_at_max",
-            Better::Lower,
-        );
-        row(
-            "push by user: latency p99 at that rate (ms)".into(),
-            push,
-            "p99_ms_at_max",
-            Better::Lower,
-        );
-        // Same rate: push-server's p99 at each peer's highest sustained rate.
-        let ratios = peers_push::ratios(push.as_array().map_or(&[][..], Vec::as_slice));
-        let same: Vec<String> = peers
-            .iter()
-            .map(|p| {
-                ratios
-                    .iter()
-                    .find(|(name, _, _)| name == p)
-                    .and_then(|(_, _, p99)| *p99)
-                    .map_or("–".into(), |r| format!("×{r:.2}"))
-            })
-            .collect();
-        let _ = writeln!(
-            md,
-            "| push by user: push-server's p99 ÷ the peer's, at the peer's highest sustained rate | | | | {} | {} |",
-            same[0], same[1]
-        );
-        // CPU the system used per message (bench and the rest of the machine left out), at
-        // the highest rate each sustained; the ratio compares the same rate (the peer's).
-        let per_msg = |peer: &str, rate: Option<u64>| -> Option<f64> {
-            let r = of(push, peer)?;
-            let rate = rate.or_else(|| r["max_sustained_rate"].as_u64())?;
-            let step = r["steps"]
-                .as_array()?
-                .iter()
-                .find(|s| s["rate"].as_u64() == Some(rate))?;
-            cpu_us_per_msg(step)
-        };
-        let mut cells = Vec::new();
-        let mut ratios = Vec::new();
-        for p in ["push-server", peers[0], peers[1]] {
-            cells.push(per_msg(p, None).map_or("–".into(), |x| format!("{x:.1}")));
-        }
-        for p in peers {
-            let rate = of(push, p).and_then(|r| r["max_sustained_rate"].as_u64());
-            let r = per_msg("push-server", rate)
-                .zip(per_msg(p, rate))
-                .filter(|(_, b)| *b > 0.0)
-                .map(|(a, b)| sys::round2(a / b));
-            ratios.push(say(r, Better::Lower));
-        }
-        let _ = writeln!(
-            md,
-            "| push by user: CPU of the system per message at its highest sustained rate (µs; ratio at the peer's rate) | {} | {} | {} | {} | {} |",
-            cells[0], cells[1], cells[2], ratios[0], ratios[1]
-        );
+    if let Some(push) = &report.push {
+        push_rows(&mut md, push, args);
     }
     let _ = writeln!(
         md,
@@ -456,68 +377,170 @@ pub fn markdown(report: &Value, args: &Args) -> String {
          scheduled send time in the payload to the subscriber's receipt.\n",
         args.p99_bound_ms
     );
-
-    if let Some(systems) = push.as_array() {
-        let _ = writeln!(md, "## Push by user, every step\n");
-        let _ = writeln!(
-            md,
-            "| system | target/s | achieved/s | lost | p50 ms | p99 ms | max ms | publish p99 ms | CPU (cores) | sustained |\n|---|---|---|---|---|---|---|---|---|---|"
-        );
-        for r in systems {
-            let peer = r["peer"].as_str().unwrap_or("?");
-            if let Some(why) = r["skipped"].as_str().or(r["error"].as_str()) {
-                let _ = writeln!(md, "| {peer} | {why} | | | | | | | | |");
-                continue;
-            }
-            for s in r["steps"].as_array().into_iter().flatten() {
-                let cpu = s["cpu_cores"]
-                    .as_object()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| format!("{k} {v}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    })
-                    .unwrap_or_default();
-                let _ = writeln!(
-                    md,
-                    "| {peer} | {} | {} | {} | {} | {} | {} | {} | {cpu} | {} |",
-                    fmt_num(&s["rate"]),
-                    fmt_num(&s["achieved"]),
-                    s["lost"],
-                    s["p50_ms"],
-                    s["p99_ms"],
-                    s["max_ms"],
-                    s["request_p99_ms"],
-                    if s["sustained"] == true {
-                        "yes"
-                    } else {
-                        "**no**"
-                    }
-                );
-            }
-        }
-        let _ = writeln!(md);
+    if let Some(push) = &report.push {
+        push_steps(&mut md, push);
     }
-    let mut details = |title: &str, results: &Value| {
-        if let Some(rs) = results.as_array() {
-            let _ = writeln!(md, "## {title}\n");
-            for r in rs {
-                let peer = r["peer"].as_str().unwrap_or("?");
-                let mut r = r.clone();
-                // Long blobs (per-process maps, status pages) stay in the JSON.
-                if let Some(o) = r.as_object_mut() {
-                    o.remove("processes");
-                    o.remove("status_while_held");
-                    o.remove("steps");
-                }
-                let _ = writeln!(md, "- **{peer}**: `{r}`");
-            }
-            let _ = writeln!(md);
-        }
-    };
-    details("Idle memory, one process each (details)", idle);
-    details("Idle memory at scale (details)", scale);
-    details("Accept rate (details)", accept);
+    details(
+        &mut md,
+        "Idle memory, one process each (details)",
+        &report.idle,
+    );
+    details(&mut md, "Idle memory at scale (details)", &report.scale);
+    details(&mut md, "Accept rate (details)", &report.accept);
     md
+}
+
+/// The push rows of the main table.
+fn push_rows(md: &mut String, push: &[PeerResult<Push>], args: &Args) {
+    let name = format!(
+        "push by user: highest sustained rate, msg/s ({} SSE subscribers, 32 keep-alive publishers)",
+        args.subscribers
+    );
+    row(md, &name, push, Better::Higher, |r| {
+        r.max_sustained_rate.map(f64::from)
+    });
+    let p50 = "push by user: latency p50 at that rate (ms)";
+    row(md, p50, push, Better::Lower, |r| r.p50_ms_at_max);
+    let p99 = "push by user: latency p99 at that rate (ms)";
+    row(md, p99, push, Better::Lower, |r| r.p99_ms_at_max);
+    // Same rate: push-server's p99 at each peer's highest sustained rate.
+    let ratios = peers_push::ratios(push);
+    let same: Vec<String> = PEERS
+        .iter()
+        .map(|p| {
+            ratios
+                .iter()
+                .find(|(name, _, _)| name == p)
+                .and_then(|(_, _, p99)| *p99)
+                .map_or("–".into(), |r| format!("×{r:.2}"))
+        })
+        .collect();
+    let _ = writeln!(
+        md,
+        "| push by user: push-server's p99 ÷ the peer's, at the peer's highest sustained rate | | | | {} | {} |",
+        same[0], same[1]
+    );
+    // CPU the system used per message (bench and the rest of the machine left out), at the
+    // highest rate each sustained; the ratio compares the same rate (the peer's).
+    let per_msg = |peer: &str, rate: Option<u32>| -> Option<f64> {
+        let r = crate::side::of(push, peer)?;
+        let rate = rate.or(r.max_sustained_rate)?;
+        cpu_us_per_msg(r.steps.iter().find(|s| s.rate == rate)?)
+    };
+    let cells: Vec<String> = ["push-server", PEERS[0], PEERS[1]]
+        .iter()
+        .map(|p| per_msg(p, None).map_or("–".into(), |x| format!("{x:.1}")))
+        .collect();
+    let ratios: Vec<String> = PEERS
+        .iter()
+        .map(|p| {
+            let rate = crate::side::of(push, p).and_then(|r| r.max_sustained_rate);
+            let r = per_msg("push-server", rate)
+                .zip(per_msg(p, rate))
+                .filter(|(_, b)| *b > 0.0)
+                .map(|(a, b)| sys::round2(a / b));
+            say(r, Better::Lower)
+        })
+        .collect();
+    let _ = writeln!(
+        md,
+        "| push by user: CPU of the system per message at its highest sustained rate (µs; ratio at the peer's rate) | {} | {} | {} | {} | {} |",
+        cells[0], cells[1], cells[2], ratios[0], ratios[1]
+    );
+}
+
+/// Every push step of every system.
+fn push_steps(md: &mut String, push: &[PeerResult<Push>]) {
+    let _ = writeln!(md, "## Push by user, every step\n");
+    let _ = writeln!(
+        md,
+        "| system | target/s | achieved/s | lost | p50 ms | p99 ms | max ms | publish p99 ms | CPU (cores) | sustained |\n|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for r in push {
+        let Some(p) = r.ran() else {
+            let why = r.why().unwrap_or_default();
+            let _ = writeln!(md, "| {} | {why} | | | | | | | | |", r.peer);
+            continue;
+        };
+        for s in &p.steps {
+            let cpu: Vec<String> = s
+                .cpu_cores
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.peer,
+                fmt_num(f64::from(s.rate)),
+                fmt_num(s.achieved),
+                s.lost,
+                s.p50_ms,
+                s.p99_ms,
+                s.max_ms,
+                s.request_p99_ms,
+                cpu.join(", "),
+                if s.sustained { "yes" } else { "**no**" }
+            );
+        }
+    }
+    let _ = writeln!(md);
+}
+
+/// One line of JSON per system, without the long blobs (per-process maps, steps), which stay
+/// in the JSON.
+fn details<T: Serialize>(md: &mut String, title: &str, results: &Option<Vec<PeerResult<T>>>) {
+    let Some(results) = results else { return };
+    let _ = writeln!(md, "## {title}\n");
+    for r in results {
+        let mut v = serde_json::to_value(r).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.remove("processes");
+            o.remove("steps");
+            o.remove("peer");
+        }
+        let _ = writeln!(md, "- **{}**: `{v}`", r.peer);
+    }
+    let _ = writeln!(md);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_and_renders_the_checked_in_report() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/bench/compare.json");
+        let text = std::fs::read_to_string(path).expect("docs/bench/compare.json");
+        let report: Report = serde_json::from_str(&text).expect("reads");
+        let push = report.push.as_ref().expect("push results");
+        assert!(side_ran(push) >= 1, "{push:?}");
+        let ours = crate::side::of(push, "push-server").expect("push-server ran");
+        assert!(ours.max_sustained_rate.is_some() && !ours.steps.is_empty());
+        let args = <Cli as clap::Parser>::parse_from(["compare"]).args;
+        let md = markdown(&report, &args);
+        assert!(
+            md.contains("| idle RSS per SSE connection, 15000 conns"),
+            "{md}"
+        );
+        assert!(md.contains("## Push by user, every step"), "{md}");
+    }
+
+    fn side_ran<T>(r: &[PeerResult<T>]) -> usize {
+        r.iter().filter(|r| r.ran().is_some()).count()
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn numbers_read_as_in_the_docs() {
+        assert_eq!(fmt_num(120000.0), "120,000");
+        assert_eq!(fmt_num(1.49), "1.49");
+        assert_eq!(fmt_num(0.0), "0");
+        assert_eq!(say(Some(0.5), Better::Lower), "×0.50 (2.0× less)");
+    }
 }

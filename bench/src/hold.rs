@@ -1,25 +1,32 @@
-//! `bench hold`: opens N client connections and holds them, in a process of its own.
+//! Opening many client connections, and `bench hold`: a process of its own that opens N of
+//! them and holds them, so that a server's RSS is all the server's.
 //!
-//! Protocol with the parent (`idle-memory`), one JSON object per stdout line:
-//! - `{"event":"connected","ok":..,"failed":..,"errors":{..},..}` once every connection has
-//!   either its `hello` or an error;
-//! - `{"event":"done","closed_during_hold":..,"heartbeats_seen":..}` when it stops: stdin closed (the parent is done or gone) or the
-//!   `--hold-secs` deadline passed, so it never outlives a crashed parent for long.
+//! [`open_many`] is the one connection loop of the bench (`hold`, `receive` and the
+//! subscribers of `peers-push` use it): bounded connects in flight, source addresses
+//! 127.0.0.2 onwards, one task per connection. [`Tally`] counts what opened.
+//!
+//! Protocol of `bench hold` with its parent ([`Holder`]), one JSON object per stdout line:
+//! - [`Connected`] once every connection has either opened or failed;
+//! - [`Done`] when it stops: stdin closed (the parent is done or gone) or the `--hold-secs`
+//!   deadline passed, so it never outlives a crashed parent for long.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use push_proto::auth::Authenticator;
-use serde_json::json;
-use tokio::io::AsyncReadExt;
-use tokio::sync::{mpsc, Semaphore};
-
 use hdrhistogram::Histogram;
 use loadtest::conn::{self, Conn, Event};
+use push_proto::auth::Authenticator;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::sync::{mpsc, Semaphore};
 
 pub use push_proto::Transport;
 
@@ -62,26 +69,178 @@ pub struct Args {
     connect_timeout_secs: u64,
 }
 
-/// What a connection presents: a push-server token, or a peer's subscription path.
-enum Target {
-    Token(String),
-    Path(String),
+/// The source address of connection `i`: 127.0.0.2 onwards, `sources` of them, so that the
+/// clients do not run out of ephemeral ports towards one server address.
+pub fn source(i: usize, sources: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        0,
+        2 + (i % usize::from(sources.max(1))) as u8,
+    ))
+}
+
+/// Opens `n` connections with `open(i, source)`, at most `concurrency` in flight (so that a
+/// server's accept queue and handshake limit are not the thing measured, and a failure shows
+/// early instead of as 15,000 timeouts), then holds each with `hold(i, conn)` in its own
+/// task. Every attempt's outcome arrives on the returned channel: the µs from the start of
+/// the attempt to open, or the kind of error ([`conn::error_kind`]).
+pub fn open_many<O, OF, H, HF>(
+    n: usize,
+    sources: u8,
+    concurrency: usize,
+    open: O,
+    hold: H,
+) -> mpsc::UnboundedReceiver<Result<u64, String>>
+where
+    O: Fn(usize, IpAddr) -> OF + Send + Sync + 'static,
+    OF: Future<Output = anyhow::Result<Conn>> + Send + 'static,
+    H: Fn(usize, Conn) -> HF + Send + Sync + 'static,
+    HF: Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (open, hold) = (Arc::new(open), Arc::new(hold));
+    for i in 0..n {
+        let (permits, tx, open, hold) = (permits.clone(), tx.clone(), open.clone(), hold.clone());
+        tokio::spawn(async move {
+            let permit = permits.acquire_owned().await;
+            let begun = Instant::now();
+            // Boxed: the opening future (handshake buffers, the hello's parsing) would
+            // otherwise size every task for as long as it holds its idle connection.
+            let opened = Box::pin(open(i, source(i, sources))).await;
+            drop(permit);
+            drop(open);
+            match opened {
+                Ok(conn) => {
+                    let _ = tx.send(Ok(begun.elapsed().as_micros() as u64));
+                    drop(tx);
+                    hold(i, conn).await;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(conn::error_kind(&e)));
+                }
+            }
+        });
+    }
+    rx
+}
+
+/// What the attempts of [`open_many`] came to.
+#[derive(Debug)]
+pub struct Tally {
+    /// Connections opened.
+    pub ok: usize,
+    /// Attempts failed.
+    pub failed: usize,
+    /// Error kind → count, so that 15,000 identical failures print as one line.
+    pub errors: BTreeMap<String, usize>,
+    /// Time from the start of an attempt to open, µs.
+    pub latency_us: Histogram<u64>,
+    /// First attempt → last success.
+    pub opening: Duration,
+}
+
+impl Tally {
+    /// Counts `n` outcomes from `rx`, of attempts begun at `started`; fails if `deadline`
+    /// passes first.
+    pub async fn collect(
+        rx: &mut mpsc::UnboundedReceiver<Result<u64, String>>,
+        n: usize,
+        started: Instant,
+        deadline: tokio::time::Instant,
+    ) -> anyhow::Result<Self> {
+        let mut t = Tally {
+            ok: 0,
+            failed: 0,
+            errors: BTreeMap::new(),
+            latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            opening: Duration::ZERO,
+        };
+        while t.ok + t.failed < n {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(Ok(us))) => {
+                    t.ok += 1;
+                    t.latency_us.saturating_record(us.max(1));
+                    t.opening = started.elapsed();
+                }
+                Ok(Some(Err(e))) => {
+                    t.failed += 1;
+                    *t.errors.entry(e).or_default() += 1;
+                }
+                Ok(None) => break,
+                Err(_) => bail!("deadline passed with {} open and {} failed", t.ok, t.failed),
+            }
+        }
+        Ok(t)
+    }
+
+    /// The report of a process that opened connections since `started`.
+    pub fn connected(&self, started: Instant) -> Connected {
+        Connected {
+            ok: self.ok as u64,
+            failed: self.failed as u64,
+            errors: self
+                .errors
+                .iter()
+                .map(|(k, v)| (k.clone(), *v as u64))
+                .collect(),
+            connect_secs: started.elapsed().as_secs_f64(),
+            opened_per_sec: self.ok as f64 / self.opening.as_secs_f64().max(1e-6),
+            connect_p50_us: self.latency_us.value_at_quantile(0.5),
+            connect_p99_us: self.latency_us.value_at_quantile(0.99),
+            connect_max_us: self.latency_us.max(),
+            rss_kib: sys::memory(std::process::id()).ok().map(|m| m.rss_kib),
+        }
+    }
+}
+
+/// `bench hold`'s report once every connection has opened or failed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Connected {
+    /// Connections open.
+    pub ok: u64,
+    /// Attempts failed.
+    pub failed: u64,
+    /// Error kind → count.
+    pub errors: BTreeMap<String, u64>,
+    /// From the first attempt until all had an outcome.
+    pub connect_secs: f64,
+    /// Accept rate: connections opened per second, from the first attempt to the last
+    /// success (failures that time out later do not stretch it).
+    pub opened_per_sec: f64,
+    /// Attempt → open latency, µs.
+    pub connect_p50_us: u64,
+    /// Attempt → open latency, µs.
+    pub connect_p99_us: u64,
+    /// Attempt → open latency, µs.
+    pub connect_max_us: u64,
+    /// The hold process's own RSS then.
+    pub rss_kib: Option<u64>,
+}
+
+/// `bench hold`'s report when it stops.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Done {
+    /// Why it stopped: `stdin closed` or `deadline`.
+    pub reason: String,
+    /// Connections the server closed while they were held.
+    pub closed_during_hold: u64,
+    /// Heartbeats seen (WebSocket pings, SSE comments), all connections together.
+    pub heartbeats_seen: u64,
+}
+
+/// Prints one report line: `{"event": <event>, ...report}`.
+pub fn report(event: &str, report: &impl Serialize) {
+    let mut v = serde_json::to_value(report).expect("reports serialize");
+    v["event"] = event.into();
+    println!("{v}");
 }
 
 /// Runs `bench hold` on a multi-threaded runtime.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let limit = sys::nofile_limit();
-    if args.conns as u64 + SPARE_FDS > limit {
-        bail!(
-            "{} connections need about {} open files; this process may open {limit}",
-            args.conns,
-            args.conns as u64 + SPARE_FDS
-        );
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
+    sys::check_files(args.conns as u64 + SPARE_FDS, "the connections")?;
+    let runtime = crate::runtime(None)?;
     let result = runtime.block_on(hold(args));
     // The stdin reader is a blocking thread that may never return: do not wait for it.
     runtime.shutdown_background();
@@ -90,132 +249,67 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 async fn hold(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
-    let deadline = tokio::time::sleep(Duration::from_secs(args.hold_secs));
-    tokio::pin!(deadline);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.hold_secs);
     let auth = args
         .secret
         .as_ref()
         .map(|s| Authenticator::new(s.as_bytes(), false));
-    // Bounded so that the server's accept queue and handshake limit are not the thing
-    // measured, and so that a failure shows up early instead of as 15,000 timeouts.
-    let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
-    // Each connection's result: the time from connect to open (hello, or the peer's head), µs.
-    let (results, mut connected) = mpsc::unbounded_channel::<Result<u64, String>>();
     let closed = Arc::new(AtomicUsize::new(0));
     let heartbeats = Arc::new(AtomicUsize::new(0));
-    let connect_timeout = Duration::from_secs(args.connect_timeout_secs);
+    let timeout = Duration::from_secs(args.connect_timeout_secs);
     // Tokens outlive the bench by far; expiry is not what this measures.
     let token_ttl = Duration::from_secs(args.hold_secs + 3600);
-
-    for i in 0..args.conns {
-        // A token for push-server, or the path for a peer.
-        let target = match (&auth, &args.path) {
-            (Some(auth), _) => Target::Token(auth.mint(&format!("u{i}"), None, token_ttl)),
-            (None, path) => Target::Path(
-                path.as_deref()
+    let (server, transport, path) = (args.server, args.transport, args.path.clone());
+    let (c, h) = (closed.clone(), heartbeats.clone());
+    let mut rx = open_many(
+        args.conns,
+        args.sources,
+        args.concurrency,
+        move |i, source| {
+            // A token for push-server, or the path for a peer.
+            let target = match (&auth, &path) {
+                (Some(auth), _) => Ok(auth.mint(&format!("u{i}"), None, token_ttl)),
+                (None, path) => Err(path
+                    .as_deref()
                     .unwrap_or("/")
-                    .replace("{i}", &i.to_string()),
-            ),
-        };
-        let source = IpAddr::V4(Ipv4Addr::new(
-            127,
-            0,
-            0,
-            2 + (i % usize::from(args.sources)) as u8,
-        ));
-        let permits = permits.clone();
-        let results = results.clone();
-        let closed = closed.clone();
-        let heartbeats = heartbeats.clone();
-        let (server, transport) = (args.server, args.transport);
-        tokio::spawn(async move {
-            let permit = permits.acquire_owned().await;
-            let begun = Instant::now();
-            // Boxed: the opening futures (handshake buffers, the hello's parsing) would
-            // otherwise size every task for as long as it holds its idle connection.
-            let opened = match &target {
-                Target::Token(token) => {
-                    Box::pin(conn::open(
-                        source,
-                        server,
-                        transport,
-                        token,
-                        None,
-                        connect_timeout,
-                    ))
-                    .await
-                }
-                Target::Path(path) => {
-                    Box::pin(conn::open_raw(
-                        source,
-                        server,
-                        transport,
-                        path,
-                        connect_timeout,
-                    ))
-                    .await
-                }
+                    .replace("{i}", &i.to_string())),
             };
-            let took_us = begun.elapsed().as_micros() as u64;
-            drop(permit);
-            drop(target);
-            let conn = match opened {
-                Ok(conn) => conn,
-                Err(e) => {
-                    let _ = results.send(Err(format!("{e:#}")));
-                    return;
+            async move {
+                match target {
+                    Ok(token) => conn::open(source, server, transport, &token, None, timeout).await,
+                    Err(path) => conn::open_raw(source, server, transport, &path, timeout).await,
                 }
-            };
-            let _ = results.send(Ok(took_us));
-            drop(results);
-            let ended = drive(conn, &heartbeats, |_, _, _| {}).await;
-            closed.fetch_add(1, Ordering::Relaxed);
-            if ended != Ended::Eof {
-                eprintln!("bench hold: connection {i} ended: {ended:?}");
             }
-        });
-    }
-    drop(results);
-
-    let (mut ok, mut failed) = (0usize, 0usize);
-    // Error text → count, so 15,000 identical failures print as one line.
-    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
-    let mut last_open = started;
-    while ok + failed < args.conns {
-        tokio::select! {
-            r = connected.recv() => match r {
-                Some(Ok(us)) => {
-                    ok += 1;
-                    latency.saturating_record(us.max(1));
-                    last_open = Instant::now();
+        },
+        move |i, conn| {
+            let (closed, heartbeats) = (c.clone(), h.clone());
+            async move {
+                let ended = drive(conn, &heartbeats, |_, _, _| {}).await;
+                closed.fetch_add(1, Ordering::Relaxed);
+                if ended != Ended::Eof {
+                    eprintln!("bench hold: connection {i} ended: {ended:?}");
                 }
-                Some(Err(e)) => {
-                    failed += 1;
-                    *errors.entry(e).or_default() += 1;
-                }
-                None => break,
-            },
-            () = &mut deadline => bail!("deadline passed with {ok} connected and {failed} failed"),
-        }
-    }
-    let memory = sys::memory(std::process::id()).ok();
-    println!(
-        "{}",
-        json!({
-            "event": "connected",
-            "ok": ok,
-            "failed": failed,
-            "errors": errors,
-            "connect_secs": started.elapsed().as_secs_f64(),
-            // Accept rate: connections opened per second, from the first attempt to the
-            // last success (failures that time out later do not stretch it).
-            "opened_per_sec": ok as f64 / (last_open - started).as_secs_f64().max(1e-6),
-            "connect_p50_us": latency.value_at_quantile(0.5),
-            "connect_p99_us": latency.value_at_quantile(0.99),
-            "connect_max_us": latency.max(),
-            "rss_kib": memory.map(|m| m.rss_kib),
-        })
+            }
+        },
+    );
+    let t = Tally::collect(&mut rx, args.conns, started, deadline).await?;
+    report(
+        "connected",
+        &Connected {
+            ok: t.ok as u64,
+            failed: t.failed as u64,
+            errors: t
+                .errors
+                .iter()
+                .map(|(k, v)| (k.clone(), *v as u64))
+                .collect(),
+            connect_secs: started.elapsed().as_secs_f64(),
+            opened_per_sec: t.ok as f64 / t.opening.as_secs_f64().max(1e-6),
+            connect_p50_us: t.latency_us.value_at_quantile(0.5),
+            connect_p99_us: t.latency_us.value_at_quantile(0.99),
+            connect_max_us: t.latency_us.max(),
+            rss_kib: sys::memory(std::process::id()).ok().map(|m| m.rss_kib),
+        },
     );
 
     let mut stdin = tokio::io::stdin();
@@ -226,17 +320,16 @@ async fn hold(args: Args) -> anyhow::Result<()> {
                 Ok(0) | Err(_) => break "stdin closed",
                 Ok(_) => {}
             },
-            () = &mut deadline => break "deadline",
+            () = tokio::time::sleep_until(deadline) => break "deadline",
         }
     };
-    println!(
-        "{}",
-        json!({
-            "event": "done",
-            "reason": reason,
-            "closed_during_hold": closed.load(Ordering::Relaxed),
-            "heartbeats_seen": heartbeats.load(Ordering::Relaxed),
-        })
+    report(
+        "done",
+        &Done {
+            reason: reason.into(),
+            closed_during_hold: closed.load(Ordering::Relaxed) as u64,
+            heartbeats_seen: heartbeats.load(Ordering::Relaxed) as u64,
+        },
     );
     Ok(())
 }
@@ -280,25 +373,99 @@ pub async fn drive(
     }
 }
 
+/// A child process of the bench that reports in JSON lines on stdout (`bench hold`,
+/// `bench receive`); killed when dropped.
+#[derive(Debug)]
+pub struct Reporter {
+    child: Child,
+    /// Its pid, for memory and CPU readings.
+    pub pid: u32,
+    out: Lines<BufReader<ChildStdout>>,
+    name: &'static str,
+}
+
+impl Reporter {
+    /// Starts `bench <args…>` with piped stdin and stdout.
+    pub fn spawn(name: &'static str, args: &[String]) -> anyhow::Result<Self> {
+        let bench = std::env::current_exe().context("cannot find the bench binary")?;
+        let mut child = Command::new(bench)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start `{name}`"))?;
+        let pid = child
+            .id()
+            .with_context(|| format!("{name} exited at once"))?;
+        let out = BufReader::new(child.stdout.take().context("child stdout")?).lines();
+        Ok(Self {
+            child,
+            pid,
+            out,
+            name,
+        })
+    }
+
+    /// Reads stdout up to the line whose `event` is `event`, within `budget`; other lines
+    /// are shown.
+    pub async fn next<T: DeserializeOwned>(
+        &mut self,
+        event: &str,
+        budget: Duration,
+    ) -> anyhow::Result<T> {
+        let read = async {
+            while let Some(line) = self.out.next_line().await? {
+                match serde_json::from_str::<serde_json::Value>(&line) {
+                    Ok(v) if v["event"] == event => {
+                        return serde_json::from_value(v)
+                            .with_context(|| format!("bad `{event}` report: {line}"));
+                    }
+                    _ => eprintln!("{}: {line}", self.name),
+                }
+            }
+            bail!(
+                "{} exited before reporting `{event}` (its errors are above)",
+                self.name
+            )
+        };
+        tokio::time::timeout(budget, read)
+            .await
+            .with_context(|| format!("{} did not report `{event}` within {budget:?}", self.name))?
+    }
+
+    /// Writes one line to its stdin.
+    pub async fn send(&mut self, line: &str) -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt as _;
+        let stdin = self.child.stdin.as_mut().context("stdin closed")?;
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .with_context(|| format!("{} is gone", self.name))
+    }
+
+    /// Lets the process go (stdin closed) and returns its `done` report, if it gave one
+    /// within 10 s.
+    pub async fn finish<T: DeserializeOwned>(mut self) -> Option<T> {
+        drop(self.child.stdin.take());
+        let done = self.next("done", Duration::from_secs(10)).await.ok();
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        done
+    }
+}
+
 /// What the connections of a [`Holder`] present.
 #[derive(Debug, Clone)]
 pub enum Present {
-    /// push-server: tokens minted with this secret for `u0` … (`u{first}` onwards).
+    /// push-server: tokens minted with this secret for `u0` ….
     Secret(String),
     /// A peer: this path, `{i}` replaced by the connection's index.
     Path(String),
 }
 
-/// A `bench hold` child process, killed when dropped.
-#[derive(Debug)]
-pub struct Holder {
-    child: tokio::process::Child,
-    /// Its pid, for memory readings.
-    pub pid: u32,
-    out: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
-}
-
-/// How a [`Holder`] connects.
+/// How a `bench hold` child connects.
 #[derive(Debug, Clone)]
 pub struct HoldPlan {
     /// The server's client address.
@@ -317,67 +484,19 @@ pub struct HoldPlan {
     pub hold_secs: u64,
 }
 
-impl Holder {
-    /// Starts `bench hold` with `plan`.
-    pub fn spawn(bench_bin: &std::path::Path, plan: &HoldPlan) -> anyhow::Result<Self> {
-        use std::process::Stdio;
-        let mut cmd = tokio::process::Command::new(bench_bin);
-        cmd.arg("hold")
-            .args(["--transport", plan.transport.as_str()])
-            .arg("--server")
-            .arg(plan.server.to_string())
-            .arg("--conns")
-            .arg(plan.conns.to_string())
-            .arg("--sources")
-            .arg(plan.sources.to_string())
-            .arg("--concurrency")
-            .arg(plan.concurrency.to_string())
-            .arg("--hold-secs")
-            .arg(plan.hold_secs.to_string());
-        match &plan.present {
-            Present::Secret(s) => cmd.args(["--secret", s]),
-            Present::Path(p) => cmd.args(["--path", p]),
-        };
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start `bench hold`")?;
-        let pid = child.id().context("bench hold exited at once")?;
-        let out = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
-            child.stdout.take().context("hold stdout")?,
-        ));
-        Ok(Self { child, pid, out })
+/// Starts `bench hold` with `plan`.
+pub fn spawn_holder(plan: &HoldPlan) -> anyhow::Result<Reporter> {
+    let mut args: Vec<String> = vec!["hold".into()];
+    let mut flag = |k: &str, v: String| args.extend([format!("--{k}"), v]);
+    flag("transport", plan.transport.as_str().into());
+    flag("server", plan.server.to_string());
+    flag("conns", plan.conns.to_string());
+    flag("sources", plan.sources.to_string());
+    flag("concurrency", plan.concurrency.to_string());
+    flag("hold-secs", plan.hold_secs.to_string());
+    match &plan.present {
+        Present::Secret(s) => flag("secret", s.clone()),
+        Present::Path(p) => flag("path", p.clone()),
     }
-
-    /// Waits for the `connected` report (ok, failed, errors, connect latency, rate).
-    pub async fn connected(&mut self, budget: Duration) -> anyhow::Result<serde_json::Value> {
-        tokio::time::timeout(budget, self.event("connected"))
-            .await
-            .with_context(|| format!("the hold process did not report within {budget:?}"))?
-    }
-
-    async fn event(&mut self, event: &str) -> anyhow::Result<serde_json::Value> {
-        while let Some(line) = self.out.next_line().await? {
-            match serde_json::from_str::<serde_json::Value>(&line) {
-                Ok(v) if v["event"] == event => return Ok(v),
-                _ => eprintln!("bench hold: {line}"),
-            }
-        }
-        bail!("the hold process exited before reporting `{event}` (its errors are above)")
-    }
-
-    /// Lets the process go (stdin closed) and returns its `done` report, if it gave one.
-    pub async fn finish(mut self) -> Option<serde_json::Value> {
-        drop(self.child.stdin.take());
-        let done = tokio::time::timeout(Duration::from_secs(10), self.event("done"))
-            .await
-            .ok()
-            .and_then(Result::ok);
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
-        done
-    }
+    Reporter::spawn("bench hold", &args)
 }

@@ -2,42 +2,41 @@
 //!
 //! | module | role |
 //! |---|---|
-//! | [`idle_memory`] | `bench idle-memory`: server RSS per idle connection |
-//! | [`idle_scale`] | `bench idle-scale`: RSS per connection at 100k over several server and client processes |
-//! | [`peers`] | `bench peers-idle`: idle memory per connection, push-server next to Nchan and Pushpin |
+//! | [`idle`] | `bench idle-memory`, `peers-idle`, `idle-scale`: server RSS per idle connection, alone, side by side, at 100k |
+//! | [`accept`] | `bench peers-accept`: connects per second for a burst, side by side |
 //! | [`peers_push`] | `bench peers-push`: push by user at fixed rates, latency and loss, side by side |
-//! | [`peers_accept`] | `bench peers-accept`: connects per second for a burst, side by side |
 //! | [`compare`] | `bench compare`: every side-by-side scenario in one run; the markdown table, JSON and chart |
 //! | [`chart`] | the PNG chart of latency against rate (plotters) |
 //! | [`registry`] | `bench registry`: `lookup_many` against one Redis and `redis-benchmark`; the ring's cost |
 //! | [`pipeline`] | `bench pipeline`: push-lib → Kafka → msg-processor → push-server → clients, end to end |
 //! | [`receive`] | `bench receive` (hidden): holds one WebSocket per user, counts, orders and times messages |
+//! | [`side`] | the side-by-side driver: common arguments, one result per system, skip, budget, print |
+//! | [`systems`] | push-server (the one launcher), Nchan and Pushpin started on free ports: subscribe, publish, stop |
+//! | [`hold`] | the connection loop, and `bench hold` (hidden): a process that opens and holds the clients |
 //! | [`redis`] | `redis-server` children on free ports, killed on drop |
-//! | [`hold`] | `bench hold` (hidden): a separate process that opens and holds the clients (loadtest's raw client, [`loadtest::conn`]) |
 //! | [`admin`] | tiny HTTP/1.1 GET for the server's `/healthz` and `/metrics` |
-//! | [`systems`] | push-server, Nchan and Pushpin started on free ports: subscribe, publish, stop |
-//! | [`sys`] | `/proc` readings, the open-files limit, free ports |
+//! | [`sys`] | `/proc` readings, the open-files limit, free ports, process trees, temporary directories |
 //!
-//! The clients live in their own process so that the server's RSS is all the server's, and
-//! so that each process stays under this machine's 20,000 open files.
+//! Higher rows use lower ones, never the reverse. The clients live in their own process so
+//! that the server's RSS is all the server's, and so that each process stays under this
+//! machine's 20,000 open files.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod accept;
 mod admin;
 mod chart;
 mod compare;
 mod hold;
-mod idle_memory;
-mod idle_scale;
-mod peers;
-mod peers_accept;
+mod idle;
 mod peers_push;
 mod pipeline;
 mod receive;
 mod redis;
 mod registry;
+mod side;
 mod sys;
 mod systems;
 
@@ -49,27 +48,39 @@ struct Cli {
     command: Command,
 }
 
+// Scenarios share `side::CommonArgs`; where a scenario's defaults differ, its variant says so.
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Server RSS per idle connection: start push-server, hold N clients from another
     /// process, compare the server's RSS before and after.
-    IdleMemory(idle_memory::Args),
+    #[command(mut_arg("transport", |a| a.required(true).default_value(None::<&'static str>)))]
+    IdleMemory(idle::MemoryArgs),
     /// Idle memory per connection at 100,000 connections: several push-server processes
     /// (and Nchan with several workers), several client processes.
-    IdleScale(idle_scale::Args),
+    #[command(
+        mut_arg("transport", |a| a.default_value("ws")),
+        mut_arg("sources", |a| a.default_value("64")),
+        mut_arg("concurrency", |a| a.default_value("128")),
+        mut_arg("peers", |a| a.default_value("push-server,nchan")),
+    )]
+    IdleScale(idle::ScaleArgs),
     /// Idle memory per connection side by side: push-server, Nchan and Pushpin, one after
     /// the other in one run, each peer skipped with a line if it is not installed.
-    PeersIdle(peers::Args),
+    PeersIdle(idle::PeersArgs),
     /// Push by user at a list of fixed rates, side by side: push-server, Nchan and Pushpin;
     /// latency p50/p99 and loss per rate, and the highest rate each sustains.
+    #[command(
+        mut_arg("sources", |a| a.default_value("16")),
+        mut_arg("concurrency", |a| a.default_value("64")),
+    )]
     PeersPush(peers_push::Args),
     /// Accept rate side by side: a burst of M connections per system, connects per second
     /// and connect latency p50/p99.
-    PeersAccept(peers_accept::Args),
+    PeersAccept(accept::Args),
     /// Every side-by-side scenario on every system in one run: writes the markdown table
     /// with ratios (docs/bench/compare.md), the JSON and the latency chart.
     Compare(compare::Args),
-    /// Open N connections and hold them (run by `idle-memory` as a child process).
+    /// Open N connections and hold them (run by the idle and accept scenarios as a child).
     #[command(hide = true)]
     Hold(hold::Args),
     /// Registry `lookup_many` throughput and latency against one local Redis, next to
@@ -91,11 +102,11 @@ fn main() -> ExitCode {
         eprintln!("bench: warning: cannot raise the open-files limit: {e}");
     }
     let result = match cli.command {
-        Command::IdleMemory(args) => idle_memory::run(args),
-        Command::IdleScale(args) => idle_scale::run(args),
-        Command::PeersIdle(args) => peers::run(args),
+        Command::IdleMemory(args) => idle::run_memory(args),
+        Command::IdleScale(args) => idle::run_scale(args),
+        Command::PeersIdle(args) => idle::run_peers(args),
         Command::PeersPush(args) => peers_push::run(args),
-        Command::PeersAccept(args) => peers_accept::run(args),
+        Command::PeersAccept(args) => accept::run(args),
         Command::Compare(args) => compare::run(args),
         Command::Hold(args) => hold::run(args),
         Command::Registry(args) => registry::run(args),
@@ -111,32 +122,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// The runtime of the side-by-side scenarios: two workers, one per core of this machine.
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+/// A multi-threaded runtime: `workers` threads (the side-by-side scenarios run two, one per
+/// core of this machine), or tokio's default of one per core.
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the tokio runtime: {e}"))
-}
-
-/// Runs a side-by-side scenario (one JSON result per system) until it ends or a signal
-/// arrives, then prints `table` of the results: on stdout, or with `json` on stderr with the
-/// results as one JSON array on stdout.
-fn run_side_by_side(
-    json: bool,
-    work: impl std::future::Future<Output = anyhow::Result<Vec<serde_json::Value>>>,
-    table: impl FnOnce(&[serde_json::Value]) -> String,
-) -> anyhow::Result<()> {
-    let results = runtime()?.block_on(until_signal(work))?;
-    let table = table(&results);
-    if json {
-        eprint!("{table}");
-        println!("{}", serde_json::Value::Array(results));
-    } else {
-        print!("{table}");
-    }
-    Ok(())
 }
 
 /// Runs `work` until it ends or Ctrl-C / SIGTERM arrive; either way, leaving drops what it

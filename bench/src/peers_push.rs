@@ -17,8 +17,9 @@
 //! one a system does not sustain (`--keep-going` runs them all); the highest sustained rate
 //! is the system's figure.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,16 +28,15 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use hdrhistogram::Histogram;
 use loadtest::stats::unix_micros;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::hold::{self, Transport};
+use crate::hold::{self, Tally, Transport};
+use crate::side::{self, CommonArgs, PeerResult, PeersArg, Plan};
 use crate::sys::{self, CpuMeter};
-use crate::systems::{self, Peer, Running};
+use crate::systems::{self, Running};
 
 /// A publish request's bound; a local round trip takes well under a millisecond.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,20 +51,13 @@ const SETTLE: Duration = Duration::from_secs(5);
 /// Arguments of `bench peers-push`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// Systems to run, in order.
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "push-server,nchan,pushpin"
-    )]
-    pub peers: Vec<Peer>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub peers: PeersArg,
     /// Subscribers, one user (channel) each.
     #[arg(long, default_value_t = 1000)]
     pub subscribers: usize,
-    /// Subscriber transport (Pushpin: SSE only).
-    #[arg(long, value_enum, default_value_t = Transport::Sse)]
-    pub transport: Transport,
     /// Target rates, messages per second, in order.
     #[arg(
         long,
@@ -84,82 +77,149 @@ pub struct Args {
     /// Run every rate even after a step is not sustained.
     #[arg(long)]
     pub keep_going: bool,
-    /// Subscriber source addresses, 127.0.0.2 onwards.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(1..=253))]
-    pub sources: u8,
-    /// Subscriptions in flight at once (a gentle ramp: DESIGN.md, Measuring).
-    #[arg(long, default_value_t = 64)]
-    pub concurrency: usize,
     /// Nchan's worker processes (DESIGN.md: 2 for throughput).
     #[arg(long, default_value_t = 2)]
     pub nchan_workers: u32,
     /// Pushpin's `message_rate` (the package's 2,500/s would cap every step above it).
     #[arg(long, default_value_t = 200_000)]
     pub pushpin_message_rate: u32,
-    /// push-server binary. Default: `push-server` next to this `bench` binary.
-    #[arg(long)]
-    pub server_bin: Option<PathBuf>,
-    /// Print the results as one JSON array on stdout (the human lines go to stderr).
-    #[arg(long)]
-    pub json: bool,
     /// Draw p50 and p99 against rate per system into this PNG.
     #[arg(long)]
     pub chart: Option<PathBuf>,
 }
 
+/// One system's push figures.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Push {
+    /// Subscriber transport.
+    pub transport: Option<Transport>,
+    /// Subscribers asked for.
+    pub subscribers: usize,
+    /// Subscribers connected.
+    pub subscribed: usize,
+    /// Subscriptions failed.
+    pub subscribe_failed: usize,
+    /// Why, error kind → count.
+    pub subscribe_errors: BTreeMap<String, usize>,
+    /// Subscriptions the system closed during the run.
+    pub closed_during_run: usize,
+    /// Messages whose payload was not ours, or out of range.
+    pub foreign: u64,
+    /// What was changed from the system's defaults.
+    pub config: String,
+    /// Latency bound of a sustained step.
+    pub p99_bound_ms: f64,
+    /// The figure: the highest target rate sustained.
+    pub max_sustained_rate: Option<u32>,
+    /// Latency at that rate.
+    pub p50_ms_at_max: Option<f64>,
+    /// Latency at that rate.
+    pub p99_ms_at_max: Option<f64>,
+    /// Every step run.
+    pub steps: Vec<Step>,
+}
+
+/// One step at a target rate.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Step {
+    /// Target, messages per second.
+    pub rate: u32,
+    /// Accepted publishes per second.
+    pub achieved: f64,
+    /// Publishes sent (accepted + failed).
+    pub attempted: u64,
+    /// Publishes answered 2xx.
+    pub accepted: u64,
+    /// Publishes answered otherwise, or failed.
+    pub failed: u64,
+    /// Not sent: a lane fell more than 2 s behind.
+    pub unsent: u64,
+    /// Why publishes failed: `HTTP <status>` or the error, with counts.
+    pub errors: BTreeMap<String, u64>,
+    /// Distinct messages the subscribers received.
+    pub received: u64,
+    /// Messages received twice.
+    pub duplicates: u64,
+    /// Attempted but not received.
+    pub lost: u64,
+    /// Latency, scheduled send → receipt, ms.
+    pub p50_ms: f64,
+    /// Latency, ms.
+    pub p99_ms: f64,
+    /// Latency, ms.
+    pub p999_ms: f64,
+    /// Latency, ms.
+    pub max_ms: f64,
+    /// The publish requests' own latency, ms.
+    pub request_p50_ms: f64,
+    /// The publish requests' own latency, ms.
+    pub request_p99_ms: f64,
+    /// Cores used by label (`others`: the rest of the machine).
+    pub cpu_cores: BTreeMap<String, f64>,
+    /// The CPU readings' window: sending and the settle after it (absent in older reports).
+    pub wall_secs: Option<f64>,
+    /// ≥ 95 % of the target, nothing lost, p99 within the bound.
+    pub sustained: bool,
+}
+
 /// Runs the systems one after the other; Ctrl-C or SIGTERM stop it and its children.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let runtime = crate::runtime()?;
-    let results = runtime.block_on(crate::until_signal(all(&args)))?;
-    let table = table(&results, args.p99_bound_ms);
+    let bound = args.p99_bound_ms;
+    let results = side::print(args.common.json, all(&args), |r| table(r, bound))?;
     if let Some(path) = &args.chart {
         crate::chart::latency_against_rate(path, &results)?;
         eprintln!("chart written to {}", path.display());
-    }
-    if args.json {
-        eprint!("{table}");
-        println!("{}", Value::Array(results));
-    } else {
-        print!("{table}");
     }
     Ok(())
 }
 
 /// Every system of `args.peers`, in order: one result each (skipped and failed included).
-pub async fn all(args: &Args) -> anyhow::Result<Vec<Value>> {
+pub async fn all(args: &Args) -> anyhow::Result<Vec<PeerResult<Push>>> {
     if args.subscribers == 0 || args.rates.is_empty() {
         bail!("--subscribers and --rates must not be empty");
     }
-    let server_bin = systems::server_bin(args.server_bin.as_deref())?;
-    let mut results = Vec::new();
-    for &peer in &args.peers {
-        eprintln!(
-            "== peers-push: {} ({} {} subscribers, rates {:?}/s, {} s each)",
-            peer.as_str(),
-            args.subscribers,
-            args.transport.as_str(),
-            args.rates,
-            args.step_secs
-        );
-        let result = match systems::missing(peer, args.transport, &server_bin) {
-            Some(why) => {
-                eprintln!("{}: skipped: {why}", peer.as_str());
-                json!({"peer": peer.as_str(), "skipped": why})
-            }
-            None => {
-                // Bounded: subscriptions, every step with its settle time, start and stop.
-                let budget = Duration::from_secs(120)
-                    + (Duration::from_secs(args.step_secs)
-                        + MAX_LAG
-                        + SETTLE
-                        + Duration::from_secs(2))
-                        * args.rates.len() as u32;
-                systems::bounded(peer, budget, system(peer, args, &server_bin)).await
-            }
-        };
-        results.push(result);
-    }
-    Ok(results)
+    let c = &args.common;
+    eprintln!(
+        "peers-push: {} {} subscribers, rates {:?}/s, {} s each",
+        args.subscribers,
+        c.transport.as_str(),
+        args.rates,
+        args.step_secs
+    );
+    let plan = Plan {
+        name: "peers-push",
+        peers: &args.peers.peers,
+        transport: c.transport,
+        conns_per_process: args.subscribers,
+        // Subscriptions, every step with its settle time, start and stop.
+        budget: Duration::from_secs(120)
+            + (Duration::from_secs(args.step_secs) + MAX_LAG + SETTLE + Duration::from_secs(2))
+                * args.rates.len() as u32,
+        not_here: side::every,
+        line: |r: &Push| {
+            format!(
+                "highest sustained rate {:?}/s, p99 there {:?} ms",
+                r.max_sustained_rate, r.p99_ms_at_max
+            )
+        },
+    };
+    side::each_peer(
+        plan,
+        c.server_bin.as_deref(),
+        |peer, server_bin| async move {
+            let opts = systems::Options {
+                max_conns: args.subscribers,
+                nchan_workers: args.nchan_workers,
+                pushpin_message_rate: args.pushpin_message_rate,
+                server_bin,
+                server_args: Vec::new(),
+            };
+            measure(systems::start(peer, &opts).await?, args).await
+        },
+    )
+    .await
 }
 
 /// What the subscribers saw of one step.
@@ -233,31 +293,20 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
 }
 
-/// One system: start, subscribe, run the steps, stop.
-async fn system(peer: Peer, args: &Args, server_bin: &std::path::Path) -> anyhow::Result<Value> {
-    let opts = systems::Options {
-        max_conns: args.subscribers,
-        nchan_workers: args.nchan_workers,
-        pushpin_message_rate: args.pushpin_message_rate,
-        server_bin: server_bin.to_owned(),
-        server_args: Vec::new(),
-    };
-    let running = systems::start(peer, &opts).await?;
-    measure(running, args).await
-}
-
 /// Subscribes and runs the steps on a started system; stops it at the end.
-async fn measure(running: Running, args: &Args) -> anyhow::Result<Value> {
+async fn measure(running: Running, args: &Args) -> anyhow::Result<Push> {
     let peer = running.peer;
     let running = Arc::new(running);
     let seen = Arc::new(Seen::default());
     let subscribed = subscribe(&running, args, &seen).await?;
     eprintln!(
         "{} subscribed in {:.1} s ({} failed)",
-        subscribed.ok, subscribed.secs, subscribed.failed
+        subscribed.ok,
+        subscribed.opening.as_secs_f64(),
+        subscribed.failed
     );
     if subscribed.ok == 0 {
-        bail!("no subscriber connected: {}", subscribed.errors);
+        bail!("no subscriber connected: {:?}", subscribed.errors);
     }
     // Connections settle (Nchan and Pushpin confirm subscriptions asynchronously).
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -267,7 +316,7 @@ async fn measure(running: Running, args: &Args) -> anyhow::Result<Value> {
     for (k, &rate) in args.rates.iter().enumerate() {
         let step = step(&running, args, &seen, k, rate).await;
         eprintln!("{}: {}", peer.as_str(), step_line(&step));
-        let sustained = step["sustained"].as_bool() == Some(true);
+        let sustained = step.sustained;
         if sustained {
             max_sustained = Some(rate);
         }
@@ -277,107 +326,61 @@ async fn measure(running: Running, args: &Args) -> anyhow::Result<Value> {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let at_max = max_sustained.and_then(|r| steps.iter().find(|s| s["rate"] == r).cloned());
-    let result = json!({
-        "peer": peer.as_str(),
-        "transport": args.transport.as_str(),
-        "subscribers": args.subscribers,
-        "subscribed": subscribed.ok,
-        "subscribe_failed": subscribed.failed,
-        "subscribe_errors": subscribed.errors,
-        "closed_during_run": seen.closed.load(Ordering::Relaxed),
-        "foreign": seen.foreign.load(Ordering::Relaxed),
-        "config": running.config,
-        "p99_bound_ms": args.p99_bound_ms,
-        "max_sustained_rate": max_sustained,
-        "p50_ms_at_max": at_max.as_ref().map(|s| s["p50_ms"].clone()),
-        "p99_ms_at_max": at_max.as_ref().map(|s| s["p99_ms"].clone()),
-        "steps": steps,
-    });
-    drop(running);
-    Ok(result)
-}
-
-struct Subscribed {
-    ok: usize,
-    failed: usize,
-    errors: Value,
-    secs: f64,
+    let at_max = steps.iter().find(|s| Some(s.rate) == max_sustained);
+    Ok(Push {
+        transport: Some(args.common.transport),
+        subscribers: args.subscribers,
+        subscribed: subscribed.ok,
+        subscribe_failed: subscribed.failed,
+        subscribe_errors: subscribed.errors.clone(),
+        closed_during_run: seen.closed.load(Ordering::Relaxed),
+        foreign: seen.foreign.load(Ordering::Relaxed),
+        config: running.config.clone(),
+        p99_bound_ms: args.p99_bound_ms,
+        max_sustained_rate: max_sustained,
+        p50_ms_at_max: at_max.map(|s| s.p50_ms),
+        p99_ms_at_max: at_max.map(|s| s.p99_ms),
+        steps,
+    })
+    // Dropping the last handle of `running` stops the system.
 }
 
 /// Opens one subscription per user, each driven by its own task until the run ends.
-async fn subscribe(
-    running: &Arc<Running>,
-    args: &Args,
-    seen: &Arc<Seen>,
-) -> anyhow::Result<Subscribed> {
-    let started = Instant::now();
-    let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<(), String>>();
+async fn subscribe(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>) -> anyhow::Result<Tally> {
+    let c = &args.common;
+    let started = std::time::Instant::now();
+    let transport = c.transport;
     let heartbeats = Arc::new(AtomicUsize::new(0));
-    for i in 0..args.subscribers {
-        let source = IpAddr::V4(Ipv4Addr::new(
-            127,
-            0,
-            0,
-            2 + (i % usize::from(args.sources)) as u8,
-        ));
-        let (running, seen, permits, tx, heartbeats) = (
-            running.clone(),
-            seen.clone(),
-            permits.clone(),
-            tx.clone(),
-            heartbeats.clone(),
-        );
-        let transport = args.transport;
-        tokio::spawn(async move {
-            let permit = permits.acquire_owned().await;
-            let opened = running
-                .subscribe(i, source, transport, Duration::from_secs(10))
-                .await;
-            drop(permit);
+    let (r, seen) = (running.clone(), seen.clone());
+    let mut rx = hold::open_many(
+        args.subscribers,
+        c.sources,
+        c.concurrency,
+        move |i, source| {
             // The task holds the system's handle only while subscribing: dropping the
             // last handle is what stops the system.
-            drop(running);
-            let conn = match opened {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = tx.send(Err(loadtest::conn::error_kind(&e)));
-                    return;
-                }
-            };
-            let _ = tx.send(Ok(()));
-            drop(tx);
-            hold::drive(conn, &heartbeats, |_, _, data| {
-                seen.record(data, unix_micros())
-            })
-            .await;
-            seen.closed.fetch_add(1, Ordering::Relaxed);
-        });
-    }
-    drop(tx);
-    let (mut ok, mut failed) = (0, 0);
-    let mut errors = std::collections::BTreeMap::<String, usize>::new();
+            let running = r.clone();
+            async move {
+                running
+                    .subscribe(i, source, transport, Duration::from_secs(10))
+                    .await
+            }
+        },
+        move |_, conn| {
+            let (seen, heartbeats) = (seen.clone(), heartbeats.clone());
+            async move {
+                hold::drive(conn, &heartbeats, |_, _, data| {
+                    seen.record(data, unix_micros())
+                })
+                .await;
+                seen.closed.fetch_add(1, Ordering::Relaxed);
+            }
+        },
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
-    while ok + failed < args.subscribers {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(Ok(()))) => ok += 1,
-            Ok(Some(Err(e))) => {
-                failed += 1;
-                *errors.entry(e).or_default() += 1;
-            }
-            Ok(None) => break,
-            Err(_) => {
-                bail!("subscriptions did not finish within 60 s ({ok} open, {failed} failed)")
-            }
-        }
-    }
-    Ok(Subscribed {
-        ok,
-        failed,
-        errors: json!(errors),
-        secs: started.elapsed().as_secs_f64(),
-    })
+    Tally::collect(&mut rx, args.subscribers, started, deadline)
+        .await
+        .context("subscriptions did not finish within 60 s")
 }
 
 /// What one publisher lane did.
@@ -392,7 +395,7 @@ struct LaneCounts {
 }
 
 /// One step at `rate`: publish for `step_secs`, settle, account.
-async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, rate: u32) -> Value {
+async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, rate: u32) -> Step {
     let duration = Duration::from_secs(args.step_secs);
     let total = u64::from(rate) * args.step_secs;
     seen.steps
@@ -482,36 +485,32 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
         && all.failed == 0
         && p99_ms <= args.p99_bound_ms;
     // Summed by label: Nchan's workers share one.
-    let mut cpu_by = std::collections::BTreeMap::<String, f64>::new();
+    let mut cpu_cores = BTreeMap::<String, f64>::new();
     for (label, cores) in cpu {
-        *cpu_by.entry(label).or_default() += cores;
+        *cpu_cores.entry(label).or_default() += cores;
     }
-    let cpu_by: std::collections::BTreeMap<String, f64> = cpu_by
-        .into_iter()
-        .map(|(l, c)| (l, sys::round2(c)))
-        .collect();
-    json!({
-        "rate": rate,
-        "achieved": achieved.round(),
-        "attempted": attempted,
-        "accepted": all.accepted,
-        "failed": all.failed,
-        "unsent": all.unsent,
-        "errors": all.errors,
-        "received": received,
-        "duplicates": duplicates,
-        "lost": lost,
-        "p50_ms": ms(latency.value_at_quantile(0.5)),
-        "p99_ms": ms(latency.value_at_quantile(0.99)),
-        "p999_ms": ms(latency.value_at_quantile(0.999)),
-        "max_ms": ms(latency.max()),
-        "request_p50_ms": ms(request_us.value_at_quantile(0.5)),
-        "request_p99_ms": ms(request_us.value_at_quantile(0.99)),
-        "cpu_cores": cpu_by,
-        // The CPU readings' window: sending and the settle after it.
-        "wall_secs": sys::round2(wall_secs),
-        "sustained": sustained,
-    })
+    cpu_cores.values_mut().for_each(|c| *c = sys::round2(*c));
+    Step {
+        rate,
+        achieved: achieved.round(),
+        attempted,
+        accepted: all.accepted,
+        failed: all.failed,
+        unsent: all.unsent,
+        errors: all.errors,
+        received,
+        duplicates,
+        lost,
+        p50_ms: ms(latency.value_at_quantile(0.5)),
+        p99_ms: ms(latency.value_at_quantile(0.99)),
+        p999_ms: ms(latency.value_at_quantile(0.999)),
+        max_ms: ms(latency.max()),
+        request_p50_ms: ms(request_us.value_at_quantile(0.5)),
+        request_p99_ms: ms(request_us.value_at_quantile(0.99)),
+        cpu_cores,
+        wall_secs: Some(sys::round2(wall_secs)),
+        sustained,
+    }
 }
 
 /// One `POST` on a kept-alive connection (opened if needed): the response status.
@@ -542,46 +541,39 @@ async fn post(
     .map_err(|_| anyhow::anyhow!("publish timed out"))?
 }
 
-fn step_line(s: &Value) -> String {
+fn step_line(s: &Step) -> String {
     format!(
-        "{:>6}/s: achieved {:>7}/s, lost {} (failed {} {}, unsent {}), latency p50 {} p99 {} max {} ms, request p99 {} ms, cpu {} -> {}",
-        s["rate"],
-        s["achieved"],
-        s["lost"],
-        s["failed"],
-        if s["failed"] == 0 { String::new() } else { s["errors"].to_string() },
-        s["unsent"],
-        s["p50_ms"],
-        s["p99_ms"],
-        s["max_ms"],
-        s["request_p99_ms"],
-        s["cpu_cores"],
-        if s["sustained"] == true { "sustained" } else { "NOT sustained" }
+        "{:>6}/s: achieved {:>7}/s, lost {} (failed {} {}, unsent {}), latency p50 {} p99 {} max {} ms, request p99 {} ms, cpu {:?} -> {}",
+        s.rate,
+        s.achieved,
+        s.lost,
+        s.failed,
+        if s.failed == 0 { String::new() } else { format!("{:?}", s.errors) },
+        s.unsent,
+        s.p50_ms,
+        s.p99_ms,
+        s.max_ms,
+        s.request_p99_ms,
+        s.cpu_cores,
+        if s.sustained { "sustained" } else { "NOT sustained" }
     )
 }
 
 /// The human table: each system's highest sustained rate and latency there, and the ratios
 /// of push-server against each peer.
-pub fn table(results: &[Value], bound_ms: f64) -> String {
+pub fn table(results: &[PeerResult<Push>], bound_ms: f64) -> String {
+    let opt = |x: Option<f64>| x.map_or("-".into(), |x| x.to_string());
     let mut out = format!(
         "system        max sustained/s   p50 ms   p99 ms   (sustained: ≥95 % of target, 0 lost, p99 ≤ {bound_ms} ms)\n"
-    );
-    for r in results {
-        let peer = r["peer"].as_str().unwrap_or("?");
-        if let Some(why) = r["skipped"].as_str().or(r["error"].as_str()) {
-            let _ = writeln!(out, "{peer:<13} ({why})");
-            continue;
-        }
-        let _ = writeln!(
-            out,
-            "{peer:<13} {:>15}   {:>6}   {:>6}",
-            r["max_sustained_rate"]
-                .as_u64()
+    ) + &side::rows(results, |r| {
+        format!(
+            " {:>15}   {:>6}   {:>6}",
+            r.max_sustained_rate
                 .map_or("none".into(), |n| n.to_string()),
-            r["p50_ms_at_max"],
-            r["p99_ms_at_max"]
-        );
-    }
+            opt(r.p50_ms_at_max),
+            opt(r.p99_ms_at_max)
+        )
+    });
     for (peer, ratio, p99) in ratios(results) {
         let _ = writeln!(
             out,
@@ -595,31 +587,25 @@ pub fn table(results: &[Value], bound_ms: f64) -> String {
 
 /// Per peer: push-server's max sustained rate over the peer's, and push-server's p99 over
 /// the peer's at the peer's highest sustained rate (the same step of both runs).
-pub fn ratios(results: &[Value]) -> Vec<(String, Option<f64>, Option<f64>)> {
-    let Some(ours) = results.iter().find(|r| r["peer"] == "push-server") else {
+pub fn ratios(results: &[PeerResult<Push>]) -> Vec<(String, Option<f64>, Option<f64>)> {
+    let Some(ours) = side::of(results, "push-server") else {
         return Vec::new();
     };
-    let p99_at = |r: &Value, rate: u64| {
-        r["steps"]
-            .as_array()?
-            .iter()
-            .find(|s| s["rate"].as_u64() == Some(rate))?["p99_ms"]
-            .as_f64()
-    };
+    let p99_at = |r: &Push, rate: u32| Some(r.steps.iter().find(|s| s.rate == rate)?.p99_ms);
     results
         .iter()
-        .filter(|r| r["peer"] != "push-server" && r["steps"].is_array())
-        .map(|r| {
-            let theirs = r["max_sustained_rate"].as_f64();
-            let rate = ours["max_sustained_rate"]
-                .as_f64()
-                .zip(theirs)
-                .map(|(a, b)| sys::round2(a / b));
-            let p99 = r["max_sustained_rate"].as_u64().and_then(|rate| {
+        .filter(|r| r.peer != "push-server")
+        .filter_map(|r| Some((r.peer.clone(), r.ran()?)))
+        .map(|(peer, r)| {
+            let rate = ours
+                .max_sustained_rate
+                .zip(r.max_sustained_rate)
+                .map(|(a, b)| sys::round2(f64::from(a) / f64::from(b)));
+            let p99 = r.max_sustained_rate.and_then(|rate| {
                 let (a, b) = (p99_at(ours, rate)?, p99_at(r, rate)?);
                 (b > 0.0).then(|| sys::round2(a / b))
             });
-            (r["peer"].as_str().unwrap_or("?").to_owned(), rate, p99)
+            (peer, rate, p99)
         })
         .collect()
 }
@@ -627,7 +613,9 @@ pub fn ratios(results: &[Value]) -> Vec<(String, Option<f64>, Option<f64>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::systems::Peer;
     use clap::Parser as _;
+    use serde_json::json;
 
     #[derive(clap::Parser)]
     struct Cli {
@@ -654,18 +642,18 @@ mod tests {
         Cli::parse_from(argv).args
     }
 
-    fn check(r: &Value, rates: usize) {
-        assert_eq!(r["subscribed"], 20, "{r}");
-        let steps = r["steps"].as_array().expect("steps");
-        assert_eq!(steps.len(), rates, "{r}");
-        for s in steps {
-            assert_eq!(s["failed"], 0, "{s}");
-            assert_eq!(s["unsent"], 0, "{s}");
-            assert_eq!(s["lost"], 0, "{s}");
-            assert_eq!(s["duplicates"], 0, "{s}");
-            assert_eq!(s["received"], s["attempted"], "{s}");
+    fn check(r: &Push, rates: usize) {
+        assert_eq!(r.subscribed, 20, "{r:?}");
+        assert_eq!(r.steps.len(), rates, "{r:?}");
+        for s in &r.steps {
+            assert_eq!(
+                (s.failed, s.unsent, s.lost, s.duplicates),
+                (0, 0, 0, 0),
+                "{s:?}"
+            );
+            assert_eq!(s.received, s.attempted, "{s:?}");
         }
-        assert_eq!(r["foreign"], 0, "{r}");
+        assert_eq!(r.foreign, 0, "{r:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -688,7 +676,10 @@ mod tests {
             "steps": [{"rate": 10000, "p99_ms": 4.0}]});
         let pushpin = json!({"peer": "pushpin", "max_sustained_rate": null, "steps": []});
         let skipped = json!({"peer": "other", "skipped": "not installed"});
-        let r = ratios(&[ours, nchan, pushpin, skipped]);
+        let results: Vec<PeerResult<Push>> =
+            serde_json::from_value(json!([ours, nchan, pushpin, skipped])).expect("reads");
+        assert_eq!(results[3].why(), Some("not installed"));
+        let r = ratios(&results);
         assert_eq!(
             r,
             vec![
@@ -706,7 +697,15 @@ mod tests {
             eprintln!("skipped: {why}");
             return;
         }
-        let r = system(Peer::Nchan, &args, &bin).await.expect("runs");
+        let opts = systems::Options {
+            max_conns: 20,
+            nchan_workers: 1,
+            pushpin_message_rate: 2500,
+            server_bin: bin,
+            server_args: Vec::new(),
+        };
+        let running = systems::start(Peer::Nchan, &opts).await.expect("starts");
+        let r = measure(running, &args).await.expect("runs");
         check(&r, 2);
     }
 }

@@ -36,18 +36,15 @@ use push_lib::{Envelope, KafkaConfig, PushClient};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
 
 use crate::admin;
-use crate::hold::SPARE_FDS;
-use crate::idle_memory::wait_healthy;
-use crate::receive::now_us;
+use crate::hold::{Connected, Reporter, SPARE_FDS};
+use crate::receive::{now_us, Report};
 use crate::redis::RedisProc;
 use crate::sys::{self, round2, CpuMeter};
-
-/// Secret shared by the nodes and the receiver (any value of 16 bytes or more works).
-const SECRET: &str = "bench-pipeline-secret-0123456789";
+use crate::systems::{self, Peer, Running, SECRET};
 
 /// The nodes' `--admin-token`, which the processors present on the deliver endpoint.
 const ADMIN_TOKEN: &str = "bench-pipeline-admin-token";
@@ -131,14 +128,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    let failed = runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = scenario(args) => r,
-            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
-            _ = term.recv() => bail!("terminated"),
-        }
-    })?;
+    let failed = runtime.block_on(crate::until_signal(scenario(args)))?;
     // Leaving `block_on` dropped the scenario and with it every child (`kill_on_drop`).
     if failed > 0 {
         bail!("{failed} run(s) lost messages (see the table)");
@@ -229,15 +219,7 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
     if let Some(&m) = args.processors.iter().find(|&&m| m == 0) {
         bail!("--processors {m}: each count must be at least 1");
     }
-    let needed = args.users as u64 + SPARE_FDS;
-    let limit = sys::nofile_limit();
-    if needed > limit {
-        bail!(
-            "{} users need about {needed} open files in the receiver, above the limit of {limit}; \
-             run fewer users (see DESIGN.md, Measuring)",
-            args.users
-        );
-    }
+    sys::check_files(args.users as u64 + SPARE_FDS, "the receiver's connections")?;
     let bench_bin = std::env::current_exe().context("cannot find the bench binary")?;
     let bin_dir = match &args.bin_dir {
         Some(d) => d.clone(),
@@ -273,57 +255,57 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
     // The registry and the two nodes.
     let redis = RedisProc::start().await?;
     let registry = format!("redis://{}", redis.addr());
-    let mut nodes = Vec::new();
+    let mut nodes: Vec<Running> = Vec::new();
     for name in ["node-a", "node-b"] {
-        nodes.push(start_node(&server_bin, name, &registry, args.users, &args.server_args).await?);
+        let mut server_args: Vec<String> = ["--node-id", name, "--registry", &registry]
+            .into_iter()
+            .chain(["--admin-token", ADMIN_TOKEN])
+            .map(str::to_owned)
+            .collect();
+        server_args.extend(args.server_args.iter().cloned());
+        let opts = systems::Options {
+            max_conns: args.users,
+            nchan_workers: 1,
+            pushpin_message_rate: 0,
+            server_bin: server_bin.clone(),
+            server_args,
+        };
+        nodes.push(systems::start(Peer::PushServer, &opts).await?);
     }
     eprintln!(
         "registry {registry}; nodes {} and {}",
-        nodes[0].client, nodes[1].client
+        nodes[0].addr, nodes[1].addr
     );
 
     // The receiver.
     let hold_secs = args.deadline_secs * (args.processors.len() as u64 + 1) * 3 + 300;
-    let mut receiver = Command::new(&bench_bin);
-    receiver
-        .arg("receive")
-        .args(
-            nodes
-                .iter()
-                .flat_map(|n| ["--server".to_owned(), n.client.to_string()]),
-        )
-        .arg("--users")
-        .arg(args.users.to_string())
-        .arg("--sources")
-        .arg(args.sources.to_string())
-        .args(["--secret", SECRET])
-        .arg("--hold-secs")
-        .arg(hold_secs.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
-    let mut receiver = receiver.spawn().context("cannot start `bench receive`")?;
-    let receiver_pid = receiver.id().context("bench receive exited at once")?;
-    let mut to_receiver = receiver.stdin.take().context("receiver stdin")?;
-    let mut from_receiver =
-        BufReader::new(receiver.stdout.take().context("receiver stdout")?).lines();
+    let mut receiver_args = vec!["receive".to_owned()];
+    for n in &nodes {
+        receiver_args.extend(["--server".to_owned(), n.addr.to_string()]);
+    }
+    for (flag, value) in [
+        ("--users", args.users.to_string()),
+        ("--sources", args.sources.to_string()),
+        ("--secret", SECRET.to_owned()),
+        ("--hold-secs", hold_secs.to_string()),
+    ] {
+        receiver_args.extend([flag.to_owned(), value]);
+    }
+    let mut receiver = Reporter::spawn("bench receive", &receiver_args)?;
+    let receiver_pid = receiver.pid;
     let connect_budget = Duration::from_secs(60) + Duration::from_millis(10 * args.users as u64);
-    let report = tokio::time::timeout(connect_budget, next_event(&mut from_receiver, "connected"))
-        .await
-        .with_context(|| format!("the receiver did not report within {connect_budget:?}"))??;
-    if report["failed"].as_u64() != Some(0) || report["ok"].as_u64() != Some(args.users as u64) {
+    let report: Connected = receiver.next("connected", connect_budget).await?;
+    if report.failed != 0 || report.ok != args.users as u64 {
         bail!(
-            "{} of {} connections failed: {}",
-            report["failed"],
+            "{} of {} connections failed: {:?}",
+            report.failed,
             args.users,
-            report["errors"]
+            report.errors
         );
     }
     eprintln!(
         "{} users connected in {:.1} s",
-        args.users,
-        report["connect_secs"].as_f64().unwrap_or(f64::NAN)
+        args.users, report.connect_secs
     );
 
     let stamp = push_registry::now_ms();
@@ -350,10 +332,6 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
         )
         .await?;
 
-        let mut io = ReceiverIo {
-            to: &mut to_receiver,
-            from: &mut from_receiver,
-        };
         let send = SendPlan {
             args: &args,
             brokers: &brokers,
@@ -367,11 +345,11 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
             run_id += 1;
             let (sent, _) = send.send(run_id, args.warmup.min(args.messages)).await?;
             let deadline = Instant::now() + Duration::from_secs(args.deadline_secs);
-            let r = io.wait_for(run_id, sent, deadline).await?;
-            if r["received"].as_u64() != Some(sent) {
+            let r = wait_for(&mut receiver, run_id, sent, deadline).await?;
+            if r.received != sent {
                 bail!(
                     "warm-up with {m} processors: {} of {sent} arrived",
-                    r["received"]
+                    r.received
                 );
             }
         }
@@ -386,9 +364,7 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
             procs.push(("redis".into(), pid));
         }
         for (i, n) in nodes.iter().enumerate() {
-            if let Some(pid) = n.child.id() {
-                procs.push((format!("push-server {i}"), pid));
-            }
+            procs.push((format!("push-server {i}"), n.procs[0].1));
         }
         for (i, p) in processors.iter().enumerate() {
             if let Some(pid) = p.child.id() {
@@ -403,10 +379,10 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
         let first_send_us = now_us();
         let (sent, send_secs) = send.send(run_id, args.messages).await?;
         let deadline = Instant::now() + Duration::from_secs(args.deadline_secs);
-        let mut report = io.wait_for(run_id, sent, deadline).await?;
+        let mut report = wait_for(&mut receiver, run_id, sent, deadline).await?;
         let shares = cpu.stop();
         tokio::time::sleep(DUPLICATE_GRACE).await;
-        if let Ok(r) = io.report(run_id).await {
+        if let Ok(r) = ask(&mut receiver, run_id).await {
             report = r;
         }
         let (mut not_connected, mut dead_lettered) = (0.0, 0.0);
@@ -422,41 +398,35 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
             let _ = tokio::task::spawn_blocking(move || c.flush(Duration::from_secs(5))).await;
         }
 
-        let received = report["received"].as_u64().unwrap_or(0);
-        let last_us = report["last_us"].as_u64().unwrap_or(first_send_us);
+        let received = report.received;
+        let last_us = report.last_us.unwrap_or(first_send_us);
         let secs = last_us.saturating_sub(first_send_us) as f64 / 1e6;
-        let ms = |k: &str| {
-            report[k]
-                .as_f64()
-                .map_or(f64::NAN, |us| round2(us / 1000.0))
-        };
+        let ms = |us: Option<u64>| us.map_or(f64::NAN, |us| round2(us as f64 / 1000.0));
         let result = RunResult {
             processors: m,
             topic,
             sent,
             send_failed: args.messages - sent,
             received,
-            duplicates: report["duplicates"].as_u64().unwrap_or(0),
-            out_of_order: report["out_of_order"].as_u64().unwrap_or(0),
+            duplicates: report.duplicates,
+            out_of_order: report.out_of_order,
             lost: sent.saturating_sub(received),
             secs: round2(secs),
             msgs_per_s: (received as f64 / secs.max(1e-9)).round(),
             send_secs: round2(send_secs),
-            p50_ms: ms("p50_us"),
-            p99_ms: ms("p99_us"),
-            max_ms: ms("max_us"),
+            p50_ms: ms(report.p50_us),
+            p99_ms: ms(report.p99_us),
+            max_ms: ms(report.max_us),
             cpu_cores: group_shares(&shares),
             not_connected,
             dead_lettered,
-            conn_seq_regressions: report["conn_seq_regressions"].as_u64().unwrap_or(0),
+            conn_seq_regressions: report.conn_seq_regressions as u64,
         };
         eprintln!("{}", row(&result));
         results.push(result);
     }
 
-    drop(to_receiver);
-    let _ = receiver.start_kill();
-    let _ = receiver.wait().await;
+    receiver.finish::<Value>().await;
     drop(nodes);
     drop(redis);
 
@@ -579,91 +549,35 @@ fn push_send_sent(line: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// The receiver's pipes.
-struct ReceiverIo<'a> {
-    to: &'a mut ChildStdin,
-    from: &'a mut Lines<BufReader<ChildStdout>>,
+/// Asks the receiver for its report on `run`.
+async fn ask(receiver: &mut Reporter, run: u32) -> anyhow::Result<Report> {
+    receiver.send(&format!("report {run}")).await?;
+    receiver.next("report", Duration::from_secs(10)).await
 }
 
-impl ReceiverIo<'_> {
-    async fn report(&mut self, run: u32) -> anyhow::Result<Value> {
-        self.to
-            .write_all(format!("report {run}\n").as_bytes())
-            .await
-            .context("the receiver is gone")?;
-        tokio::time::timeout(Duration::from_secs(10), next_event(self.from, "report"))
-            .await
-            .context("the receiver did not answer within 10 s")?
-    }
-
-    /// Polls until `expected` distinct messages of `run` arrived or `deadline` passes;
-    /// returns the last report either way.
-    async fn wait_for(
-        &mut self,
-        run: u32,
-        expected: u64,
-        deadline: Instant,
-    ) -> anyhow::Result<Value> {
-        loop {
-            let r = self.report(run).await?;
-            let received = r["received"].as_u64().unwrap_or(0);
-            if received >= expected || Instant::now() > deadline {
-                if received < expected {
-                    eprintln!(
-                        "deadline passed: {received} of {expected} messages of run {run} arrived"
-                    );
-                }
-                return Ok(r);
+/// Polls until `expected` distinct messages of `run` arrived or `deadline` passes; returns
+/// the last report either way.
+async fn wait_for(
+    receiver: &mut Reporter,
+    run: u32,
+    expected: u64,
+    deadline: Instant,
+) -> anyhow::Result<Report> {
+    loop {
+        let r = ask(receiver, run).await?;
+        if r.received >= expected || Instant::now() > deadline {
+            if r.received < expected {
+                eprintln!(
+                    "deadline passed: {} of {expected} messages of run {run} arrived",
+                    r.received
+                );
             }
-            // 50 ms: fine enough that the run's end is not blurred (the end time is the
-            // receiver's own last-arrival timestamp anyway), cheap for the receiver.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            return Ok(r);
         }
+        // 50 ms: fine enough that the run's end is not blurred (the end time is the
+        // receiver's own last-arrival timestamp anyway), cheap for the receiver.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// A push-server child.
-#[derive(Debug)]
-struct Node {
-    child: Child,
-    client: SocketAddr,
-}
-
-async fn start_node(
-    bin: &Path,
-    name: &str,
-    registry: &str,
-    users: usize,
-    extra: &[String],
-) -> anyhow::Result<Node> {
-    let client = SocketAddr::from((Ipv4Addr::LOCALHOST, sys::free_port()?));
-    let admin_addr = loop {
-        let port = sys::free_port()?;
-        if port != client.port() {
-            break SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        }
-    };
-    let mut child = Command::new(bin)
-        .arg("--listen")
-        .arg(client.to_string())
-        .arg("--admin-listen")
-        .arg(admin_addr.to_string())
-        .args(["--node-id", name, "--registry", registry])
-        .args(["--auth-secret", SECRET, "--admin-token", ADMIN_TOKEN])
-        .args(["--per-ip-rate", "0"])
-        .args(["--max-pending-per-ip", "0", "--max-connections-per-ip", "0"])
-        .arg("--max-connections")
-        .arg((users + 1000).to_string())
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    wait_healthy(&mut child, admin_addr).await?;
-    Ok(Node { child, client })
 }
 
 /// A msg-processor child.
@@ -889,20 +803,6 @@ fn table(results: &[RunResult], args: &Args) -> String {
         }
     }
     out
-}
-
-/// Reads the receiver's stdout up to the JSON line whose `event` is `event`.
-async fn next_event(
-    lines: &mut Lines<BufReader<ChildStdout>>,
-    event: &str,
-) -> anyhow::Result<Value> {
-    while let Some(line) = lines.next_line().await? {
-        match serde_json::from_str::<Value>(&line) {
-            Ok(v) if v["event"] == event => return Ok(v),
-            _ => eprintln!("bench receive: {line}"),
-        }
-    }
-    bail!("the receiver exited before reporting `{event}` (its errors are above)")
 }
 
 #[cfg(test)]

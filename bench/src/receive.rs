@@ -18,21 +18,19 @@
 //! has no time placeholder: the latency is then taken from the millisecond timestamp in the
 //! first 48 bits of the push-lib message ID).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use push_proto::auth::Authenticator;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::{mpsc, Semaphore};
 
-use crate::hold::{self, Ended, Transport, SPARE_FDS};
+use crate::hold::{self, Ended, Tally, Transport, SPARE_FDS};
 use crate::sys;
 
 /// Arguments of `bench receive`.
@@ -66,18 +64,8 @@ pub struct Args {
 
 /// Runs `bench receive` on a multi-threaded runtime.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let limit = sys::nofile_limit();
-    if args.users as u64 + SPARE_FDS > limit {
-        bail!(
-            "{} connections need about {} open files; this process may open {limit}",
-            args.users,
-            args.users as u64 + SPARE_FDS
-        );
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
+    sys::check_files(args.users as u64 + SPARE_FDS, "the connections")?;
+    let runtime = crate::runtime(None)?;
     let result = runtime.block_on(receive(args));
     // The stdin reader is a blocking thread that may never return: do not wait for it.
     runtime.shutdown_background();
@@ -98,18 +86,6 @@ struct Payload {
     t: Option<u64>,
 }
 
-/// A server `message` frame, the fields the accounting needs.
-#[derive(Debug, Deserialize)]
-struct Frame {
-    #[serde(rename = "type")]
-    kind: String,
-    /// The server's per-connection message number.
-    id: Option<u64>,
-    /// The queue's message ID.
-    mid: Option<String>,
-    data: Option<Payload>,
-}
-
 /// One message, as the accounting sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Arrival {
@@ -122,42 +98,21 @@ pub struct Arrival {
 }
 
 /// One `message` as the client parsed it: its per-connection `id`, `mid` and `data`.
-fn arrival(id: u64, mid: Option<&str>, data: &str) -> anyhow::Result<Option<Arrival>> {
-    let payload: Payload = serde_json::from_str(data).context("data is not the expected JSON")?;
-    let frame = Frame {
-        kind: "message".into(),
-        id: Some(id),
-        mid: mid.map(str::to_owned),
-        data: Some(payload),
-    };
-    from_frame(frame)
-}
-
-/// Reads a `message` frame; `Ok(None)` for other frames (heartbeats as text, notices).
-#[cfg(test)]
-fn parse_frame(text: &[u8]) -> anyhow::Result<Option<Arrival>> {
-    let frame: Frame = serde_json::from_slice(text).context("frame is not the expected JSON")?;
-    from_frame(frame)
-}
-
-fn from_frame(frame: Frame) -> anyhow::Result<Option<Arrival>> {
-    if frame.kind != "message" {
-        return Ok(None);
-    }
-    let mid = frame.mid.context("message without `mid`")?;
-    let data = frame.data.context("message without `data`")?;
+fn arrival(id: u64, mid: Option<&str>, data: &str) -> anyhow::Result<Arrival> {
+    let data: Payload = serde_json::from_str(data).context("data is not the expected JSON")?;
+    let mid = mid.context("message without `mid`")?.to_owned();
     let seq = data
         .s
         .or(data.n)
         .context("payload has neither `s` nor `n`")?;
     let sent_us = data.t.or_else(|| id_millis(&mid).map(|ms| ms * 1000));
-    Ok(Some(Arrival {
-        conn_seq: frame.id,
+    Ok(Arrival {
+        conn_seq: Some(id),
         mid,
         run: data.r,
         seq,
         sent_us,
-    }))
+    })
 }
 
 /// The creation time in a push-lib generated message ID: 32 hex digits whose first 12 are
@@ -277,107 +232,94 @@ struct Shared {
     closed: AtomicUsize,
 }
 
+/// `bench receive`'s answer to `report <run>`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Report {
+    /// The run asked about.
+    pub run: u32,
+    /// Distinct messages of the run.
+    pub received: u64,
+    /// Redeliveries that got through.
+    pub duplicates: u64,
+    /// Messages that came before one sent earlier, per user.
+    pub out_of_order: u64,
+    /// Arrivals without a send time.
+    pub untimed: u64,
+    /// Latency, send → receipt, µs.
+    pub p50_us: Option<u64>,
+    /// Latency, µs.
+    pub p99_us: Option<u64>,
+    /// Latency, µs.
+    pub max_us: Option<u64>,
+    /// First arrival, µs since the Unix epoch.
+    pub first_us: Option<u64>,
+    /// Last arrival, µs since the Unix epoch.
+    pub last_us: Option<u64>,
+    /// Messages that were not the expected JSON, all runs.
+    pub bad_frames: usize,
+    /// Connections closed, all runs.
+    pub closed: usize,
+    /// Times a server's per-connection `id` did not grow (counted when a connection ends).
+    pub conn_seq_regressions: usize,
+}
+
 async fn receive(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
-    let deadline = tokio::time::sleep(Duration::from_secs(args.hold_secs));
-    tokio::pin!(deadline);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.hold_secs);
     let auth = Authenticator::new(args.secret.as_bytes(), false);
-    // Bounded so that the nodes' accept queues are not what is measured, and so that a
-    // failure shows up early instead of as 10,000 timeouts.
-    let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
-    let (results, mut connected) = mpsc::unbounded_channel::<Result<(), String>>();
     let shared = Arc::new(Shared::default());
     let heartbeats = Arc::new(AtomicUsize::new(0));
-    let connect_timeout = Duration::from_secs(args.connect_timeout_secs);
+    let timeout = Duration::from_secs(args.connect_timeout_secs);
     let token_ttl = Duration::from_secs(args.hold_secs + 3600);
-
-    for i in 0..args.users {
-        let token = auth.mint(&format!("{}{i}", args.user_prefix), Some("d"), token_ttl);
-        let source = IpAddr::V4(Ipv4Addr::new(
-            127,
-            0,
-            0,
-            2 + (i % usize::from(args.sources)) as u8,
-        ));
-        let server = args.servers[i % args.servers.len()];
-        let (permits, results, shared, heartbeats) = (
-            permits.clone(),
-            results.clone(),
-            shared.clone(),
-            heartbeats.clone(),
-        );
-        tokio::spawn(async move {
-            let permit = permits.acquire_owned().await;
-            let opened =
-                loadtest::conn::open(source, server, Transport::Ws, &token, None, connect_timeout)
-                    .await;
-            drop(permit);
-            let conn = match opened {
-                Ok(conn) => conn,
-                Err(e) => {
-                    let _ = results.send(Err(format!("{e:#}")));
-                    return;
-                }
-            };
-            let _ = results.send(Ok(()));
-            drop(results);
-            let mut tracker = UserTracker::default();
-            let ended = hold::drive(conn, &heartbeats, |id, mid, data| {
-                let now = now_us();
-                match arrival(id, mid, data) {
-                    Ok(Some(a)) => {
-                        let seen = tracker.observe(&a);
-                        let mut runs = shared.runs.lock().expect("no panics under the lock");
-                        runs.entry(a.run)
-                            .or_insert_with(RunStats::new)
-                            .add(seen, a.sent_us, now);
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        // The first few say what is wrong; thousands more say nothing new.
-                        if shared.bad_frames.fetch_add(1, Ordering::Relaxed) < 5 {
-                            eprintln!("bench receive: {e:#}: {data}");
+    let (servers, prefix) = (args.servers.clone(), args.user_prefix.clone());
+    let sh = shared.clone();
+    let mut rx = hold::open_many(
+        args.users,
+        args.sources,
+        args.concurrency,
+        move |i, source| {
+            let token = auth.mint(&format!("{prefix}{i}"), Some("d"), token_ttl);
+            let server = servers[i % servers.len()];
+            async move {
+                loadtest::conn::open(source, server, Transport::Ws, &token, None, timeout).await
+            }
+        },
+        move |i, conn| {
+            let (shared, heartbeats) = (sh.clone(), heartbeats.clone());
+            async move {
+                let mut tracker = UserTracker::default();
+                let ended = hold::drive(conn, &heartbeats, |id, mid, data| {
+                    let now = now_us();
+                    match arrival(id, mid, data) {
+                        Ok(a) => {
+                            let seen = tracker.observe(&a);
+                            let mut runs = shared.runs.lock().expect("no panics under the lock");
+                            runs.entry(a.run)
+                                .or_insert_with(RunStats::new)
+                                .add(seen, a.sent_us, now);
+                        }
+                        Err(e) => {
+                            // The first few say what is wrong; thousands more say nothing new.
+                            if shared.bad_frames.fetch_add(1, Ordering::Relaxed) < 5 {
+                                eprintln!("bench receive: {e:#}: {data}");
+                            }
                         }
                     }
+                })
+                .await;
+                shared.closed.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .conn_seq_regressions
+                    .fetch_add(tracker.conn_seq_regressions as usize, Ordering::Relaxed);
+                if ended != Ended::Eof {
+                    eprintln!("bench receive: connection {i} ended: {ended:?}");
                 }
-            })
-            .await;
-            shared.closed.fetch_add(1, Ordering::Relaxed);
-            shared
-                .conn_seq_regressions
-                .fetch_add(tracker.conn_seq_regressions as usize, Ordering::Relaxed);
-            if ended != Ended::Eof {
-                eprintln!("bench receive: connection {i} ended: {ended:?}");
             }
-        });
-    }
-    drop(results);
-
-    let (mut ok, mut failed) = (0usize, 0usize);
-    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
-    while ok + failed < args.users {
-        tokio::select! {
-            r = connected.recv() => match r {
-                Some(Ok(())) => ok += 1,
-                Some(Err(e)) => {
-                    failed += 1;
-                    *errors.entry(e).or_default() += 1;
-                }
-                None => break,
-            },
-            () = &mut deadline => bail!("deadline passed with {ok} connected and {failed} failed"),
-        }
-    }
-    println!(
-        "{}",
-        json!({
-            "event": "connected",
-            "ok": ok,
-            "failed": failed,
-            "errors": errors,
-            "connect_secs": started.elapsed().as_secs_f64(),
-        })
+        },
     );
+    let t = Tally::collect(&mut rx, args.users, started, deadline).await?;
+    hold::report("connected", &t.connected(started));
 
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     loop {
@@ -386,7 +328,7 @@ async fn receive(args: Args) -> anyhow::Result<()> {
                 Ok(Some(line)) => line,
                 Ok(None) | Err(_) => break,
             },
-            () = &mut deadline => break,
+            () = tokio::time::sleep_until(deadline) => break,
         };
         let Some(run) = line
             .strip_prefix("report ")
@@ -395,30 +337,30 @@ async fn receive(args: Args) -> anyhow::Result<()> {
             eprintln!("bench receive: unknown command {line:?} (expected `report <run>`)");
             continue;
         };
-        let report = {
-            let runs = shared.runs.lock().expect("no panics under the lock");
-            match runs.get(&run) {
-                Some(s) => json!({
-                    "received": s.received,
-                    "duplicates": s.duplicates,
-                    "out_of_order": s.out_of_order,
-                    "untimed": s.untimed,
-                    "p50_us": s.latency_us.value_at_quantile(0.5),
-                    "p99_us": s.latency_us.value_at_quantile(0.99),
-                    "max_us": s.latency_us.max(),
-                    "first_us": s.first_us,
-                    "last_us": s.last_us,
-                }),
-                None => json!({ "received": 0, "duplicates": 0, "out_of_order": 0 }),
-            }
+        let mut report = Report {
+            run,
+            bad_frames: shared.bad_frames.load(Ordering::Relaxed),
+            closed: shared.closed.load(Ordering::Relaxed),
+            conn_seq_regressions: shared.conn_seq_regressions.load(Ordering::Relaxed),
+            ..Report::default()
         };
-        let mut report = report;
-        report["event"] = json!("report");
-        report["run"] = json!(run);
-        report["bad_frames"] = json!(shared.bad_frames.load(Ordering::Relaxed));
-        report["closed"] = json!(shared.closed.load(Ordering::Relaxed));
-        report["conn_seq_regressions"] = json!(shared.conn_seq_regressions.load(Ordering::Relaxed));
-        println!("{report}");
+        if let Some(s) = shared
+            .runs
+            .lock()
+            .expect("no panics under the lock")
+            .get(&run)
+        {
+            report.received = s.received;
+            report.duplicates = s.duplicates;
+            report.out_of_order = s.out_of_order;
+            report.untimed = s.untimed;
+            report.p50_us = Some(s.latency_us.value_at_quantile(0.5));
+            report.p99_us = Some(s.latency_us.value_at_quantile(0.99));
+            report.max_us = Some(s.latency_us.max());
+            report.first_us = Some(s.first_us);
+            report.last_us = Some(s.last_us);
+        }
+        hold::report("report", &report);
     }
     Ok(())
 }
@@ -456,26 +398,31 @@ mod tests {
 
     #[test]
     fn parses_the_benchs_and_push_sends_payloads() {
-        let bench =
-            br#"{"type":"message","id":4,"mid":"m1","data":{"r":2,"s":7,"t":1700000000000000}}"#;
+        let bench = r#"{"r":2,"s":7,"t":1700000000000000}"#;
         assert_eq!(
-            parse_frame(bench).unwrap(),
-            Some(Arrival {
+            super::arrival(4, Some("m1"), bench).unwrap(),
+            Arrival {
                 conn_seq: Some(4),
                 mid: "m1".into(),
                 run: 2,
                 seq: 7,
                 sent_us: Some(1_700_000_000_000_000),
-            })
+            }
         );
         // push-send: `--json --data '{"r":1,"n":{n}}'`; the time comes from the ID.
         let mid = format!("{:012x}{}", 1_700_000_000_123u64, "0".repeat(20));
-        let text = format!(r#"{{"type":"message","id":1,"mid":"{mid}","data":{{"r":1,"n":42}}}}"#);
-        let a = parse_frame(text.as_bytes()).unwrap().unwrap();
+        let a = super::arrival(1, Some(&mid), r#"{"r":1,"n":42}"#).unwrap();
         assert_eq!((a.run, a.seq), (1, 42));
         assert_eq!(a.sent_us, Some(1_700_000_000_123_000));
-        assert_eq!(parse_frame(br#"{"type":"reconnect"}"#).unwrap(), None);
-        assert!(parse_frame(br#"{"type":"message","id":1,"data":{"r":1,"s":1}}"#).is_err());
+        assert!(
+            super::arrival(1, None, r#"{"r":1,"s":1}"#).is_err(),
+            "no mid"
+        );
+        assert!(
+            super::arrival(1, Some("m"), r#"{"r":1}"#).is_err(),
+            "no sequence"
+        );
+        assert!(super::arrival(1, Some("m"), "hello").is_err(), "not JSON");
     }
 
     #[test]

@@ -1,27 +1,27 @@
 //! `redis-server` children for the scenarios: started on free ports without persistence, and
-//! killed when dropped (`kill_on_drop`), also when the scenario fails half-way.
+//! stopped when dropped ([`Tree`]), also when the scenario fails half-way.
 //!
 //! testkit does the same for tests, but blocking and panicking; a scenario runner wants
 //! errors it can report and a child the async runtime reaps.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
-use crate::sys;
+use crate::sys::{self, Tree};
 
 /// How long a fresh `redis-server` has to answer `PING`; it usually takes a few milliseconds.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One `redis-server` on `127.0.0.1:<port>`.
+/// One `redis-server` on `127.0.0.1:<port>`, stopped when dropped.
 #[derive(Debug)]
 pub struct RedisProc {
-    child: Child,
+    tree: Tree,
     /// Its port on 127.0.0.1.
     pub port: u16,
 }
@@ -42,38 +42,33 @@ impl RedisProc {
     }
 
     async fn start_on(port: u16) -> anyhow::Result<Self> {
-        let mut child = Command::new("redis-server")
-            .arg("--port")
-            .arg(port.to_string())
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--protected-mode", "no", "--daemonize", "no"])
-            // No dump file is ever written (`--save ""`), but keep redis out of the cwd.
-            .args(["--dir", "/tmp"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot run redis-server (Debian: apt-get install -y redis-server)")?;
-        let deadline = Instant::now() + START_TIMEOUT;
+        let mut tree = Tree::spawn(
+            "redis-server",
+            Command::new("redis-server")
+                .arg("--port")
+                .arg(port.to_string())
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--protected-mode", "no", "--daemonize", "no"])
+                // No dump file is ever written (`--save ""`), but keep redis out of the cwd.
+                .args(["--dir", "/tmp"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit()),
+        )
+        .context("is redis-server installed? (Debian: apt-get install -y redis-server)")?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        loop {
-            if let Some(status) = child.try_wait()? {
-                bail!("redis-server on port {port} exited with {status}");
-            }
-            if ping(addr).await.is_ok() {
-                return Ok(Self { child, port });
-            }
-            if Instant::now() > deadline {
-                bail!("redis-server on port {port} did not answer PING within {START_TIMEOUT:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("answering PING on {addr}");
+        tree.wait_ready(
+            &what,
+            START_TIMEOUT,
+            || async move { ping(addr).await.is_ok() },
+        )
+        .await?;
+        Ok(Self { tree, port })
     }
 
     /// Its process ID (for CPU readings).
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        Some(self.tree.pid)
     }
 
     /// `127.0.0.1:<port>`.

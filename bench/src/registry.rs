@@ -84,18 +84,7 @@ pub struct Args {
 /// Runs the benchmark on a multi-threaded runtime (the callers run in parallel, as in the
 /// processor); Ctrl-C or SIGTERM stop it and kill the redis-servers.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
-    runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = scenario(args) => r,
-            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
-            _ = term.recv() => bail!("terminated"),
-        }
-    })
+    crate::runtime(None)?.block_on(crate::until_signal(scenario(args)))
 }
 
 /// One run's figures by name (`single.lookup.p50_us`, `ratio.lookups_per_get`, …), so that

@@ -1,9 +1,15 @@
-//! Process facts from `/proc`, the open-files limit, and free local ports.
+//! The helpers every scenario shares: process facts from `/proc`, the open-files limit,
+//! free local ports and waiting for one to listen, child process trees stopped with their
+//! descendants ([`Tree`]), temporary directories ([`TempDir`]) and [`which`].
 
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+use rustix::process::{getrlimit, kill_process, setrlimit, Pid, Resource, Rlimit, Signal};
+use tokio::process::Command;
 
 /// Raises this process's soft open-files limit to its hard limit; returns the new soft limit.
 pub fn raise_nofile_limit() -> std::io::Result<u64> {
@@ -145,6 +151,29 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// Two distinct free ports on 127.0.0.1 (a server's client and admin ports).
+pub fn free_addr_pair() -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let a = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+    loop {
+        let port = free_port()?;
+        if port != a.port() {
+            return Ok((a, SocketAddr::from((Ipv4Addr::LOCALHOST, port))));
+        }
+    }
+}
+
+/// Fails unless `needed` open files fit under this process's limit; `what` says who needs them.
+pub fn check_files(needed: u64, what: &str) -> anyhow::Result<()> {
+    let limit = nofile_limit();
+    if needed > limit {
+        bail!(
+            "{what} need about {needed} open files per process, above the limit of {limit}; \
+             beyond that, run several server and client processes (see DESIGN.md, Measuring)"
+        );
+    }
+    Ok(())
+}
+
 /// The machine's CPU model and count, for the report.
 pub fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -265,6 +294,165 @@ pub fn median(values: &[f64]) -> f64 {
     } else {
         (v[mid - 1] + v[mid]) / 2.0
     }
+}
+
+/// A process started here, stopped with its descendants when dropped: SIGTERM to all, a
+/// short wait, then SIGKILL to whatever is left (nginx workers and Pushpin's services do not
+/// die with a SIGKILLed parent, so `kill_on_drop` alone would leave them behind).
+#[derive(Debug)]
+pub struct Tree {
+    name: &'static str,
+    child: tokio::process::Child,
+    /// The process's pid.
+    pub pid: u32,
+}
+
+impl Tree {
+    /// Starts `cmd` (stdin closed) under `name`.
+    pub fn spawn(name: &'static str, cmd: &mut Command) -> anyhow::Result<Self> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        let pid = child
+            .id()
+            .with_context(|| format!("{name} exited at once"))?;
+        Ok(Self { name, child, pid })
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Polls `ready` every 50 ms until it says yes; fails if the process exits first or
+    /// `timeout` passes. `what` names the state awaited, for the error.
+    pub async fn wait_ready<F: std::future::Future<Output = bool>>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut ready: impl FnMut() -> F,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                bail!("{} exited with {status} before {what}", self.name);
+            }
+            if ready().await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} was not {what} within {timeout:?}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until something accepts TCP on `addr`.
+    pub async fn wait_listening(
+        &mut self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let what = format!("listening on {addr}");
+        self.wait_ready(&what, timeout, || async move {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+        })
+        .await
+    }
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        let mut pids: Vec<u32> = descendants(self.pid).into_iter().map(|(p, _)| p).collect();
+        pids.push(self.pid);
+        let signal = |pids: &[u32], sig: Signal| {
+            for &p in pids {
+                if let Some(pid) = Pid::from_raw(p as i32) {
+                    let _ = kill_process(pid, sig);
+                }
+            }
+        };
+        signal(&pids, Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            let _ = self.child.try_wait();
+            if pids
+                .iter()
+                .all(|p| !Path::new(&format!("/proc/{p}")).exists() || is_zombie(*p))
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        signal(&pids, Signal::KILL);
+        let _ = self.child.try_wait();
+        eprintln!(
+            "stopped {} (pid {}) and {} descendants",
+            self.name,
+            self.pid,
+            pids.len() - 1
+        );
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .map(|i| s[i + 1..].trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// A temporary directory, removed when dropped.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A fresh `bench-<prefix>-<pid>` under the system's temporary directory.
+    pub fn new(prefix: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("bench-{prefix}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The first `name` on `PATH` (or in /usr/sbin, where nginx lives).
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A port free on every address (condure binds 0.0.0.0) and below the ephemeral range, so
+/// that no client socket of an earlier run (in TIME_WAIT on 127.0.0.x) holds it.
+pub fn free_port_below_ephemeral() -> anyhow::Result<u16> {
+    let start = 20_000 + (std::process::id() % 5_000) as u16;
+    (start..32_000)
+        .chain(20_000..start)
+        .find(|&p| std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, p)).is_ok())
+        .context("no free port in 20000..32000")
+}
+
+/// Memory of a set of labelled processes; a process that cannot be read is left out.
+pub fn memories(procs: &[(String, u32)]) -> Vec<(String, u32, Memory)> {
+    procs
+        .iter()
+        .filter_map(|(label, pid)| memory(*pid).ok().map(|m| (label.clone(), *pid, m)))
+        .collect()
 }
 
 #[cfg(test)]

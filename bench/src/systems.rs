@@ -18,6 +18,9 @@
 //! Nothing is installed here: [`missing`] says why a peer cannot run, and the scenarios
 //! skip it with that line. Every process started is stopped (SIGTERM, then SIGKILL, with
 //! its descendants) when its [`Running`] is dropped, on error too.
+//!
+//! [`start`] with [`Peer::PushServer`] is the one push-server launcher of the bench: the
+//! idle-memory, side-by-side and pipeline scenarios all start their nodes through it.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -28,15 +31,21 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use loadtest::conn::{self, Conn, Transport};
 use push_proto::auth::Authenticator;
-use rustix::process::{kill_process, Pid, Signal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
 
-use crate::sys::{self, Memory};
+use crate::sys::{self, which, TempDir, Tree};
 
-/// Secret shared by push-server and its subscribers (32 characters; any value works).
+/// Secret shared by push-server and its clients (32 characters; any value works).
 pub const SECRET: &str = "bench-side-by-side-secret-012345";
+
+/// The heartbeat push-server runs with: on, at the production default, so that an idle
+/// connection pays for whatever heartbeats cost.
+const HEARTBEAT: &str = "30s";
+
+/// How long push-server has to answer `/healthz` after it starts.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Pushpin's HTTP publish API: `push_in_http_addr` and `push_in_http_port` of the
 /// package's pushpin.conf (left as they are: one Pushpin runs at a time).
@@ -231,13 +240,8 @@ pub async fn start(peer: Peer, opts: &Options) -> anyhow::Result<Running> {
 }
 
 async fn start_push_server(opts: &Options) -> anyhow::Result<Running> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, sys::free_port()?));
-    let admin = loop {
-        let port = sys::free_port()?;
-        if port != addr.port() {
-            break SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        }
-    };
+    let (addr, admin) = sys::free_addr_pair()?;
+    let max = (opts.max_conns + 1000).to_string();
     eprintln!(
         "starting {} on {addr} (admin {admin})",
         opts.server_bin.display()
@@ -251,35 +255,25 @@ async fn start_push_server(opts: &Options) -> anyhow::Result<Running> {
             .arg(admin.to_string())
             .args(["--auth-secret", SECRET, "--per-ip-rate", "0"])
             .args(["--max-pending-per-ip", "0", "--max-connections-per-ip", "0"])
-            .arg("--max-connections")
-            .arg((opts.max_conns + 1000).to_string())
-            .args(["--heartbeat-interval", "30s"])
+            .args(["--max-connections", &max, "--heartbeat-interval", HEARTBEAT])
             .args(&opts.server_args)
+            // Warnings (accept errors, say) still reach the terminal; per-connection logs do not.
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit()),
     )?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = tree.exited() {
-            bail!("push-server exited with {status} before it was healthy");
-        }
-        if let Ok((200, _)) = crate::admin::get(admin, "/healthz").await {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("push-server did not answer /healthz on {admin} within 15 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("healthy (/healthz on {admin})");
+    tree.wait_ready(&what, STARTUP_TIMEOUT, || async move {
+        matches!(crate::admin::get(admin, "/healthz").await, Ok((200, _)))
+    })
+    .await?;
     Ok(Running {
         peer: Peer::PushServer,
         addr,
         publish: admin,
         procs: vec![("push-server".into(), tree.pid)],
         config: format!(
-            "--per-ip-rate 0 --max-connections {} --heartbeat-interval 30s {}",
-            opts.max_conns + 1000,
+            "--per-ip-rate 0 --max-connections {max} --heartbeat-interval {HEARTBEAT} {}",
             opts.server_args.join(" ")
         )
         .trim()
@@ -357,7 +351,7 @@ http {{
             .stdout(Stdio::null())
             .stderr(Stdio::inherit()),
     )?;
-    if let Err(e) = wait_listening(addr, &mut tree, Duration::from_secs(10)).await {
+    if let Err(e) = tree.wait_listening(addr, Duration::from_secs(10)).await {
         let log = std::fs::read_to_string(dir.0.join("error.log")).unwrap_or_default();
         bail!("{e:#}; error.log: {}", log.trim());
     }
@@ -426,7 +420,7 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
     )?;
 
     // pushpin: the package's config with our port, run and log directories, and routes.
-    let port = free_port_below_ephemeral()?;
+    let port = sys::free_port_below_ephemeral()?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     for sub in ["run", "log"] {
         std::fs::create_dir_all(dir.0.join(sub))?;
@@ -493,7 +487,7 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
         backend: Some(backend_task),
         _dir: None,
     };
-    if let Err(e) = wait_listening(addr, &mut tree, Duration::from_secs(20)).await {
+    if let Err(e) = tree.wait_listening(addr, Duration::from_secs(20)).await {
         let log = std::fs::read_to_string(&out_path).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(8).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
@@ -530,182 +524,13 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
         }
     }
     // The publish API too.
-    wait_listening(
-        PUSHPIN_PUBLISH,
-        &mut running.trees[0],
-        Duration::from_secs(10),
-    )
-    .await?;
+    running.trees[0]
+        .wait_listening(PUSHPIN_PUBLISH, Duration::from_secs(10))
+        .await?;
     if let Some(status) = running.trees[1].exited() {
         bail!("zurl exited with {status}");
     }
     Ok(running)
-}
-
-/// A process started here, stopped with its descendants when dropped: SIGTERM to all, a
-/// short wait, then SIGKILL to whatever is left (nginx workers and Pushpin's services do not
-/// die with a SIGKILLed parent, so `kill_on_drop` alone would leave them behind).
-#[derive(Debug)]
-pub struct Tree {
-    name: &'static str,
-    child: tokio::process::Child,
-    /// The process's pid.
-    pub pid: u32,
-}
-
-impl Tree {
-    pub fn spawn(name: &'static str, cmd: &mut Command) -> anyhow::Result<Self> {
-        let child = cmd
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        let pid = child
-            .id()
-            .with_context(|| format!("{name} exited at once"))?;
-        Ok(Self { name, child, pid })
-    }
-
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-}
-
-impl Drop for Tree {
-    fn drop(&mut self) {
-        let mut pids: Vec<u32> = sys::descendants(self.pid)
-            .into_iter()
-            .map(|(p, _)| p)
-            .collect();
-        pids.push(self.pid);
-        let signal = |pids: &[u32], sig: Signal| {
-            for &p in pids {
-                if let Some(pid) = Pid::from_raw(p as i32) {
-                    let _ = kill_process(pid, sig);
-                }
-            }
-        };
-        signal(&pids, Signal::TERM);
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            let _ = self.child.try_wait();
-            if pids
-                .iter()
-                .all(|p| !Path::new(&format!("/proc/{p}")).exists() || is_zombie(*p))
-            {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        signal(&pids, Signal::KILL);
-        let _ = self.child.try_wait();
-        eprintln!(
-            "stopped {} (pid {}) and {} descendants",
-            self.name,
-            self.pid,
-            pids.len() - 1
-        );
-    }
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rfind(')')
-                .map(|i| s[i + 1..].trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
-}
-
-/// A temporary directory, removed when dropped.
-#[derive(Debug)]
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(prefix: &str) -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("bench-{prefix}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// One system's part of a scenario, bounded by `budget`: its result, or a result that says
-/// why it has none (the error, or the budget), so that the other systems still run.
-pub async fn bounded(
-    peer: Peer,
-    budget: std::time::Duration,
-    work: impl std::future::Future<Output = anyhow::Result<serde_json::Value>>,
-) -> serde_json::Value {
-    match tokio::time::timeout(budget, work).await {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            eprintln!("{}: failed: {e:#}", peer.as_str());
-            serde_json::json!({"peer": peer.as_str(), "error": format!("{e:#}")})
-        }
-        Err(_) => {
-            serde_json::json!({"peer": peer.as_str(), "error": format!("did not finish within {budget:?}")})
-        }
-    }
-}
-
-/// The first `name` on `PATH` (or in /usr/sbin, where nginx lives).
-pub fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// A port free on every address (condure binds 0.0.0.0) and below the ephemeral range, so
-/// that no client socket of an earlier run (in TIME_WAIT on 127.0.0.x) holds it.
-pub fn free_port_below_ephemeral() -> anyhow::Result<u16> {
-    let start = 20_000 + (std::process::id() % 5_000) as u16;
-    (start..32_000)
-        .chain(20_000..start)
-        .find(|&p| std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, p)).is_ok())
-        .context("no free port in 20000..32000")
-}
-
-/// Waits until something accepts TCP on `addr`.
-pub async fn wait_listening(
-    addr: SocketAddr,
-    tree: &mut Tree,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = tree.exited() {
-            bail!(
-                "{} exited with {status} before listening on {addr}",
-                tree.name
-            );
-        }
-        if TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{} did not listen on {addr} within {timeout:?}", tree.name);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Memory of a set of labelled processes; a process that cannot be read is left out.
-pub fn memories(procs: &[(String, u32)]) -> Vec<(String, u32, Memory)> {
-    procs
-        .iter()
-        .filter_map(|(label, pid)| sys::memory(*pid).ok().map(|m| (label.clone(), *pid, m)))
-        .collect()
 }
 
 /// The nchan module: the `load_module` line of /etc/nginx/modules-enabled, or the file in

@@ -1,0 +1,532 @@
+//! Idle memory per connection, three ways, one measurement ([`measure`]):
+//! - `bench idle-memory`: push-server alone, strict: every connection must open, and the
+//!   server's `push_connections_open` gauge must show all of them before and after the
+//!   settle;
+//! - `bench peers-idle`: push-server, Nchan and Pushpin side by side, one server process
+//!   each (Nchan with one worker, so that the figure is one worker's plus the master);
+//! - `bench idle-scale`: 100,000 connections, which on this machine (20,000 open files per
+//!   process) takes several push-server processes (`--nodes`, each its own node) or several
+//!   Nchan workers (`listen … reuseport`), and several client processes.
+//!
+//! The measurement: start the servers ([`crate::systems`]), read their RSS
+//! (`/proc/<pid>/status`), open the connections from `bench hold` processes (at most
+//! [`PER_HOLDER`] each; push-server with tokens, the peers at `/sub/h<holder>u<i>`), let
+//! them settle, read the RSS again. (after − before) ÷ connections held is the cost of one
+//! idle connection. Every process started is stopped when the run ends, on error too.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::hold::{spawn_holder, Connected, Done, HoldPlan, Present, Transport, SPARE_FDS};
+use crate::side::{self, CommonArgs, PeerResult, PeersArg, Plan};
+use crate::sys;
+use crate::systems::{self, Peer, Running, SECRET};
+
+/// Connections one hold process takes (below the 20,000 open files, with room to spare).
+const PER_HOLDER: usize = 18_000;
+
+/// How long push-server's gauge has to reach N once the hold processes report all connected.
+const GAUGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Arguments of `bench idle-memory` (`--transport` is required there).
+#[derive(Debug, clap::Args)]
+pub struct MemoryArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Idle connections to hold (one process each side: at most ~19,900 here).
+    #[arg(long, default_value_t = 15_000)]
+    conns: usize,
+    /// Seconds to wait after all connections are open before reading the RSS.
+    #[arg(long, default_value_t = 5)]
+    settle_secs: u64,
+    /// Extra argument for push-server, repeatable, e.g. `--server-arg=--registry=redis://127.0.0.1:6379`.
+    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
+    server_args: Vec<String>,
+}
+
+/// Arguments of `bench peers-idle`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PeersArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub peers: PeersArg,
+    /// Idle connections to hold on each server (one client process: at most ~19,900).
+    #[arg(long, default_value_t = 15_000)]
+    pub conns: usize,
+    /// Connection attempts in flight at once for Pushpin: a gentle ramp (DESIGN.md, Measuring).
+    #[arg(long, default_value_t = 64)]
+    pub pushpin_concurrency: usize,
+    /// Seconds to wait after the connections are open before reading the RSS.
+    #[arg(long, default_value_t = 5)]
+    pub settle_secs: u64,
+}
+
+/// Arguments of `bench idle-scale`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ScaleArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub peers: PeersArg,
+    /// Connections in all.
+    #[arg(long, default_value_t = 100_000)]
+    pub conns: usize,
+    /// push-server processes.
+    #[arg(long, default_value_t = 6)]
+    pub nodes: usize,
+    /// Nchan's worker processes.
+    #[arg(long, default_value_t = 7)]
+    pub nchan_workers: u32,
+    /// Seconds to wait after every connection is open before reading the RSS.
+    #[arg(long, default_value_t = 5)]
+    pub settle_secs: u64,
+}
+
+/// One system's idle memory.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Idle {
+    /// Transport of the connections.
+    pub transport: Option<Transport>,
+    /// Connections asked for.
+    pub attempted: usize,
+    /// Connections open when the RSS was read (closes are counted until the holders stop,
+    /// after that reading, so this is a lower bound; idle-memory checks the server's gauge).
+    pub held: u64,
+    /// Connections that did not open.
+    pub failed: u64,
+    /// Why, error kind → count, per hold process.
+    pub errors: Value,
+    /// Closed by the server while held.
+    pub closed_during_hold: u64,
+    /// Heartbeats the clients saw (with a settle above the heartbeat interval, every
+    /// connection has had one).
+    pub heartbeats_seen: u64,
+    /// push-server's heartbeat interval.
+    pub heartbeat_interval: Option<String>,
+    /// Server processes measured.
+    pub server_processes: usize,
+    /// The servers' own count while held: push-server's gauges summed, Nchan's stub status.
+    pub server_count: Value,
+    /// Per process: memory before and after.
+    pub processes: Value,
+    /// RSS of the server processes together, before the clients.
+    pub rss_before_kib: u64,
+    /// RSS of the server processes together, after the settle.
+    pub rss_after_kib: u64,
+    /// The figure: RSS growth ÷ connections held.
+    pub kib_per_conn: f64,
+    /// Anonymous memory (heap, stacks) growth ÷ connections held.
+    pub anon_kib_per_conn: f64,
+    /// RSS of the hold processes together.
+    pub hold_rss_kib: Option<u64>,
+    /// The clients' RSS ÷ connections opened.
+    pub hold_kib_per_conn: Option<f64>,
+    /// Until every connection opened or failed.
+    pub connect_secs: Option<f64>,
+    /// Connects in flight per hold process.
+    pub concurrency: usize,
+    /// What was changed from the system's defaults.
+    pub config: String,
+    /// push-server's KiB per connection over this peer's (peers-idle).
+    pub push_server_over_peer: Option<f64>,
+}
+
+impl Idle {
+    /// The human line.
+    pub fn line(&self) -> String {
+        format!(
+            "{} held ({} failed) over {} process(es), RSS {} -> {} KiB = {:.2} KiB/conn \
+             (anon {:.2}); clients {} KiB; heartbeats seen {}; server count {}",
+            self.held,
+            self.failed,
+            self.server_processes,
+            self.rss_before_kib,
+            self.rss_after_kib,
+            self.kib_per_conn,
+            self.anon_kib_per_conn,
+            self.hold_rss_kib.unwrap_or_default(),
+            self.heartbeats_seen,
+            self.server_count,
+        )
+    }
+}
+
+/// One measurement's set-up.
+#[derive(Debug, Clone)]
+struct Setup {
+    peer: Peer,
+    conns: usize,
+    /// push-server processes (the peers run one, with `nchan_workers` workers for Nchan).
+    nodes: usize,
+    nchan_workers: u32,
+    transport: Transport,
+    sources: u8,
+    concurrency: usize,
+    settle_secs: u64,
+    server_bin: PathBuf,
+    server_args: Vec<String>,
+    /// Fail unless every connection opens and push-server's gauge shows them all.
+    strict: bool,
+}
+
+/// `bench idle-memory`: push-server alone, one process each side.
+pub fn run_memory(args: MemoryArgs) -> anyhow::Result<()> {
+    let c = &args.common;
+    let transport = c.transport;
+    side::print(
+        c.json,
+        async {
+            if args.conns == 0 {
+                bail!("--conns must be at least 1");
+            }
+            sys::check_files(
+                args.conns as u64 + SPARE_FDS,
+                &format!("{} connections", args.conns),
+            )?;
+            let server_bin = systems::server_bin(c.server_bin.as_deref())?;
+            if let Some(why) = systems::missing(Peer::PushServer, transport, &server_bin) {
+                bail!("{why}");
+            }
+            measure(&Setup {
+                peer: Peer::PushServer,
+                conns: args.conns,
+                nodes: 1,
+                nchan_workers: 1,
+                transport,
+                sources: c.sources,
+                concurrency: c.concurrency,
+                settle_secs: args.settle_secs,
+                server_bin,
+                server_args: args.server_args.clone(),
+                strict: true,
+            })
+            .await
+        },
+        |r| format!("idle-memory {}: {}\n", transport.as_str(), r.line()),
+    )?;
+    Ok(())
+}
+
+/// `bench peers-idle`.
+pub fn run_peers(args: PeersArgs) -> anyhow::Result<()> {
+    side::print(args.common.json, peers(&args), |r| peers_table(r))?;
+    Ok(())
+}
+
+/// `bench idle-scale`.
+pub fn run_scale(args: ScaleArgs) -> anyhow::Result<()> {
+    side::print(args.common.json, scale(&args), |r| scale_table(r))?;
+    Ok(())
+}
+
+/// Every system of `peers-idle`, with `push_server_over_peer` set on the peers.
+pub async fn peers(args: &PeersArgs) -> anyhow::Result<Vec<PeerResult<Idle>>> {
+    let c = &args.common;
+    let plan = Plan {
+        name: "peers-idle",
+        peers: &args.peers.peers,
+        transport: c.transport,
+        conns_per_process: args.conns,
+        // Connects at the slowest ramp, settle, start and stop.
+        budget: Duration::from_secs(180 + args.settle_secs)
+            + Duration::from_millis(20 * args.conns as u64),
+        not_here: side::every,
+        line: Idle::line,
+    };
+    let mut results = side::each_peer(plan, c.server_bin.as_deref(), |peer, server_bin| {
+        measure_owned(Setup {
+            peer,
+            conns: args.conns,
+            nodes: 1,
+            // One worker, so that the figure is one process's (DESIGN.md runs 2 for throughput).
+            nchan_workers: 1,
+            transport: c.transport,
+            sources: c.sources,
+            concurrency: match peer {
+                Peer::Pushpin => args.pushpin_concurrency,
+                _ => c.concurrency,
+            },
+            settle_secs: args.settle_secs,
+            server_bin,
+            server_args: Vec::new(),
+            strict: peer == Peer::PushServer,
+        })
+    })
+    .await?;
+    let ours = side::of(&results, "push-server").map(|r| r.kib_per_conn);
+    for r in &mut results {
+        if let (Some(ours), side::Outcome::Ran(theirs)) = (ours, &mut r.outcome) {
+            if r.peer != "push-server" && theirs.kib_per_conn > 0.0 {
+                theirs.push_server_over_peer = Some(sys::round2(ours / theirs.kib_per_conn));
+            }
+        }
+    }
+    Ok(results)
+}
+
+/// Every system of `idle-scale`.
+pub async fn scale(args: &ScaleArgs) -> anyhow::Result<Vec<PeerResult<Idle>>> {
+    if args.nodes == 0 || args.conns < args.nodes {
+        bail!("--nodes must be at least 1 and --conns at least --nodes");
+    }
+    let c = &args.common;
+    let plan = Plan {
+        name: "idle-scale",
+        peers: &args.peers.peers,
+        transport: c.transport,
+        conns_per_process: PER_HOLDER.min(args.conns),
+        budget: Duration::from_secs(240 + args.settle_secs)
+            + Duration::from_millis(2 * args.conns as u64),
+        not_here: |peer| {
+            (peer == Peer::Pushpin)
+                .then_some("not run at this scale (about 44 KiB per connection at 15k: peers-idle)")
+        },
+        line: Idle::line,
+    };
+    side::each_peer(plan, c.server_bin.as_deref(), |peer, server_bin| {
+        measure_owned(Setup {
+            peer,
+            conns: args.conns,
+            nodes: args.nodes,
+            nchan_workers: args.nchan_workers,
+            transport: c.transport,
+            sources: c.sources,
+            concurrency: c.concurrency,
+            settle_secs: args.settle_secs,
+            server_bin,
+            server_args: Vec::new(),
+            strict: false,
+        })
+    })
+    .await
+}
+
+async fn measure_owned(setup: Setup) -> anyhow::Result<Idle> {
+    measure(&setup).await
+}
+
+/// Starts the servers, holds the connections from `bench hold` processes, reads the memory
+/// before and after.
+async fn measure(s: &Setup) -> anyhow::Result<Idle> {
+    // The servers, and for each the share of connections its hold processes open.
+    let nodes = if s.peer == Peer::PushServer {
+        s.nodes
+    } else {
+        1
+    };
+    let per_node = s.conns.div_ceil(nodes);
+    let mut servers: Vec<(Running, usize)> = Vec::new();
+    for n in 0..nodes {
+        let mut server_args = s.server_args.clone();
+        if nodes > 1 {
+            server_args.push(format!("--node-id=n{n}"));
+        }
+        let opts = systems::Options {
+            max_conns: per_node,
+            nchan_workers: s.nchan_workers,
+            pushpin_message_rate: 2500,
+            server_bin: s.server_bin.clone(),
+            server_args,
+        };
+        let running = systems::start(s.peer, &opts).await?;
+        if s.peer == Peer::PushServer {
+            let limit = sys::nofile_limit_of(running.procs[0].1)?;
+            if per_node as u64 + SPARE_FDS > limit {
+                bail!("push-server may open only {limit} files; {per_node} connections need more: use more --nodes");
+            }
+        }
+        servers.push((running, per_node.min(s.conns.saturating_sub(n * per_node))));
+    }
+    let procs: Vec<(String, u32)> = servers.iter().flat_map(|(r, _)| r.procs.clone()).collect();
+    // A moment first, so that start-up allocations are done.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = sys::memories(&procs);
+
+    // The hold processes, all at once.
+    let budget =
+        Duration::from_secs(60) + Duration::from_millis(15 * PER_HOLDER.min(s.conns) as u64);
+    let hold_secs = budget.as_secs() + GAUGE_TIMEOUT.as_secs() + s.settle_secs + 120;
+    eprintln!(
+        "opening {} {} connections from {} source addresses ({} in flight per client process)",
+        s.conns,
+        s.transport.as_str(),
+        s.sources,
+        s.concurrency
+    );
+    let mut holders = Vec::new();
+    for (running, share) in &servers {
+        let count = share.div_ceil(PER_HOLDER);
+        for h in 0..count {
+            let present = match s.peer {
+                Peer::PushServer => Present::Secret(SECRET.into()),
+                _ => Present::Path(format!("/sub/h{}u{{i}}", holders.len())),
+            };
+            holders.push(spawn_holder(&HoldPlan {
+                server: running.addr,
+                transport: s.transport,
+                conns: share / count + usize::from(h < share % count),
+                sources: s.sources,
+                concurrency: s.concurrency,
+                present,
+                hold_secs,
+            })?);
+        }
+    }
+    let started = Instant::now();
+    let (mut ok, mut failed, mut errors) = (0, 0, Vec::new());
+    for h in &mut holders {
+        let r: Connected = h.next("connected", budget).await?;
+        ok += r.ok;
+        failed += r.failed;
+        if r.failed > 0 {
+            errors.push(r.errors);
+        }
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+    eprintln!("{ok} connected, {failed} failed in {connect_secs:.1} s");
+    if ok == 0 || (s.strict && (failed > 0 || ok != s.conns as u64)) {
+        bail!("{failed} of {} connections failed: {errors:?}", s.conns);
+    }
+
+    // push-server's own count must show every connection (strict), then the settle.
+    if s.strict {
+        let deadline = Instant::now() + GAUGE_TIMEOUT;
+        loop {
+            let open = server_count(s, &servers).await?;
+            if open == json!(s.conns as f64) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the server counts {open} open connections, not {}, {GAUGE_TIMEOUT:?} after the clients connected",
+                    s.conns
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(s.settle_secs)).await;
+    let after = sys::memories(&procs);
+    let hold_rss: u64 = holders
+        .iter()
+        .filter_map(|h| sys::memory(h.pid).ok())
+        .map(|m| m.rss_kib)
+        .sum();
+    let counted = server_count(s, &servers).await?;
+    if s.strict && counted != json!(s.conns as f64) {
+        bail!(
+            "connections dropped while settling: the server counts {counted}, not {}",
+            s.conns
+        );
+    }
+    let (mut closed, mut heartbeats) = (0, 0);
+    for h in holders {
+        if let Some(d) = h.finish::<Done>().await {
+            closed += d.closed_during_hold;
+            heartbeats += d.heartbeats_seen;
+        }
+    }
+    let held = if s.strict {
+        s.conns as u64
+    } else {
+        ok.saturating_sub(closed)
+    };
+
+    let n = held.max(1) as f64;
+    let mut processes = BTreeMap::new();
+    let (mut rss, mut anon) = ((0, 0), (0, 0));
+    for (label, pid, b) in &before {
+        let Some((_, _, a)) = after.iter().find(|(_, p, _)| p == pid) else {
+            bail!("{label} (pid {pid}) exited during the run");
+        };
+        rss = (rss.0 + b.rss_kib, rss.1 + a.rss_kib);
+        anon = (anon.0 + b.anon_kib, anon.1 + a.anon_kib);
+        processes.insert(
+            format!("{label} ({pid})"),
+            json!({"before": b, "after": a,
+                   "kib_per_conn": sys::round2((a.rss_kib as f64 - b.rss_kib as f64) / n)}),
+        );
+    }
+    let per_conn = |(b, a): (u64, u64)| sys::round2((a as f64 - b as f64) / n);
+    Ok(Idle {
+        transport: Some(s.transport),
+        attempted: s.conns,
+        held,
+        failed,
+        errors: json!(errors),
+        closed_during_hold: closed,
+        heartbeats_seen: heartbeats,
+        heartbeat_interval: (s.peer == Peer::PushServer).then(|| "30s".into()),
+        server_processes: procs.len(),
+        server_count: counted,
+        processes: json!(processes),
+        rss_before_kib: rss.0,
+        rss_after_kib: rss.1,
+        kib_per_conn: per_conn(rss),
+        anon_kib_per_conn: per_conn(anon),
+        hold_rss_kib: Some(hold_rss),
+        hold_kib_per_conn: Some(sys::round2(hold_rss as f64 / ok.max(1) as f64)),
+        connect_secs: Some(sys::round2(connect_secs)),
+        concurrency: s.concurrency,
+        config: servers[0].0.config.clone(),
+        push_server_over_peer: None,
+    })
+}
+
+/// The servers' own count of open connections: push-server's `push_connections_open` gauges
+/// summed over the nodes, Nchan's stub status, nothing from Pushpin.
+async fn server_count(s: &Setup, servers: &[(Running, usize)]) -> anyhow::Result<Value> {
+    match s.peer {
+        Peer::PushServer => {
+            let mut sum = 0.0;
+            for (r, _) in servers {
+                let (status, body) = crate::admin::get(r.publish, "/metrics").await?;
+                if status != 200 {
+                    bail!("/metrics answered {status}");
+                }
+                sum += crate::admin::connections_open(&body, s.transport.as_str()).unwrap_or(0.0);
+            }
+            Ok(json!(sum))
+        }
+        Peer::Nchan => {
+            let (_, body) = crate::admin::get(servers[0].0.addr, "/nchan_status").await?;
+            Ok(json!(body.trim()))
+        }
+        Peer::Pushpin => Ok(Value::Null),
+    }
+}
+
+/// The human table of `peers-idle`.
+pub fn peers_table(results: &[PeerResult<Idle>]) -> String {
+    "peer         held    total RSS before -> after KiB   KiB/conn   push-server ÷ peer\n"
+        .to_owned()
+        + &side::rows(results, |r| {
+            format!(
+                "{:>6}   {:>10} -> {:<10}          {:>8.2}   {}",
+                r.held,
+                r.rss_before_kib,
+                r.rss_after_kib,
+                r.kib_per_conn,
+                r.push_server_over_peer
+                    .map_or(String::new(), |x| format!("{x:.2}"))
+            )
+        })
+}
+
+/// The human table of `idle-scale`.
+pub fn scale_table(results: &[PeerResult<Idle>]) -> String {
+    "system       held     processes   KiB/conn\n".to_owned()
+        + &side::rows(results, |r| {
+            format!(
+                "{:>7}   {:>9}   {:>8}",
+                r.held, r.server_processes, r.kib_per_conn
+            )
+        })
+}
