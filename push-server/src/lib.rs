@@ -31,7 +31,9 @@ pub mod admin_route;
 pub mod auth;
 #[cfg(feature = "autobahn-echo")]
 pub mod autobahn;
+pub mod clock;
 pub mod config;
+pub mod drain;
 pub mod forward;
 pub mod hub;
 pub mod lifecycle;
@@ -42,11 +44,13 @@ pub mod push;
 pub mod ratelimit;
 pub mod receipts;
 pub mod server;
+pub mod sweeper;
 
 mod admin;
 mod connection;
 mod demo;
 mod listener;
+mod state;
 
 pub use config::Config;
 pub use server::Server;
