@@ -14,7 +14,8 @@
 //! | [`drain`] | the drain state beside the policy: in progress since when, its deadline |
 //! | [`ratelimit`] | per-IP connect token buckets (pure) |
 //! | [`metrics`] | metric names, the Prometheus recorder, hot-path handles |
-//! | [`hub`] | user → local connections; each connection's bounded outbound queue |
+//! | [`queue`] | each connection's bounded outbound queue and its [`queue::ConnHandle`] |
+//! | [`hub`] | user → local connections, delivery to them (re-exports [`queue`]'s types) |
 //! | [`config`] | flags, `PUSH_*` environment, TOML file → [`Config`] |
 //! | [`presence`] | keeps the registry (push-registry) in step with local connections |
 //! | [`receipts`] | client acknowledgements → delivery receipts (waiters, Kafka) |
@@ -46,6 +47,7 @@ pub mod metrics;
 pub mod presence;
 pub mod protocol;
 pub mod push;
+pub mod queue;
 pub mod ratelimit;
 pub mod receipts;
 pub mod server;
