@@ -276,10 +276,10 @@ fn churn_with_a_node_restart_loses_nothing() {
                 // first make sure it holds some clients (they keep moving between nodes).
                 let old = a.take().expect("node A runs");
                 eventually("some clients on node A", || {
-                    std::future::ready(old.shared().hub.open_total() >= USERS / 4)
+                    std::future::ready(old.hub().open_total() >= USERS / 4)
                 })
                 .await;
-                cut_at_restart = old.shared().hub.open_total();
+                cut_at_restart = old.hub().open_total();
                 old.stop();
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let again = receipt_node("node-a", &redis.url(), &brokers, lifetime).await;

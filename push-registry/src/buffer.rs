@@ -3,7 +3,8 @@
 //!
 //! This is the in-memory form behind the embedded default; the Redis-family backends keep
 //! the same shape in a sorted set (score = ID) whose reserved member holds the counter, so
-//! one single-key script appends atomically (`history_model.rs`, `docs/history.md`). The rule that both must follow is [`UserBuffer::since`]:
+//! one single-key script appends atomically (`history/redis_model.rs`, `docs/history.md`). The rule
+//! that both must follow is [`UserBuffer::since`]:
 //! a client that saw up to `after` gets exactly the messages with a larger ID, oldest first;
 //! if the buffer no longer holds the message right after `after`, it is told so with the
 //! oldest ID still available (a *gap*), never silently.
@@ -208,6 +209,24 @@ impl UserBuffer {
         let gap = (after != 0 && after.saturating_add(1) < oldest).then_some(oldest);
         Resume { messages, gap }
     }
+}
+
+/// The clock the stores stamp messages with, milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    crate::record::now_ms()
+}
+
+/// The first ID of a user the store does not know: the wall clock in microseconds.
+///
+/// Why: a store forgets a user whose history expired (memory, Redis `PEXPIRE`), and a
+/// memory store forgets everyone on restart, but clients resume and deduplicate by ID, so a
+/// new counter must start above every ID given before. One message per microsecond per
+/// user is far above any real rate.
+pub fn first_id_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

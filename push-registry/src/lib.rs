@@ -8,11 +8,10 @@
 //! | [`record`] | [`Record`], its stored form with an absolute expiry, the clock |
 //! | [`error`] | [`Error`]: which storage node failed and why |
 //! | [`registry`] | the [`Registry`] trait every backend implements, [`Stats`], [`NodePing`] |
-//! | [`buffer`] | a user's recent messages for resume: bounded buffer and the resume rule (pure) |
-//! | [`history`] | [`MessageStore`]: where users' recent messages are kept; the memory form |
+//! | [`buffer`] | a user's recent messages for resume: bounded buffer, the resume rule, first IDs (pure) |
+//! | [`shard`] | [`shard_of`]: a key's lock shard, for in-process sharding |
 //! | [`murmur3`] | MurmurHash3 x86 32-bit, for the ring's token placement |
 //! | `store` | the Redis data model: keys, Lua scripts, command builders and decoders (no I/O) |
-//! | `history_model` | the Redis data model of history: sorted set per user, scripts, decoders (no I/O) |
 //! | `node` | one standalone Redis connection with timeouts, reconnecting after failures |
 //! | [`memory`] | `memory`: in-process map with lazy expiry and a bound |
 //! | [`redis_single`] | `redis://`: one Redis or a Dynomite proxy |
@@ -20,16 +19,19 @@
 //! | [`ring`] | `ring://`: Dynomite's racks, token ring and quorums, run client-side |
 //! | [`url`] | registry URL → [`url::BackendUrl`] |
 //! | [`peer_nets`] | [`PeerNets`]: which record `node_addr`s may receive secrets and payloads |
-//! | [`history_redis`] | [`MessageStore`] on `redis://`, `redis-cluster://` and `ring://` (see `docs/history.md`) |
+//! | [`history`] | [`MessageStore`]: where users' recent messages are kept, one file per backend: |
+//! | ↳ [`history::memory`] | [`MemoryStore`]: the embedded form, in process memory |
+//! | ↳ `history::redis_model` | the Redis data model of history: sorted set per user, scripts, decoders (no I/O) |
+//! | ↳ [`history::redis`] | [`MessageStore`] on `redis://`, `redis-cluster://` and `ring://` (see `docs/history.md`) |
 //!
-//! [`open`] turns a URL into a backend. The `push-registry` binary (`src/main.rs`) is the
-//! operator CLI on top.
+//! [`open`] and [`open_store`] (this file) turn a URL into a registry backend and the message
+//! store on the same storage. The `push-registry` binary (`src/main.rs`) is the operator CLI
+//! on top.
 
 pub mod buffer;
 pub mod cluster;
 pub mod error;
 pub mod history;
-pub mod history_redis;
 pub mod memory;
 pub mod murmur3;
 pub mod peer_nets;
@@ -37,9 +39,9 @@ pub mod record;
 pub mod redis_single;
 pub mod registry;
 pub mod ring;
+pub mod shard;
 pub mod url;
 
-mod history_model;
 mod node;
 mod store;
 
@@ -48,8 +50,7 @@ use std::sync::Arc;
 pub use buffer::{Appended, BufferLimits, Buffered, NewMessage, Resume};
 pub use cluster::ClusterRegistry;
 pub use error::{Error, Result};
-pub use history::{open_store, MemoryStore, MessageStore};
-pub use history_redis::{ClusterStore, RedisStore, RingStore};
+pub use history::{ClusterStore, MemoryStore, MessageStore, RedisStore, RingStore};
 pub use memory::MemoryRegistry;
 pub use node::Timeouts;
 pub use peer_nets::PeerNets;
@@ -57,16 +58,8 @@ pub use record::{now_ms, Record};
 pub use redis_single::RedisRegistry;
 pub use registry::{NodePing, RefreshOutcome, Registry, Stats};
 pub use ring::{Consistency, RingRegistry};
+pub use shard::shard_of;
 pub use store::PRUNE_AT;
-
-/// The lock shard of `key` among `shards`: a fixed hasher, so the choice is spread evenly
-/// and the same on every call (in-process sharding only; never persisted).
-pub fn shard_of(key: &str, shards: usize) -> usize {
-    use std::hash::BuildHasher;
-    let h = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-        .hash_one(key);
-    (h as usize) % shards
-}
 
 /// Opens the backend a registry URL names (see [`url`] for the forms). Only the
 /// `redis-cluster` backend connects here (it needs the slot map); the others connect on first
@@ -92,5 +85,30 @@ pub async fn open(url: &str) -> Result<Arc<dyn Registry>> {
             write,
             url::timeouts(timeout_ms),
         )?),
+    })
+}
+
+/// Opens the message store for a registry URL: the same storage as the registry (memory for
+/// `memory`, the same Redis for `redis://`, the same cluster or ring), with the same options
+/// (`timeout_ms`, the ring's racks and write consistency), keeping to `limits`. Only
+/// `redis-cluster` connects here (it needs the slot map); the others connect on first use.
+pub async fn open_store(url: &str, limits: BufferLimits) -> Result<Arc<dyn MessageStore>> {
+    Ok(match url::parse(url)? {
+        url::BackendUrl::Memory { .. } => Arc::new(MemoryStore::new(limits)),
+        url::BackendUrl::Redis { url, timeout_ms } => {
+            Arc::new(RedisStore::new(&url, url::timeouts(timeout_ms), limits)?)
+        }
+        url::BackendUrl::Cluster { nodes, timeout_ms } => {
+            Arc::new(ClusterStore::connect(&nodes, url::timeouts(timeout_ms), limits).await?)
+        }
+        url::BackendUrl::Ring {
+            racks,
+            read,
+            write,
+            timeout_ms,
+        } => Arc::new(RingStore::new(
+            RingRegistry::new(&racks, read, write, url::timeouts(timeout_ms))?,
+            limits,
+        )),
     })
 }

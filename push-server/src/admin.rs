@@ -42,8 +42,8 @@ use crate::admin_route::{Access, AdminRoute, RouteError};
 use crate::hub::{PushOutcome, PushRequest};
 use crate::metrics as m;
 use crate::protocol::message::Payload;
-use crate::push::{self, Pushed};
-use crate::server::Shared;
+use crate::push::Pushed;
+use crate::state::Shared;
 
 /// Most messages in one batch request.
 pub const MAX_BATCH: usize = 10_000;
@@ -483,7 +483,11 @@ async fn push_one(req: Request<Incoming>, user: &str, shared: &Shared) -> Resp {
     };
     metrics::counter!(m::PUSHES).increment(1);
     let request = PushRequest::to_user(user, &payload);
-    let mut pushed = match push::push(shared, &[request], received, wait.is_some()).await {
+    let mut pushed = match shared
+        .pusher
+        .push(&[request], received, wait.is_some())
+        .await
+    {
         Ok(p) => p,
         Err(e) => return history_unavailable(e),
     };
@@ -571,7 +575,7 @@ async fn push_batch_items(
         .zip(&payloads)
         .map(|(item, payload)| push_request(item, payload))
         .collect();
-    let pushed = match push::push(shared, &reqs, received, false).await {
+    let pushed = match shared.pusher.push(&reqs, received, false).await {
         Ok(p) => p,
         Err(e) => return Ok(history_unavailable(e)),
     };
@@ -635,7 +639,7 @@ async fn deliver_items(
         .filter_map(|(item, p)| p.as_ref().ok().map(|p| (item, p)))
         .collect();
     let reqs: Vec<PushRequest<'_>> = valid.iter().map(|(i, p)| push_request(i, p)).collect();
-    let mut pushed = match push::push(shared, &reqs, received, wait.is_some()).await {
+    let mut pushed = match shared.pusher.push(&reqs, received, wait.is_some()).await {
         Ok(p) => p,
         Err(e) => return Ok(history_unavailable(e)),
     };

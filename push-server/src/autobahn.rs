@@ -3,7 +3,7 @@
 //!
 //! Why a mode of the real node rather than a separate echo server: the suite must judge the
 //! codec and the connection driver that production runs. Only two things differ, both in
-//! `connection.rs` behind `Config::echo`: text and binary messages are sent back instead of
+//! `connection/` behind `Config::echo`: text and binary messages are sent back instead of
 //! being read as the client protocol, and no `hello` precedes them. Authentication, the
 //! handshake checks, queues and the close handshake are the production ones.
 
@@ -32,6 +32,6 @@ pub fn echo_config(listen: SocketAddr, secret: &str) -> Config {
     cfg.lifecycle.heartbeat_timeout = Duration::from_secs(7200);
     cfg.lifecycle.lifetime = Duration::from_secs(24 * 3600);
     cfg.lifecycle.lifetime_jitter = 0.0;
-    cfg.registry = crate::server::NO_REGISTRY.into();
+    cfg.registry = crate::config::NO_REGISTRY.into();
     cfg
 }

@@ -113,6 +113,10 @@ pub struct Config {
     pub admin_security: AdminSecurity,
 }
 
+/// The `--registry` value for a node that registers nowhere: pushes reach it only through its
+/// own admin API. Saves the registry's memory on a single node without a message processor.
+pub const NO_REGISTRY: &str = "none";
+
 // ---- Admin port and secrets (issue 14, harden-admin) ----
 
 /// Shortest admin token or internal secret accepted: 16 bytes of a random secret cannot be
@@ -772,7 +776,7 @@ impl Config {
         if self.registry_ttl < Duration::from_secs(3) {
             return Err(invalid("registry_ttl", "must be at least 3s"));
         }
-        if self.registry != crate::server::NO_REGISTRY {
+        if self.registry != NO_REGISTRY {
             push_registry::url::parse(&self.registry)
                 .map_err(|e| invalid("registry", e.to_string()))?;
         }

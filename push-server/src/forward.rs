@@ -13,6 +13,7 @@
 //! the counts a node returns with saturating arithmetic.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,10 +25,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use push_proto::api::{DeliverAnswer, DeliverItem, DELIVER_PATH};
 
-use crate::hub::PushRequest;
+use crate::hub::{PushOutcome, PushRequest};
 use crate::metrics as m;
-use crate::push::Pushed;
-use crate::server::Shared;
+use crate::presence::Presence;
 
 /// Whole-request deadline of one forward: nodes of a cluster are on one network, and the
 /// sender's request waits for this.
@@ -42,6 +42,10 @@ pub struct Forwarder {
     client: Client<HttpConnector, Full<Bytes>>,
     auth: Option<HeaderValue>,
     peer_nets: push_registry::PeerNets,
+    /// The registry link that says where users are; none: nothing is forwarded.
+    presence: Option<Arc<Presence>>,
+    /// This node's ID: records naming it are not forwarded to.
+    node_id: String,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -52,8 +56,13 @@ impl std::fmt::Debug for Forwarder {
 
 impl Forwarder {
     /// A client presenting `secret` (the cluster's `--internal-secret`, or without one its
-    /// `--admin-token`) to nodes in `peer_nets`.
-    pub fn new(secret: Option<&str>, peer_nets: push_registry::PeerNets) -> Self {
+    /// `--admin-token`) to nodes in `peer_nets`, finding them through `presence`.
+    pub fn new(
+        secret: Option<&str>,
+        peer_nets: push_registry::PeerNets,
+        presence: Option<Arc<Presence>>,
+        node_id: String,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
@@ -68,6 +77,8 @@ impl Forwarder {
                 Some(v)
             }),
             peer_nets,
+            presence,
+            node_id,
         }
     }
 
@@ -80,13 +91,13 @@ impl Forwarder {
     /// have resumed on another node (from an ID below this message) and be closing this
     /// connection without reading it further. Sending it both ways costs a duplicate the
     /// client drops by ID; sending it only here could lose it.
-    pub async fn forward(&self, shared: &Shared, reqs: &[PushRequest<'_>], pushed: &mut [Pushed]) {
-        let Some(presence) = &shared.presence else {
+    pub async fn forward(&self, reqs: &[PushRequest<'_>], outcomes: &mut [PushOutcome]) {
+        let Some(presence) = &self.presence else {
             return;
         };
         let pending: Vec<usize> = (0..reqs.len())
             .filter(|&i| {
-                let o = &pushed[i].outcome;
+                let o = &outcomes[i];
                 reqs[i].id.is_none() && o.delivered == o.leaving
             })
             .collect();
@@ -115,7 +126,7 @@ impl Forwarder {
             };
             let mut nodes: Vec<&str> = recs
                 .iter()
-                .filter(|r| r.node_id != shared.config.node_id)
+                .filter(|r| r.node_id != self.node_id)
                 .filter(|r| req.device.is_none() || r.device.as_deref() == req.device)
                 .map(|r| r.node_addr.as_str())
                 .collect();
@@ -135,11 +146,11 @@ impl Forwarder {
                     continue;
                 }
             };
-            match self.deliver(node, target, reqs, pushed, &idxs).await {
+            match self.deliver(node, target, reqs, outcomes, &idxs).await {
                 Ok(delivered) => {
                     metrics::counter!(m::FORWARDED).increment(idxs.len() as u64);
                     for (&i, n) in idxs.iter().zip(delivered) {
-                        let o = &mut pushed[i].outcome;
+                        let o = &mut outcomes[i];
                         o.delivered = o.delivered.saturating_add(n);
                     }
                 }
@@ -156,7 +167,7 @@ impl Forwarder {
         node: &str,
         target: std::net::SocketAddr,
         reqs: &[PushRequest<'_>],
-        pushed: &[Pushed],
+        outcomes: &[PushOutcome],
         idxs: &[usize],
     ) -> Result<Vec<usize>, ForwardError> {
         let data: Vec<_> = idxs
@@ -173,7 +184,7 @@ impl Forwarder {
                     device: r.device.map(Into::into),
                     message_id: r.message_id.map(Into::into),
                     data,
-                    id: pushed[i].outcome.id,
+                    id: outcomes[i].id,
                 }
             })
             .collect();

@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::connection;
 use crate::metrics as m;
-use crate::server::Shared;
+use crate::state::Shared;
 
 /// Binds the client port with socket2, so that `SO_REUSEPORT` and the backlog can be set.
 pub(crate) fn bind(

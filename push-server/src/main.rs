@@ -180,7 +180,7 @@ fn print_banner(server: &Server) {
     println!();
     println!("  listen (SSE):   curl -N -H 'Authorization: Bearer {token}' http://{client}/sse");
     println!("  listen (WS):    websocat 'ws://{client}/ws?token={token}'");
-    let auth = if server.shared().config.admin_token.is_some() {
+    let auth = if server.config().admin_token.is_some() {
         " -H 'Authorization: Bearer $PUSH_ADMIN_TOKEN'"
     } else {
         ""

@@ -158,3 +158,31 @@ fn describe() {
     describe_counter!(REGISTRY_OPS, "Registry calls, by operation.");
     describe_counter!(REGISTRY_ERRORS, "Failed registry calls, by operation.");
 }
+
+/// Metric handles used on the hot path, resolved once instead of per message.
+#[derive(Debug)]
+pub(crate) struct HotMetrics {
+    /// [`MESSAGES_DELIVERED`] by transport index.
+    pub delivered: [metrics::Counter; 2],
+    /// [`DELIVERY_LATENCY`].
+    pub latency: metrics::Histogram,
+    /// [`CONNECTIONS_OPEN`] by transport index.
+    pub open: [metrics::Gauge; 2],
+}
+
+impl HotMetrics {
+    /// Resolves the handles in the installed recorder.
+    pub(crate) fn new() -> Self {
+        Self {
+            delivered: [
+                metrics::counter!(MESSAGES_DELIVERED, "transport" => "ws"),
+                metrics::counter!(MESSAGES_DELIVERED, "transport" => "sse"),
+            ],
+            latency: metrics::histogram!(DELIVERY_LATENCY),
+            open: [
+                metrics::gauge!(CONNECTIONS_OPEN, "transport" => "ws"),
+                metrics::gauge!(CONNECTIONS_OPEN, "transport" => "sse"),
+            ],
+        }
+    }
+}

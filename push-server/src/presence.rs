@@ -20,9 +20,9 @@ use std::time::Duration;
 use push_registry::{Record, RefreshOutcome, Registry};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::hub::ConnHandle;
+use crate::clock::NodeClock;
+use crate::hub::{ConnHandle, Hub};
 use crate::metrics as m;
-use crate::server::Shared;
 
 /// Events waiting for the writer. At about 200 bytes each, a full queue is 13 MB: enough for
 /// a reconnect storm of a whole node while the registry is slow, and still bounded.
@@ -149,18 +149,19 @@ impl Presence {
     }
 
     /// Starts the periodic refresh of every local connection's record.
-    pub fn spawn_refresher(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_refresher(
+        presence: Arc<Self>,
+        hub: Arc<Hub>,
+        clock: NodeClock,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            let Some(presence) = shared.presence.as_ref() else {
-                return;
-            };
             // A third of the TTL leaves two more tries before a record lapses.
             let base = presence.ttl / 3;
             loop {
                 // Jittered so that the nodes of a fleet started together do not refresh in step.
                 let jitter = 0.8 + 0.4 * rand::random::<f64>();
                 tokio::time::sleep(base.mul_f64(jitter)).await;
-                refresh_all(&shared, presence).await;
+                refresh_all(&hub, clock, &presence).await;
             }
         })
     }
@@ -230,9 +231,9 @@ async fn writer(mut rx: mpsc::Receiver<Event>, registry: Arc<dyn Registry>, ttl:
     }
 }
 
-async fn refresh_all(shared: &Shared, presence: &Presence) {
+async fn refresh_all(hub: &Hub, clock: NodeClock, presence: &Presence) {
     let mut handles = Vec::new();
-    shared.hub.for_each(|c| {
+    hub.for_each(|c| {
         if !c.state().superseded {
             handles.push(c.clone());
         }
@@ -245,7 +246,7 @@ async fn refresh_all(shared: &Shared, presence: &Presence) {
                 for (handle, outcome) in chunk.iter().zip(outcomes) {
                     if outcome == RefreshOutcome::Superseded {
                         // The client opened a newer connection on another node.
-                        handle.supersede(shared.now());
+                        handle.supersede(clock.now());
                     }
                 }
             }

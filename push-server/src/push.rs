@@ -14,14 +14,16 @@
 //! reached the sockets. Both waits share one bound per request (`--slow-consumer-timeout`);
 //! a connection that does not drain within it is a slow consumer.
 
-use push_registry::NewMessage;
+use std::sync::Arc;
+
+use push_registry::{MessageStore, NewMessage};
 use tokio::sync::{oneshot, MutexGuard};
 use tokio::time::Instant;
 
-use crate::hub::{PushOutcome, PushRequest};
+use crate::forward::Forwarder;
+use crate::hub::{Hub, PushOutcome, PushRequest, QueueLimits};
 use crate::metrics as m;
-use crate::receipts::Receipt;
-use crate::server::Shared;
+use crate::receipts::{Receipt, Receipts};
 
 /// Lock shards for per-user order. Two users in one shard wait for each other's appends;
 /// 256 shards keep that rare at the concurrency a node sees (the message processor sends a
@@ -71,14 +73,54 @@ pub struct Pushed {
     pub receipt: Option<oneshot::Receiver<Receipt>>,
 }
 
-/// Appends the messages that have no ID yet to the history, then queues every message for
-/// the live connections of its user here, in order. With `wait_receipts`, a receipt waiter
-/// is registered for each message before it can reach a client.
-///
-/// Fails only if the history cannot be written: then nothing was queued, and the caller
-/// answers with an error so that the sender retries.
-pub async fn push(
-    shared: &Shared,
+/// The handle the admin API pushes through: what the push path needs and nothing else.
+#[derive(Debug)]
+pub struct Pusher {
+    hub: Arc<Hub>,
+    store: Arc<dyn MessageStore>,
+    sequencer: Sequencer,
+    receipts: Arc<Receipts>,
+    forwarder: Forwarder,
+    limits: QueueLimits,
+}
+
+impl Pusher {
+    /// Pushes to `hub`'s connections, taking IDs from `store`, forwarding with `forwarder`.
+    pub fn new(
+        hub: Arc<Hub>,
+        store: Arc<dyn MessageStore>,
+        receipts: Arc<Receipts>,
+        forwarder: Forwarder,
+        limits: QueueLimits,
+    ) -> Self {
+        Self {
+            hub,
+            store,
+            sequencer: Sequencer::new(),
+            receipts,
+            forwarder,
+            limits,
+        }
+    }
+
+    /// Appends the messages that have no ID yet to the history, then queues every message
+    /// for the live connections of its user here, in order. With `wait_receipts`, a receipt
+    /// waiter is registered for each message before it can reach a client.
+    ///
+    /// Fails only if the history cannot be written: then nothing was queued, and the caller
+    /// answers with an error so that the sender retries.
+    pub async fn push(
+        &self,
+        reqs: &[PushRequest<'_>],
+        received_at: Instant,
+        wait_receipts: bool,
+    ) -> Result<Vec<Pushed>, push_registry::Error> {
+        push(self, reqs, received_at, wait_receipts).await
+    }
+}
+
+async fn push(
+    p: &Pusher,
     reqs: &[PushRequest<'_>],
     received_at: Instant,
     wait_receipts: bool,
@@ -94,14 +136,14 @@ pub async fn push(
             data: &r.payload.bytes,
         })
         .collect();
-    let _order = shared
+    let _order = p
         .sequencer
         .lock(reqs.iter().filter(|r| r.id.is_none()).map(|r| r.user))
         .await;
     let appended = if new.is_empty() {
         Vec::new()
     } else {
-        shared.store.append(&new).await.inspect_err(|_| {
+        p.store.append(&new).await.inspect_err(|_| {
             metrics::counter!(m::HISTORY_ERRORS, "op" => "append").increment(1);
         })?
     };
@@ -109,8 +151,9 @@ pub async fn push(
     // One bound for the whole request: a burst to a client that reads is paced by its
     // socket; a client that does not read for this long is cut off, and the sender is
     // held back at most this long by it.
-    let deadline = Instant::now() + shared.limits.slow_after;
+    let deadline = Instant::now() + p.limits.slow_after;
     let mut deliveries = Vec::with_capacity(reqs.len());
+    let mut receipts = Vec::with_capacity(reqs.len());
     for req in reqs {
         let (id, duplicate) = match req.id {
             Some(id) => (id, false),
@@ -119,24 +162,29 @@ pub async fn push(
                 (a.id, a.duplicate)
             }
         };
-        let receipt = wait_receipts.then(|| shared.receipts.wait(req.user, id));
-        let delivery = shared
+        let receipt = wait_receipts.then(|| p.receipts.wait(req.user, id));
+        let delivery = p
             .hub
-            .deliver(req, id, received_at, shared.limits, deadline)
+            .deliver(req, id, received_at, p.limits, deadline)
             .await;
-        deliveries.push((delivery, duplicate, receipt));
+        deliveries.push((delivery, duplicate));
+        receipts.push(receipt);
     }
     // `delivered` means written to the socket: wait for the frames queued above.
-    let mut results = Vec::with_capacity(reqs.len());
-    for (delivery, duplicate, receipt) in deliveries {
+    let mut outcomes = Vec::with_capacity(reqs.len());
+    for (delivery, duplicate) in deliveries {
         let mut outcome = delivery.settle(deadline).await;
         outcome.duplicate = duplicate;
-        results.push(Pushed { outcome, receipt });
+        outcomes.push(outcome);
     }
     // Still in per-user order: a user's next message waits until this one reached the
     // nodes that hold the user.
-    shared.forwarder.forward(shared, reqs, &mut results).await;
-    let stored = results.iter().filter(|p| p.outcome.delivered == 0).count();
+    p.forwarder.forward(reqs, &mut outcomes).await;
+    let stored = outcomes.iter().filter(|o| o.delivered == 0).count();
     metrics::counter!(m::MESSAGES_STORED).increment(stored as u64);
-    Ok(results)
+    Ok(outcomes
+        .into_iter()
+        .zip(receipts)
+        .map(|(outcome, receipt)| Pushed { outcome, receipt })
+        .collect())
 }

@@ -6,32 +6,26 @@
 //! last client has gone or the drain deadline has passed.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::task::JoinHandle;
 
 use push_registry::{BufferLimits, MemoryStore, MessageStore};
 
 use crate::auth::Authenticator;
-use crate::config::Config;
-use crate::hub::{ConnHandle, Hub, Outbound, QueueLimits, Transport};
-use crate::lifecycle::{Action, Millis};
+use crate::clock::NodeClock;
+use crate::config::{Config, NO_REGISTRY};
+use crate::drain::{self, Drain};
+use crate::forward::Forwarder;
+use crate::hub::Hub;
 use crate::metrics as m;
-use crate::protocol::message::{ReconnectReason, ServerMessage};
-use crate::protocol::{sse, ws};
-use crate::ratelimit::{PerSource, RateLimiter};
+use crate::presence::Presence;
+use crate::push::Pusher;
+use crate::receipts::{KafkaReceipts, Receipts};
+use crate::state::{queue_limits, Parts, Shared};
+use crate::sweeper::Sweeper;
 use crate::{admin, listener};
-
-/// The `--registry` value for a node that registers nowhere: pushes reach it only through its
-/// own admin API. Saves the registry's memory on a single node without a message processor.
-pub const NO_REGISTRY: &str = "none";
-
-/// Most IPs the per-IP rate limiter tracks at once (about 64 bytes each).
-const RATE_LIMIT_MAX_IPS: usize = 100_000;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -62,225 +56,11 @@ pub enum StartError {
     },
 }
 
-/// Metric handles used on the hot path, resolved once instead of per message.
-#[derive(Debug)]
-pub(crate) struct HotMetrics {
-    pub delivered: [metrics::Counter; 2],
-    pub latency: metrics::Histogram,
-    pub open: [metrics::Gauge; 2],
-}
-
-/// State shared by every task of a node.
-#[derive(Debug)]
-pub struct Shared {
-    /// The node's settings.
-    pub config: Config,
-    /// Local connections by user.
-    pub hub: Hub,
-    /// Token verification.
-    pub auth: Authenticator,
-    pub(crate) limits: QueueLimits,
-    pub(crate) epoch: tokio::time::Instant,
-    /// `u64::MAX` while not draining, else the drain's start in [`Millis`].
-    drain_started: AtomicU64,
-    pub(crate) rate_limiter: Mutex<RateLimiter>,
-    /// Handshakes in progress per source (`--max-pending-per-ip`).
-    pub(crate) pending_per_ip: Mutex<PerSource>,
-    /// Open connections (and reservations) per source (`--max-connections-per-ip`).
-    pub(crate) conns_per_ip: Mutex<PerSource>,
-    /// Connections in their handshake now.
-    pub pending_handshakes: AtomicUsize,
-    pub(crate) prometheus: PrometheusHandle,
-    pub(crate) hot: HotMetrics,
-    /// The registry link.
-    pub presence: Option<crate::presence::Presence>,
-    /// Users' recent messages, for resume; the source of message IDs.
-    pub store: Arc<dyn MessageStore>,
-    /// Per-user order of appends and queueing.
-    pub(crate) sequencer: crate::push::Sequencer,
-    /// Acknowledgements and receipt waiters.
-    pub receipts: Arc<crate::receipts::Receipts>,
-    /// Hands admin pushes to the nodes that hold their users.
-    pub(crate) forwarder: crate::forward::Forwarder,
-    /// Prebuilt frames: `[reason][transport]` for `reconnect`.
-    reconnect_frames: [[Bytes; 2]; 2],
-}
-
-impl Shared {
-    fn new(
-        config: Config,
-        secret: &str,
-        presence: Option<crate::presence::Presence>,
-        store: Arc<dyn MessageStore>,
-    ) -> Self {
-        let prometheus = m::install();
-        let grace_ms = config.lifecycle.reconnect_grace.as_millis() as u64;
-        let frames = |reason| {
-            let msg = ServerMessage::Reconnect { reason, grace_ms };
-            [msg.ws_frame(), msg.sse_event()]
-        };
-        metrics::gauge!(m::CONNECTIONS_CAPACITY).set(config.max_connections as f64);
-        metrics::gauge!(m::DRAINING).set(0.0);
-        Self {
-            auth: Authenticator::new(secret.as_bytes(), config.require_exp).with_issuer_audience(
-                config.admin_security.token_issuer.as_deref(),
-                config.admin_security.token_audience.as_deref(),
-            ),
-            limits: QueueLimits {
-                max_frames: config.max_queue,
-                max_bytes: config.max_queue_bytes,
-                policy: config.slow_consumer,
-                slow_after: config.slow_consumer_timeout,
-            },
-            rate_limiter: Mutex::new(RateLimiter::new(
-                config.per_ip_rate,
-                config.per_ip_burst,
-                RATE_LIMIT_MAX_IPS,
-            )),
-            pending_per_ip: Mutex::new(PerSource::new(config.max_pending_per_ip)),
-            conns_per_ip: Mutex::new(PerSource::new(config.max_connections_per_ip)),
-            reconnect_frames: [
-                frames(ReconnectReason::Rotate),
-                frames(ReconnectReason::Drain),
-            ],
-            hot: HotMetrics {
-                delivered: [
-                    metrics::counter!(m::MESSAGES_DELIVERED, "transport" => "ws"),
-                    metrics::counter!(m::MESSAGES_DELIVERED, "transport" => "sse"),
-                ],
-                latency: metrics::histogram!(m::DELIVERY_LATENCY),
-                open: [
-                    metrics::gauge!(m::CONNECTIONS_OPEN, "transport" => "ws"),
-                    metrics::gauge!(m::CONNECTIONS_OPEN, "transport" => "sse"),
-                ],
-            },
-            presence,
-            store,
-            sequencer: crate::push::Sequencer::new(),
-            receipts: Arc::new(crate::receipts::Receipts::new()),
-            forwarder: crate::forward::Forwarder::new(
-                config
-                    .admin_security
-                    .internal_secret
-                    .as_deref()
-                    .or(config.admin_token.as_deref()),
-                config.admin_security.peer_nets.clone(),
-            ),
-            config,
-            hub: Hub::new(),
-            epoch: tokio::time::Instant::now(),
-            drain_started: AtomicU64::new(u64::MAX),
-            pending_handshakes: AtomicUsize::new(0),
-            prometheus,
-        }
-    }
-
-    /// Milliseconds since the node started (tokio's clock, so paused time applies).
-    pub fn now(&self) -> Millis {
-        self.epoch.elapsed().as_millis() as Millis
-    }
-
-    /// When the drain started, if one is in progress.
-    pub fn draining(&self) -> Option<Millis> {
-        match self.drain_started.load(Ordering::Acquire) {
-            u64::MAX => None,
-            t => Some(t),
-        }
-    }
-
-    /// Gives back a connection's place: its transport's reservation and its source's count.
-    pub(crate) fn release_slot(&self, transport: Transport, ip: std::net::IpAddr) {
-        self.hub.release(transport);
-        self.conns_per_ip
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .release(ip);
-    }
-
-    /// Whether the node is at capacity.
-    pub fn at_capacity(&self) -> bool {
-        self.hub.open_total() >= self.config.max_connections
-    }
-
-    /// Starts a drain now (idempotent).
-    pub fn begin_drain(&self) {
-        let now = self.now();
-        if self
-            .drain_started
-            .compare_exchange(u64::MAX, now, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            metrics::gauge!(m::DRAINING).set(1.0);
-            tracing::info!(
-                connections = self.hub.open_total(),
-                window = ?self.config.lifecycle.drain_window,
-                "drain started: spreading reconnect over the window"
-            );
-            // Every connection must be looked at again to get its drain slot.
-            self.hub
-                .for_each(|c| c.next_due.store(0, Ordering::Relaxed));
-        }
-    }
-
-    /// Time after which a drain stops waiting for clients.
-    fn drain_deadline(&self, started: Millis) -> Millis {
-        let l = &self.config.lifecycle;
-        started
-            + (l.drain_window + l.reconnect_grace + Duration::from_secs(1)).as_millis() as Millis
-    }
-
-    pub(crate) fn reconnect_frame(&self, reason: ReconnectReason, t: Transport) -> Bytes {
-        let r = match reason {
-            ReconnectReason::Rotate => 0,
-            ReconnectReason::Drain => 1,
-        };
-        let i = t.index();
-        self.reconnect_frames[r][i].clone()
-    }
-
-    /// One pass of lifecycle checks over every connection.
-    pub(crate) fn sweep(&self) {
-        let now = self.now();
-        let drain = self.draining();
-        let policy = &self.config.lifecycle;
-        self.hub.for_each(|c| {
-            if now < c.next_due.load(Ordering::Relaxed) {
-                return;
-            }
-            let hears = c.transport == Transport::Ws;
-            let slot = drain.map(|d| policy.drain_slot(c.id, d));
-            let action = {
-                let mut st = c.state();
-                let action = policy.on_tick(&mut st.clock, now, slot, hears);
-                c.next_due
-                    .store(policy.next_due(&st.clock, slot, hears), Ordering::Relaxed);
-                action
-            };
-            self.apply(c, action);
-        });
-    }
-
-    fn apply(&self, c: &ConnHandle, action: Action) {
-        let bytes = match action {
-            Action::Nothing => return,
-            Action::Close(reason) => return c.close(reason),
-            Action::Heartbeat => match c.transport {
-                Transport::Ws => Bytes::from_static(PING_FRAME),
-                Transport::Sse => Bytes::from_static(sse::HEARTBEAT),
-            },
-            Action::AskReconnect(reason) => self.reconnect_frame(reason, c.transport),
-        };
-        c.enqueue(Outbound::control(bytes), self.limits);
-    }
-}
-
-/// An empty WebSocket ping: `0x89 0x00`.
-const PING_FRAME: &[u8] = &[0x89, 0x00];
-
 /// A running node.
 #[derive(Debug)]
 pub struct Server {
     shared: Arc<Shared>,
+    sweeper: Arc<Sweeper>,
     client_addr: SocketAddr,
     admin_addr: SocketAddr,
     secret: String,
@@ -321,7 +101,7 @@ impl Server {
                 .advertise_addr
                 .clone()
                 .unwrap_or_else(|| admin_addr.to_string());
-            Some(crate::presence::Presence::start(
+            Some(Presence::start(
                 registry,
                 &config.node_id,
                 node_addr,
@@ -346,31 +126,77 @@ impl Server {
             };
         let kafka = match &config.receipts_brokers {
             None => None,
-            Some(brokers) => Some(
-                crate::receipts::KafkaReceipts::new(brokers, &config.receipts_topic).map_err(
-                    |source| StartError::Receipts {
-                        brokers: brokers.clone(),
-                        source,
-                    },
-                )?,
-            ),
+            Some(brokers) => Some(KafkaReceipts::new(brokers, &config.receipts_topic).map_err(
+                |source| StartError::Receipts {
+                    brokers: brokers.clone(),
+                    source,
+                },
+            )?),
         };
-        let shared = Arc::new(Shared::new(config, &secret, presence, store));
+        let prometheus = m::install();
+        metrics::gauge!(m::CONNECTIONS_CAPACITY).set(config.max_connections as f64);
+        let presence = presence.map(Arc::new);
+        let hub = Arc::new(Hub::new());
+        let clock = NodeClock::start();
+        let drain = Arc::new(Drain::new());
+        let receipts = Arc::new(Receipts::new());
+        let limits = queue_limits(&config);
+        let forwarder = Forwarder::new(
+            config
+                .admin_security
+                .internal_secret
+                .as_deref()
+                .or(config.admin_token.as_deref()),
+            config.admin_security.peer_nets.clone(),
+            presence.clone(),
+            config.node_id.clone(),
+        );
+        let pusher = Pusher::new(
+            hub.clone(),
+            store.clone(),
+            receipts.clone(),
+            forwarder,
+            limits,
+        );
+        let sweeper = Arc::new(Sweeper::new(
+            hub.clone(),
+            config.lifecycle.clone(),
+            drain.clone(),
+            clock,
+            limits,
+        ));
+        let auth = Authenticator::new(secret.as_bytes(), config.require_exp).with_issuer_audience(
+            config.admin_security.token_issuer.as_deref(),
+            config.admin_security.token_audience.as_deref(),
+        );
         let mut tasks = vec![
-            crate::presence::Presence::spawn_refresher(shared.clone()),
-            tokio::spawn(listener::accept_loop(client, shared.clone())),
-            tokio::spawn(admin::serve(admin, shared.clone())),
-            tokio::spawn(sweep_loop(shared.clone())),
-            shared
-                .receipts
-                .spawn(shared.store.clone(), shared.config.node_id.clone(), kafka),
+            receipts.spawn(store.clone(), config.node_id.clone(), kafka),
+            tokio::spawn(sweeper.clone().run(config.sweep_interval)),
         ];
+        if let Some(p) = &presence {
+            tasks.push(Presence::spawn_refresher(p.clone(), hub.clone(), clock));
+        }
         if let Some(m) = memory_store {
             tasks.push(tokio::spawn(history_sweep_loop(m)));
         }
+        let shared = Arc::new(Shared::new(Parts {
+            config,
+            auth,
+            prometheus,
+            hub,
+            clock,
+            drain,
+            presence,
+            store,
+            pusher,
+            receipts,
+        }));
+        tasks.push(tokio::spawn(listener::accept_loop(client, shared.clone())));
+        tasks.push(tokio::spawn(admin::serve(admin, shared.clone())));
         tracing::info!(%client_addr, %admin_addr, node = %shared.config.node_id, "push-server started");
         Ok(Self {
             shared,
+            sweeper,
             client_addr,
             admin_addr,
             secret,
@@ -394,8 +220,26 @@ impl Server {
         (&self.secret, self.secret_generated)
     }
 
-    /// The node's shared state (hub, authenticator, settings).
-    pub fn shared(&self) -> &Arc<Shared> {
+    /// The node's settings (validated; the secret taken out: see [`Server::secret`]).
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// The node's local connections by user.
+    pub fn hub(&self) -> &Hub {
+        &self.shared.hub
+    }
+
+    /// Connections in their handshake now.
+    pub fn pending_handshakes(&self) -> usize {
+        self.shared
+            .pending_handshakes
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The shared state, for the crate's own unit tests.
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
 
@@ -407,7 +251,7 @@ impl Server {
     /// Starts draining: readiness fails, new clients are refused, and every client is asked
     /// to reconnect at its own point in the drain window.
     pub fn drain(&self) {
-        self.shared.begin_drain();
+        self.sweeper.begin_drain();
     }
 
     /// Resolves when a drain has finished: every client has gone, or the window and the
@@ -417,7 +261,7 @@ impl Server {
         loop {
             if let Some(started) = self.shared.draining() {
                 if self.shared.hub.open_total() == 0
-                    || self.shared.now() >= self.shared.drain_deadline(started)
+                    || self.shared.now() >= drain::deadline(&self.shared.config.lifecycle, started)
                 {
                     return;
                 }
@@ -439,15 +283,6 @@ impl Server {
     }
 }
 
-async fn sweep_loop(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(shared.config.sweep_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        shared.sweep();
-    }
-}
-
 /// Forgets users whose kept messages all aged out, every few seconds: the memory store trims
 /// a user's messages on every append and read, so this only returns the memory of users who
 /// stopped getting messages.
@@ -464,17 +299,4 @@ fn random_secret() -> String {
     use base64::Engine as _;
     let bytes: [u8; 32] = rand::random();
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-/// The close frame for a server-initiated close of `reason`, if one is sent.
-pub(crate) fn close_frame_for(reason: crate::lifecycle::DisconnectReason) -> Option<Bytes> {
-    use crate::lifecycle::DisconnectReason as R;
-    let (code, text) = match reason {
-        R::ForcedAfterGrace => (ws::close_code::RECONNECT_TIMEOUT, "reconnect grace expired"),
-        R::HeartbeatTimeout => (ws::close_code::HEARTBEAT_TIMEOUT, "heartbeat timeout"),
-        R::SlowConsumer => (ws::close_code::SLOW_CONSUMER, "slow consumer"),
-        R::Drain => (ws::close_code::GOING_AWAY, "node shutting down"),
-        _ => return None,
-    };
-    Some(ws::close_frame(code, text))
 }

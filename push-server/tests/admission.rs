@@ -82,13 +82,7 @@ async fn silent_connections_from_one_address_do_not_keep_another_address_out() {
         || async { connects(&server, "pending_ip_limit").await >= 36.0 },
     )
     .await;
-    assert_eq!(
-        server
-            .shared()
-            .pending_handshakes
-            .load(std::sync::atomic::Ordering::Relaxed),
-        4
-    );
+    assert_eq!(server.pending_handshakes(), 4);
     // A client from another address still gets in.
     let t = token(&server, "real", None);
     assert_eq!(sse_status_from(source(2), &server, &t).await, 200);
@@ -203,7 +197,7 @@ async fn connections_per_user_are_capped_and_the_newest_is_refused() {
     // Nothing leaked: every place is given back once the clients are gone.
     drop((a, b, other, p3));
     eventually("the many user's places to be free", || async {
-        server.shared().hub.connections("many").is_empty()
+        server.hub().connections("many").is_empty()
     })
     .await;
     let mut c = ws_connect(&server, &t).await;
@@ -247,7 +241,7 @@ async fn resume_points_at_the_top_of_the_id_range_are_served() {
         assert_eq!(ev.data, "after the top");
         drop((ws, sse));
         eventually("both places to be given back", || async {
-            server.shared().hub.open_total() == 0
+            server.hub().open_total() == 0
         })
         .await;
     }

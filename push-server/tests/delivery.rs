@@ -118,7 +118,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_nothing_it_missed_counts_as_
     })
     .await;
     eventually("the stalled client to leave the hub", || async {
-        server.shared().hub.connections("stalled").is_empty()
+        server.hub().connections("stalled").is_empty()
     })
     .await;
     // What was reported delivered was written to the socket, no more.

@@ -213,6 +213,6 @@ async fn drain_spreads_reconnects_over_the_window_and_refuses_new_clients() {
     tokio::time::timeout(Duration::from_secs(30), server.drained())
         .await
         .expect("drain finishes once the clients are gone");
-    assert_eq!(server.shared().hub.open_total(), 0);
+    assert_eq!(server.hub().open_total(), 0);
     assert!(metric(&server, r#"push_disconnects_total{reason="drain"}"#).await >= N as f64);
 }

@@ -129,7 +129,7 @@ async fn slow_consumer_is_disconnected_with_a_bounded_queue() {
     })
     .await;
     eventually("the slow consumer to leave the hub", || async {
-        server.shared().hub.connections("slow").is_empty()
+        server.hub().connections("slow").is_empty()
     })
     .await;
     // Others are unaffected.
@@ -169,7 +169,7 @@ async fn slow_consumer_drop_oldest_keeps_the_connection() {
         .await
             >= 1.0
     );
-    assert_eq!(server.shared().hub.connections("slow").len(), 1);
+    assert_eq!(server.hub().connections("slow").len(), 1);
 }
 
 #[tokio::test]
@@ -226,7 +226,7 @@ async fn slow_header_senders_time_out() {
         .unwrap()
         .unwrap();
     assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
-    assert_eq!(server.shared().hub.open_total(), 0);
+    assert_eq!(server.hub().open_total(), 0);
 }
 
 #[tokio::test]
@@ -307,11 +307,7 @@ async fn handshakes_in_flight_are_bounded() {
     let _a = TcpStream::connect(server.client_addr()).await.unwrap();
     let _b = TcpStream::connect(server.client_addr()).await.unwrap();
     eventually("both handshakes to be pending", || async {
-        server
-            .shared()
-            .pending_handshakes
-            .load(std::sync::atomic::Ordering::Acquire)
-            >= 2
+        server.pending_handshakes() >= 2
     })
     .await;
     // ...so the next one is refused at once instead of queueing without bound.
@@ -343,8 +339,8 @@ async fn reuse_port_lets_two_nodes_share_the_client_port() {
         ws_next_json(&mut ws).await;
         clients.push(ws);
     }
-    served[0] = a.shared().hub.open_total();
-    served[1] = b.shared().hub.open_total();
+    served[0] = a.hub().open_total();
+    served[1] = b.hub().open_total();
     assert_eq!(served[0] + served[1], 40);
     assert!(served[0] > 0 && served[1] > 0, "kernel spread: {served:?}");
 

@@ -264,7 +264,7 @@ async fn bad_tokens_are_refused_with_401() {
         other => panic!("expected HTTP 401, got {other:?}"),
     }
     assert!(metric(&server, r#"push_connects_total{result="unauthorized"}"#).await >= 4.0);
-    assert_eq!(server.shared().hub.open_total(), 0);
+    assert_eq!(server.hub().open_total(), 0);
 }
 
 #[tokio::test]

@@ -162,8 +162,7 @@ async fn a_device_that_moves_to_another_node_is_retired_on_the_old_one() {
     .await;
     // Node A's next refresh finds the newer registration and stops delivering there.
     eventually("node-a to retire its connection", || async {
-        a.shared()
-            .hub
+        a.hub()
             .connections("dave")
             .iter()
             .all(|c| c.state().superseded)

@@ -1,6 +1,6 @@
 //! Message history on the Redis family: [`RedisStore`] (`redis://`, one Redis or a Dynomite
 //! proxy), [`ClusterStore`] (`redis-cluster://`) and [`RingStore`] (`ring://`). The data
-//! model and scripts are in `history_model.rs`; this is the I/O around them.
+//! model and scripts are in `redis_model.rs`; this is the I/O around them.
 //!
 //! Every operation on a user is one single-key EVAL on the user's key, so it is atomic on the
 //! node that holds the key and Dynomite can route it. Batches are pipelines (never
@@ -21,9 +21,9 @@ use futures_util::future::join_all;
 use redis::cluster_async::ClusterConnection;
 use redis::Value;
 
-use crate::buffer::{Appended, BufferLimits, Buffered, NewMessage, Resume};
-use crate::history::{first_id_now, now_ms, MessageStore};
-use crate::history_model as model;
+use super::redis_model as model;
+use super::MessageStore;
+use crate::buffer::{first_id_now, now_ms, Appended, BufferLimits, Buffered, NewMessage, Resume};
 use crate::node::{Node, Timeouts};
 use crate::ring::RingRegistry;
 use crate::{Error, Result};

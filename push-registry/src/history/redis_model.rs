@@ -1,6 +1,6 @@
 //! The Redis data model of message history, shared by the `redis`, `redis-cluster` and `ring`
 //! stores: the key, the member encoding, the Lua scripts, building their commands and decoding
-//! their replies. No I/O here (the I/O is in `history_redis.rs`).
+//! their replies. No I/O here (the I/O is in `redis.rs`).
 //!
 //! One sorted set per user, `ph:{<user>}` (the braces are a Redis Cluster hash tag, as for the
 //! registry's `pr:{<user>}`):
@@ -33,7 +33,7 @@
 //! The key expires `2 × max_age` after its last append (`PEXPIRE`, see [`key_ttl`]): by then
 //! every message in it has aged out, and a user who gets nothing for a while costs nothing. The counter goes with
 //! it; the next append seeds it again from the caller's clock in microseconds, which is above
-//! every ID given before (see [`crate::history::first_id_now`]).
+//! every ID given before (see [`crate::buffer::first_id_now`]).
 //!
 //! Only commands Dynomite proxies are used, and only inside single-key EVALs: ZSCORE, ZCARD,
 //! ZCOUNT, ZRANGE, ZRANGEBYSCORE, ZADD, ZREMRANGEBYRANK, ZREMRANGEBYSCORE, PEXPIRE.

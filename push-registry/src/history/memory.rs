@@ -1,65 +1,15 @@
-//! Per-user message history, so that a client can resume after a reconnect: the
-//! [`MessageStore`] trait, its embedded in-memory form [`MemoryStore`], and [`open_store`].
-//!
-//! The store is the single source of message IDs: a message gets its per-user ID when it is
-//! appended, once, whichever node or processor appends it, so the same message carries the
-//! same ID on every device and every connection, and IDs keep increasing across reconnects,
-//! node restarts and moves between nodes. The resume rule is [`UserBuffer::since`].
+//! The embedded message store: users' buffers in process memory, sharded by user.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use crate::buffer::{Appended, BufferLimits, Buffered, NewMessage, Resume, UserBuffer};
+use super::MessageStore;
+use crate::buffer::{
+    first_id_now, now_ms, Appended, BufferLimits, Buffered, NewMessage, Resume, UserBuffer,
+};
 use crate::Result;
-
-/// Where users' recent messages are kept. Implemented by `memory` and the Redis-family
-/// backends; see [`open_store`].
-///
-/// Semantics every backend follows:
-/// - IDs per user increase by one per append. A user's first ID (and the first after their
-///   history expired) is the wall clock in microseconds, so IDs keep increasing even when
-///   the store forgets a user.
-/// - A message whose `mid` is still kept for its user is not appended twice.
-/// - At most [`BufferLimits::max_messages`] per user, none older than
-///   [`BufferLimits::max_age`].
-#[async_trait]
-pub trait MessageStore: Send + Sync + std::fmt::Debug {
-    /// Appends messages, in order, each to its user's history. One outcome per message.
-    /// Batched: one round trip per storage node.
-    async fn append(&self, messages: &[NewMessage<'_>]) -> Result<Vec<Appended>>;
-
-    /// What a client of `user` that last saw ID `after` is owed: the kept messages with a
-    /// larger ID, oldest first, and a gap when some of them are no longer kept. `after == 0`
-    /// means the client saw nothing: every kept message, never a gap.
-    async fn since(&self, user: &str, after: u64) -> Result<Resume>;
-
-    /// The kept messages of `user` with these IDs, in ID order; IDs no longer kept are left
-    /// out. Used to turn a client's acknowledgement into a receipt (message ID, send time).
-    async fn get(&self, user: &str, ids: &[u64]) -> Result<Vec<Buffered>>;
-
-    /// The limits this store keeps to.
-    fn limits(&self) -> BufferLimits;
-}
-
-/// The clock the stores stamp messages with, milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    crate::record::now_ms()
-}
-
-/// The first ID of a user the store does not know: the wall clock in microseconds.
-///
-/// Why: a store forgets a user whose history expired (memory, Redis `PEXPIRE`), and a
-/// memory store forgets everyone on restart, but clients resume and deduplicate by ID, so a
-/// new counter must start above every ID given before. One message per microsecond per
-/// user is far above any real rate.
-pub fn first_id_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
 
 /// Number of lock shards of the memory store: well above the core count, so appends for
 /// different users rarely wait on each other.
@@ -87,7 +37,7 @@ impl MemoryStore {
     }
 
     fn shard(&self, user: &str) -> std::sync::MutexGuard<'_, HashMap<Box<str>, UserBuffer>> {
-        self.shards[crate::shard_of(user, SHARDS)]
+        self.shards[crate::shard::shard_of(user, SHARDS)]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
@@ -168,33 +118,6 @@ impl MessageStore for MemoryStore {
     fn limits(&self) -> BufferLimits {
         self.limits
     }
-}
-
-/// Opens the message store for a registry URL: the same storage as the registry (memory for
-/// `memory`, the same Redis for `redis://`, the same cluster or ring), with the same options
-/// (`timeout_ms`, the ring's racks and write consistency), keeping to `limits`. Only
-/// `redis-cluster` connects here (it needs the slot map); the others connect on first use.
-pub async fn open_store(url: &str, limits: BufferLimits) -> Result<Arc<dyn MessageStore>> {
-    use crate::history_redis::{ClusterStore, RedisStore, RingStore};
-    use crate::url::{self, BackendUrl};
-    Ok(match url::parse(url)? {
-        BackendUrl::Memory { .. } => Arc::new(MemoryStore::new(limits)),
-        BackendUrl::Redis { url, timeout_ms } => {
-            Arc::new(RedisStore::new(&url, url::timeouts(timeout_ms), limits)?)
-        }
-        BackendUrl::Cluster { nodes, timeout_ms } => {
-            Arc::new(ClusterStore::connect(&nodes, url::timeouts(timeout_ms), limits).await?)
-        }
-        BackendUrl::Ring {
-            racks,
-            read,
-            write,
-            timeout_ms,
-        } => Arc::new(RingStore::new(
-            crate::RingRegistry::new(&racks, read, write, url::timeouts(timeout_ms))?,
-            limits,
-        )),
-    })
 }
 
 #[cfg(test)]
