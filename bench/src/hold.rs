@@ -5,7 +5,7 @@
 //! subscribers of `peers-push` use it): bounded connects in flight, source addresses
 //! 127.0.0.2 onwards, one task per connection. [`Tally`] counts what opened.
 //!
-//! Protocol of `bench hold` with its parent ([`Holder`]), one JSON object per stdout line:
+//! Protocol of `bench hold` with its parent ([`Reporter`]), one JSON object per stdout line:
 //! - [`Connected`] once every connection has either opened or failed;
 //! - [`Done`] when it stops: stdin closed (the parent is done or gone) or the `--hold-secs`
 //!   deadline passed, so it never outlives a crashed parent for long.
@@ -456,7 +456,7 @@ impl Reporter {
     }
 }
 
-/// What the connections of a [`Holder`] present.
+/// What the connections of a [`Reporter`] present.
 #[derive(Debug, Clone)]
 pub enum Present {
     /// push-server: tokens minted with this secret for `u0` ….

@@ -1,7 +1,7 @@
 //! The side-by-side driver: the arguments every scenario shares ([`CommonArgs`]), one
 //! result per system ([`PeerResult`]), and [`each_peer`], which runs a scenario on each
 //! system in turn: checks the open-files limit, skips a system that is missing with a line
-//! saying why, bounds each run by a budget, prints one line per system; then [`print`]
+//! saying why, bounds each run by a budget, prints one line per system; then [`print()`]
 //! writes the table (and the JSON).
 
 use std::future::Future;

@@ -5,7 +5,7 @@
 //! The store is the single source of message IDs: a message gets its per-user ID when it is
 //! appended, once, whichever node or processor appends it, so the same message carries the
 //! same ID on every device and every connection, and IDs keep increasing across reconnects,
-//! node restarts and moves between nodes. The resume rule is [`UserBuffer::since`].
+//! node restarts and moves between nodes. The resume rule is [`crate::buffer::UserBuffer::since`].
 
 use async_trait::async_trait;
 
