@@ -187,7 +187,7 @@ impl SpanStore {
             let index = self.index(&meta.location).await?;
             out.push((Path::from(format!("{stem}.parquet")), index));
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_by_key(|(path, _)| path.clone());
         Ok(out)
     }
 
@@ -242,7 +242,7 @@ impl SpanStore {
                 spans.extend(self.read(&path, |r| r.trace_id == trace_id).await?);
             }
         }
-        spans.sort_by(|a, b| (a.start_ns, &a.span_id).cmp(&(b.start_ns, &b.span_id)));
+        spans.sort_by_key(|s| (s.start_ns, s.span_id.clone()));
         // A span delivered twice by the Kafka transport (at least once) is shown once.
         spans.dedup_by(|a, b| a.span_id == b.span_id && a.start_ns == b.start_ns);
         Ok(spans)

@@ -58,7 +58,7 @@ impl Page {
                 "--disable-component-update",
                 "--disable-sync",
                 "--hide-scrollbars",
-                "--window-size=1000,300",
+                "--window-size=1000,500",
                 "--remote-debugging-port=0",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
@@ -129,7 +129,7 @@ impl Page {
                 .expect("DevTools socket open")
                 .unwrap();
             let Message::Text(text) = m else { continue };
-            let v: Value = serde_json::from_str(&text).unwrap();
+            let mut v: Value = serde_json::from_str(&text).unwrap();
             if v["id"] == json!(id) {
                 assert!(v.get("error").is_none(), "{method}: {v}");
                 return v["result"].take();
