@@ -66,7 +66,10 @@ fn batch(rng: &mut impl Rng, t0: u64) -> Vec<u8> {
                 start_time_unix_nano: start,
                 end_time_unix_nano: start + dur,
                 attributes: vec![
-                    kv("user", Value::StringValue(format!("u{}", rng.random_range(0..10_000)))),
+                    kv(
+                        "user",
+                        Value::StringValue(format!("u{}", rng.random_range(0..10_000))),
+                    ),
                     kv("bytes", Value::IntValue(rng.random_range(10..4_000))),
                 ],
                 ..Default::default()
@@ -184,10 +187,21 @@ async fn main() -> anyhow::Result<()> {
     let accepted_in = started.elapsed();
     let stored_in = loop {
         let req = hyper::Request::get(format!("{base}/metrics")).body(Full::new(Bytes::new()))?;
-        let text = client.request(req).await?.into_body().collect().await?.to_bytes();
+        let text = client
+            .request(req)
+            .await?
+            .into_body()
+            .collect()
+            .await?
+            .to_bytes();
         let stored = String::from_utf8_lossy(&text)
             .lines()
-            .find_map(|l| l.strip_prefix("traces_spans_stored_total ")?.trim().parse().ok())
+            .find_map(|l| {
+                l.strip_prefix("traces_spans_stored_total ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
             .unwrap_or(0usize);
         if stored >= spans {
             break started.elapsed();
@@ -232,12 +246,21 @@ async fn main() -> anyhow::Result<()> {
         store_bytes as f64 / 1048576.0,
         store_bytes as f64 / 1048576.0 / (spans as f64 / 1e6)
     );
-    println!("trace by ID (Jaeger API): {:.1} ms", lookup_in.as_secs_f64() * 1e3);
+    println!(
+        "trace by ID (Jaeger API): {:.1} ms",
+        lookup_in.as_secs_f64() * 1e3
+    );
 
     let from = i64::try_from(t0)? - 3_600_000_000_000;
     let to = i64::try_from(now.as_nanos())? + 3_600_000_000_000;
-    for script in ["per_hop_latency.sql", "slowest_traces.sql", "error_rate.sql", "late_messages.sql"] {
-        let sql = std::fs::read_to_string(format!("{}/queries/{script}", env!("CARGO_MANIFEST_DIR")))?;
+    for script in [
+        "per_hop_latency.sql",
+        "slowest_traces.sql",
+        "error_rate.sql",
+        "late_messages.sql",
+    ] {
+        let sql =
+            std::fs::read_to_string(format!("{}/queries/{script}", env!("CARGO_MANIFEST_DIR")))?;
         let t = Instant::now();
         let batches = query::run(&store, &sql, from, to, query::DEFAULT_MEMORY_LIMIT).await?;
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();

@@ -420,7 +420,9 @@ mod tests {
     fn a_rule_change_takes_effect_without_restart() {
         let sampler = Sampler::new(Strategies::parse(RULES).unwrap());
         assert_rate(&sampler, "push-server", "POST /v1/push", 0.5);
-        sampler.set_rules(Strategies::parse(&RULES.replace(r#""param": 0.5}"#, r#""param": 0.9}"#)).unwrap());
+        sampler.set_rules(
+            Strategies::parse(&RULES.replace(r#""param": 0.5}"#, r#""param": 0.9}"#)).unwrap(),
+        );
         assert_rate(&sampler, "push-server", "POST /v1/push", 0.9);
     }
 

@@ -52,7 +52,10 @@ async fn spans_travel_through_kafka_to_store_writers_and_are_found_once() {
             request(
                 "push-server",
                 t,
-                &[(2, 1, "deliver", 100, 700), (3, 2, "socket write", 300, 100)],
+                &[
+                    (2, 1, "deliver", 100, 700),
+                    (3, 2, "socket write", 300, 100),
+                ],
             ),
         ] {
             let (status, _, _) = h

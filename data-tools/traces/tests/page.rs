@@ -171,7 +171,10 @@ async fn the_waterfall_draws_the_tree_and_the_critical_path_in_chromium() {
         request(
             "push-server",
             0x77,
-            &[(2, 1, "deliver", 1_000, 8_000), (3, 2, "socket write", 6_000, 2_500)],
+            &[
+                (2, 1, "deliver", 1_000, 8_000),
+                (3, 2, "socket write", 6_000, 2_500),
+            ],
         ),
     ];
     for req in requests {

@@ -1,7 +1,6 @@
 //! `traces serve` on 127.0.0.1:0 with a store in a temporary directory: OTLP in, Jaeger API
 //! and the page out, sampling rules served and reloaded, and every refusal path.
 
-
 mod support;
 
 use std::time::Duration;
