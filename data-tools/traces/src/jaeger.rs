@@ -192,7 +192,7 @@ pub async fn search(store: &SpanStore, q: &Search) -> Result<Vec<Vec<SpanRow>>, 
             }
         }
     }
-    hits.sort_by(|a, b| b.0.cmp(&a.0));
+    hits.sort_by_key(|h| std::cmp::Reverse(h.0));
     hits.truncate(q.limit);
     let mut traces = Vec::with_capacity(hits.len());
     for (_, id) in hits {

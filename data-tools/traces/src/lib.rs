@@ -11,6 +11,7 @@
 //! | [`model`] | one span as a flat row; its Arrow schema |
 //! | [`otlp`] | OTLP/HTTP bodies (protobuf, JSON) → rows (pure) |
 //! | [`store`] | Parquet files by hour through `object_store`, an index per file |
+//! | [`kafka`] | at scale: collector → Kafka topic → store writers in one consumer group |
 //! | [`query`] | the SQL query runner (DataFusion) over the store |
 //! | [`jaeger`] | Jaeger's query API: search, trace JSON; the critical path |
 //! | [`page`] | the waterfall page for one trace |
@@ -19,6 +20,7 @@
 //! docs/tracing.md is the operator's guide.
 
 pub mod jaeger;
+pub mod kafka;
 pub mod model;
 pub mod otlp;
 pub mod page;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use traces::kafka::{self, KafkaSettings, WriterSettings};
 use traces::query::{self, Format};
 use traces::server::{self, Settings};
 use traces::store::SpanStore;
@@ -53,6 +54,29 @@ enum Command {
         #[arg(long, default_value_t = 200_000)]
         max_queue_spans: usize,
         /// How often queued spans are written to the store.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        flush_interval: Duration,
+        /// At scale: produce spans to Kafka (these brokers) for `traces store-writer`s
+        /// instead of writing the store here. The store is still read for queries.
+        #[arg(long, env = "TRACES_KAFKA_BROKERS")]
+        kafka_brokers: Option<String>,
+        /// The spans topic.
+        #[arg(long, env = "TRACES_KAFKA_TOPIC", default_value = "traces-spans")]
+        kafka_topic: String,
+    },
+    /// At scale: consumes spans from Kafka and writes them to the store; run several with
+    /// the same --group to share the topic's partitions.
+    StoreWriter {
+        /// Kafka brokers.
+        #[arg(long, env = "TRACES_KAFKA_BROKERS")]
+        kafka_brokers: String,
+        /// The spans topic.
+        #[arg(long, env = "TRACES_KAFKA_TOPIC", default_value = "traces-spans")]
+        kafka_topic: String,
+        /// Consumer group of the store's writers.
+        #[arg(long, default_value = "traces-store")]
+        group: String,
+        /// How often consumed spans are written and their offsets committed.
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         flush_interval: Duration,
     },
@@ -116,9 +140,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             max_body,
             max_queue_spans,
             flush_interval,
+            kafka_brokers,
+            kafka_topic,
         } => {
             let store = SpanStore::open(&cli.store)?;
             let settings = Settings {
+                kafka: kafka_brokers.map(|brokers| KafkaSettings {
+                    brokers,
+                    topic: kafka_topic,
+                }),
                 listen,
                 max_body,
                 max_queue_spans,
@@ -137,6 +167,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tokio::signal::ctrl_c().await?;
             eprintln!("traces: stopping; writing queued spans");
             running.shutdown().await;
+            Ok(())
+        }
+        Command::StoreWriter {
+            kafka_brokers,
+            kafka_topic,
+            group,
+            flush_interval,
+        } => {
+            let store = SpanStore::open(&cli.store)?;
+            let settings = WriterSettings {
+                kafka: KafkaSettings {
+                    brokers: kafka_brokers,
+                    topic: kafka_topic,
+                },
+                group,
+                flush_interval,
+                flush_spans: Settings::default().flush_spans,
+            };
+            let (stop, stop_rx) = tokio::sync::watch::channel(false);
+            let mut writer = tokio::spawn(kafka::run_writer(settings, store, stop_rx));
+            eprintln!("traces: store writer running; Ctrl-C writes what it holds and stops");
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => {
+                    r?;
+                    let _ = stop.send(true);
+                    writer.await??;
+                }
+                // The writer ends by itself only on an error (the store cannot be written).
+                r = &mut writer => r??,
+            }
             Ok(())
         }
         Command::Query {

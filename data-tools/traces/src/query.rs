@@ -10,6 +10,7 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::util::pretty::pretty_format_batches;
 use datafusion::datasource::MemTable;
 use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{col, lit, ParquetReadOptions, SessionConfig, SessionContext};
 
@@ -18,6 +19,9 @@ use crate::store::{SpanStore, StoreError};
 
 /// Default memory DataFusion may use for one script before it spills.
 pub const DEFAULT_MEMORY_LIMIT: usize = 256 << 20;
+
+/// Where the query runner finds the span store's objects (a URL only DataFusion sees).
+const STORE_URL: &str = "traces://store";
 
 /// A script that did not run.
 #[derive(Debug, thiserror::Error)]
@@ -60,14 +64,17 @@ pub async fn run(
         .with_target_partitions(2)
         .with_information_schema(true);
     let ctx = SessionContext::new_with_config_rt(config, runtime);
-    let url = url::Url::parse(store.url()).map_err(|e| QueryError::Output(e.to_string()))?;
-    ctx.register_object_store(&url, store.objects());
+    // The store is registered under a scheme of its own, so DataFusion reads the same paths the
+    // store writes, relative to its root, whatever the store is (a prefixed local directory
+    // registered as `file://` would see every path twice).
+    let url = ObjectStoreUrl::parse(STORE_URL)?;
+    ctx.register_object_store(url.as_ref(), store.objects());
 
     let files: Vec<String> = store
         .files(from_ns, to_ns)
         .await?
         .into_iter()
-        .map(|(path, _)| format!("{}{}", store.url(), path))
+        .map(|(path, _)| format!("{STORE_URL}/{path}"))
         .collect();
     if files.is_empty() {
         let empty = MemTable::try_new(model::schema(), vec![vec![]])?;

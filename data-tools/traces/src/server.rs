@@ -33,6 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::jaeger::{self, Search};
+use crate::kafka::{KafkaSettings, SpanProducer};
 use crate::model::SpanRow;
 use crate::otlp::{self, Encoding};
 use crate::page;
@@ -58,6 +59,9 @@ pub struct Settings {
     pub sampling_reload: Duration,
     /// Spans older than this are deleted (whole hours); `None` keeps everything.
     pub retention: Option<Duration>,
+    /// Produce spans to Kafka for store writers ([`crate::kafka`]) instead of writing the
+    /// store; the store is still read for the query API.
+    pub kafka: Option<KafkaSettings>,
 }
 
 impl Default for Settings {
@@ -71,6 +75,7 @@ impl Default for Settings {
             sampling_file: None,
             sampling_reload: Duration::from_secs(5),
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            kafka: None,
         }
     }
 }
@@ -126,6 +131,10 @@ pub async fn start(settings: Settings, store: SpanStore) -> anyhow::Result<Runni
         None => Strategies::default(),
     };
     let sampler = Arc::new(Sampler::new(rules));
+    let sink = match &settings.kafka {
+        Some(k) => Sink::Kafka(SpanProducer::new(k)?),
+        None => Sink::Store(store.clone()),
+    };
     let listener = TcpListener::bind(settings.listen).await?;
     let addr = listener.local_addr()?;
     let (stop, stop_rx) = watch::channel(false);
@@ -140,7 +149,7 @@ pub async fn start(settings: Settings, store: SpanStore) -> anyhow::Result<Runni
         metrics: metrics_handle(),
     });
     let mut tasks = vec![tokio::spawn(writer(
-        store.clone(),
+        sink,
         queue_rx,
         queued,
         settings.clone(),
@@ -537,10 +546,47 @@ async fn ingest(app: &App, req: Request<Incoming>) -> Resp {
     }
 }
 
-/// Drains the queue into the store: every `flush_interval`, or sooner at `flush_spans`. A
-/// store error drops that batch with a counter (spans are telemetry: never block ingest on it).
+/// Where the writer puts spans.
+#[derive(Debug)]
+enum Sink {
+    /// The span store itself (the embedded default).
+    Store(SpanStore),
+    /// A Kafka topic that store writers consume.
+    Kafka(SpanProducer),
+}
+
+impl Sink {
+    async fn put(&self, rows: Vec<SpanRow>) {
+        let n = rows.len();
+        match self {
+            Sink::Store(store) => match store.write(rows, chrono::Utc::now()).await {
+                Ok(files) => {
+                    counter!("traces_spans_stored_total").increment(n as u64);
+                    counter!("traces_store_files_total").increment(files as u64);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, spans = n, "span store write failed; spans dropped");
+                    counter!("traces_spans_dropped_total", "reason" => "store_error")
+                        .increment(n as u64);
+                }
+            },
+            Sink::Kafka(producer) => {
+                let failed = producer.send(&rows).await;
+                counter!("traces_spans_produced_total").increment((n - failed) as u64);
+                if failed > 0 {
+                    tracing::error!(spans = failed, "kafka did not take spans; dropped");
+                    counter!("traces_spans_dropped_total", "reason" => "kafka_error")
+                        .increment(failed as u64);
+                }
+            }
+        }
+    }
+}
+
+/// Drains the queue into the sink: every `flush_interval`, or sooner at `flush_spans`. A
+/// failed write drops that batch with a counter (spans are telemetry: never block ingest on it).
 async fn writer(
-    store: SpanStore,
+    sink: Sink,
     mut rx: mpsc::UnboundedReceiver<Vec<SpanRow>>,
     queued: Arc<AtomicUsize>,
     settings: Settings,
@@ -568,17 +614,7 @@ async fn writer(
         if !pending.is_empty() {
             let rows = std::mem::take(&mut pending);
             let n = rows.len();
-            match store.write(rows, chrono::Utc::now()).await {
-                Ok(files) => {
-                    counter!("traces_spans_stored_total").increment(n as u64);
-                    counter!("traces_store_files_total").increment(files as u64);
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, spans = n, "span store write failed; spans dropped");
-                    counter!("traces_spans_dropped_total", "reason" => "store_error")
-                        .increment(n as u64);
-                }
-            }
+            sink.put(rows).await;
             queued.fetch_sub(n, Ordering::AcqRel);
         }
         if stopping {

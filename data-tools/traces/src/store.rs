@@ -5,8 +5,8 @@
 //! Layout under the store's root:
 //!
 //! ```text
-//! spans/2026-11-29/14/part-1764424800123-0.parquet   immutable, written once
-//! spans/2026-11-29/14/part-1764424800123-0.idx.json  {"trace_ids":[…],"services":{"svc":["op",…]},…}
+//! spans/2026-11-29/14/part-1764424800123-9f3a0c21-0.parquet   immutable, written once
+//! spans/2026-11-29/14/part-1764424800123-9f3a0c21-0.idx.json  {"trace_ids":[…],"services":{"svc":["op",…]},…}
 //! ```
 //!
 //! Files are immutable: the in-memory index cache never goes stale, and a retention pass
@@ -21,9 +21,11 @@ use chrono::{DateTime, Utc};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::arrow::ArrowWriter;
 use futures_util::TryStreamExt;
-use object_store::local::LocalFileSystem;
-use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+// DataFusion's own object_store (re-exported): one copy compiled, and the store handed to the
+// query runner is the type DataFusion expects.
+use datafusion::object_store::local::LocalFileSystem;
+use datafusion::object_store::path::Path;
+use datafusion::object_store::{self, ObjectStore, ObjectStoreExt, PutPayload};
 
 use crate::model::{self, hour_of, SpanRow, HOUR_NS};
 
@@ -71,9 +73,10 @@ pub struct SpanStore {
 #[derive(Debug)]
 struct Inner {
     objects: Arc<dyn ObjectStore>,
-    /// The URL DataFusion reads the files under (`file:///abs/dir/`).
-    url: String,
     indexes: Mutex<HashMap<Path, Arc<FileIndex>>>,
+    /// Random per handle: several writers (the Kafka transport's) share one store, and two
+    /// files written in the same millisecond must not share a name.
+    writer: u32,
     seq: AtomicU64,
 }
 
@@ -91,19 +94,16 @@ impl SpanStore {
         std::fs::create_dir_all(&dir)?;
         let dir = std::fs::canonicalize(&dir)?;
         let objects = LocalFileSystem::new_with_prefix(&dir)?;
-        Ok(Self::with_object_store(
-            Arc::new(objects),
-            format!("file://{}/", dir.display()),
-        ))
+        Ok(Self::with_object_store(Arc::new(objects)))
     }
 
-    /// A store over any `object_store` implementation; `url` is where DataFusion finds it.
-    pub fn with_object_store(objects: Arc<dyn ObjectStore>, url: String) -> Self {
+    /// A store over any `object_store` implementation, its paths relative to the store's root.
+    pub fn with_object_store(objects: Arc<dyn ObjectStore>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 objects,
-                url,
                 indexes: Mutex::new(HashMap::new()),
+                writer: rand::random(),
                 seq: AtomicU64::new(0),
             }),
         }
@@ -112,11 +112,6 @@ impl SpanStore {
     /// The object store, for the query runner.
     pub fn objects(&self) -> Arc<dyn ObjectStore> {
         Arc::clone(&self.inner.objects)
-    }
-
-    /// The store's URL, for the query runner.
-    pub fn url(&self) -> &str {
-        &self.inner.url
     }
 
     /// Writes spans: one Parquet file (and its index) per hour they start in. Returns the
@@ -129,7 +124,12 @@ impl SpanStore {
         let mut files = 0;
         for (hour, rows) in by_hour {
             let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
-            let stem = format!("{}/part-{}-{}", hour_dir(hour), now.timestamp_millis(), seq);
+            let stem = format!(
+                "{}/part-{}-{:08x}-{seq}",
+                hour_dir(hour),
+                now.timestamp_millis(),
+                self.inner.writer
+            );
             let parquet = encode(&rows)?;
             let index = index_of(&rows);
             let index_json = serde_json::to_vec(&index).expect("an index serialises");
@@ -187,7 +187,7 @@ impl SpanStore {
             let index = self.index(&meta.location).await?;
             out.push((Path::from(format!("{stem}.parquet")), index));
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_by_key(|(path, _)| path.clone());
         Ok(out)
     }
 
@@ -243,6 +243,8 @@ impl SpanStore {
             }
         }
         spans.sort_by_key(|s| (s.start_ns, s.span_id.clone()));
+        // A span delivered twice by the Kafka transport (at least once) is shown once.
+        spans.dedup_by(|a, b| a.span_id == b.span_id && a.start_ns == b.start_ns);
         Ok(spans)
     }
 

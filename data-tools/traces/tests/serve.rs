@@ -1,172 +1,15 @@
 //! `traces serve` on 127.0.0.1:0 with a store in a temporary directory: OTLP in, Jaeger API
 //! and the page out, sampling rules served and reloaded, and every refusal path.
 
-use std::time::{Duration, Instant};
+mod support;
 
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, KeyValue};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
-use traces::server::{self, Running, Settings};
+use support::{eventually, now_ns, request, start};
+use traces::server::{self, Settings};
 use traces::store::SpanStore;
-
-fn kv(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue {
-            value: Some(Value::StringValue(value.into())),
-        }),
-        ..Default::default()
-    }
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
-
-/// One service's spans: (span id byte, parent byte or 0, name, offset µs, duration µs).
-fn request(
-    service: &str,
-    trace: u8,
-    spans: &[(u8, u8, &str, u64, u64)],
-) -> ExportTraceServiceRequest {
-    let t0 = now_ns() - 5_000_000_000;
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource {
-                attributes: vec![kv("service.name", service)],
-                ..Default::default()
-            }),
-            scope_spans: vec![ScopeSpans {
-                spans: spans
-                    .iter()
-                    .map(|(id, parent, name, off, dur)| Span {
-                        trace_id: vec![trace; 16],
-                        span_id: vec![*id; 8],
-                        parent_span_id: if *parent == 0 {
-                            vec![]
-                        } else {
-                            vec![*parent; 8]
-                        },
-                        name: (*name).into(),
-                        start_time_unix_nano: t0 + off * 1000,
-                        end_time_unix_nano: t0 + (off + dur) * 1000,
-                        attributes: vec![kv("user", "alice")],
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-}
-
-struct Harness {
-    _dir: tempfile::TempDir,
-    running: Running,
-    client: reqwest_like::Client,
-}
-
-/// A tiny HTTP/1.1 client over hyper (the workspace has no reqwest).
-mod reqwest_like {
-    use bytes::Bytes;
-    use http_body_util::{BodyExt, Full};
-    use hyper_util::client::legacy::connect::HttpConnector;
-    use hyper_util::client::legacy::Client as HyperClient;
-    use hyper_util::rt::TokioExecutor;
-
-    #[derive(Debug)]
-    pub struct Client {
-        base: String,
-        inner: HyperClient<HttpConnector, Full<Bytes>>,
-    }
-
-    impl Client {
-        pub fn new(base: String) -> Self {
-            Self {
-                base,
-                inner: HyperClient::builder(TokioExecutor::new()).build_http(),
-            }
-        }
-
-        pub async fn send(
-            &self,
-            method: &str,
-            path: &str,
-            headers: &[(&str, &str)],
-            body: Vec<u8>,
-        ) -> (u16, hyper::HeaderMap, Vec<u8>) {
-            let mut req = hyper::Request::builder()
-                .method(method)
-                .uri(format!("{}{}", self.base, path));
-            for (k, v) in headers {
-                req = req.header(*k, *v);
-            }
-            let resp = self
-                .inner
-                .request(req.body(Full::new(Bytes::from(body))).unwrap())
-                .await
-                .unwrap();
-            let status = resp.status().as_u16();
-            let headers = resp.headers().clone();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .unwrap()
-                .to_bytes()
-                .to_vec();
-            (status, headers, body)
-        }
-
-        pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
-            let (status, _, body) = self.send("GET", path, &[], vec![]).await;
-            (
-                status,
-                serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
-            )
-        }
-    }
-}
-
-async fn start(settings: Settings) -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SpanStore::open(dir.path().to_str().unwrap()).unwrap();
-    let running = server::start(
-        Settings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            flush_interval: Duration::from_millis(100),
-            ..settings
-        },
-        store,
-    )
-    .await
-    .unwrap();
-    let client = reqwest_like::Client::new(format!("http://{}", running.addr));
-    Harness {
-        _dir: dir,
-        running,
-        client,
-    }
-}
-
-/// Polls `check` until it gives a value or 30 s pass (the writer flushes every 100 ms).
-async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_trace_sent_over_otlp_is_found_through_the_jaeger_api_and_the_page() {
     let h = start(Settings::default()).await;
@@ -347,11 +190,7 @@ async fn bad_requests_get_clear_answers_and_a_full_queue_asks_to_retry() {
         .send("POST", "/v1/traces", &proto, req.encode_to_vec())
         .await;
     assert_eq!(status, 200);
-    let answer =
-        opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse::decode(
-            &body[..],
-        )
-        .unwrap();
+    let answer = ExportTraceServiceResponse::decode(&body[..]).unwrap();
     let partial = answer.partial_success.unwrap();
     assert_eq!(partial.rejected_spans, 1);
     assert!(partial.error_message.contains("\"bad\""));
@@ -367,7 +206,7 @@ async fn bad_requests_get_clear_answers_and_a_full_queue_asks_to_retry() {
     // Shutdown writes what was queued.
     let addr = h.running.addr;
     h.running.shutdown().await;
-    let store = SpanStore::open(h._dir.path().to_str().unwrap()).unwrap();
+    let store = SpanStore::open(h.dir.path().to_str().unwrap()).unwrap();
     assert_eq!(store.trace(&"07".repeat(16)).await.unwrap().len(), 1);
     assert!(
         tokio::net::TcpStream::connect(addr).await.is_err(),
