@@ -141,6 +141,14 @@ enum Part {
     Completionist,
 }
 
+/// Exit code of `gabo dedup` for an hour that is not complete yet: Styx's "missing dependency"
+/// code, which Styx retries 10 minutes later at a tenth of a failure's cost (waiting for data
+/// is normal), so the shipped workflows need no retry settings of their own.
+const EXIT_NOT_YET: u8 = 20;
+
+/// Exit code of `gabo audit` for an hour without a marker (1 is kept for "unbalanced").
+const EXIT_NOT_CLOSED: u8 = 2;
+
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -369,7 +377,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ),
                 Err(e @ DedupError::Incomplete { .. }) => {
                     eprintln!("{e}");
-                    return Ok(ExitCode::from(2));
+                    return Ok(ExitCode::from(EXIT_NOT_YET));
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -377,7 +385,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Audit { name, hour } => {
             let Some(a) = gabo::audit::audit(&store, &name, hour).await? else {
                 eprintln!("{name} {hour} is not closed (no marker)");
-                return Ok(ExitCode::from(2));
+                return Ok(ExitCode::from(EXIT_NOT_CLOSED));
             };
             println!("type        {name}");
             println!("hour        {hour}");
