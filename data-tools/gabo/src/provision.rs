@@ -208,9 +208,14 @@ impl Admin {
         AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT))
     }
 
-    /// The topics of `types` that exist, with partitions and (when the broker answers
-    /// DescribeConfigs) retention.
-    pub async fn topics(&self, types: &[EventType]) -> anyhow::Result<HashMap<String, TopicState>> {
+    /// The topics of `types` that exist, with partitions and, when `retention` is asked for
+    /// and the broker answers DescribeConfigs, the retention of the topics GABO owns (an
+    /// ingested topic's retention is never compared: it is not GABO's to change).
+    pub async fn topics(
+        &self,
+        types: &[EventType],
+        retention: bool,
+    ) -> anyhow::Result<HashMap<String, TopicState>> {
         let md = tokio::task::block_in_place(|| {
             self.client.inner().fetch_metadata(None, ADMIN_TIMEOUT)
         })?;
@@ -224,7 +229,11 @@ impl Admin {
             else {
                 continue;
             };
-            let retention_ms = self.retention(&topic).await;
+            let retention_ms = if retention && t.source_topic.is_none() {
+                self.retention(&topic).await
+            } else {
+                None
+            };
             out.insert(
                 topic,
                 TopicState {

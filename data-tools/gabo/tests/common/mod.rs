@@ -281,7 +281,7 @@ pub async fn provision(kafka: &Kafka, types: &[EventType], store: &Store) -> Vec
         kafka.create_topic(&t.topic(), t.partitions);
     }
     let admin = gabo::provision::Admin::connect(&kafka.brokers(), &[]).unwrap();
-    let topics = admin.topics(types).await.unwrap();
+    let topics = admin.topics(types, true).await.unwrap();
     let applied = gabo::provision::applied(store)
         .await
         .unwrap()
