@@ -7,6 +7,7 @@ set -euo pipefail
 N=${1:-2000000}
 LIMIT=${2:-32MiB}
 GABO=${3:-${CARGO_TARGET_DIR:-target}/release/gabo}
+[ -x "$GABO" ] || { echo "no gabo binary at $GABO (build it, or pass its path as the 3rd argument)" >&2; exit 1; }
 command -v /usr/bin/time >/dev/null || apt-get install -y time >/dev/null
 DIR=$(mktemp -d)
 trap 'rm -rf "$DIR"' EXIT
@@ -31,7 +32,17 @@ ids.close()
 EOF
 echo "staged: $N events, $(du -sh "$DIR/staging" | cut -f1) of NDJSON; memory limit $LIMIT"
 echo "--- gabo dedup"
+# The spill directory's largest size during the run, sampled every 0.2 s (spill files are
+# removed when the dedup ends).
+mkdir -p "$DIR/staging/_spill"
+( max=0; while [ ! -e "$DIR/done" ]; do
+    s=$(du -sb "$DIR/staging/_spill" 2>/dev/null | cut -f1); s=${s:-0}
+    [ "$s" -gt "$max" ] && max=$s && echo "$max" > "$DIR/spill_max"
+    sleep 0.2
+  done ) &
 /usr/bin/time -f "wall %e s, user %U s, sys %S s, peak RSS %M KiB" \
   "$GABO" --root "$DIR/out" --staging "$DIR/staging" dedup bench 2026-11-29T14 --force --memory-limit "$LIMIT" 2>&1 | grep -v '^\s*$' | tail -2
+touch "$DIR/done"; wait
+echo "spill directory at most $(( $(cat "$DIR/spill_max" 2>/dev/null || echo 0) / 1048576 )) MiB"
 echo "--- sort -u on the same IDs"
 /usr/bin/time -f "wall %e s, user %U s, sys %S s, peak RSS %M KiB" sh -c "sort -u '$DIR/ids.txt' | wc -l" 2>&1

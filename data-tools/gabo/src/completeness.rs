@@ -27,7 +27,8 @@ pub struct Watermark {
 /// Why an hour is not complete yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incomplete {
-    /// These partitions have no watermark at all (never consumed or never reported).
+    /// These partitions have no watermark at all (never consumed or never reported); empty
+    /// when the topic's partition count is not known.
     Unknown(Vec<i32>),
     /// The slowest partition and how far it has reached; the hour needs `needed`.
     Behind {
@@ -43,6 +44,9 @@ pub enum Incomplete {
 impl std::fmt::Display for Incomplete {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Incomplete::Unknown(p) if p.is_empty() => {
+                write!(f, "the topic's partition count is not known yet")
+            }
             Incomplete::Unknown(p) => write!(f, "no watermark yet for partitions {p:?}"),
             Incomplete::Behind {
                 partition,
@@ -66,6 +70,10 @@ pub fn is_complete(
     marks: &[Watermark],
 ) -> Result<(), Incomplete> {
     let needed = hour.end() + chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+    if partitions < 1 {
+        // A topic without partitions proves nothing (its metadata was not read yet).
+        return Err(Incomplete::Unknown(Vec::new()));
+    }
     let missing: Vec<i32> = (0..partitions)
         .filter(|p| !marks.iter().any(|m| m.partition == *p))
         .collect();
@@ -76,7 +84,7 @@ pub fn is_complete(
         .iter()
         .filter(|m| m.partition < partitions)
         .min_by_key(|m| m.reached)
-        .expect("partitions >= 1 and none missing");
+        .expect("partitions >= 1 and none missing, so partition 0 has a mark");
     if slowest.reached < needed {
         return Err(Incomplete::Behind {
             partition: slowest.partition,
@@ -138,6 +146,16 @@ mod tests {
         assert_eq!(
             is_complete(h, GRACE, 3, &marks),
             Err(Incomplete::Unknown(vec![1, 2]))
+        );
+    }
+
+    #[test]
+    fn a_topic_of_unknown_size_holds_the_hour_open() {
+        let h: Hour = "2026-11-29T14".parse().unwrap();
+        let marks = [mark(0, "2026-11-29T18:00:00Z")];
+        assert_eq!(
+            is_complete(h, GRACE, 0, &marks),
+            Err(Incomplete::Unknown(vec![]))
         );
     }
 }

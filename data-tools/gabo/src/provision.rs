@@ -208,9 +208,14 @@ impl Admin {
         AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT))
     }
 
-    /// The topics of `types` that exist, with partitions and (when the broker answers
-    /// DescribeConfigs) retention.
-    pub async fn topics(&self, types: &[EventType]) -> anyhow::Result<HashMap<String, TopicState>> {
+    /// The topics of `types` that exist, with partitions and, when `retention` is asked for
+    /// and the broker answers DescribeConfigs, the retention of the topics GABO owns (an
+    /// ingested topic's retention is never compared: it is not GABO's to change).
+    pub async fn topics(
+        &self,
+        types: &[EventType],
+        retention: bool,
+    ) -> anyhow::Result<HashMap<String, TopicState>> {
         let md = tokio::task::block_in_place(|| {
             self.client.inner().fetch_metadata(None, ADMIN_TIMEOUT)
         })?;
@@ -224,7 +229,11 @@ impl Admin {
             else {
                 continue;
             };
-            let retention_ms = self.retention(&topic).await;
+            let retention_ms = if retention && t.source_topic.is_none() {
+                self.retention(&topic).await
+            } else {
+                None
+            };
             out.insert(
                 topic,
                 TopicState {
@@ -311,19 +320,31 @@ impl Admin {
         Ok(())
     }
 
-    /// Deletes the type's topic (unless ingested) and its writer's consumer group.
+    /// Deletes the type's topic (unless ingested) and its writer's consumer group; returns
+    /// what was done. A topic that cannot be deleted stops here with an error (the caller
+    /// then keeps the output location, so the type stays whole and the delete can be
+    /// retried); a consumer group that cannot be deleted is reported and skipped (a group
+    /// left behind holds only offsets, and a type created again under the name starts from
+    /// its topic's beginning).
     pub async fn delete(&self, t: &EventType) -> anyhow::Result<Vec<String>> {
+        use rdkafka::types::RDKafkaErrorCode;
         let mut done = Vec::new();
         if t.source_topic.is_none() {
             let topic = t.topic();
-            for r in self
+            let results = self
                 .client
                 .delete_topics(&[topic.as_str()], &Self::opts())
-                .await?
-            {
+                .await
+                .map_err(|e| anyhow::anyhow!("deleting topic {topic}: {e}; nothing deleted"))?;
+            for r in results {
                 match r {
                     Ok(_) => done.push(format!("deleted topic {topic}")),
-                    Err((_, e)) => done.push(format!("topic {topic}: {e}")),
+                    Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {
+                        done.push(format!("topic {topic} was already gone"))
+                    }
+                    Err((_, e)) => {
+                        anyhow::bail!("deleting topic {topic}: {e}; nothing deleted")
+                    }
                 }
             }
         }
@@ -337,11 +358,13 @@ impl Admin {
                 for r in rs {
                     match r {
                         Ok(_) => done.push(format!("deleted consumer group {group}")),
-                        Err((_, e)) => done.push(format!("consumer group {group}: {e}")),
+                        Err((_, e)) => {
+                            done.push(format!("consumer group {group} not deleted: {e}"))
+                        }
                     }
                 }
             }
-            Err(e) => done.push(format!("consumer group {group}: {e}")),
+            Err(e) => done.push(format!("consumer group {group} not deleted: {e}")),
         }
         Ok(done)
     }
@@ -350,14 +373,11 @@ impl Admin {
 /// The declarations applied to `store` (each `{type}/_type.json`), validated again.
 pub async fn applied(store: &Store) -> anyhow::Result<Vec<EventType>> {
     let mut out = Vec::new();
-    for p in store.list("").await? {
-        let Some(name) = p.strip_suffix("/_type.json") else {
-            continue;
+    for dir in store.top_level().await? {
+        let p = format!("{dir}/_type.json");
+        let Some(b) = store.get(&p).await? else {
+            continue; // not a type's location
         };
-        if name.contains('/') {
-            continue;
-        }
-        let b = store.get(&p).await?.unwrap_or_default();
         let raw: RawType = serde_json::from_slice(&b).map_err(|e| anyhow::anyhow!("{p}: {e}"))?;
         out.push(crate::types::validate(&p, "", raw)?);
     }

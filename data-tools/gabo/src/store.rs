@@ -115,6 +115,16 @@ impl Store {
         Ok(metas.into_iter().map(|m| m.location.to_string()).collect())
     }
 
+    /// The top-level directories (prefixes) of the root: one per applied type, without
+    /// listing the buckets below them.
+    pub async fn top_level(&self) -> Result<Vec<String>, StoreError> {
+        let r = self.inner.list_with_delimiter(None).await?;
+        Ok(r.common_prefixes
+            .into_iter()
+            .map(|p| p.to_string())
+            .collect())
+    }
+
     /// Deletes every object under `prefix`; returns how many.
     pub async fn delete_prefix(&self, prefix: &str) -> Result<usize, StoreError> {
         let paths = self.list(prefix).await?;

@@ -117,15 +117,22 @@ struct RawFile {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawType {
-    name: String,
-    owner: String,
-    schema: serde_json::Value,
-    retention: String,
-    partitions: i32,
+    /// See [`EventType::name`].
+    pub name: String,
+    /// See [`EventType::owner`].
+    pub owner: String,
+    /// See [`EventType::schema`].
+    pub schema: serde_json::Value,
+    /// A duration as written (`7d`).
+    pub retention: String,
+    /// See [`EventType::partitions`].
+    pub partitions: i32,
+    /// See [`EventType::source_topic`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    source_topic: Option<String>,
+    pub source_topic: Option<String>,
+    /// See [`EventType::id_fields`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    id_fields: Vec<String>,
+    pub id_fields: Vec<String>,
 }
 
 /// Reads and validates a types file.

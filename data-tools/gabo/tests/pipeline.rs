@@ -72,19 +72,8 @@ async fn events_reach_a_deduplicated_bucket_and_the_counts_balance() {
     })
     .await;
     let opts = dedup_options(&dirs);
-    let mut closed = None;
-    eventually("the hour to be complete", || async {
-        match dedup::dedup("clicks", hour(), &dirs.staging, &dirs.store, &opts).await {
-            Ok(c) => {
-                closed = Some(c);
-                true
-            }
-            Err(dedup::DedupError::Incomplete { .. }) => false,
-            Err(e) => panic!("dedup: {e}"),
-        }
-    })
-    .await;
-    let Some(Closed::Now(m)) = closed else {
+    let closed = close_when_complete("clicks", &dirs, &opts).await;
+    let Closed::Now(m) = closed else {
         panic!("expected this run to close the hour: {closed:?}")
     };
     assert_eq!(
@@ -221,21 +210,16 @@ async fn a_broker_outage_answers_503_and_half_accepts_nothing() {
     );
     kafka.broker_up();
 
-    let mut ok = false;
-    eventually("the gateway to accept again", || {
-        let ok = &mut ok;
-        async move {
-            if !*ok {
-                *ok = post(
-                    gw.addr(),
-                    "/v1/events/clicks",
-                    r#"[{"id":"after","user":"u"}]"#,
-                )
-                .await
-                .0 == 200;
-            }
-            *ok
-        }
+    // Retried until the producer is connected again: a client retries a 503 with the same
+    // IDs, so no retry can add an event twice to the bucket.
+    eventually("the gateway to accept again", || async {
+        post(
+            gw.addr(),
+            "/v1/events/clicks",
+            r#"[{"id":"after","user":"u"}]"#,
+        )
+        .await
+        .0 == 200
     })
     .await;
     let _w = writer(&kafka, types[0].clone(), &dirs);
@@ -244,12 +228,7 @@ async fn a_broker_outage_answers_503_and_half_accepts_nothing() {
     })
     .await;
     let opts = dedup_options(&dirs);
-    eventually("the hour to close", || async {
-        dedup::dedup("clicks", hour(), &dirs.staging, &dirs.store, &opts)
-            .await
-            .is_ok()
-    })
-    .await;
+    close_when_complete("clicks", &dirs, &opts).await;
     assert_eq!(
         bucket_ids(&dirs.root(), "clicks").await,
         vec!["after".to_string(), "before".to_string()],

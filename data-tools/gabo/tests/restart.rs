@@ -63,22 +63,11 @@ async fn a_killed_writer_loses_nothing_and_duplicates_are_removed() {
     })
     .await;
     let opts = dedup_options(&dirs);
-    let mut marker = None;
-    eventually("the hour to close", || async {
-        match dedup::dedup("clicks", hour(), &dirs.staging, &dirs.store, &opts).await {
-            Ok(c) => {
-                marker = Some(c);
-                true
-            }
-            Err(dedup::DedupError::Incomplete { .. }) => false,
-            Err(e) => panic!("dedup: {e}"),
-        }
-    })
-    .await;
+    let closed = close_when_complete("clicks", &dirs, &opts).await;
     let _ = w.kill();
     let _ = w.wait();
-    let Some(dedup::Closed::Now(m)) = marker else {
-        panic!("closed by this run")
+    let dedup::Closed::Now(m) = closed else {
+        panic!("closed by this run: {closed:?}")
     };
     assert_eq!(m.accepted, 2100);
     assert_eq!(m.unique, 2000, "every event once: {m:?}");

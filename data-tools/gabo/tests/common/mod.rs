@@ -51,6 +51,43 @@ where
     }
 }
 
+/// Polls `f` every 50 ms until it gives a value, and returns it; panics with `what` after
+/// `WAIT`.
+pub async fn eventually_some<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs the dedup of `HOUR` until the completeness rule lets it close the hour; panics on any
+/// other error.
+pub async fn close_when_complete(
+    type_name: &str,
+    dirs: &Dirs,
+    opts: &gabo::dedup::DedupOptions,
+) -> gabo::dedup::Closed {
+    eventually_some("the hour to be complete", || async {
+        match gabo::dedup::dedup(type_name, hour(), &dirs.staging, &dirs.store, opts).await {
+            Ok(c) => Some(c),
+            Err(gabo::dedup::DedupError::Incomplete { .. }) => None,
+            Err(e) => panic!("dedup: {e}"),
+        }
+    })
+    .await
+}
+
 /// A Kafka peer: the mock cluster, or the broker in `KAFKA_BROKERS`. Not `Send`.
 pub struct Kafka {
     mock: Option<MockCluster<'static, DefaultProducerContext>>,
@@ -244,7 +281,7 @@ pub async fn provision(kafka: &Kafka, types: &[EventType], store: &Store) -> Vec
         kafka.create_topic(&t.topic(), t.partitions);
     }
     let admin = gabo::provision::Admin::connect(&kafka.brokers(), &[]).unwrap();
-    let topics = admin.topics(types).await.unwrap();
+    let topics = admin.topics(types, true).await.unwrap();
     let applied = gabo::provision::applied(store)
         .await
         .unwrap()
