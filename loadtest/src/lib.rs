@@ -4,7 +4,7 @@
 //!
 //! | module | role |
 //! |---|---|
-//! | [`conn`] | one raw WebSocket or SSE connection: handshake, hello, event parsing |
+//! | [`conn`] | one raw WebSocket or SSE connection (the `push-client` crate's, re-exported) |
 //! | [`stats`] | counters and HDR histograms; the mergeable [`stats::WorkerReport`] |
 //! | [`client`] | one simulated user across reconnects: rotation, resume, acks, checks |
 //! | [`worker`] | a set of clients in one process; the `worker` child line protocol |
@@ -12,7 +12,7 @@
 //! | [`run`] | a whole run: workers, pusher, storm/drain, progress, the [`run::Report`] |
 
 pub mod client;
-pub mod conn;
+pub use push_client::conn;
 pub mod pusher;
 pub mod run;
 pub mod stats;

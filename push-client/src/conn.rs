@@ -1,4 +1,5 @@
-//! One raw client connection (WebSocket or SSE) to a push-server node.
+//! One raw client connection (WebSocket or SSE) to a push-server node (also a peer's
+//! subscription, for the benchmarks).
 //!
 //! Hand-written on a `TcpStream` rather than tokio-tungstenite: a worker process holds up to
 //! about 19,900 connections (the 20,000 open-files limit), and tungstenite keeps read and
@@ -33,10 +34,12 @@ const MAX_HANDSHAKE: usize = 16 * 1024;
 /// server that sends more than this is broken or not a push-server.
 const MAX_PENDING: usize = 1024 * 1024;
 
-/// Masking key of client frames. RFC 6455 wants it unpredictable to protect proxies from
-/// cache poisoning by browser scripts; a load generator talking to its own server does not
-/// need that, and a constant saves a random draw per frame.
-const MASK: [u8; 4] = [0x6c, 0x74, 0x21, 0x07];
+/// A fresh masking key for each client frame, as RFC 6455 requires (an unpredictable key
+/// keeps a frame's bytes from being chosen by whoever picks the payload). Client frames are
+/// rare here (pongs, acks, the close), so the draw costs nothing measurable.
+fn mask() -> [u8; 4] {
+    rand::random()
+}
 
 /// What arrived on a connection.
 #[derive(Debug, Clone, PartialEq)]
@@ -440,7 +443,7 @@ impl Conn {
 
     /// Answers a WebSocket ping.
     pub async fn pong(&mut self, payload: &[u8]) -> std::io::Result<()> {
-        let frame = ws::encode_client_frame(true, ws::OpCode::Pong, payload, MASK);
+        let frame = ws::encode_client_frame(true, ws::OpCode::Pong, payload, mask());
         self.stream.write_all(&frame).await
     }
 
@@ -450,7 +453,7 @@ impl Conn {
         if self.transport != Transport::Ws {
             return Ok(false);
         }
-        let frame = ClientMessage::Ack { id }.ws_frame(MASK);
+        let frame = ClientMessage::Ack { id }.ws_frame(mask());
         self.stream.write_all(&frame).await.map(|()| true)
     }
 
@@ -465,7 +468,7 @@ impl Conn {
         match self.transport {
             Transport::Ws => {
                 let payload = ws::close_code::NORMAL.to_be_bytes();
-                let frame = ws::encode_client_frame(true, ws::OpCode::Close, &payload, MASK);
+                let frame = ws::encode_client_frame(true, ws::OpCode::Close, &payload, mask());
                 let _ = self.stream.write_all(&frame).await;
             }
             Transport::Sse => {
@@ -613,7 +616,7 @@ mod tests {
             ws_event(&close).unwrap().unwrap(),
             Event::Closed(Some(4003))
         );
-        let masked = ws::encode_client_frame(true, ws::OpCode::Text, b"x", MASK);
+        let masked = ws::encode_client_frame(true, ws::OpCode::Text, b"x", mask());
         assert!(ws_event(&masked).is_err());
     }
 
