@@ -309,7 +309,8 @@ async fn a_kill_deletes_the_job() {
     let first = rx.recv().await.unwrap();
     assert!(matches!(first.event, Event::Submitted { .. }));
     // Both watches open, with their selectors, before the kill (the stream has no outcome, so
-    // the runner keeps them open).
+    // the runner keeps them open); when the server ends a watch, it is reopened from the last
+    // resourceVersion it carried (the recording's pod at 4107, its Job at 4101).
     let watching = |path: &str, selector: &str| {
         api.seen.lock().unwrap().iter().any(|(m, t, _)| {
             m == "GET"
@@ -326,7 +327,11 @@ async fn a_kill_deletes_the_job() {
         ) && watching(
             "/apis/batch/v1/namespaces/styx/jobs",
             "fieldSelector=metadata.name%3Dstyx-run-kill",
-        );
+        ) && watching("/api/v1/namespaces/styx/pods", "resourceVersion=4107")
+            && watching(
+                "/apis/batch/v1/namespaces/styx/jobs",
+                "resourceVersion=4101",
+            );
         if open {
             break;
         }
