@@ -385,7 +385,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let state_dir = std::fs::canonicalize(&args.state_dir)?;
     let runner: Arc<dyn Runner> = match args.runner.as_str() {
         "local" => Arc::new(LocalRunner::new(&state_dir.join("runs")).map_err(anyhow::Error::msg)?),
-        "k8s" => Arc::new(K8sRunner::new(&args.k8s_api, &args.k8s_namespace)),
+        "k8s" => Arc::new(K8sRunner::new(&args.k8s_api, &args.k8s_namespace)?),
         "stub" => Arc::new(StubRunner::default()),
         other => bail!("unknown runner {other:?}: use local, k8s or stub"),
     };

@@ -171,13 +171,27 @@ async fn recorded_api(file: &str, create_status: u16) -> RecordedApi {
                                 target.clone(),
                                 String::from_utf8_lossy(&body).into_owned(),
                             ));
+                            let path = target.split('?').next().unwrap_or_default();
+                            let watch = target.contains("watch=true");
                             let (status, body) = match method.as_str() {
-                            "POST" if create_status == 201 => (201, "{}".to_string()),
-                            "POST" => (create_status, r#"{"kind":"Status","message":"jobs \"x\" is forbidden: exceeded quota"}"#.to_string()),
-                            "GET" if target.contains("/pods?watch=1") => (200, pods),
-                            "GET" if target.contains("/jobs?watch=1") => (200, jobs),
-                            _ => (200, "{}".to_string()),
-                        };
+                                // A created object comes back as the API stored it.
+                                "POST" if create_status == 201 => {
+                                    (201, String::from_utf8_lossy(&body).into_owned())
+                                }
+                                "POST" => (
+                                    create_status,
+                                    format!(
+                                        r#"{{"kind":"Status","apiVersion":"v1","status":"Failure","message":"jobs \"x\" is forbidden: exceeded quota","reason":"Forbidden","code":{create_status}}}"#
+                                    ),
+                                ),
+                                "GET" if watch && path.ends_with("/pods") => (200, pods),
+                                "GET" if watch && path.ends_with("/jobs") => (200, jobs),
+                                _ => (
+                                    200,
+                                    r#"{"kind":"Status","apiVersion":"v1","status":"Success","code":200}"#
+                                        .to_string(),
+                                ),
+                            };
                             let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(body)));
                             *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
                             Ok::<_, std::convert::Infallible>(r)
@@ -197,7 +211,7 @@ async fn recorded_api(file: &str, create_status: u16) -> RecordedApi {
 /// outcome (or `limit` reports).
 async fn reports_of(api: &RecordedApi, limit: usize) -> Vec<Event> {
     use styx::runner::Runner;
-    let runner = styx::runner::k8s_http::K8sRunner::new(&api.url, "styx");
+    let runner = styx::runner::k8s_http::K8sRunner::new(&api.url, "styx").unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     runner.launch(launch(), tx);
     let mut got = Vec::new();
@@ -231,11 +245,28 @@ async fn runner_creates_the_job_and_follows_its_watches() {
     );
     let seen = api.seen.lock().unwrap().clone();
     let (_, target, body) = seen.iter().find(|(m, _, _)| m == "POST").expect("a POST");
-    assert_eq!(target, "/apis/batch/v1/namespaces/styx/jobs");
+    assert_eq!(
+        target.split('?').next().unwrap(),
+        "/apis/batch/v1/namespaces/styx/jobs"
+    );
     let posted: Value = serde_json::from_str(body).unwrap();
     assert_eq!(posted, job(&launch(), "styx"), "the Job of the golden file");
-    assert!(seen.iter().any(|(m, t, _)| m == "GET"
-        && t == "/api/v1/namespaces/styx/pods?watch=1&labelSelector=styx-execution-id%3Dstyx-run-00c0ffee12345678"));
+    let watch = |path: &str, selector: &str| {
+        seen.iter().any(|(m, t, _)| {
+            m == "GET"
+                && t.split('?').next() == Some(path)
+                && t.contains("watch=true")
+                && t.contains(selector)
+        })
+    };
+    assert!(
+        watch(
+            "/api/v1/namespaces/styx/pods",
+            "labelSelector=styx-execution-id%3Dstyx-run-00c0ffee12345678"
+        ),
+        "{seen:?}"
+    );
+    // The Job's watch may not be open yet when the pod's exit ends the run: see the kill test.
 
     let api = recorded_api("missing-deps.jsonl", 201).await;
     assert_eq!(
@@ -270,21 +301,59 @@ async fn a_kill_deletes_the_job() {
     use styx::runner::Runner;
     // A stream that never ends in an outcome: the Job is added, its pod runs.
     let api = recorded_api("running.jsonl", 201).await;
-    let runner = styx::runner::k8s_http::K8sRunner::new(&api.url, "styx");
+    let runner = styx::runner::k8s_http::K8sRunner::new(&api.url, "styx").unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut l = launch();
     l.execution_id = "styx-run-kill".into();
     runner.launch(l, tx);
     let first = rx.recv().await.unwrap();
     assert!(matches!(first.event, Event::Submitted { .. }));
+    // Both watches open, with their selectors, before the kill (the stream has no outcome, so
+    // the runner keeps them open); when the server ends a watch, it is reopened from the last
+    // resourceVersion it carried (the recording's pod at 4107, its Job at 4101).
+    let watching = |path: &str, selector: &str| {
+        api.seen.lock().unwrap().iter().any(|(m, t, _)| {
+            m == "GET"
+                && t.split('?').next() == Some(path)
+                && t.contains("watch=true")
+                && t.contains(selector)
+        })
+    };
+    let mut open = false;
+    for _ in 0..1200 {
+        open = watching(
+            "/api/v1/namespaces/styx/pods",
+            "labelSelector=styx-execution-id%3Dstyx-run-kill",
+        ) && watching(
+            "/apis/batch/v1/namespaces/styx/jobs",
+            "fieldSelector=metadata.name%3Dstyx-run-kill",
+        ) && watching("/api/v1/namespaces/styx/pods", "resourceVersion=4107")
+            && watching(
+                "/apis/batch/v1/namespaces/styx/jobs",
+                "resourceVersion=4101",
+            );
+        if open {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(open, "both watches: {:?}", api.seen.lock().unwrap());
     runner.kill("styx-run-kill");
     for _ in 0..1200 {
-        if api.seen.lock().unwrap().iter().any(|(m, t, _)| {
-            m == "DELETE" && t == "/apis/batch/v1/namespaces/styx/jobs/styx-run-kill?propagationPolicy=Background"
+        if api.seen.lock().unwrap().iter().any(|(m, t, body)| {
+            m == "DELETE"
+                && t.split('?').next() == Some("/apis/batch/v1/namespaces/styx/jobs/styx-run-kill")
+                && body.contains(r#""propagationPolicy":"Background""#)
         }) {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     panic!("no DELETE of the Job: {:?}", api.seen.lock().unwrap());
+}
+
+#[tokio::test]
+async fn a_bad_api_url_is_a_clear_error() {
+    let err = styx::runner::k8s_http::K8sRunner::new("http://not a host", "styx").unwrap_err();
+    assert!(err.to_string().contains("not a host"), "{err}");
 }

@@ -2,8 +2,8 @@
 //! from a watched Job's or Pod's status to Styx events. [`super::k8s_http`] drives them against
 //! the API.
 //!
-//! The Job is built as plain JSON (the API's own format) rather than with `k8s-openapi`'s types,
-//! which would add minutes to every clean build; it is tested against a golden file, and the
+//! The Job is built as plain JSON (the API's own format), which the driver hands to `kube` as a
+//! `DynamicObject` unchanged; it is tested against a golden file, and the
 //! mapping against recorded watch responses (no cluster runs in this project's CI).
 
 use serde_json::{json, Value};

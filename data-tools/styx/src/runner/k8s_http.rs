@@ -1,28 +1,30 @@
-//! The Kubernetes runner's driver: creates each execution's Job through the Kubernetes API and
-//! watches it, turning what it sees into reports with the pure halves of [`super::k8s`].
+//! The Kubernetes runner's driver: creates each execution's Job through the Kubernetes API with
+//! the `kube` crate's client and watches it, turning what it sees into reports with the pure
+//! halves of [`super::k8s`].
 //!
-//! It speaks the API's plain HTTP/JSON to a base URL, normally `kubectl proxy`
-//! (`http://127.0.0.1:8001`), which holds the cluster credentials and TLS: no Kubernetes
-//! client library or TLS stack is compiled in for a runner that CI cannot run against a real
-//! cluster. Tests drive it against an API server on 127.0.0.1:0 that answers with recorded
-//! watch streams.
+//! The client points at a base URL, normally `kubectl proxy` (`http://127.0.0.1:8001`), which
+//! holds the cluster credentials and TLS: `kube` is built without a TLS stack (and without its
+//! runtime), which keeps clean builds short for a runner that CI cannot run against a real
+//! cluster. Objects go through `kube`'s [`DynamicObject`], so the Job sent is exactly the JSON of
+//! [`super::k8s::job`] (golden-tested) and watch events reach [`super::k8s::watch_event`] as the
+//! API wrote them. Tests drive it against an API server on 127.0.0.1:0 that answers with
+//! recorded watch streams.
 //!
-//! Per execution: `POST /apis/batch/v1/namespaces/{ns}/jobs` (accepted → `submitted`), then two
-//! watches, `GET …/pods?watch=1&labelSelector=styx-execution-id=…` (start, exit code, image
-//! pull errors) and `GET …/jobs?watch=1&fieldSelector=metadata.name=…` (deadline, deletion),
-//! until the first outcome (`terminate` or `runError`). A kill deletes the Job and its pods.
+//! Per execution: create the Job in the namespace (accepted → `submitted`), then two watches,
+//! the pods labelled `styx-execution-id=…` (start, exit code, image pull errors) and the Job by
+//! `metadata.name` (deadline, deletion), until the first outcome (`terminate` or `runError`).
+//! A kill deletes the Job and its pods (background propagation).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use serde_json::Value;
+use futures_util::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, PostParams, WatchEvent, WatchParams,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use super::k8s::{dns_label, job, watch_event};
@@ -35,10 +37,6 @@ use crate::state::Event;
 /// being hammered).
 const REWATCH_PAUSE: Duration = Duration::from_secs(1);
 
-/// Watch lines are single objects of a few KiB; a line longer than this is refused rather
-/// than buffered without bound.
-const MAX_LINE: usize = 4 << 20;
-
 /// A Job's own failure (`BackoffLimitExceeded`) arrives on the Job watch about when its pod's
 /// exit arrives on the pod watch; the exit code is what the retry policy needs, so a Job-level
 /// failure waits this long for it before it is reported as a run error.
@@ -48,104 +46,137 @@ const JOB_FAILURE_GRACE: Duration = Duration::from_secs(5);
 /// watch cannot go on.
 type Seen = Result<(bool, Event), String>;
 
+/// Why a runner cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum K8sError {
+    /// The API URL does not parse.
+    #[error("the Kubernetes API URL {url:?}: {source}")]
+    Url {
+        /// The URL given.
+        url: String,
+        /// Why it does not parse.
+        source: hyper::http::uri::InvalidUri,
+    },
+    /// `kube` refused the configuration.
+    #[error("the Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
 /// Runs executions as Kubernetes Jobs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct K8sRunner {
-    api: String,
     namespace: String,
-    http: Client<HttpConnector, Full<Bytes>>,
+    jobs: Api<DynamicObject>,
+    pods: Api<DynamicObject>,
     kills: Arc<Mutex<HashMap<String, oneshot::Sender<()>>>>,
 }
 
+impl std::fmt::Debug for K8sRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("K8sRunner").finish_non_exhaustive()
+    }
+}
+
 impl K8sRunner {
-    /// `api` is the API's base URL (`http://127.0.0.1:8001` for `kubectl proxy`).
-    pub fn new(api: &str, namespace: &str) -> K8sRunner {
-        K8sRunner {
-            api: api.trim_end_matches('/').to_string(),
+    /// `api` is the API's base URL (`http://127.0.0.1:8001` for `kubectl proxy`). Must be
+    /// called inside a Tokio runtime (the client's connection pool lives there).
+    pub fn new(api: &str, namespace: &str) -> Result<K8sRunner, K8sError> {
+        let uri = api
+            .trim_end_matches('/')
+            .parse::<hyper::Uri>()
+            .map_err(|source| K8sError::Url {
+                url: api.to_string(),
+                source,
+            })?;
+        let mut config = kube::Config::new(uri);
+        config.default_namespace = namespace.to_string();
+        let client = kube::Client::try_from(config)?;
+        let resource = |r: ApiResource| Api::namespaced_with(client.clone(), namespace, &r);
+        Ok(K8sRunner {
             namespace: namespace.to_string(),
-            http: Client::builder(TokioExecutor::new()).build_http(),
+            jobs: resource(ApiResource::erase::<Job>(&())),
+            pods: resource(ApiResource::erase::<Pod>(&())),
             kills: Arc::default(),
-        }
-    }
-
-    fn jobs_path(&self) -> String {
-        format!(
-            "{}/apis/batch/v1/namespaces/{}/jobs",
-            self.api, self.namespace
-        )
-    }
-
-    async fn request(
-        &self,
-        method: Method,
-        url: &str,
-        body: Bytes,
-    ) -> Result<(StatusCode, hyper::body::Incoming), String> {
-        let req = Request::builder()
-            .method(method)
-            .uri(url)
-            .header("content-type", "application/json")
-            .body(Full::new(body))
-            .map_err(|e| format!("{url}: {e}"))?;
-        let resp = self
-            .http
-            .request(req)
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
-        Ok((resp.status(), resp.into_body()))
+        })
     }
 
     async fn create(&self, launch: &Launch) -> Result<(), String> {
-        let body = Bytes::from(job(launch, &self.namespace).to_string());
-        let (status, body) = self.request(Method::POST, &self.jobs_path(), body).await?;
-        if status.is_success() {
-            return Ok(());
+        let body: DynamicObject = serde_json::from_value(job(launch, &self.namespace))
+            .map_err(|e| format!("building the Job: {e}"))?;
+        match self.jobs.create(&PostParams::default(), &body).await {
+            Ok(_) => Ok(()),
+            // The API's Status object says why (quota, admission, a bad image name).
+            Err(kube::Error::Api(s)) => Err(format!(
+                "creating the Job: {} {}: {}",
+                s.code, s.reason, s.message
+            )),
+            Err(e) => Err(format!("creating the Job: {e}")),
         }
-        // The API's Status object says why (quota, admission, a bad image name).
-        let bytes = body
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
-        let reason = serde_json::from_slice::<Value>(&bytes)
-            .ok()
-            .and_then(|v| v["message"].as_str().map(String::from))
-            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-        Err(format!("creating the Job: {status}: {reason}"))
     }
 
     /// Streams one watch's events into `tx` until the receiver is gone, reopening it when the
-    /// server ends it.
-    async fn watch(self, url: String, pods: bool, tx: mpsc::UnboundedSender<Seen>) {
+    /// server ends it, from the last resource version seen.
+    async fn watch(
+        api: Api<DynamicObject>,
+        params: WatchParams,
+        pods: bool,
+        tx: mpsc::UnboundedSender<Seen>,
+    ) {
+        // "0": start from any recent state; the API sends the current objects as ADDED.
+        let mut version = "0".to_string();
         while !tx.is_closed() {
-            match self.request(Method::GET, &url, Bytes::new()).await {
-                Ok((status, _)) if !status.is_success() => {
-                    let _ = tx.send(Err(format!("watch {url}: {status}")));
-                    return;
-                }
-                Ok((_, mut body)) => {
-                    let mut buf: Vec<u8> = Vec::new();
-                    while let Some(frame) = body.frame().await {
-                        let Ok(data) = frame.map(|f| f.into_data().unwrap_or_default()) else {
-                            break;
+            match api.watch(&params, &version).await {
+                Ok(stream) => {
+                    let mut stream = std::pin::pin!(stream);
+                    while let Some(item) = stream.next().await {
+                        let event = match item {
+                            Ok(e) => e,
+                            Err(e) => {
+                                tracing::warn!("watch failed, reopening: {e}");
+                                break;
+                            }
                         };
-                        buf.extend_from_slice(&data);
-                        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
-                            let line: Vec<u8> = buf.drain(..=i).collect();
-                            if let Some(e) = serde_json::from_slice::<Value>(&line)
-                                .ok()
-                                .as_ref()
-                                .and_then(watch_event)
-                            {
-                                let _ = tx.send(Ok((pods, e)));
+                        match &event {
+                            WatchEvent::Added(o)
+                            | WatchEvent::Modified(o)
+                            | WatchEvent::Deleted(o) => {
+                                if let Some(v) = &o.metadata.resource_version {
+                                    version.clone_from(v);
+                                }
+                            }
+                            WatchEvent::Bookmark(b) => {
+                                version.clone_from(&b.metadata.resource_version);
+                                continue;
+                            }
+                            // 410 Gone: the version is too old; start again from the current
+                            // state. Anything else ends the watch.
+                            WatchEvent::Error(s) if s.code == 410 => {
+                                version = "0".into();
+                                break;
+                            }
+                            WatchEvent::Error(s) => {
+                                let _ = tx.send(Err(format!(
+                                    "watch: {} {}: {}",
+                                    s.code, s.reason, s.message
+                                )));
+                                return;
                             }
                         }
-                        if buf.len() > MAX_LINE {
-                            let _ =
-                                tx.send(Err(format!("watch {url}: a line over {MAX_LINE} bytes")));
-                            return;
+                        if let Some(e) = serde_json::to_value(&event)
+                            .ok()
+                            .as_ref()
+                            .and_then(watch_event)
+                        {
+                            let _ = tx.send(Ok((pods, e)));
                         }
                     }
+                }
+                Err(kube::Error::Api(s)) => {
+                    let _ = tx.send(Err(format!(
+                        "watch: {} {}: {}",
+                        s.code, s.reason, s.message
+                    )));
+                    return;
                 }
                 Err(e) => tracing::warn!("watch failed, reopening: {e}"),
             }
@@ -170,17 +201,11 @@ impl K8sRunner {
         });
         let name = dns_label(&launch.execution_id);
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let pods = format!(
-            "{}/api/v1/namespaces/{}/pods?watch=1&labelSelector=styx-execution-id%3D{name}",
-            self.api, self.namespace
-        );
-        let jobs = format!(
-            "{}?watch=1&fieldSelector=metadata.name%3D{name}",
-            self.jobs_path()
-        );
+        let pods = WatchParams::default().labels(&format!("styx-execution-id={name}"));
+        let jobs = WatchParams::default().fields(&format!("metadata.name={name}"));
         let watchers = [
-            tokio::spawn(self.clone().watch(pods, true, tx.clone())),
-            tokio::spawn(self.clone().watch(jobs, false, tx)),
+            tokio::spawn(Self::watch(self.pods.clone(), pods, true, tx.clone())),
+            tokio::spawn(Self::watch(self.jobs.clone(), jobs, false, tx)),
         ];
         let mut started = false;
         // A Job-level failure waiting for its pod's exit code, and until when.
@@ -241,10 +266,9 @@ impl K8sRunner {
     }
 
     async fn delete(&self, name: &str) {
-        let url = format!("{}/{name}?propagationPolicy=Background", self.jobs_path());
-        match self.request(Method::DELETE, &url, Bytes::new()).await {
-            Ok((s, _)) if s.is_success() || s == StatusCode::NOT_FOUND => {}
-            Ok((s, _)) => tracing::warn!(job = name, status = %s, "deleting the Job failed"),
+        match self.jobs.delete(name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => tracing::warn!(job = name, "deleting the Job failed: {e}"),
         }
     }

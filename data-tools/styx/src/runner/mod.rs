@@ -5,7 +5,7 @@
 //! |---|---|
 //! | [`local::LocalRunner`] | the embedded default: one bubblewrap sandbox per run |
 //! | [`k8s`] | a Kubernetes Job per run: the Job object and the watch → event mapping (pure) |
-//! | [`k8s_http::K8sRunner`] | creates and watches those Jobs through the API (`kubectl proxy`) |
+//! | [`k8s_http::K8sRunner`] | creates and watches those Jobs through the API with the `kube` client |
 //! | [`StubRunner`] | succeeds at once (benchmarks, API tests) |
 
 pub mod k8s;
