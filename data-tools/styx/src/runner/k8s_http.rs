@@ -15,8 +15,6 @@
 //! `metadata.name` (deadline, deletion), until the first outcome (`terminate` or `runError`).
 //! A kill deletes the Job and its pods (background propagation).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -28,7 +26,7 @@ use kube::api::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::k8s::{dns_label, job, watch_event};
-use super::{Report, Reports, Runner};
+use super::{KillSwitches, Report, Reports, Runner};
 use crate::engine::Launch;
 use crate::state::Event;
 
@@ -68,7 +66,7 @@ pub struct K8sRunner {
     namespace: String,
     jobs: Api<DynamicObject>,
     pods: Api<DynamicObject>,
-    kills: Arc<Mutex<HashMap<String, oneshot::Sender<()>>>>,
+    kills: KillSwitches,
 }
 
 impl std::fmt::Debug for K8sRunner {
@@ -96,7 +94,7 @@ impl K8sRunner {
             namespace: namespace.to_string(),
             jobs: resource(ApiResource::erase::<Job>(&())),
             pods: resource(ApiResource::erase::<Pod>(&())),
-            kills: Arc::default(),
+            kills: KillSwitches::default(),
         })
     }
 
@@ -274,23 +272,17 @@ impl K8sRunner {
     }
 
     fn forget(&self, execution_id: &str) {
-        self.kills.lock().expect("kills lock").remove(execution_id);
+        self.kills.forget(execution_id);
     }
 }
 
 impl Runner for K8sRunner {
     fn launch(&self, launch: Launch, reports: Reports) {
-        let (tx, rx) = oneshot::channel();
-        self.kills
-            .lock()
-            .expect("kills lock")
-            .insert(launch.execution_id.clone(), tx);
+        let rx = self.kills.register(&launch.execution_id);
         tokio::spawn(self.clone().run(launch, reports, rx));
     }
 
     fn kill(&self, execution_id: &str) {
-        if let Some(tx) = self.kills.lock().expect("kills lock").remove(execution_id) {
-            let _ = tx.send(());
-        }
+        self.kills.kill(execution_id);
     }
 }

@@ -8,15 +8,13 @@
 //! workflow's `env`. `--die-with-parent` ties the sandbox to this process: a killed scheduler
 //! leaves no orphan jobs. Output (stdout and stderr) goes to a per-run log file.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 
 use tokio::process::Command;
 use tokio::sync::oneshot;
 
-use super::{styx_env, Report, Reports, Runner};
+use super::{styx_env, KillSwitches, Report, Reports, Runner};
 use crate::engine::Launch;
 use crate::state::Event;
 
@@ -25,7 +23,7 @@ use crate::state::Event;
 pub struct LocalRunner {
     bwrap: PathBuf,
     runs_dir: PathBuf,
-    kills: Arc<Mutex<HashMap<String, oneshot::Sender<()>>>>,
+    kills: KillSwitches,
 }
 
 impl LocalRunner {
@@ -38,7 +36,7 @@ impl LocalRunner {
         Ok(LocalRunner {
             bwrap,
             runs_dir: runs_dir.to_path_buf(),
-            kills: Arc::default(),
+            kills: KillSwitches::default(),
         })
     }
 
@@ -185,27 +183,18 @@ impl LocalRunner {
                 message: format!("waiting for the sandbox: {e}"),
             }),
         }
-        self.kills
-            .lock()
-            .expect("kills lock")
-            .remove(&launch.execution_id);
+        self.kills.forget(&launch.execution_id);
     }
 }
 
 impl Runner for LocalRunner {
     fn launch(&self, launch: Launch, reports: Reports) {
-        let (tx, rx) = oneshot::channel();
-        self.kills
-            .lock()
-            .expect("kills lock")
-            .insert(launch.execution_id.clone(), tx);
+        let rx = self.kills.register(&launch.execution_id);
         tokio::spawn(self.clone().run(launch, reports, rx));
     }
 
     fn kill(&self, execution_id: &str) {
-        if let Some(tx) = self.kills.lock().expect("kills lock").remove(execution_id) {
-            let _ = tx.send(());
-        }
+        self.kills.kill(execution_id);
     }
 }
 

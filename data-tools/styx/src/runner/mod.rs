@@ -12,7 +12,10 @@ pub mod k8s;
 pub mod k8s_http;
 pub mod local;
 
-use tokio::sync::mpsc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::Launch;
 use crate::state::Event;
@@ -88,4 +91,34 @@ impl Runner for StubRunner {
     }
 
     fn kill(&self, _execution_id: &str) {}
+}
+
+/// The kill switches of a runner's runs in flight, by execution ID: [`Runner::kill`] fires
+/// one, the run's task waits on its receiver and forgets it when the run ends.
+#[derive(Debug, Clone, Default)]
+pub struct KillSwitches(Arc<Mutex<HashMap<String, oneshot::Sender<()>>>>);
+
+impl KillSwitches {
+    /// A switch for `execution_id`; the run's task waits on the receiver.
+    pub fn register(&self, execution_id: &str) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(execution_id.to_owned(), tx);
+        rx
+    }
+
+    /// Fires the switch of `execution_id`, if the run is still in flight.
+    pub fn kill(&self, execution_id: &str) {
+        if let Some(tx) = self.lock().remove(execution_id) {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Drops the switch of a run that ended.
+    pub fn forget(&self, execution_id: &str) {
+        self.lock().remove(execution_id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<()>>> {
+        self.0.lock().expect("kill switches lock")
+    }
 }
