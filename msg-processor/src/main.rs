@@ -7,16 +7,11 @@ use msg_processor::{Args, Processor, Stats};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match args.log_format.as_str() {
-        "json" => subscriber.json().init(),
-        "human" => subscriber.init(),
-        other => anyhow::bail!("--log-format {other:?}: expected human or json"),
-    }
+    let format: telemetry::LogFormat = args
+        .log_format
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--log-format {e}"))?;
+    telemetry::init_logging(format, "info");
     let settings = args
         .settings()
         .map_err(anyhow::Error::msg)

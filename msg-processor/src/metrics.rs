@@ -58,23 +58,17 @@ const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 5
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
+    telemetry::install_recorder(
+        &HANDLE,
+        || {
+            PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(END_TO_END_LATENCY.into()), LATENCY_BUCKETS)
                 .expect("bucket list is not empty")
                 .set_buckets_for_metric(Matcher::Suffix("batch_size".into()), BATCH_BUCKETS)
                 .expect("bucket list is not empty")
-                .build_recorder();
-            let handle = recorder.handle();
-            // Fails only if another recorder was installed first (a test process that also
-            // runs push-server nodes); /metrics then shows what this recorder saw, and
-            // `Stats` still counts.
-            let _ = metrics::set_global_recorder(recorder);
-            describe();
-            handle
-        })
-        .clone()
+        },
+        describe,
+    )
 }
 
 fn describe() {

@@ -83,22 +83,17 @@ const RECEIPT_BUCKETS: &[f64] = &[
 /// servers in one process (tests, benches) share it.
 pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
+    telemetry::install_recorder(
+        &HANDLE,
+        || {
+            PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(DELIVERY_LATENCY.into()), LATENCY_BUCKETS)
                 .expect("bucket list is not empty")
                 .set_buckets_for_metric(Matcher::Full(RECEIPT_SECONDS.into()), RECEIPT_BUCKETS)
                 .expect("bucket list is not empty")
-                .build_recorder();
-            let handle = recorder.handle();
-            // Fails only if another recorder was installed first (an embedding program's);
-            // then metrics go there and /metrics renders what this recorder saw (nothing).
-            let _ = metrics::set_global_recorder(recorder);
-            describe();
-            handle
-        })
-        .clone()
+        },
+        describe,
+    )
 }
 
 fn describe() {

@@ -3,12 +3,14 @@
 //!
 //! | item | role |
 //! |---|---|
+//! | [`spawn_announced`] | start a server program and read the address it prints first |
 //! | [`free_port`] | a port nobody listens on, found by binding `127.0.0.1:0` |
 //! | [`RedisServer`] | one `redis-server` child: start, kill, restart empty, send a command |
 //! | [`Monitor`] | a `MONITOR` connection that records every command a server executes |
 //! | [`RedisCluster`] | N masters (+ replicas) joined with `redis-cli --cluster create` |
 //! | [`resp`] | the few lines of RESP the harness needs, over a blocking `TcpStream` |
-//! | [`eventually`], [`poll_until`] | poll a condition until it holds, for tests of asynchronous effects |
+//! | [`eventually`], [`eventually_some`], [`poll_until`] | poll a condition until it holds, for tests of asynchronous effects |
+//! | [`browser::Browser`] | a real headless Chromium driven over DevTools (feature `browser`): open a page, evaluate, screenshot |
 //! | [`kafka::MockKafka`] | librdkafka's mock cluster (feature `kafka`): a real Kafka protocol peer on a local port |
 //!
 //! Everything here panics with a message on failure: it is test support, and a failing harness
@@ -16,6 +18,8 @@
 //!
 //! Needs `redis-server` and `redis-cli` on `PATH` (Debian: `apt-get install -y redis-server`).
 
+#[cfg(feature = "browser")]
+pub mod browser;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod resp;
@@ -54,6 +58,22 @@ where
     );
 }
 
+/// Polls `check` every 20 ms until it gives a value and returns it; panics naming `what`
+/// after [`WAIT`]. For conditions that carry what they found (a stored record, a URL).
+pub async fn eventually_some<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Polls `cond` every 20 ms until it holds or `within` passes; returns whether it held
 /// (for a test that reports more than [`eventually`]'s message when it does not).
 pub async fn poll_until<F, Fut>(within: Duration, mut cond: F) -> bool
@@ -71,6 +91,31 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Starts `cmd` with its stdout piped and returns the child and the rest of its first stdout
+/// line after `prefix`: the address a server announces once it listens (`styx listening on
+/// http://127.0.0.1:PORT`), so tests bind port 0 and never guess.
+///
+/// # Panics
+/// If the program does not start, or its first line does not start with `prefix`.
+pub fn spawn_announced(cmd: &mut Command, prefix: &str) -> (Child, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{:?} starts: {e}", cmd.get_program()));
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut BufReader::new(child.stdout.take().expect("piped stdout")),
+        &mut line,
+    )
+    .expect("stdout reads");
+    let rest = line
+        .trim()
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("first line {line:?} does not start with {prefix:?}"))
+        .to_string();
+    (child, rest)
 }
 
 /// A local TCP port that was free a moment ago.

@@ -107,13 +107,7 @@ fn humantime_like(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "datamon=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    telemetry::init_logging(telemetry::LogFormat::Human, "datamon=info");
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(cli)) {

@@ -22,13 +22,7 @@ pub const DECLARATIONS_VALID: &str = "datamon_declarations_valid";
 /// Installs the process-wide recorder (once) and returns its handle for `/metrics`.
 pub fn install() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            PrometheusBuilder::new()
-                .install_recorder()
-                .expect("the datamon recorder is the only one")
-        })
-        .clone()
+    telemetry::install_recorder(&HANDLE, PrometheusBuilder::new, || {})
 }
 
 /// Publishes a pass's figures.

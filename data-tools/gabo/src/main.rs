@@ -169,13 +169,7 @@ fn parse_size(s: &str) -> Result<usize, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,datafusion=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    telemetry::init_logging(telemetry::LogFormat::Human, "info,datafusion=warn");
     let cli = Cli::parse();
     match run(cli).await {
         Ok(code) => code,

@@ -32,17 +32,13 @@ const LATENCY_BUCKETS: &[f64] = &[
 /// Installs the process-wide recorder once and returns its handle.
 pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
+    telemetry::install_recorder(
+        &HANDLE,
+        || {
+            PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(GATEWAY_LATENCY.into()), LATENCY_BUCKETS)
                 .expect("bucket list is not empty")
-                .build_recorder();
-            let handle = recorder.handle();
-            // Fails only when a recorder is already installed (tests running several parts
-            // in one process); /metrics then renders what this recorder saw.
-            let _ = metrics::set_global_recorder(recorder);
-            handle
-        })
-        .clone()
+        },
+        || {},
+    )
 }

@@ -367,14 +367,8 @@ fn workflow_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    tracing_subscriber::fmt()
-        .json()
-        // stdout carries only the "listening" line (scripts and tests read it).
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    // Logs on stderr: stdout carries only the "listening" line (scripts and tests read it).
+    telemetry::init_logging(telemetry::LogFormat::Json, "info");
     // All files are read before anything changes: one bad file and nothing is loaded.
     let workflows: Vec<Workflow> = workflow_files(&args.workflows)?
         .iter()

@@ -23,20 +23,15 @@ const SECONDS_BUCKETS: &[f64] = &[
 /// Installs the process-wide recorder once and returns its handle.
 pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
+    telemetry::install_recorder(
+        &HANDLE,
+        || {
+            PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
                 .expect("bucket list is not empty")
-                .build_recorder();
-            let handle = recorder.handle();
-            // Fails only if a recorder is already installed (tests in one process); /metrics
-            // then shows this recorder's view.
-            let _ = metrics::set_global_recorder(recorder);
-            describe();
-            handle
-        })
-        .clone()
+        },
+        describe,
+    )
 }
 
 fn describe() {

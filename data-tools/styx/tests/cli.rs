@@ -1,7 +1,6 @@
 //! API and CLI round trips against a real `styx serve` on port 0, running the shipped example
 //! workflow in a bubblewrap sandbox.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -33,31 +32,22 @@ fn serve(name: &str, extra: &[&str]) -> Server {
     let dir = std::env::temp_dir().join(format!("styx-cli-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--tick",
-            "100ms",
-            "--state-dir",
-        ])
-        .arg(dir.join("state"))
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("styx listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
+    let (child, url) = testkit::spawn_announced(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--tick",
+                "100ms",
+                "--state-dir",
+            ])
+            .arg(dir.join("state"))
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::inherit()),
+        "styx listening on ",
+    );
     Server { child, url, dir }
 }
 

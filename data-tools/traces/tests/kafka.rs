@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use prost::Message as _;
 use rdkafka::mocking::MockCluster;
-use support::{eventually, request, start};
+use support::{eventually_some, request, start};
 use tokio::sync::watch;
 use traces::kafka::{self, KafkaSettings, WriterSettings};
 use traces::server::Settings;
@@ -72,7 +72,7 @@ async fn spans_travel_through_kafka_to_store_writers_and_are_found_once() {
     }
     for t in 1..=8u8 {
         let id = format!("{t:02x}").repeat(16);
-        let spans = eventually(&format!("trace {id} through Kafka"), async || {
+        let spans = eventually_some(&format!("trace {id} through Kafka"), async || {
             let (status, v) = h.client.get_json(&format!("/api/traces/{id}")).await;
             let spans = v["data"][0]["spans"].as_array()?.clone();
             (status == 200 && spans.len() >= 3).then_some(spans)
@@ -85,7 +85,7 @@ async fn spans_travel_through_kafka_to_store_writers_and_are_found_once() {
         assert_eq!(names, ["send", "deliver", "socket write"], "trace {id}");
     }
     // Counted once the brokers acknowledged, which may be just after the writers stored them.
-    eventually("24 spans counted as produced", async || {
+    eventually_some("24 spans counted as produced", async || {
         let (_, _, metrics) = h.client.send("GET", "/metrics", &[], vec![]).await;
         String::from_utf8(metrics)
             .ok()?

@@ -5,148 +5,14 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use base64::Engine as _;
-use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
-use serde_json::{json, Value};
-use support::{eventually, request, reqwest_like, start};
-use tokio_tungstenite::tungstenite::Message;
+use support::{eventually_some, request, start};
+use testkit::browser::Browser;
 use traces::server::Settings;
 
-const CHROMIUM: &str = "/usr/bin/chromium";
 /// `.critical .bar` and `.bar` in the page's CSS.
 const RED: &str = "rgb(217, 83, 79)";
 const BLUE: &str = "rgb(107, 155, 209)";
-
-/// Chromium showing one page, driven through that page's DevTools socket; killed on drop.
-struct Page {
-    child: Child,
-    ws: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-    next_id: u64,
-    _profile: tempfile::TempDir,
-}
-
-impl Drop for Page {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Page {
-    /// Starts Chromium on `url` and waits until that page has loaded.
-    async fn open(url: &str) -> Page {
-        assert!(
-            std::path::Path::new(CHROMIUM).exists(),
-            "{CHROMIUM} is missing: `apt-get install chromium` (scripts/test installs it)"
-        );
-        let profile = tempfile::tempdir().unwrap();
-        let mut child = Command::new(CHROMIUM)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--hide-scrollbars",
-                "--window-size=1000,500",
-                "--remote-debugging-port=0",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg(url)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("chromium starts");
-        // "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/…": the port to ask for
-        // the page's own socket.
-        let stderr = child.stderr.take().unwrap();
-        let port = tokio::task::spawn_blocking(move || {
-            let mut lines = BufReader::new(stderr).lines();
-            let port = loop {
-                let line = lines
-                    .next()
-                    .expect("chromium printed its DevTools address")
-                    .unwrap();
-                if let Some(rest) = line.split("ws://127.0.0.1:").nth(1) {
-                    break rest.split('/').next().unwrap().to_owned();
-                }
-            };
-            // Keep draining so Chromium never blocks on a full pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            port
-        })
-        .await
-        .unwrap();
-        let devtools = reqwest_like::Client::new(format!("http://127.0.0.1:{port}"));
-        let ws_url = eventually("chromium's page target", async || {
-            let (_, targets) = devtools.get_json("/json/list").await;
-            targets
-                .as_array()?
-                .iter()
-                .filter(|t| t["type"] == "page")
-                .find_map(|t| t["webSocketDebuggerUrl"].as_str().map(str::to_owned))
-        })
-        .await;
-        let (ws, _) = tokio_tungstenite::connect_async(ws_url.as_str())
-            .await
-            .unwrap();
-        let mut page = Page {
-            child,
-            ws,
-            next_id: 0,
-            _profile: profile,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let state = page.eval("document.readyState + ' ' + location.href").await;
-            if state.as_str() == Some(&format!("complete {url}")) {
-                return page;
-            }
-            assert!(Instant::now() < deadline, "{url} did not load: {state}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next_id += 1;
-        let id = self.next_id;
-        let msg = json!({"id": id, "method": method, "params": params});
-        self.ws.send(Message::text(msg.to_string())).await.unwrap();
-        loop {
-            let m = tokio::time::timeout(Duration::from_secs(60), self.ws.next())
-                .await
-                .expect("DevTools answers within a minute")
-                .expect("DevTools socket open")
-                .unwrap();
-            let Message::Text(text) = m else { continue };
-            let mut v: Value = serde_json::from_str(&text).unwrap();
-            if v["id"] == json!(id) {
-                assert!(v.get("error").is_none(), "{method}: {v}");
-                return v["result"].take();
-            }
-        }
-    }
-
-    async fn eval(&mut self, expr: &str) -> Value {
-        let mut r = self
-            .call(
-                "Runtime.evaluate",
-                json!({"expression": expr, "returnByValue": true}),
-            )
-            .await;
-        r["result"]["value"].take()
-    }
-}
 
 /// One drawn row, as the browser lays it out.
 #[derive(Debug, serde::Deserialize)]
@@ -190,14 +56,15 @@ async fn the_waterfall_draws_the_tree_and_the_critical_path_in_chromium() {
         assert_eq!(status, 200);
     }
     let trace_id = "77".repeat(16);
-    eventually("the stored trace", async || {
+    eventually_some("the stored trace", async || {
         let (_, v) = h.client.get_json(&format!("/api/traces/{trace_id}")).await;
         (v["data"][0]["spans"].as_array()?.len() == 4).then_some(())
     })
     .await;
 
     let url = format!("http://{}/trace/{trace_id}", h.running.addr);
-    let mut page = Page::open(&url).await;
+    let mut page = Browser::start(1000, 500).await;
+    page.open(&url).await;
     let rows = page
         .eval(
             "JSON.stringify(Array.from(document.querySelectorAll('.span')).map(row => {\
@@ -254,12 +121,7 @@ async fn the_waterfall_draws_the_tree_and_the_critical_path_in_chromium() {
         "{summary}"
     );
 
-    let shot = page
-        .call("Page.captureScreenshot", json!({"format": "png"}))
-        .await;
-    let png = base64::engine::general_purpose::STANDARD
-        .decode(shot["data"].as_str().unwrap())
-        .unwrap();
+    let png = page.screenshot().await;
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 1000);
     let artifacts = std::path::Path::new(env!("CARGO_BIN_EXE_traces"))
         .parent()

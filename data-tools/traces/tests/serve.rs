@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
-use support::{eventually, now_ns, request, start};
+use support::{eventually_some, now_ns, request, start};
 use traces::server::{self, Settings};
 use traces::store::SpanStore;
 #[tokio::test]
@@ -56,7 +56,7 @@ async fn a_trace_sent_over_otlp_is_found_through_the_jaeger_api_and_the_page() {
     assert_eq!(status, 200);
 
     let trace_id = "42".repeat(16);
-    let trace = eventually("the whole trace", async || {
+    let trace = eventually_some("the whole trace", async || {
         let (status, v) = h.client.get_json(&format!("/api/traces/{trace_id}")).await;
         (status == 200 && v["data"][0]["spans"].as_array()?.len() == 4).then_some(v)
     })
@@ -246,7 +246,7 @@ async fn sampling_rules_are_served_and_reloaded_without_restart() {
     assert_eq!(status, 400);
 
     std::fs::write(&file, rules(0.75)).unwrap();
-    eventually("the new rate", async || {
+    eventually_some("the new rate", async || {
         let (_, v) = h.client.get_json("/sampling?service=push-server").await;
         (v["probabilisticSampling"]["samplingRate"] == 0.75).then_some(())
     })

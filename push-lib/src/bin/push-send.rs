@@ -163,12 +163,7 @@ impl Tally {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    telemetry::init_logging(telemetry::LogFormat::Human, "warn");
     let args = Args::parse();
     let client = args.client()?;
     // Build one envelope up front so a bad --data fails before anything is sent.

@@ -2,7 +2,6 @@
 //! binary, and small HTTP servers on 127.0.0.1:0.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -95,20 +94,8 @@ impl Served {
             .arg("--listen")
             .arg("127.0.0.1:0")
             .args(extra);
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("datamon starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("datamon serving on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
+        let (child, url) =
+            testkit::spawn_announced(cmd.stderr(Stdio::inherit()), "datamon serving on ");
         Served { child, url }
     }
 }

@@ -35,41 +35,7 @@ pub fn fixed_clock() -> gabo::gateway::Clock {
     Arc::new(move || t)
 }
 
-/// Polls `cond` every 50 ms until it holds; panics with `what` after `WAIT`.
-pub async fn eventually<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Polls `f` every 50 ms until it gives a value, and returns it; panics with `what` after
-/// `WAIT`.
-pub async fn eventually_some<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+pub use testkit::{eventually, eventually_some};
 
 /// Runs the dedup of `HOUR` until the completeness rule lets it close the hour; panics on any
 /// other error.

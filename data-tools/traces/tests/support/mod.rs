@@ -158,15 +158,4 @@ pub async fn start(settings: Settings) -> Harness {
     }
 }
 
-/// Polls `check` until it gives a value or 60 s pass (the writer flushes every 100 ms; a
-/// generous deadline for a loaded 2-core machine).
-pub async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+pub use testkit::eventually_some;

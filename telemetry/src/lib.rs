@@ -1,0 +1,112 @@
+//! telemetry: the one way the platform's binaries (push-server, msg-processor, push-send and
+//! the data tools) set up their logs and their Prometheus recorder, so that every process
+//! behaves the same for an operator: logs on stderr (stdout is left to the line scripts
+//! read), `RUST_LOG` honoured, metrics rendered by the handle each `/metrics` route holds.
+//!
+//! | item | role |
+//! |---|---|
+//! | [`LogFormat`], [`init_logging`] | the tracing subscriber: human or JSON lines on stderr, `RUST_LOG` or a default filter |
+//! | [`install_recorder`] | the process-wide Prometheus recorder, installed once per binary's cell, with its descriptions |
+//!
+//! Each binary keeps its own metric names, buckets and descriptions in its own `metrics`
+//! module; only the set-up lives here.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One readable line per event.
+    #[default]
+    Human,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "human" => Ok(LogFormat::Human),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?}: expected human or json")),
+        }
+    }
+}
+
+/// Installs the global tracing subscriber: `format` lines on stderr, filtered by `RUST_LOG`
+/// when set, else by `default_filter` (e.g. `"info"`, `"datamon=info"`).
+///
+/// # Panics
+/// If a global subscriber is already installed (call it once, first thing in `main`).
+pub fn init_logging(format: LogFormat, default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Builds the recorder from `builder`, makes it the process's global recorder, runs
+/// `describe` (the binary's `describe_*!` calls) and returns its handle; later calls with
+/// the same `cell` return the same handle.
+///
+/// Several components may run in one process (tests, benches, an embedding program): only
+/// the first recorder becomes global. A later one keeps its handle, and its `/metrics` then
+/// renders what that recorder saw; the components' counters still go to the global one.
+pub fn install_recorder(
+    cell: &'static OnceLock<PrometheusHandle>,
+    builder: impl FnOnce() -> PrometheusBuilder,
+    describe: fn(),
+) -> PrometheusHandle {
+    cell.get_or_init(|| {
+        let recorder = builder().build_recorder();
+        let handle = recorder.handle();
+        // Fails only when another recorder is already global (see above).
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
+    .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_format_parses_the_two_names_and_names_a_bad_one() {
+        assert_eq!("human".parse::<LogFormat>(), Ok(LogFormat::Human));
+        assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
+        assert_eq!(
+            "xml".parse::<LogFormat>(),
+            Err("\"xml\": expected human or json".to_string())
+        );
+    }
+
+    #[test]
+    fn the_recorder_is_installed_once_and_renders_what_it_counted() {
+        static CELL: OnceLock<PrometheusHandle> = OnceLock::new();
+        fn describe() {
+            metrics::describe_counter!("telemetry_test_total", "A test counter.");
+        }
+        let a = install_recorder(&CELL, PrometheusBuilder::new, describe);
+        metrics::counter!("telemetry_test_total").increment(3);
+        // The second call builds nothing: its builder would panic if it ran.
+        let b = install_recorder(&CELL, || unreachable!("built twice"), describe);
+        let text = b.render();
+        assert!(
+            text.contains("# HELP telemetry_test_total A test counter."),
+            "{text}"
+        );
+        assert!(text.contains("telemetry_test_total 3"), "{text}");
+        assert_eq!(a.render(), text);
+    }
+}
