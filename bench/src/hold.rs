@@ -249,9 +249,18 @@ pub fn report(event: &str, report: &impl Serialize) {
 
 /// Runs `bench hold` on a multi-threaded runtime.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    sys::check_files(args.conns as u64 + SPARE_FDS, "the connections")?;
+    run_child(args.conns, hold(args))
+}
+
+/// Runs a child of the bench that holds `conns` connections (`hold`, `receive`) on a
+/// multi-threaded runtime, once they fit under the open-files limit.
+pub fn run_child(
+    conns: usize,
+    work: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    sys::check_files(conns as u64 + SPARE_FDS, "the connections")?;
     let runtime = crate::runtime(None)?;
-    let result = runtime.block_on(hold(args));
+    let result = runtime.block_on(work);
     // The stdin reader is a blocking thread that may never return: do not wait for it.
     runtime.shutdown_background();
     result

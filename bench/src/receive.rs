@@ -31,8 +31,7 @@ use push_proto::auth::Authenticator;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::hold::{self, Ended, Tally, Transport, SPARE_FDS};
-use crate::sys;
+use crate::hold::{self, Ended, Tally, Transport};
 
 /// Arguments of `bench receive`.
 #[derive(Debug, clap::Args)]
@@ -65,12 +64,7 @@ pub struct Args {
 
 /// Runs `bench receive` on a multi-threaded runtime.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    sys::check_files(args.users as u64 + SPARE_FDS, "the connections")?;
-    let runtime = crate::runtime(None)?;
-    let result = runtime.block_on(receive(args));
-    // The stdin reader is a blocking thread that may never return: do not wait for it.
-    runtime.shutdown_background();
-    result
+    hold::run_child(args.users, receive(args))
 }
 
 /// The sender's part of a message: what `data` holds.
