@@ -8,9 +8,8 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
-use crate::hold::{spawn_holder, Connected, HoldPlan, Present, Transport};
+use crate::hold::{self, Connected, Done, Transport};
 use crate::side::{self, CommonArgs, PeerResult, PeersArg, Plan};
 use crate::sys::round2;
 use crate::systems::{self, Peer, SECRET};
@@ -45,7 +44,7 @@ pub struct Accept {
     /// Attempts failed.
     pub failed: u64,
     /// Error kind → count.
-    pub errors: Value,
+    pub errors: std::collections::BTreeMap<String, u64>,
     /// Opened ÷ (first attempt → last success).
     pub opened_per_sec: Option<f64>,
     /// Connect latency, ms.
@@ -101,20 +100,21 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<PeerResult<Accept>>> {
             };
             let running = systems::start(peer, &opts).await?;
             let budget = Duration::from_secs(60) + Duration::from_millis(10 * args.conns as u64);
-            let mut holder = spawn_holder(&HoldPlan {
-                server: running.addr,
+            let ours = peer == Peer::PushServer;
+            let mut holder = hold::Args {
                 transport: c.transport,
+                server: running.addr,
                 conns: args.conns,
                 sources: c.sources,
                 concurrency: c.concurrency,
-                present: match peer {
-                    Peer::PushServer => Present::Secret(SECRET.into()),
-                    _ => Present::Path("/sub/u{i}".into()),
-                },
+                secret: ours.then(|| SECRET.into()),
+                path: (!ours).then(|| "/sub/u{i}".into()),
                 hold_secs: budget.as_secs() + 60,
-            })?;
+                connect_timeout_secs: 30,
+            }
+            .spawn()?;
             let r: Connected = holder.next("connected", budget).await?;
-            holder.finish::<Value>().await;
+            holder.finish::<Done>().await;
             drop(running);
             let ms = |us: u64| Some(round2(us as f64 / 1000.0));
             Ok(Accept {
@@ -123,7 +123,7 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<PeerResult<Accept>>> {
                 concurrency: c.concurrency,
                 opened: r.ok,
                 failed: r.failed,
-                errors: serde_json::to_value(&r.errors)?,
+                errors: r.errors,
                 opened_per_sec: Some(r.opened_per_sec.round()),
                 connect_p50_ms: ms(r.connect_p50_us),
                 connect_p99_ms: ms(r.connect_p99_us),

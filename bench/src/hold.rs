@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use hdrhistogram::Histogram;
 use loadtest::conn::{self, Conn, Event};
+use loadtest::stats::new_histogram;
 use push_proto::auth::Authenticator;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -35,38 +36,38 @@ use crate::sys;
 /// File descriptors a process needs besides its sockets (stdio, epoll, runtime, binary).
 pub const SPARE_FDS: u64 = 64;
 
-/// Arguments of `bench hold`.
-#[derive(Debug, clap::Args)]
+/// Arguments of `bench hold`; the scenarios fill them in and [`Args::spawn`] the child.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Transport of every connection.
     #[arg(long, value_enum)]
-    transport: Transport,
+    pub transport: Transport,
     /// The server's client address.
     #[arg(long)]
-    server: SocketAddr,
+    pub server: SocketAddr,
     /// Connections to open.
     #[arg(long)]
-    conns: usize,
+    pub conns: usize,
     /// Spread clients over source addresses 127.0.0.2 .. 127.0.0.(2+N-1).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u8).range(1..=253))]
-    sources: u8,
+    pub sources: u8,
     /// Connection attempts in flight at once.
     #[arg(long, default_value_t = 256)]
-    concurrency: usize,
+    pub concurrency: usize,
     /// HS256 secret shared with push-server; tokens are minted for users u0 .. u(N-1).
     #[arg(long, required_unless_present = "path")]
-    secret: Option<String>,
+    pub secret: Option<String>,
     /// Raw-path mode, for peers (Nchan, Pushpin): request this path with no token, `{i}`
     /// replaced by the connection's index (e.g. `/sub/u{i}`); open once the response head
     /// is 200 (SSE) or 101 (WebSocket), no hello expected.
     #[arg(long, conflicts_with = "secret")]
-    path: Option<String>,
+    pub path: Option<String>,
     /// Stop by itself after this many seconds, whatever happens.
     #[arg(long, default_value_t = 600)]
-    hold_secs: u64,
+    pub hold_secs: u64,
     /// Time one connection has for its connect, request and hello.
     #[arg(long, default_value_t = 30)]
-    connect_timeout_secs: u64,
+    pub connect_timeout_secs: u64,
 }
 
 /// The source address of connection `i`: 127.0.0.2 onwards, `sources` of them, so that the
@@ -134,7 +135,7 @@ pub struct Tally {
     /// Attempts failed.
     pub failed: usize,
     /// Error kind → count, so that 15,000 identical failures print as one line.
-    pub errors: BTreeMap<String, usize>,
+    pub errors: BTreeMap<String, u64>,
     /// Time from the start of an attempt to open, µs.
     pub latency_us: Histogram<u64>,
     /// First attempt → last success.
@@ -154,7 +155,7 @@ impl Tally {
             ok: 0,
             failed: 0,
             errors: BTreeMap::new(),
-            latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            latency_us: new_histogram(),
             opening: Duration::ZERO,
         };
         while t.ok + t.failed < n {
@@ -180,11 +181,7 @@ impl Tally {
         Connected {
             ok: self.ok as u64,
             failed: self.failed as u64,
-            errors: self
-                .errors
-                .iter()
-                .map(|(k, v)| (k.clone(), *v as u64))
-                .collect(),
+            errors: self.errors.clone(),
             connect_secs: started.elapsed().as_secs_f64(),
             opened_per_sec: self.ok as f64 / self.opening.as_secs_f64().max(1e-6),
             connect_p50_us: self.latency_us.value_at_quantile(0.5),
@@ -230,18 +227,40 @@ pub struct Done {
     pub heartbeats_seen: u64,
 }
 
+/// One line a child reports: `{"event": <event>, ...report}`.
+#[derive(Serialize, Deserialize)]
+struct Line<T> {
+    event: String,
+    #[serde(flatten)]
+    report: T,
+}
+
 /// Prints one report line: `{"event": <event>, ...report}`.
 pub fn report(event: &str, report: &impl Serialize) {
-    let mut v = serde_json::to_value(report).expect("reports serialize");
-    v["event"] = event.into();
-    println!("{v}");
+    let line = Line {
+        event: event.into(),
+        report,
+    };
+    println!(
+        "{}",
+        serde_json::to_string(&line).expect("reports serialize")
+    );
 }
 
 /// Runs `bench hold` on a multi-threaded runtime.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    sys::check_files(args.conns as u64 + SPARE_FDS, "the connections")?;
+    run_child(args.conns, hold(args))
+}
+
+/// Runs a child of the bench that holds `conns` connections (`hold`, `receive`) on a
+/// multi-threaded runtime, once they fit under the open-files limit.
+pub fn run_child(
+    conns: usize,
+    work: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    sys::check_files(conns as u64 + SPARE_FDS, "the connections")?;
     let runtime = crate::runtime(None)?;
-    let result = runtime.block_on(hold(args));
+    let result = runtime.block_on(work);
     // The stdin reader is a blocking thread that may never return: do not wait for it.
     runtime.shutdown_background();
     result
@@ -293,24 +312,7 @@ async fn hold(args: Args) -> anyhow::Result<()> {
         },
     );
     let t = Tally::collect(&mut rx, args.conns, started, deadline).await?;
-    report(
-        "connected",
-        &Connected {
-            ok: t.ok as u64,
-            failed: t.failed as u64,
-            errors: t
-                .errors
-                .iter()
-                .map(|(k, v)| (k.clone(), *v as u64))
-                .collect(),
-            connect_secs: started.elapsed().as_secs_f64(),
-            opened_per_sec: t.ok as f64 / t.opening.as_secs_f64().max(1e-6),
-            connect_p50_us: t.latency_us.value_at_quantile(0.5),
-            connect_p99_us: t.latency_us.value_at_quantile(0.99),
-            connect_max_us: t.latency_us.max(),
-            rss_kib: sys::memory(std::process::id()).ok().map(|m| m.rss_kib),
-        },
-    );
+    report("connected", &t.connected(started));
 
     let mut stdin = tokio::io::stdin();
     let mut sink = [0u8; 64];
@@ -417,9 +419,14 @@ impl Reporter {
     ) -> anyhow::Result<T> {
         let read = async {
             while let Some(line) = self.out.next_line().await? {
-                match serde_json::from_str::<serde_json::Value>(&line) {
-                    Ok(v) if v["event"] == event => {
-                        return serde_json::from_value(v)
+                #[derive(Deserialize)]
+                struct Tag {
+                    event: String,
+                }
+                match serde_json::from_str::<Tag>(&line) {
+                    Ok(tag) if tag.event == event => {
+                        return serde_json::from_str::<Line<T>>(&line)
+                            .map(|l| l.report)
                             .with_context(|| format!("bad `{event}` report: {line}"));
                     }
                     _ => eprintln!("{}: {line}", self.name),
@@ -456,47 +463,27 @@ impl Reporter {
     }
 }
 
-/// What the connections of a [`Reporter`] present.
-#[derive(Debug, Clone)]
-pub enum Present {
-    /// push-server: tokens minted with this secret for `u0` ….
-    Secret(String),
-    /// A peer: this path, `{i}` replaced by the connection's index.
-    Path(String),
-}
-
-/// How a `bench hold` child connects.
-#[derive(Debug, Clone)]
-pub struct HoldPlan {
-    /// The server's client address.
-    pub server: SocketAddr,
-    /// Transport of every connection.
-    pub transport: Transport,
-    /// Connections to open.
-    pub conns: usize,
-    /// Source addresses 127.0.0.2 … 127.0.0.(2 + sources − 1).
-    pub sources: u8,
-    /// Connects in flight.
-    pub concurrency: usize,
-    /// Token or path.
-    pub present: Present,
-    /// The holder's own deadline.
-    pub hold_secs: u64,
-}
-
-/// Starts `bench hold` with `plan`.
-pub fn spawn_holder(plan: &HoldPlan) -> anyhow::Result<Reporter> {
-    let mut args: Vec<String> = vec!["hold".into()];
-    let mut flag = |k: &str, v: String| args.extend([format!("--{k}"), v]);
-    flag("transport", plan.transport.as_str().into());
-    flag("server", plan.server.to_string());
-    flag("conns", plan.conns.to_string());
-    flag("sources", plan.sources.to_string());
-    flag("concurrency", plan.concurrency.to_string());
-    flag("hold-secs", plan.hold_secs.to_string());
-    match &plan.present {
-        Present::Secret(s) => flag("secret", s.clone()),
-        Present::Path(p) => flag("path", p.clone()),
+impl Args {
+    /// Starts `bench hold` with these arguments, as a [`Reporter`].
+    pub fn spawn(&self) -> anyhow::Result<Reporter> {
+        let mut args: Vec<String> = vec!["hold".into()];
+        let mut flag = |k: &str, v: String| args.extend([format!("--{k}"), v]);
+        flag("transport", self.transport.as_str().into());
+        flag("server", self.server.to_string());
+        flag("conns", self.conns.to_string());
+        flag("sources", self.sources.to_string());
+        flag("concurrency", self.concurrency.to_string());
+        flag("hold-secs", self.hold_secs.to_string());
+        flag(
+            "connect-timeout-secs",
+            self.connect_timeout_secs.to_string(),
+        );
+        if let Some(s) = &self.secret {
+            flag("secret", s.clone());
+        }
+        if let Some(p) = &self.path {
+            flag("path", p.clone());
+        }
+        Reporter::spawn("bench hold", &args)
     }
-    Reporter::spawn("bench hold", &args)
 }

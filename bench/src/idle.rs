@@ -20,9 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
-use crate::hold::{spawn_holder, Connected, Done, HoldPlan, Present, Transport, SPARE_FDS};
+use crate::hold::{self, Connected, Done, Transport, SPARE_FDS};
 use crate::side::{self, CommonArgs, PeerResult, PeersArg, Plan};
 use crate::sys;
 use crate::systems::{self, Peer, Running, SECRET};
@@ -102,7 +101,8 @@ pub struct Idle {
     /// Connections that did not open.
     pub failed: u64,
     /// Why, error kind → count, per hold process.
-    pub errors: Value,
+    #[serde(deserialize_with = "side::lenient")]
+    pub errors: Vec<BTreeMap<String, u64>>,
     /// Closed by the server while held.
     pub closed_during_hold: u64,
     /// Heartbeats the clients saw (with a settle above the heartbeat interval, every
@@ -113,9 +113,10 @@ pub struct Idle {
     /// Server processes measured.
     pub server_processes: usize,
     /// The servers' own count while held: push-server's gauges summed, Nchan's stub status.
-    pub server_count: Value,
+    pub server_count: Option<ServerCount>,
     /// Per process: memory before and after.
-    pub processes: Value,
+    #[serde(deserialize_with = "side::lenient")]
+    pub processes: BTreeMap<String, ProcessMemory>,
     /// RSS of the server processes together, before the clients.
     pub rss_before_kib: u64,
     /// RSS of the server processes together, after the settle.
@@ -153,9 +154,36 @@ impl Idle {
             self.anon_kib_per_conn,
             self.hold_rss_kib.unwrap_or_default(),
             self.heartbeats_seen,
-            self.server_count,
+            count_text(&self.server_count),
         )
     }
+}
+
+/// The servers' own count of open connections.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ServerCount {
+    /// push-server: its `push_connections_open` gauges summed.
+    Gauge(f64),
+    /// Nchan: its stub status page.
+    Status(String),
+}
+
+/// A count as JSON (`null` when the system has none), for the human lines.
+fn count_text(count: &Option<ServerCount>) -> String {
+    serde_json::to_string(count).unwrap_or_default()
+}
+
+/// One server process's memory in an idle run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProcessMemory {
+    /// Before the clients connected.
+    pub before: sys::Memory,
+    /// After the settle.
+    pub after: sys::Memory,
+    /// Its RSS growth ÷ connections held.
+    pub kib_per_conn: f64,
 }
 
 /// One measurement's set-up.
@@ -194,7 +222,7 @@ pub fn run_memory(args: MemoryArgs) -> anyhow::Result<()> {
             if let Some(why) = systems::missing(Peer::PushServer, transport, &server_bin) {
                 bail!("{why}");
             }
-            measure(&Setup {
+            measure(Setup {
                 peer: Peer::PushServer,
                 conns: args.conns,
                 nodes: 1,
@@ -241,7 +269,7 @@ pub async fn peers(args: &PeersArgs) -> anyhow::Result<Vec<PeerResult<Idle>>> {
         line: Idle::line,
     };
     let mut results = side::each_peer(plan, c.server_bin.as_deref(), |peer, server_bin| {
-        measure_owned(Setup {
+        measure(Setup {
             peer,
             conns: args.conns,
             nodes: 1,
@@ -291,7 +319,7 @@ pub async fn scale(args: &ScaleArgs) -> anyhow::Result<Vec<PeerResult<Idle>>> {
         line: Idle::line,
     };
     side::each_peer(plan, c.server_bin.as_deref(), |peer, server_bin| {
-        measure_owned(Setup {
+        measure(Setup {
             peer,
             conns: args.conns,
             nodes: args.nodes,
@@ -308,13 +336,10 @@ pub async fn scale(args: &ScaleArgs) -> anyhow::Result<Vec<PeerResult<Idle>>> {
     .await
 }
 
-async fn measure_owned(setup: Setup) -> anyhow::Result<Idle> {
-    measure(&setup).await
-}
-
 /// Starts the servers, holds the connections from `bench hold` processes, reads the memory
 /// before and after.
-async fn measure(s: &Setup) -> anyhow::Result<Idle> {
+async fn measure(setup: Setup) -> anyhow::Result<Idle> {
+    let s = &setup;
     // The servers, and for each the share of connections its hold processes open.
     let nodes = if s.peer == Peer::PushServer {
         s.nodes
@@ -364,19 +389,19 @@ async fn measure(s: &Setup) -> anyhow::Result<Idle> {
     for (running, share) in &servers {
         let count = share.div_ceil(PER_HOLDER);
         for h in 0..count {
-            let present = match s.peer {
-                Peer::PushServer => Present::Secret(SECRET.into()),
-                _ => Present::Path(format!("/sub/h{}u{{i}}", holders.len())),
-            };
-            holders.push(spawn_holder(&HoldPlan {
-                server: running.addr,
+            let ours = s.peer == Peer::PushServer;
+            let holder = hold::Args {
                 transport: s.transport,
+                server: running.addr,
                 conns: share / count + usize::from(h < share % count),
                 sources: s.sources,
                 concurrency: s.concurrency,
-                present,
+                secret: ours.then(|| SECRET.into()),
+                path: (!ours).then(|| format!("/sub/h{}u{{i}}", holders.len())),
                 hold_secs,
-            })?);
+                connect_timeout_secs: 30,
+            };
+            holders.push(holder.spawn()?);
         }
     }
     let started = Instant::now();
@@ -400,12 +425,13 @@ async fn measure(s: &Setup) -> anyhow::Result<Idle> {
         let deadline = Instant::now() + GAUGE_TIMEOUT;
         loop {
             let open = server_count(s, &servers).await?;
-            if open == json!(s.conns as f64) {
+            if open == Some(ServerCount::Gauge(s.conns as f64)) {
                 break;
             }
             if Instant::now() > deadline {
                 bail!(
-                    "the server counts {open} open connections, not {}, {GAUGE_TIMEOUT:?} after the clients connected",
+                    "the server counts {} open connections, not {}, {GAUGE_TIMEOUT:?} after the clients connected",
+                    count_text(&open),
                     s.conns
                 );
             }
@@ -420,9 +446,10 @@ async fn measure(s: &Setup) -> anyhow::Result<Idle> {
         .map(|m| m.rss_kib)
         .sum();
     let counted = server_count(s, &servers).await?;
-    if s.strict && counted != json!(s.conns as f64) {
+    if s.strict && counted != Some(ServerCount::Gauge(s.conns as f64)) {
         bail!(
-            "connections dropped while settling: the server counts {counted}, not {}",
+            "connections dropped while settling: the server counts {}, not {}",
+            count_text(&counted),
             s.conns
         );
     }
@@ -450,8 +477,11 @@ async fn measure(s: &Setup) -> anyhow::Result<Idle> {
         anon = (anon.0 + b.anon_kib, anon.1 + a.anon_kib);
         processes.insert(
             format!("{label} ({pid})"),
-            json!({"before": b, "after": a,
-                   "kib_per_conn": sys::round2((a.rss_kib as f64 - b.rss_kib as f64) / n)}),
+            ProcessMemory {
+                before: *b,
+                after: *a,
+                kib_per_conn: sys::round2((a.rss_kib as f64 - b.rss_kib as f64) / n),
+            },
         );
     }
     let per_conn = |(b, a): (u64, u64)| sys::round2((a as f64 - b as f64) / n);
@@ -460,13 +490,13 @@ async fn measure(s: &Setup) -> anyhow::Result<Idle> {
         attempted: s.conns,
         held,
         failed,
-        errors: json!(errors),
+        errors,
         closed_during_hold: closed,
         heartbeats_seen: heartbeats,
         heartbeat_interval: (s.peer == Peer::PushServer).then(|| "30s".into()),
         server_processes: procs.len(),
         server_count: counted,
-        processes: json!(processes),
+        processes,
         rss_before_kib: rss.0,
         rss_after_kib: rss.1,
         kib_per_conn: per_conn(rss),
@@ -482,7 +512,10 @@ async fn measure(s: &Setup) -> anyhow::Result<Idle> {
 
 /// The servers' own count of open connections: push-server's `push_connections_open` gauges
 /// summed over the nodes, Nchan's stub status, nothing from Pushpin.
-async fn server_count(s: &Setup, servers: &[(Running, usize)]) -> anyhow::Result<Value> {
+async fn server_count(
+    s: &Setup,
+    servers: &[(Running, usize)],
+) -> anyhow::Result<Option<ServerCount>> {
     match s.peer {
         Peer::PushServer => {
             let mut sum = 0.0;
@@ -493,13 +526,13 @@ async fn server_count(s: &Setup, servers: &[(Running, usize)]) -> anyhow::Result
                 }
                 sum += crate::admin::connections_open(&body, s.transport.as_str()).unwrap_or(0.0);
             }
-            Ok(json!(sum))
+            Ok(Some(ServerCount::Gauge(sum)))
         }
         Peer::Nchan => {
             let (_, body) = crate::admin::get(servers[0].0.addr, "/nchan_status").await?;
-            Ok(json!(body.trim()))
+            Ok(Some(ServerCount::Status(body.trim().to_owned())))
         }
-        Peer::Pushpin => Ok(Value::Null),
+        Peer::Pushpin => Ok(None),
     }
 }
 

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use hdrhistogram::Histogram;
-use loadtest::stats::unix_micros;
+use loadtest::stats::{new_histogram, unix_micros};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
@@ -101,7 +101,7 @@ pub struct Push {
     /// Subscriptions failed.
     pub subscribe_failed: usize,
     /// Why, error kind → count.
-    pub subscribe_errors: BTreeMap<String, usize>,
+    pub subscribe_errors: BTreeMap<String, u64>,
     /// Subscriptions the system closed during the run.
     pub closed_during_run: usize,
     /// Messages whose payload was not ours, or out of range.
@@ -287,10 +287,6 @@ impl Seen {
     fn received(&self, k: usize) -> u64 {
         self.steps.lock().unwrap_or_else(|e| e.into_inner())[k].received
     }
-}
-
-fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
 }
 
 /// Subscribes and runs the steps on a started system; stops it at the end.

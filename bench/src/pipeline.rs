@@ -32,16 +32,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use loadtest::stats::unix_micros;
 use push_lib::{Envelope, KafkaConfig, PushClient};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use testkit::kafka::MockKafka;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::admin;
-use crate::hold::{Connected, Reporter, SPARE_FDS};
-use crate::receive::{now_us, Report};
+use crate::hold::{Connected, Done, Reporter, SPARE_FDS};
+use crate::receive::Report;
 use crate::redis::RedisProc;
 use crate::sys::{self, round2, CpuMeter};
 use crate::systems::{self, Peer, Running, SECRET};
@@ -112,7 +113,7 @@ pub struct Args {
 }
 
 /// Who sends the messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum Producer {
     /// push-lib's `PushClient` in this process.
@@ -138,23 +139,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// The Kafka peer: the mock cluster (kept alive here) or a real broker.
 enum Kafka {
-    Mock(MockCluster<'static, DefaultProducerContext>),
+    Mock(MockKafka),
     Real(String),
-}
-
-impl std::fmt::Debug for Kafka {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Kafka::Mock(m) => write!(f, "mock cluster at {}", m.bootstrap_servers()),
-            Kafka::Real(b) => write!(f, "broker {b}"),
-        }
-    }
 }
 
 impl Kafka {
     fn brokers(&self) -> String {
         match self {
-            Kafka::Mock(m) => m.bootstrap_servers(),
+            Kafka::Mock(m) => m.brokers(),
             Kafka::Real(b) => b.clone(),
         }
     }
@@ -162,7 +154,7 @@ impl Kafka {
     async fn create_topic(&self, topic: &str, partitions: i32) -> anyhow::Result<()> {
         match self {
             Kafka::Mock(m) => m
-                .create_topic(topic, partitions, 1)
+                .try_create_topic(topic, partitions)
                 .with_context(|| format!("mock cluster: cannot create topic {topic}")),
             Kafka::Real(brokers) => {
                 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -186,7 +178,7 @@ impl Kafka {
 }
 
 /// One run's outcome.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct RunResult {
     processors: usize,
     topic: String,
@@ -220,14 +212,7 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
         bail!("--processors {m}: each count must be at least 1");
     }
     sys::check_files(args.users as u64 + SPARE_FDS, "the receiver's connections")?;
-    let bench_bin = std::env::current_exe().context("cannot find the bench binary")?;
-    let bin_dir = match &args.bin_dir {
-        Some(d) => d.clone(),
-        None => bench_bin
-            .parent()
-            .context("bench binary has no directory")?
-            .to_owned(),
-    };
+    let bin_dir = sys::bin_dir(args.bin_dir.as_deref())?;
     let bin = |name: &str| -> anyhow::Result<PathBuf> {
         let p = bin_dir.join(name);
         if !p.is_file() {
@@ -247,10 +232,17 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
     // The Kafka peer.
     let kafka = match &args.brokers {
         Some(b) => Kafka::Real(b.clone()),
-        None => Kafka::Mock(MockCluster::new(1).context("cannot start librdkafka's mock cluster")?),
+        None => {
+            Kafka::Mock(MockKafka::try_start().context("cannot start librdkafka's mock cluster")?)
+        }
     };
     let brokers = kafka.brokers();
-    eprintln!("kafka: {kafka:?}");
+    let kind = if args.brokers.is_some() {
+        "broker"
+    } else {
+        "mock cluster at"
+    };
+    eprintln!("kafka: {kind} {brokers}");
 
     // The registry and the two nodes.
     let redis = RedisProc::start().await?;
@@ -376,7 +368,7 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
             args.messages, args.users
         );
         let cpu = CpuMeter::start(&procs);
-        let first_send_us = now_us();
+        let first_send_us = unix_micros();
         let (sent, send_secs) = send.send(run_id, args.messages).await?;
         let deadline = Instant::now() + Duration::from_secs(args.deadline_secs);
         let mut report = wait_for(&mut receiver, run_id, sent, deadline).await?;
@@ -426,7 +418,7 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
         results.push(result);
     }
 
-    receiver.finish::<Value>().await;
+    receiver.finish::<Done>().await;
     drop(nodes);
     drop(redis);
 
@@ -437,21 +429,37 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
     let table = table(&results, &args);
     if args.json {
         eprintln!("{table}");
-        let out = json!({
-            "users": args.users,
-            "messages": args.messages,
-            "partitions": args.partitions,
-            "producer": args.producer,
-            "kafka": if args.brokers.is_some() { brokers } else { "librdkafka mock cluster (in the bench process)".into() },
-            "processor_args": args.processor_args,
-            "machine": sys::machine(),
-            "runs": results,
-        });
-        println!("{out}");
+        let out = Output {
+            users: args.users,
+            messages: args.messages,
+            partitions: args.partitions,
+            producer: args.producer,
+            kafka: match args.brokers {
+                Some(_) => brokers,
+                None => "librdkafka mock cluster (in the bench process)".into(),
+            },
+            processor_args: args.processor_args.clone(),
+            machine: sys::machine(),
+            runs: results,
+        };
+        println!("{}", serde_json::to_string(&out)?);
     } else {
         println!("{table}");
     }
     Ok(failed)
+}
+
+/// `bench pipeline --json`: the set-up and every run.
+#[derive(Debug, Serialize)]
+struct Output {
+    users: usize,
+    messages: u64,
+    partitions: i32,
+    producer: Producer,
+    kafka: String,
+    processor_args: Vec<String>,
+    machine: String,
+    runs: Vec<RunResult>,
 }
 
 /// What the producer of a run needs.
@@ -496,7 +504,7 @@ impl SendPlan<'_> {
                     }
                     let user = format!("user-{}", n % users);
                     // The send time goes in the payload: the client sees only `data`.
-                    let data = json!({ "r": run, "s": n / users, "t": now_us() });
+                    let data = json!({ "r": run, "s": n / users, "t": unix_micros() });
                     match client.enqueue(Envelope::new(user, data)).await {
                         Ok(fut) => inflight.push(fut),
                         Err(e) => tally(Err(e)),
@@ -698,7 +706,21 @@ enum LogLine {
 /// Reads one line of `msg-processor --log-format json` (tracing-subscriber's JSON: `level`,
 /// and `fields` with `message` and the Debug form of the partition list).
 fn parse_log(line: &str) -> LogLine {
-    let Ok(v) = serde_json::from_str::<Value>(line) else {
+    #[derive(Deserialize)]
+    struct Log {
+        #[serde(default)]
+        level: String,
+        #[serde(default)]
+        fields: Fields,
+    }
+    #[derive(Default, Deserialize)]
+    #[serde(default)]
+    struct Fields {
+        message: String,
+        assigned: String,
+        revoked: String,
+    }
+    let Ok(log) = serde_json::from_str::<Log>(line) else {
         // Its one plain line, `metrics  http://…`, says nothing the bench does not know.
         return if line.starts_with("metrics ") {
             LogLine::Quiet
@@ -706,23 +728,21 @@ fn parse_log(line: &str) -> LogLine {
             LogLine::Show
         };
     };
-    let fields = &v["fields"];
-    let list = |key: &str| -> Vec<i32> {
-        fields[key]
-            .as_str()
-            .unwrap_or_default()
-            .trim_matches(|c| c == '[' || c == ']')
+    let list = |text: &str| -> Vec<i32> {
+        text.trim_matches(|c| c == '[' || c == ']')
             .split(',')
             .filter_map(|p| p.trim().parse().ok())
             .collect()
     };
-    match fields["message"].as_str() {
-        Some(m) if m.starts_with("partitions assigned") => LogLine::Assigned(list("assigned")),
-        Some(m) if m.starts_with("partitions revoked") => LogLine::Revoked(list("revoked")),
-        _ => match v["level"].as_str() {
-            Some("WARN" | "ERROR") => LogLine::Show,
-            _ => LogLine::Quiet,
-        },
+    let f = &log.fields;
+    if f.message.starts_with("partitions assigned") {
+        LogLine::Assigned(list(&f.assigned))
+    } else if f.message.starts_with("partitions revoked") {
+        LogLine::Revoked(list(&f.revoked))
+    } else if matches!(log.level.as_str(), "WARN" | "ERROR") {
+        LogLine::Show
+    } else {
+        LogLine::Quiet
     }
 }
 

@@ -22,16 +22,16 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use hdrhistogram::Histogram;
+use loadtest::stats::{new_histogram, unix_micros};
 use push_proto::auth::Authenticator;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::hold::{self, Ended, Tally, Transport, SPARE_FDS};
-use crate::sys;
+use crate::hold::{self, Ended, Tally, Transport};
 
 /// Arguments of `bench receive`.
 #[derive(Debug, clap::Args)]
@@ -64,12 +64,7 @@ pub struct Args {
 
 /// Runs `bench receive` on a multi-threaded runtime.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    sys::check_files(args.users as u64 + SPARE_FDS, "the connections")?;
-    let runtime = crate::runtime(None)?;
-    let result = runtime.block_on(receive(args));
-    // The stdin reader is a blocking thread that may never return: do not wait for it.
-    runtime.shutdown_background();
-    result
+    hold::run_child(args.users, receive(args))
 }
 
 /// The sender's part of a message: what `data` holds.
@@ -186,9 +181,7 @@ impl RunStats {
             duplicates: 0,
             out_of_order: 0,
             untimed: 0,
-            // 1 µs .. 10 min, three significant figures.
-            latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)
-                .expect("valid histogram bounds"),
+            latency_us: new_histogram(),
             first_us: u64::MAX,
             last_us: 0,
         }
@@ -214,13 +207,6 @@ impl RunStats {
             None => self.untimed += 1,
         }
     }
-}
-
-/// Microseconds since the Unix epoch: comparable with the sender's `t` on the same machine.
-pub fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// Everything the connections report into.
@@ -290,7 +276,7 @@ async fn receive(args: Args) -> anyhow::Result<()> {
             async move {
                 let mut tracker = UserTracker::default();
                 let ended = hold::drive(conn, &heartbeats, |id, mid, data| {
-                    let now = now_us();
+                    let now = unix_micros();
                     match arrival(id, mid, data) {
                         Ok(a) => {
                             let seen = tracker.observe(&a);

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use hdrhistogram::Histogram;
 use push_registry::{Record, Registry};
-use serde_json::{json, Value};
+use serde::Serialize;
 use tokio::process::Command;
 
 use crate::redis::RedisProc;
@@ -91,6 +91,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// several runs reduce to medians key by key.
 type Figures = BTreeMap<String, f64>;
 
+/// `bench registry --json`: the set-up, the medians and every run.
+#[derive(Debug, Serialize)]
+struct Output {
+    users: usize,
+    batch: usize,
+    callers: usize,
+    secs: u64,
+    /// The ring measured, unless `--no-ring`.
+    ring: Option<Ring>,
+    redis_benchmark: String,
+    redis_server: String,
+    machine: String,
+    medians: Figures,
+    runs: Vec<Figures>,
+}
+
+/// The ring's shape.
+#[derive(Debug, Serialize)]
+struct Ring {
+    racks: u8,
+    nodes_per_rack: u8,
+    read: String,
+    write: String,
+}
+
 async fn scenario(args: Args) -> anyhow::Result<()> {
     if args.users == 0 || args.batch == 0 || args.callers == 0 || args.secs == 0 {
         bail!("--users, --batch, --callers and --secs must be at least 1");
@@ -119,24 +144,24 @@ async fn scenario(args: Args) -> anyhow::Result<()> {
     };
     if args.json {
         eprintln!("{title}{}", table(&medians, &args));
-        let result = json!({
-            "users": args.users,
-            "batch": args.batch,
-            "callers": args.callers,
-            "secs": args.secs,
-            "ring": if args.no_ring { Value::Null } else { json!({
-                "racks": 3,
-                "nodes_per_rack": args.nodes_per_rack,
-                "read": args.read,
-                "write": args.write,
-            })},
-            "redis_benchmark": redis_benchmark_command("P", args.redis_benchmark_requests).join(" "),
-            "redis_server": redis_version().await,
-            "machine": sys::machine(),
-            "medians": medians,
-            "runs": runs,
-        });
-        println!("{result}");
+        let result = Output {
+            users: args.users,
+            batch: args.batch,
+            callers: args.callers,
+            secs: args.secs,
+            ring: (!args.no_ring).then(|| Ring {
+                racks: 3,
+                nodes_per_rack: args.nodes_per_rack,
+                read: args.read.clone(),
+                write: args.write.clone(),
+            }),
+            redis_benchmark: redis_benchmark_command("P", args.redis_benchmark_requests).join(" "),
+            redis_server: redis_version().await,
+            machine: sys::machine(),
+            medians,
+            runs,
+        };
+        println!("{}", serde_json::to_string(&result)?);
     } else {
         println!("{title}{}", table(&medians, &args));
     }

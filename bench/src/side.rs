@@ -199,6 +199,17 @@ pub fn print<R: Serialize>(
     Ok(result)
 }
 
+/// A field of a report as it is, or its default when an older report wrote it in another
+/// shape (`compare --from-json` reads reports of earlier runs).
+pub fn lenient<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned + Default,
+{
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(v).unwrap_or_default())
+}
+
 /// No system is left out beyond those missing here.
 pub fn every(_: Peer) -> Option<&'static str> {
     None

@@ -51,7 +51,8 @@ pub fn nofile_limit_of(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// Resident memory of a process, KiB, from `/proc/<pid>/status`.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Memory {
     /// `VmRSS`: all resident pages.
     pub rss_kib: u64,
@@ -425,6 +426,18 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The directory of the binaries the scenarios start: `given`, or that of this `bench`.
+pub fn bin_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(d) => Ok(d.to_owned()),
+        None => Ok(std::env::current_exe()
+            .context("cannot find the bench binary")?
+            .parent()
+            .context("bench binary has no directory")?
+            .to_owned()),
     }
 }
 

@@ -109,11 +109,7 @@ pub fn missing(peer: Peer, transport: Transport, server_bin: &Path) -> Option<St
 pub fn server_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     match given {
         Some(p) => Ok(p.to_owned()),
-        None => Ok(std::env::current_exe()
-            .context("cannot find the bench binary")?
-            .parent()
-            .context("bench binary has no directory")?
-            .join("push-server")),
+        None => Ok(sys::bin_dir(None)?.join("push-server")),
     }
 }
 
