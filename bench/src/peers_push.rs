@@ -29,7 +29,6 @@ use anyhow::{bail, Context as _};
 use hdrhistogram::Histogram;
 use loadtest::stats::{new_histogram, unix_micros};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -38,8 +37,6 @@ use crate::side::{self, CommonArgs, PeerResult, PeersArg, Plan};
 use crate::sys::{self, CpuMeter};
 use crate::systems::{self, Running};
 
-/// A publish request's bound; a local round trip takes well under a millisecond.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How far behind schedule a publisher lane may fall before the step stops sending: the
 /// rest counts as not sent, and the achieved rate shows it.
@@ -515,26 +512,8 @@ async fn post(
     addr: SocketAddr,
     request: &str,
 ) -> anyhow::Result<u16> {
-    tokio::time::timeout(REQUEST_TIMEOUT, async {
-        if slot.is_none() {
-            let s = TcpStream::connect(addr)
-                .await
-                .with_context(|| format!("connect {addr}"))?;
-            // Requests are small and answered one at a time: do not let Nagle hold them.
-            s.set_nodelay(true)?;
-            *slot = Some(s);
-        }
-        let stream = slot.as_mut().expect("just set");
-        stream.write_all(request.as_bytes()).await?;
-        let response = loadtest::pusher::read_response(stream).await?;
-        if response.close {
-            // Pushpin's publish API answers every request with `Connection: close`.
-            *slot = None;
-        }
-        Ok(response.status)
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("publish timed out"))?
+    let response = loadtest::pusher::exchange(slot, addr, request.as_bytes()).await?;
+    Ok(response.status)
 }
 
 fn step_line(s: &Step) -> String {

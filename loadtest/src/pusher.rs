@@ -284,7 +284,35 @@ async fn post(
     user: &str,
     body: &str,
 ) -> anyhow::Result<u64> {
-    tokio::time::timeout(REQUEST_TIMEOUT, async {
+    let auth = cfg
+        .admin_token
+        .as_ref()
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "POST /v1/push/{user} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         {auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let Response { status, body, .. } = exchange(slot, addr, request.as_bytes()).await?;
+    if status != 200 {
+        *slot = None;
+        bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).context("answer is not JSON")?;
+    Ok(v["delivered"].as_u64().unwrap_or(0))
+}
+
+/// Sends `request` on the kept-alive connection in `slot` (opened, with Nagle off, if there
+/// is none) and reads the answer, within [`REQUEST_TIMEOUT`]. The connection is dropped when
+/// the server says `Connection: close` (Pushpin's publish API does, every time) or the
+/// exchange fails, so the next call opens a new one.
+pub async fn exchange(
+    slot: &mut Option<TcpStream>,
+    addr: SocketAddr,
+    request: &[u8],
+) -> anyhow::Result<Response> {
+    let result = tokio::time::timeout(REQUEST_TIMEOUT, async {
         if slot.is_none() {
             let s = TcpStream::connect(addr)
                 .await
@@ -294,27 +322,19 @@ async fn post(
             *slot = Some(s);
         }
         let stream = slot.as_mut().expect("just set");
-        let auth = cfg
-            .admin_token
-            .as_ref()
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        let request = format!(
-            "POST /v1/push/{user} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-             {auth}Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let Response { status, body, .. } = read_response(stream).await?;
-        if status != 200 {
-            *slot = None;
-            bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
-        }
-        let v: serde_json::Value = serde_json::from_slice(&body).context("answer is not JSON")?;
-        Ok(v["delivered"].as_u64().unwrap_or(0))
+        stream.write_all(request).await?;
+        read_response(stream).await
     })
     .await
-    .map_err(|_| anyhow::anyhow!("push timed out"))?
+    .unwrap_or_else(|_| {
+        Err(anyhow::anyhow!(
+            "no answer from {addr} within {REQUEST_TIMEOUT:?}"
+        ))
+    });
+    if !matches!(&result, Ok(r) if !r.close) {
+        *slot = None;
+    }
+    result
 }
 
 /// One HTTP response.
