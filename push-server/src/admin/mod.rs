@@ -12,7 +12,7 @@
 //! | `GET /readyz` | 200, or 503 when at capacity or draining |
 //! | `GET /demo` | with `--demo` only: the demo page (`demo`) |
 //!
-//! Every request target is parsed once into an [`AdminRoute`](route::AdminRoute) (a non-canonical path such as
+//! Every request target is parsed once into an [`AdminRoute`] (a non-canonical path such as
 //! `//v1/push/x` is refused with 400), and who may call it is a property of that route: the
 //! probes and `/metrics` are open for kubelets and scrapers; `/v1/*` needs `--admin-token`
 //! when one is set; `/internal/v1/deliver` needs `--internal-secret` when one is set (else the
