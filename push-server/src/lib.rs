@@ -25,15 +25,14 @@
 //! | `state` | `Shared`: what the connection driver, listener and admin API share, below them |
 //! | `connection` | one socket: handshake (pure admission, refusals, `/ack`, registration, resume), then the driver loop (I/O) |
 //! | `listener` | client port socket options and accept loop |
-//! | [`admin_route`] | admin request target → route and who may call it (pure) |
 //! | `demo` | the `--demo` page on the admin port, built on `clients/js` |
-//! | `admin` | admin HTTP on hyper: push API, metrics, probes |
+//! | [`admin`] | admin HTTP on hyper, one module per route group: the parsed routes ([`admin::route`], pure), push, deliver, history, users, probes |
 //! | [`server`] | wiring only: builds the parts, hands each its handle, [`Server::start`], drain, stop |
 //! | `autobahn` | test-only (feature `autobahn-echo`): the echo node for the Autobahn suite |
 //!
 //! The client protocol is documented in `docs/protocol.md`.
 
-pub mod admin_route;
+pub mod admin;
 pub mod auth;
 #[cfg(feature = "autobahn-echo")]
 pub mod autobahn;
@@ -53,7 +52,6 @@ pub mod receipts;
 pub mod server;
 pub mod sweeper;
 
-mod admin;
 mod connection;
 mod demo;
 mod listener;
