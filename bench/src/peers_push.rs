@@ -37,7 +37,6 @@ use crate::side::{self, CommonArgs, PeerResult, PeersArg, Plan};
 use crate::sys::{self, CpuMeter};
 use crate::systems::{self, Running};
 
-
 /// How far behind schedule a publisher lane may fall before the step stops sending: the
 /// rest counts as not sent, and the achieved rate shows it.
 const MAX_LAG: Duration = Duration::from_secs(2);

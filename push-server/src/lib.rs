@@ -3,17 +3,17 @@
 //! API or the message processor (through the internal deliver endpoint) asks.
 //!
 //! Layers, lowest first; a module uses only modules above it in this table (checked by
-//! listing each module's `crate::` imports):
+//! `tests/layers.rs`, which reads each module's `crate::` imports):
 //!
 //! | module | role |
 //! |---|---|
 //! | [`protocol`] | the wire, re-exported from the `push-proto` crate: HTTP request head, WebSocket frames, SSE events, client messages |
 //! | [`auth`] | HS256 JWT verification and minting (re-exported from `push-proto`) |
+//! | [`metrics`] | metric names, the Prometheus recorder, hot-path handles |
 //! | [`lifecycle`] | pure policy with `now` passed in: lifetimes, heartbeats, drain slots |
 //! | [`clock`] | the node's clock: milliseconds since start, the `now` the policy is given |
 //! | [`drain`] | the drain state beside the policy: in progress since when, its deadline |
 //! | [`ratelimit`] | per-IP connect token buckets (pure) |
-//! | [`metrics`] | metric names, the Prometheus recorder, hot-path handles |
 //! | [`queue`] | each connection's bounded outbound queue and its [`queue::ConnHandle`] |
 //! | [`hub`] | user → local connections, delivery to them (re-exports [`queue`]'s types) |
 //! | [`config`] | flags, `PUSH_*` environment, TOML file → [`Config`] |
