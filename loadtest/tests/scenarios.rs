@@ -209,7 +209,7 @@ fn push_through_kafka_and_the_processor_reaches_every_client() {
     rt.block_on(async {
         let redis = testkit::RedisServer::start();
         let mut node = Config::local_test(SECRET);
-        node.registry = redis.url();
+        node.registry = redis.url().parse().expect("registry URL");
         node.admin_token = Some("deliver-secret-0123456789".into());
         let server = start(node).await;
         let mut settings =

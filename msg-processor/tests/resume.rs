@@ -51,7 +51,7 @@ async fn receipt_node(
 ) -> Server {
     let mut cfg = Config::local_test(SECRET);
     cfg.node_id = id.into();
-    cfg.registry = registry.into();
+    cfg.registry = registry.parse().expect("registry URL");
     cfg.admin_token = Some(ADMIN_TOKEN.into());
     cfg.admin_security.internal_secret = Some(INTERNAL_SECRET.into());
     cfg.receipts_brokers = Some(brokers.into());

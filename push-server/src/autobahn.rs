@@ -32,6 +32,6 @@ pub fn echo_config(listen: SocketAddr, secret: &str) -> Config {
     cfg.lifecycle.heartbeat_timeout = Duration::from_secs(7200);
     cfg.lifecycle.lifetime = Duration::from_secs(24 * 3600);
     cfg.lifecycle.lifetime_jitter = 0.0;
-    cfg.registry = crate::config::NO_REGISTRY.into();
+    cfg.registry = crate::config::Registry::None;
     cfg
 }

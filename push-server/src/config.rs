@@ -4,6 +4,13 @@
 //! Precedence, highest first: command-line flag, environment variable, `--config` file,
 //! built-in default. Every flag has an environment variable: `--max-connections` is
 //! `PUSH_MAX_CONNECTIONS`, and the file key is `max_connections`.
+//!
+//! Each setting is declared once, in the `settings!` list below: its doc comment is its
+//! `--help` text, its `#[arg]` names the flag and the variable, its name is the TOML key, and
+//! `= default` is its built-in value. [`Settings`] (every value optional: what one source gave)
+//! derives both the clap parser and the TOML deserializer; flags over file over defaults
+//! gives every value, which [`Config`] then groups and parses (the registry URL into a
+//! [`Registry`]) and [`Config::validate`] checks.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,6 +30,47 @@ pub enum LogFormat {
     Human,
     /// One JSON object per line.
     Json,
+}
+
+/// Where a node registers its connections and keeps its history, parsed once from the
+/// `registry` setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registry {
+    /// `none`: register nowhere; pushes reach the node only through its own admin API, and
+    /// the history stays in memory. Saves the registry's memory on a single node without a
+    /// message processor.
+    None,
+    /// A push-registry backend: `memory`, `redis://…`, `redis-cluster://…` or `ring://…`.
+    Backend {
+        /// The URL as given, for [`push_registry::open`] and [`push_registry::open_store`].
+        url: String,
+        /// The backend it names.
+        backend: push_registry::url::BackendUrl,
+    },
+}
+
+impl Registry {
+    /// The URL to open, unless the node registers nowhere.
+    pub fn url(&self) -> Option<&str> {
+        match self {
+            Registry::None => None,
+            Registry::Backend { url, .. } => Some(url),
+        }
+    }
+}
+
+impl std::str::FromStr for Registry {
+    type Err = push_registry::Error;
+
+    fn from_str(url: &str) -> Result<Self, Self::Err> {
+        if url == "none" {
+            return Ok(Registry::None);
+        }
+        Ok(Registry::Backend {
+            backend: push_registry::url::parse(url)?,
+            url: url.to_owned(),
+        })
+    }
 }
 
 /// Settings of a push-server node, validated.
@@ -60,13 +108,11 @@ pub struct Config {
     pub max_queue_bytes: usize,
     /// What to do when a connection's queue is full.
     pub slow_consumer: SlowConsumerPolicy,
-    // --- delivery hardening (issue 14, harden-delivery) ---
     /// How long a push waits for room in a connection's full queue and for its frame to be
     /// written before the connection is a slow consumer.
     pub slow_consumer_timeout: Duration,
     /// Acknowledgements per second one connection (or one `POST /ack` token) may send.
     pub ack_rate: u32,
-    // --- end delivery hardening ---
     /// Connects per second allowed per client IP (0 disables).
     pub per_ip_rate: f64,
     /// Burst of connects allowed per client IP.
@@ -77,9 +123,8 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// Log format.
     pub log_format: LogFormat,
-    /// Registry URL (push-registry): `memory`, `redis://…`, `redis-cluster://…`, `ring://…`,
-    /// or `none` to register nowhere.
-    pub registry: String,
+    /// Where the node registers its connections and keeps its history.
+    pub registry: Registry,
     /// Lifetime of a registry record without refresh; records are refreshed every third.
     pub registry_ttl: Duration,
     /// Address other components use to deliver to this node (`host:port` of the admin port).
@@ -113,12 +158,6 @@ pub struct Config {
     pub admin_security: AdminSecurity,
 }
 
-/// The `--registry` value for a node that registers nowhere: pushes reach it only through its
-/// own admin API. Saves the registry's memory on a single node without a message processor.
-pub const NO_REGISTRY: &str = "none";
-
-// ---- Admin port and secrets (issue 14, harden-admin) ----
-
 /// Shortest admin token or internal secret accepted: 16 bytes of a random secret cannot be
 /// guessed over the network, and a shorter one is likely a word someone typed.
 pub const MIN_SECRET_LEN: usize = 16;
@@ -148,214 +187,316 @@ pub struct AdminSecurity {
     pub token_audience: Option<String>,
 }
 
-impl Default for AdminSecurity {
-    fn default() -> Self {
-        Self {
-            internal_secret: None,
-            admin_insecure: false,
-            admin_allowed_hosts: Vec::new(),
-            // The message processors keep a few keep-alive connections each; scrapers and
-            // operators a handful. 256 leaves room for both and bounds what a flood holds.
-            admin_max_connections: 256,
-            // Real callers send a head in one packet; 10 s covers a loaded machine.
-            admin_header_timeout: Duration::from_secs(10),
-            // A batch is at most 64 messages of the largest size: 30 s is slow even on a bad
-            // link, and bounds how long a trickling body holds a connection.
-            admin_body_timeout: Duration::from_secs(30),
-            peer_nets: push_registry::PeerNets::default(),
-            token_issuer: None,
-            token_audience: None,
+/// Declares the settings: per entry, its doc comment (the `--help` text), its `#[arg]` (flag
+/// and environment variable) and `#[serde]` attributes, its name (the TOML key), its type and,
+/// unless it defaults to unset, `= default`. Expands to [`Settings`] (every field optional)
+/// and `Values` (every field resolved: flag, else file, else default).
+macro_rules! settings {
+    (@resolved $ty:ty;) => { Option<$ty> };
+    (@resolved $ty:ty; $default:expr) => { $ty };
+    (@or_default $value:expr;) => { $value };
+    (@or_default $value:expr; $default:expr) => { $value.unwrap_or_else(|| $default) };
+    ($( $(#[$attr:meta])* $name:ident: $ty:ty $(= $default:expr)?, )*) => {
+        /// The settings as one source gives them (flags and `PUSH_*` variables, or the
+        /// `--config` file): each is unset unless that source names it. Unknown file keys
+        /// are an error, so a typo does not silently leave a default in place.
+        #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct Settings {
+            $( $(#[$attr])* pub $name: Option<$ty>, )*
         }
-    }
+
+        /// Every setting with its value: the flag's, else the file's, else the default.
+        struct Values {
+            $( $name: settings!(@resolved $ty; $($default)?), )*
+        }
+
+        impl Settings {
+            /// These values over `file`'s over the defaults.
+            fn over(self, file: Settings) -> Values {
+                Values {
+                    $( $name: settings!(@or_default self.$name.or(file.$name); $($default)?), )*
+                }
+            }
+        }
+    };
 }
 
-/// Raw admin security flags (flattened into [`ServeArgs`]).
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct AdminSecurityArgs {
+settings! {
+    /// Client port address (WebSocket `/ws`, SSE `/sse`). Default 127.0.0.1:8080.
+    #[arg(long, env = "PUSH_LISTEN")]
+    listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)),
+    /// Admin port address (push API, /metrics, /healthz, /readyz). Default 127.0.0.1:9090.
+    #[arg(long, env = "PUSH_ADMIN_LISTEN")]
+    admin_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 9090)),
+    /// Node ID. Default: hostname-pid.
+    #[arg(long, env = "PUSH_NODE_ID")]
+    node_id: String = default_node_id(),
+    /// HS256 secret for client tokens. Without one, a random secret is made and printed.
+    #[arg(long, env = "PUSH_AUTH_SECRET", hide_env_values = true)]
+    auth_secret: String,
+    /// Bearer token required on the admin API's /v1/* routes (at least 16 bytes).
+    #[arg(long, env = "PUSH_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: String,
+    /// Most client connections open at once; readiness fails and new clients get 503 beyond.
+    #[arg(long, env = "PUSH_MAX_CONNECTIONS")]
+    max_connections: usize = 100_000,
+    /// Set SO_REUSEPORT so several processes can share the client port.
+    #[arg(long, env = "PUSH_REUSE_PORT", num_args = 0..=1, default_missing_value = "true")]
+    reuse_port: bool = false,
+    /// Listen backlog for the client port (capped by net.core.somaxconn).
+    #[arg(long, env = "PUSH_BACKLOG")]
+    // Reconnect storms (a peer node dies, its clients all come here) arrive faster than
+    // accept() drains; the kernel caps this at net.core.somaxconn.
+    backlog: u32 = 4096,
+    /// Mean connection lifetime before `reconnect`, e.g. 30m.
+    #[arg(long, env = "PUSH_LIFETIME", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    lifetime: Duration = Policy::default().lifetime,
+    /// Lifetime jitter as a fraction, e.g. 0.25 for ±25 %.
+    #[arg(long, env = "PUSH_LIFETIME_JITTER")]
+    lifetime_jitter: f64 = Policy::default().lifetime_jitter,
+    /// Time a client has to close after `reconnect` before the server closes, e.g. 30s.
+    #[arg(long, env = "PUSH_RECONNECT_GRACE", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    reconnect_grace: Duration = Policy::default().reconnect_grace,
+    /// Heartbeat interval (WebSocket ping, SSE comment), e.g. 30s.
+    #[arg(long, env = "PUSH_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    heartbeat_interval: Duration = Policy::default().heartbeat_interval,
+    /// Silence after which a WebSocket client is taken for dead, e.g. 75s.
+    #[arg(long, env = "PUSH_HEARTBEAT_TIMEOUT", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    heartbeat_timeout: Duration = Policy::default().heartbeat_timeout,
+    /// Window over which SIGTERM spreads `reconnect` to all clients, e.g. 60s.
+    #[arg(long, env = "PUSH_DRAIN_WINDOW", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    drain_window: Duration = Policy::default().drain_window,
+    /// Time allowed for a client's request head (slowloris guard), e.g. 10s.
+    #[arg(long, env = "PUSH_HANDSHAKE_TIMEOUT", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    handshake_timeout: Duration = Duration::from_secs(10),
+    /// Largest request head, bytes.
+    #[arg(long, env = "PUSH_MAX_HEAD_BYTES")]
+    max_head_bytes: usize = 8 * 1024,
+    /// Largest message (client frame or admin payload), bytes.
+    #[arg(long, env = "PUSH_MAX_MESSAGE_BYTES")]
+    max_message_bytes: usize = 64 * 1024,
+    /// Most frames queued for one connection that reads slowly.
+    #[arg(long, env = "PUSH_MAX_QUEUE")]
+    max_queue: usize = 64,
+    /// Most bytes queued for one connection that reads slowly.
+    #[arg(long, env = "PUSH_MAX_QUEUE_BYTES")]
+    // 16 messages of the largest size: a slow reader costs at most this much.
+    max_queue_bytes: usize = 1024 * 1024,
+    /// What to do with a connection whose queue is full.
+    #[arg(long, env = "PUSH_SLOW_CONSUMER", value_enum)]
+    slow_consumer: SlowConsumerPolicy = SlowConsumerPolicy::Disconnect,
+    /// How long a client may leave a full queue undrained before it is a slow consumer, e.g. 2s.
+    #[arg(long, env = "PUSH_SLOW_CONSUMER_TIMEOUT", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    // Below the message processor's 5 s deliver timeout, so that a slow consumer holding
+    // back a batch is cut off before the batch times out and is retried.
+    slow_consumer_timeout: Duration = Duration::from_secs(2),
+    /// Acknowledgements per second allowed per connection.
+    #[arg(long, env = "PUSH_ACK_RATE")]
+    // A client acks what it is sent; 100/s is above any real user's message rate and keeps
+    // one client's share of the receipts queue small.
+    ack_rate: u32 = 100,
+    /// Connects per second allowed per client IP (0 disables the limit).
+    #[arg(long, env = "PUSH_PER_IP_RATE")]
+    per_ip_rate: f64 = 200.0,
+    /// Burst of connects allowed per client IP.
+    #[arg(long, env = "PUSH_PER_IP_BURST")]
+    per_ip_burst: u32 = 1000,
+    /// Most connections in their handshake at once.
+    #[arg(long, env = "PUSH_MAX_PENDING_HANDSHAKES")]
+    max_pending_handshakes: usize = 4096,
+    /// How often lifecycle checks run, e.g. 500ms.
+    #[arg(long, env = "PUSH_SWEEP_INTERVAL", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    sweep_interval: Duration = Duration::from_millis(500),
+    /// Log format.
+    #[arg(long, env = "PUSH_LOG_FORMAT", value_enum)]
+    log_format: LogFormat = LogFormat::Human,
+    /// Registry URL: memory, redis://host:port, redis-cluster://h1:p1,h2:p2,
+    /// ring://h1:p1,…?racks=3&read=quorum&write=quorum, or none (pushes only through this
+    /// node's admin API).
+    #[arg(long, env = "PUSH_REGISTRY")]
+    // A string here, parsed into a `Registry` when the sources are merged, so that a bad
+    // value from a flag or the file is reported the same way, as this setting's error.
+    registry: String = "memory".into(),
+    /// Registry record TTL without refresh, e.g. 90s (refreshed every third of it).
+    #[arg(long, env = "PUSH_REGISTRY_TTL", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    registry_ttl: Duration = Duration::from_secs(90),
+    /// host:port at which the message processor reaches this node's admin port.
+    #[arg(long, env = "PUSH_ADVERTISE_ADDR")]
+    advertise_addr: String,
+    /// Most messages kept per user for resume (`?since=`, `Last-Event-ID`); 0 keeps none.
+    #[arg(long, env = "PUSH_HISTORY_MESSAGES")]
+    // A few minutes covers a rotation's grace period, a deploy's drain window and a mobile
+    // network drop; 100 messages covers a burst for one user without letting one user's
+    // history grow large.
+    history_messages: usize = 100,
+    /// How long messages are kept for resume, e.g. 5m.
+    #[arg(long, env = "PUSH_HISTORY_AGE", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    history_age: Duration = Duration::from_secs(300),
+    /// Kafka bootstrap servers (host:port,…) to publish delivery receipts to.
+    #[arg(long, env = "PUSH_RECEIPTS_BROKERS")]
+    receipts_brokers: String,
+    /// Kafka topic for delivery receipts.
+    #[arg(long, env = "PUSH_RECEIPTS_TOPIC")]
+    receipts_topic: String = "push-receipts".into(),
+    /// Serve a demo page at `/demo` on the admin port, built on the JavaScript client.
+    #[arg(long, env = "PUSH_DEMO", num_args = 0..=1, default_missing_value = "true")]
+    demo: bool = false,
+    // Admission limits (issue 14).
+    /// Most connections of one IPv4 address or IPv6 /64 in their handshake at once (0: no cap).
+    #[arg(long, env = "PUSH_MAX_PENDING_PER_IP")]
+    // A handshake takes one round trip; 32 at once from one address is a burst of clients
+    // behind one NAT reconnecting together, while 4,096 slots shared by all need 128
+    // addresses to fill.
+    max_pending_per_ip: usize = 32,
+    /// Time a new connection may stay silent before its first byte, e.g. 3s.
+    #[arg(long, env = "PUSH_FIRST_BYTE_TIMEOUT", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    // A real client sends its request right after TCP connects; only a silent connection
+    // waits longer. Short, so an idle connect holds a slot for 3 s, not for the whole
+    // handshake timeout.
+    first_byte_timeout: Duration = Duration::from_secs(3),
+    /// Most connections of one user on this node; newer ones get 429 (0: no cap).
+    #[arg(long, env = "PUSH_MAX_CONNECTIONS_PER_USER")]
+    // A user runs a few apps and tabs; 16 is plenty, and bounds the user's entry in the hub
+    // (and its registry hash) that every push and unregister walks.
+    max_connections_per_user: usize = 16,
+    /// Most connections of one IPv4 address or IPv6 /64 on this node (0: no cap).
+    #[arg(long, env = "PUSH_MAX_CONNECTIONS_PER_IP")]
+    // Carrier-grade and corporate NATs put hundreds of users, each with a few connections,
+    // behind one address; 4,096 leaves them room while one address still cannot take more
+    // than 4 % of a default node.
+    max_connections_per_ip: usize = 4096,
+    // Admin port and secrets (issue 14, harden-admin): `Config::admin_security`.
     /// Secret of /internal/v1/deliver and node-to-node forwarding (at least 16 bytes); the
     /// message processor sends the same. Only callers with it may set message IDs.
     #[arg(long, env = "PUSH_INTERNAL_SECRET", hide_env_values = true)]
-    pub internal_secret: Option<String>,
+    internal_secret: String,
     /// Start even though the admin port binds a non-loopback address without --admin-token.
     #[arg(long, env = "PUSH_ADMIN_INSECURE", num_args = 0..=1, default_missing_value = "true")]
-    pub admin_insecure: Option<bool>,
+    admin_insecure: bool = false,
     /// Host names accepted in admin requests' Host header, comma-separated (IP literals,
     /// localhost and the advertised host always are).
     #[arg(long, env = "PUSH_ADMIN_ALLOWED_HOSTS", value_delimiter = ',')]
-    pub admin_allowed_hosts: Option<Vec<String>>,
+    admin_allowed_hosts: Vec<String> = Vec::new(),
     /// Most admin connections open at once (default 256).
     #[arg(long, env = "PUSH_ADMIN_MAX_CONNECTIONS")]
-    pub admin_max_connections: Option<usize>,
+    // The message processors keep a few keep-alive connections each; scrapers and operators
+    // a handful. 256 leaves room for both and bounds what a flood holds.
+    admin_max_connections: usize = 256,
     /// Time allowed for an admin request's head, e.g. 10s.
     #[arg(long, env = "PUSH_ADMIN_HEADER_TIMEOUT", value_parser = parse_duration)]
-    pub admin_header_timeout: Option<Duration>,
+    #[serde(with = "duration")]
+    // Real callers send a head in one packet; 10 s covers a loaded machine.
+    admin_header_timeout: Duration = Duration::from_secs(10),
     /// Time allowed for an admin request's body, e.g. 30s.
     #[arg(long, env = "PUSH_ADMIN_BODY_TIMEOUT", value_parser = parse_duration)]
-    pub admin_body_timeout: Option<Duration>,
+    #[serde(with = "duration")]
+    // A batch is at most 64 messages of the largest size: 30 s is slow even on a bad link,
+    // and bounds how long a trickling body holds a connection.
+    admin_body_timeout: Duration = Duration::from_secs(30),
     /// Networks (CIDRs, comma-separated, or `any`) that registry records may name as nodes
     /// to forward to. Default: loopback only.
     #[arg(long, env = "PUSH_PEER_NETS")]
-    pub peer_nets: Option<String>,
+    peer_nets: String = push_registry::peer_nets::DEFAULT_PEER_NETS.into(),
     /// Accept client tokens without an `exp` claim (they never expire).
     #[arg(long, env = "PUSH_ALLOW_TOKENS_WITHOUT_EXP", num_args = 0..=1, default_missing_value = "true")]
-    pub allow_tokens_without_exp: Option<bool>,
+    allow_tokens_without_exp: bool = false,
     /// Required `iss` claim of client tokens.
     #[arg(long, env = "PUSH_TOKEN_ISSUER")]
-    pub token_issuer: Option<String>,
+    token_issuer: String,
     /// Required `aud` claim of client tokens.
     #[arg(long, env = "PUSH_TOKEN_AUDIENCE")]
-    pub token_audience: Option<String>,
+    token_audience: String,
 }
 
-impl AdminSecurityArgs {
-    /// Merges flags over the file over the defaults; returns the settings and whether tokens
-    /// without `exp` are allowed.
-    fn merge(&self, file: &FileConfig) -> Result<(AdminSecurity, bool), ConfigError> {
-        let d = AdminSecurity::default();
-        macro_rules! pick {
-            ($field:ident) => {
-                self.$field.clone().or(file.$field.clone())
-            };
-        }
-        let peer_nets = match pick!(peer_nets) {
-            Some(s) => {
-                push_registry::PeerNets::parse(&s).map_err(|message| ConfigError::Invalid {
-                    name: "peer_nets",
-                    message,
-                })?
-            }
-            None => d.peer_nets,
-        };
-        let sec = AdminSecurity {
-            internal_secret: pick!(internal_secret),
-            admin_insecure: pick!(admin_insecure).unwrap_or(d.admin_insecure),
-            admin_allowed_hosts: pick!(admin_allowed_hosts).unwrap_or(d.admin_allowed_hosts),
-            admin_max_connections: pick!(admin_max_connections).unwrap_or(d.admin_max_connections),
-            admin_header_timeout: pick!(admin_header_timeout).unwrap_or(d.admin_header_timeout),
-            admin_body_timeout: pick!(admin_body_timeout).unwrap_or(d.admin_body_timeout),
-            peer_nets,
-            token_issuer: pick!(token_issuer),
-            token_audience: pick!(token_audience),
-        };
-        Ok((sec, pick!(allow_tokens_without_exp).unwrap_or(false)))
-    }
-}
-
-impl Config {
-    /// Checks the admin port's exposure and the secrets' lengths.
-    fn validate_admin_security(&self) -> Result<(), ConfigError> {
-        let invalid = |name, message: String| ConfigError::Invalid { name, message };
-        let sec = &self.admin_security;
-        for (name, secret) in [
-            ("admin_token", &self.admin_token),
-            ("internal_secret", &sec.internal_secret),
-        ] {
-            if secret.as_deref().is_some_and(|s| s.len() < MIN_SECRET_LEN) {
-                return Err(invalid(
-                    name,
-                    format!(
-                        "must be at least {MIN_SECRET_LEN} bytes (e.g. `openssl rand -hex 16`)"
-                    ),
-                ));
-            }
-            if secret
-                .as_deref()
-                .is_some_and(|s| !s.bytes().all(|b| b.is_ascii_graphic()))
-            {
-                return Err(invalid(name, "must be visible ASCII (no spaces)".into()));
-            }
-        }
-        if !self.admin_listen.ip().is_loopback()
-            && self.admin_token.is_none()
-            && !sec.admin_insecure
-        {
-            return Err(invalid(
-                "admin_listen",
-                format!(
-                    "{} is not a loopback address: anyone who reaches it could push to any user; set --admin-token (and --internal-secret), or pass --admin-insecure to accept that",
-                    self.admin_listen
-                ),
-            ));
-        }
-        if sec.admin_max_connections == 0 {
-            return Err(invalid(
-                "admin_max_connections",
-                "must be at least 1".into(),
-            ));
-        }
-        if sec.admin_header_timeout.is_zero() || sec.admin_body_timeout.is_zero() {
-            return Err(invalid(
-                "admin_header_timeout",
-                "admin header and body timeouts must be above zero".into(),
-            ));
-        }
-        Ok(())
+impl Values {
+    /// Groups the values as the server reads them and parses the structured ones.
+    fn into_config(self) -> Result<Config, ConfigError> {
+        let invalid = |name, message| ConfigError::Invalid { name, message };
+        let peer_nets = push_registry::PeerNets::parse(&self.peer_nets)
+            .map_err(|message| invalid("peer_nets", message))?;
+        let registry = self
+            .registry
+            .parse()
+            .map_err(|e: push_registry::Error| invalid("registry", e.to_string()))?;
+        Ok(Config {
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            node_id: self.node_id,
+            auth_secret: self.auth_secret,
+            require_exp: !self.allow_tokens_without_exp,
+            admin_token: self.admin_token,
+            max_connections: self.max_connections,
+            reuse_port: self.reuse_port,
+            backlog: self.backlog,
+            lifecycle: Policy {
+                lifetime: self.lifetime,
+                lifetime_jitter: self.lifetime_jitter,
+                reconnect_grace: self.reconnect_grace,
+                heartbeat_interval: self.heartbeat_interval,
+                heartbeat_timeout: self.heartbeat_timeout,
+                drain_window: self.drain_window,
+            },
+            handshake_timeout: self.handshake_timeout,
+            max_head_bytes: self.max_head_bytes,
+            max_message_bytes: self.max_message_bytes,
+            max_queue: self.max_queue,
+            max_queue_bytes: self.max_queue_bytes,
+            slow_consumer: self.slow_consumer,
+            slow_consumer_timeout: self.slow_consumer_timeout,
+            ack_rate: self.ack_rate,
+            per_ip_rate: self.per_ip_rate,
+            per_ip_burst: self.per_ip_burst,
+            max_pending_handshakes: self.max_pending_handshakes,
+            sweep_interval: self.sweep_interval,
+            log_format: self.log_format,
+            registry,
+            registry_ttl: self.registry_ttl,
+            advertise_addr: self.advertise_addr,
+            history_messages: self.history_messages,
+            history_age: self.history_age,
+            receipts_brokers: self.receipts_brokers,
+            receipts_topic: self.receipts_topic,
+            demo: self.demo,
+            #[cfg(feature = "autobahn-echo")]
+            echo: false,
+            max_pending_per_ip: self.max_pending_per_ip,
+            first_byte_timeout: self.first_byte_timeout,
+            max_connections_per_user: self.max_connections_per_user,
+            max_connections_per_ip: self.max_connections_per_ip,
+            admin_security: AdminSecurity {
+                internal_secret: self.internal_secret,
+                admin_insecure: self.admin_insecure,
+                admin_allowed_hosts: self.admin_allowed_hosts,
+                admin_max_connections: self.admin_max_connections,
+                admin_header_timeout: self.admin_header_timeout,
+                admin_body_timeout: self.admin_body_timeout,
+                peer_nets,
+                token_issuer: self.token_issuer,
+                token_audience: self.token_audience,
+            },
+        })
     }
 }
 
 impl Default for Config {
+    /// Every setting at its default (not validated: the defaults pass).
     fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:8080".parse().expect("literal address"),
-            admin_listen: "127.0.0.1:9090".parse().expect("literal address"),
-            node_id: default_node_id(),
-            auth_secret: None,
-            require_exp: true,
-            admin_token: None,
-            max_connections: 100_000,
-            reuse_port: false,
-            // Reconnect storms (a peer node dies, its clients all come here) arrive faster
-            // than accept() drains; the kernel caps this at net.core.somaxconn.
-            backlog: 4096,
-            lifecycle: Policy::default(),
-            handshake_timeout: Duration::from_secs(10),
-            max_head_bytes: 8 * 1024,
-            max_message_bytes: 64 * 1024,
-            max_queue: 64,
-            // 16 messages of the largest size: a slow reader costs at most this much.
-            max_queue_bytes: 1024 * 1024,
-            slow_consumer: SlowConsumerPolicy::Disconnect,
-            // Below the message processor's 5 s deliver timeout, so that a slow consumer
-            // holding back a batch is cut off before the batch times out and is retried.
-            slow_consumer_timeout: Duration::from_secs(2),
-            // A client acks what it is sent; 100/s is above any real user's message rate
-            // and keeps one client's share of the receipts queue small.
-            ack_rate: 100,
-            per_ip_rate: 200.0,
-            per_ip_burst: 1000,
-            max_pending_handshakes: 4096,
-            sweep_interval: Duration::from_millis(500),
-            log_format: LogFormat::Human,
-            registry: "memory".into(),
-            registry_ttl: Duration::from_secs(90),
-            advertise_addr: None,
-            // A few minutes covers a rotation's grace period, a deploy's drain window and a
-            // mobile network drop; 100 messages covers a burst for one user without letting
-            // one user's history grow large.
-            history_messages: 100,
-            history_age: Duration::from_secs(300),
-            receipts_brokers: None,
-            receipts_topic: "push-receipts".into(),
-            demo: false,
-            #[cfg(feature = "autobahn-echo")]
-            echo: false,
-            // A handshake takes one round trip; 32 at once from one address is a burst of
-            // clients behind one NAT reconnecting together, while 4,096 slots shared by all
-            // need 128 addresses to fill.
-            max_pending_per_ip: 32,
-            // A real client sends its request right after TCP connects; only a silent
-            // connection waits longer. Short, so an idle connect holds a slot for 3 s, not
-            // for the whole handshake timeout.
-            first_byte_timeout: Duration::from_secs(3),
-            // A user runs a few apps and tabs; 16 is plenty, and bounds the user's entry in
-            // the hub (and its registry hash) that every push and unregister walks.
-            max_connections_per_user: 16,
-            // Carrier-grade and corporate NATs put hundreds of users, each with a few
-            // connections, behind one address; 4,096 leaves them room while one address
-            // still cannot take more than 4 % of a default node.
-            max_connections_per_ip: 4096,
-            admin_security: AdminSecurity::default(),
-        }
+        Settings::default()
+            .over(Settings::default())
+            .into_config()
+            .expect("the default registry URL and peer networks parse")
     }
 }
 
@@ -383,209 +524,19 @@ fn default_node_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Raw settings from flags and `PUSH_*` variables (clap reads both).
+/// The command line of a node: the settings' flags and the file to read the others from.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ServeArgs {
     /// TOML file with any of the settings below (keys in snake_case).
     #[arg(long, env = "PUSH_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Client port address (WebSocket `/ws`, SSE `/sse`). Default 127.0.0.1:8080.
-    #[arg(long, env = "PUSH_LISTEN")]
-    pub listen: Option<SocketAddr>,
-    /// Admin port address (push API, /metrics, /healthz, /readyz). Default 127.0.0.1:9090.
-    #[arg(long, env = "PUSH_ADMIN_LISTEN")]
-    pub admin_listen: Option<SocketAddr>,
-    /// Node ID. Default: hostname-pid.
-    #[arg(long, env = "PUSH_NODE_ID")]
-    pub node_id: Option<String>,
-    /// HS256 secret for client tokens. Without one, a random secret is made and printed.
-    #[arg(long, env = "PUSH_AUTH_SECRET", hide_env_values = true)]
-    pub auth_secret: Option<String>,
-    /// Bearer token required on the admin API's /v1/* routes (at least 16 bytes).
-    #[arg(long, env = "PUSH_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
-    /// Most client connections open at once; readiness fails and new clients get 503 beyond.
-    #[arg(long, env = "PUSH_MAX_CONNECTIONS")]
-    pub max_connections: Option<usize>,
-    /// Set SO_REUSEPORT so several processes can share the client port.
-    #[arg(long, env = "PUSH_REUSE_PORT", num_args = 0..=1, default_missing_value = "true")]
-    pub reuse_port: Option<bool>,
-    /// Listen backlog for the client port (capped by net.core.somaxconn).
-    #[arg(long, env = "PUSH_BACKLOG")]
-    pub backlog: Option<u32>,
-    /// Mean connection lifetime before `reconnect`, e.g. 30m.
-    #[arg(long, env = "PUSH_LIFETIME", value_parser = parse_duration)]
-    pub lifetime: Option<Duration>,
-    /// Lifetime jitter as a fraction, e.g. 0.25 for ±25 %.
-    #[arg(long, env = "PUSH_LIFETIME_JITTER")]
-    pub lifetime_jitter: Option<f64>,
-    /// Time a client has to close after `reconnect` before the server closes, e.g. 30s.
-    #[arg(long, env = "PUSH_RECONNECT_GRACE", value_parser = parse_duration)]
-    pub reconnect_grace: Option<Duration>,
-    /// Heartbeat interval (WebSocket ping, SSE comment), e.g. 30s.
-    #[arg(long, env = "PUSH_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
-    pub heartbeat_interval: Option<Duration>,
-    /// Silence after which a WebSocket client is taken for dead, e.g. 75s.
-    #[arg(long, env = "PUSH_HEARTBEAT_TIMEOUT", value_parser = parse_duration)]
-    pub heartbeat_timeout: Option<Duration>,
-    /// Window over which SIGTERM spreads `reconnect` to all clients, e.g. 60s.
-    #[arg(long, env = "PUSH_DRAIN_WINDOW", value_parser = parse_duration)]
-    pub drain_window: Option<Duration>,
-    /// Time allowed for a client's request head (slowloris guard), e.g. 10s.
-    #[arg(long, env = "PUSH_HANDSHAKE_TIMEOUT", value_parser = parse_duration)]
-    pub handshake_timeout: Option<Duration>,
-    /// Largest request head, bytes.
-    #[arg(long, env = "PUSH_MAX_HEAD_BYTES")]
-    pub max_head_bytes: Option<usize>,
-    /// Largest message (client frame or admin payload), bytes.
-    #[arg(long, env = "PUSH_MAX_MESSAGE_BYTES")]
-    pub max_message_bytes: Option<usize>,
-    /// Most frames queued for one connection that reads slowly.
-    #[arg(long, env = "PUSH_MAX_QUEUE")]
-    pub max_queue: Option<usize>,
-    /// Most bytes queued for one connection that reads slowly.
-    #[arg(long, env = "PUSH_MAX_QUEUE_BYTES")]
-    pub max_queue_bytes: Option<usize>,
-    /// What to do with a connection whose queue is full.
-    #[arg(long, env = "PUSH_SLOW_CONSUMER", value_enum)]
-    pub slow_consumer: Option<SlowConsumerPolicy>,
-    /// How long a client may leave a full queue undrained before it is a slow consumer, e.g. 2s.
-    #[arg(long, env = "PUSH_SLOW_CONSUMER_TIMEOUT", value_parser = parse_duration)]
-    pub slow_consumer_timeout: Option<Duration>,
-    /// Acknowledgements per second allowed per connection.
-    #[arg(long, env = "PUSH_ACK_RATE")]
-    pub ack_rate: Option<u32>,
-    /// Connects per second allowed per client IP (0 disables the limit).
-    #[arg(long, env = "PUSH_PER_IP_RATE")]
-    pub per_ip_rate: Option<f64>,
-    /// Burst of connects allowed per client IP.
-    #[arg(long, env = "PUSH_PER_IP_BURST")]
-    pub per_ip_burst: Option<u32>,
-    /// Most connections in their handshake at once.
-    #[arg(long, env = "PUSH_MAX_PENDING_HANDSHAKES")]
-    pub max_pending_handshakes: Option<usize>,
-    /// How often lifecycle checks run, e.g. 500ms.
-    #[arg(long, env = "PUSH_SWEEP_INTERVAL", value_parser = parse_duration)]
-    pub sweep_interval: Option<Duration>,
-    /// Log format.
-    #[arg(long, env = "PUSH_LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Registry URL: memory, redis://host:port, redis-cluster://h1:p1,h2:p2,
-    /// ring://h1:p1,…?racks=3&read=quorum&write=quorum, or none (pushes only through this
-    /// node's admin API).
-    #[arg(long, env = "PUSH_REGISTRY")]
-    pub registry: Option<String>,
-    /// Registry record TTL without refresh, e.g. 90s (refreshed every third of it).
-    #[arg(long, env = "PUSH_REGISTRY_TTL", value_parser = parse_duration)]
-    pub registry_ttl: Option<Duration>,
-    /// host:port at which the message processor reaches this node's admin port.
-    #[arg(long, env = "PUSH_ADVERTISE_ADDR")]
-    pub advertise_addr: Option<String>,
-    /// Most messages kept per user for resume (`?since=`, `Last-Event-ID`); 0 keeps none.
-    #[arg(long, env = "PUSH_HISTORY_MESSAGES")]
-    pub history_messages: Option<usize>,
-    /// How long messages are kept for resume, e.g. 5m.
-    #[arg(long, env = "PUSH_HISTORY_AGE", value_parser = parse_duration)]
-    pub history_age: Option<Duration>,
-    /// Kafka bootstrap servers (host:port,…) to publish delivery receipts to.
-    #[arg(long, env = "PUSH_RECEIPTS_BROKERS")]
-    pub receipts_brokers: Option<String>,
-    /// Kafka topic for delivery receipts.
-    #[arg(long, env = "PUSH_RECEIPTS_TOPIC")]
-    pub receipts_topic: Option<String>,
-    /// Serve a demo page at `/demo` on the admin port, built on the JavaScript client.
-    #[arg(long, env = "PUSH_DEMO", num_args = 0..=1, default_missing_value = "true")]
-    pub demo: Option<bool>,
-    // Admission limits (issue 14).
-    /// Most connections of one IPv4 address or IPv6 /64 in their handshake at once (0: no cap).
-    #[arg(long, env = "PUSH_MAX_PENDING_PER_IP")]
-    pub max_pending_per_ip: Option<usize>,
-    /// Time a new connection may stay silent before its first byte, e.g. 3s.
-    #[arg(long, env = "PUSH_FIRST_BYTE_TIMEOUT", value_parser = parse_duration)]
-    pub first_byte_timeout: Option<Duration>,
-    /// Most connections of one user on this node; newer ones get 429 (0: no cap).
-    #[arg(long, env = "PUSH_MAX_CONNECTIONS_PER_USER")]
-    pub max_connections_per_user: Option<usize>,
-    /// Most connections of one IPv4 address or IPv6 /64 on this node (0: no cap).
-    #[arg(long, env = "PUSH_MAX_CONNECTIONS_PER_IP")]
-    pub max_connections_per_ip: Option<usize>,
-    /// Admin port and secrets hardening.
+    /// The settings given as flags or `PUSH_*` variables.
     #[command(flatten)]
-    pub admin_security: AdminSecurityArgs,
+    pub settings: Settings,
 }
 
-/// The same settings as read from a TOML file. Unknown keys are an error, so a typo does
-/// not silently leave a default in place.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    listen: Option<SocketAddr>,
-    admin_listen: Option<SocketAddr>,
-    node_id: Option<String>,
-    auth_secret: Option<String>,
-    admin_token: Option<String>,
-    max_connections: Option<usize>,
-    reuse_port: Option<bool>,
-    backlog: Option<u32>,
-    #[serde(default, with = "humantime_serde_opt")]
-    lifetime: Option<Duration>,
-    lifetime_jitter: Option<f64>,
-    #[serde(default, with = "humantime_serde_opt")]
-    reconnect_grace: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    heartbeat_interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    heartbeat_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    drain_window: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    handshake_timeout: Option<Duration>,
-    max_head_bytes: Option<usize>,
-    max_message_bytes: Option<usize>,
-    max_queue: Option<usize>,
-    max_queue_bytes: Option<usize>,
-    slow_consumer: Option<SlowConsumerPolicy>,
-    #[serde(default, with = "humantime_serde_opt")]
-    slow_consumer_timeout: Option<Duration>,
-    ack_rate: Option<u32>,
-    per_ip_rate: Option<f64>,
-    per_ip_burst: Option<u32>,
-    max_pending_handshakes: Option<usize>,
-    #[serde(default, with = "humantime_serde_opt")]
-    sweep_interval: Option<Duration>,
-    log_format: Option<LogFormat>,
-    registry: Option<String>,
-    #[serde(default, with = "humantime_serde_opt")]
-    registry_ttl: Option<Duration>,
-    advertise_addr: Option<String>,
-    history_messages: Option<usize>,
-    #[serde(default, with = "humantime_serde_opt")]
-    history_age: Option<Duration>,
-    receipts_brokers: Option<String>,
-    receipts_topic: Option<String>,
-    demo: Option<bool>,
-    // Admission limits (issue 14).
-    max_pending_per_ip: Option<usize>,
-    #[serde(default, with = "humantime_serde_opt")]
-    first_byte_timeout: Option<Duration>,
-    max_connections_per_user: Option<usize>,
-    max_connections_per_ip: Option<usize>,
-    // Admin port and secrets (issue 14, harden-admin): see AdminSecurityArgs.
-    internal_secret: Option<String>,
-    admin_insecure: Option<bool>,
-    admin_allowed_hosts: Option<Vec<String>>,
-    admin_max_connections: Option<usize>,
-    #[serde(default, with = "humantime_serde_opt")]
-    admin_header_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    admin_body_timeout: Option<Duration>,
-    peer_nets: Option<String>,
-    allow_tokens_without_exp: Option<bool>,
-    token_issuer: Option<String>,
-    token_audience: Option<String>,
-}
-
-mod humantime_serde_opt {
+/// Durations in the file are strings like the flags' (`"30s"`, `"1h 30m"`).
+mod duration {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer};
@@ -640,79 +591,21 @@ impl ServeArgs {
                     path: path.clone(),
                     source,
                 })?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                toml::from_str::<Settings>(&text).map_err(|e| ConfigError::Parse {
                     path: path.clone(),
                     message: e.to_string(),
                 })?
             }
-            None => FileConfig::default(),
+            None => Settings::default(),
         };
-        self.merge(file)
+        self.settings.clone().merge(file)
     }
+}
 
+impl Settings {
     /// Merges these values over `file` over the defaults, then validates.
-    pub fn merge(&self, file: FileConfig) -> Result<Config, ConfigError> {
-        let d = Config::default();
-        let dl = d.lifecycle.clone();
-        macro_rules! pick {
-            ($field:ident, $default:expr) => {
-                self.$field
-                    .clone()
-                    .or(file.$field.clone())
-                    .unwrap_or($default)
-            };
-        }
-        let (admin_security, allow_without_exp) = self.admin_security.merge(&file)?;
-        let cfg = Config {
-            listen: pick!(listen, d.listen),
-            admin_listen: pick!(admin_listen, d.admin_listen),
-            node_id: pick!(node_id, d.node_id),
-            auth_secret: self.auth_secret.clone().or(file.auth_secret.clone()),
-            require_exp: !allow_without_exp,
-            admin_token: self.admin_token.clone().or(file.admin_token.clone()),
-            max_connections: pick!(max_connections, d.max_connections),
-            reuse_port: pick!(reuse_port, d.reuse_port),
-            backlog: pick!(backlog, d.backlog),
-            lifecycle: Policy {
-                lifetime: pick!(lifetime, dl.lifetime),
-                lifetime_jitter: pick!(lifetime_jitter, dl.lifetime_jitter),
-                reconnect_grace: pick!(reconnect_grace, dl.reconnect_grace),
-                heartbeat_interval: pick!(heartbeat_interval, dl.heartbeat_interval),
-                heartbeat_timeout: pick!(heartbeat_timeout, dl.heartbeat_timeout),
-                drain_window: pick!(drain_window, dl.drain_window),
-            },
-            handshake_timeout: pick!(handshake_timeout, d.handshake_timeout),
-            max_head_bytes: pick!(max_head_bytes, d.max_head_bytes),
-            max_message_bytes: pick!(max_message_bytes, d.max_message_bytes),
-            max_queue: pick!(max_queue, d.max_queue),
-            max_queue_bytes: pick!(max_queue_bytes, d.max_queue_bytes),
-            slow_consumer: pick!(slow_consumer, d.slow_consumer),
-            slow_consumer_timeout: pick!(slow_consumer_timeout, d.slow_consumer_timeout),
-            ack_rate: pick!(ack_rate, d.ack_rate),
-            per_ip_rate: pick!(per_ip_rate, d.per_ip_rate),
-            per_ip_burst: pick!(per_ip_burst, d.per_ip_burst),
-            max_pending_handshakes: pick!(max_pending_handshakes, d.max_pending_handshakes),
-            sweep_interval: pick!(sweep_interval, d.sweep_interval),
-            log_format: pick!(log_format, d.log_format),
-            registry: pick!(registry, d.registry),
-            registry_ttl: pick!(registry_ttl, d.registry_ttl),
-            advertise_addr: self.advertise_addr.clone().or(file.advertise_addr.clone()),
-            history_messages: pick!(history_messages, d.history_messages),
-            history_age: pick!(history_age, d.history_age),
-            receipts_brokers: self
-                .receipts_brokers
-                .clone()
-                .or(file.receipts_brokers.clone()),
-            receipts_topic: pick!(receipts_topic, d.receipts_topic),
-            demo: pick!(demo, d.demo),
-            #[cfg(feature = "autobahn-echo")]
-            echo: false,
-            max_pending_per_ip: pick!(max_pending_per_ip, d.max_pending_per_ip),
-            first_byte_timeout: pick!(first_byte_timeout, d.first_byte_timeout),
-            max_connections_per_user: pick!(max_connections_per_user, d.max_connections_per_user),
-            max_connections_per_ip: pick!(max_connections_per_ip, d.max_connections_per_ip),
-            admin_security,
-        };
+    pub fn merge(self, file: Settings) -> Result<Config, ConfigError> {
+        let cfg = self.over(file).into_config()?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -776,10 +669,6 @@ impl Config {
         if self.registry_ttl < Duration::from_secs(3) {
             return Err(invalid("registry_ttl", "must be at least 3s"));
         }
-        if self.registry != NO_REGISTRY {
-            push_registry::url::parse(&self.registry)
-                .map_err(|e| invalid("registry", e.to_string()))?;
-        }
         if self.history_messages > 10_000 {
             return Err(invalid(
                 "history_messages",
@@ -810,6 +699,58 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Checks the admin port's exposure and the secrets' lengths.
+    fn validate_admin_security(&self) -> Result<(), ConfigError> {
+        let invalid = |name, message: String| ConfigError::Invalid { name, message };
+        let sec = &self.admin_security;
+        for (name, secret) in [
+            ("admin_token", &self.admin_token),
+            ("internal_secret", &sec.internal_secret),
+        ] {
+            if secret.as_deref().is_some_and(|s| s.len() < MIN_SECRET_LEN) {
+                return Err(invalid(
+                    name,
+                    format!(
+                        "must be at least {MIN_SECRET_LEN} bytes (e.g. `openssl rand -hex 16`)"
+                    ),
+                ));
+            }
+            if secret
+                .as_deref()
+                .is_some_and(|s| !s.bytes().all(|b| b.is_ascii_graphic()))
+            {
+                return Err(invalid(name, "must be visible ASCII (no spaces)".into()));
+            }
+        }
+        if !self.admin_listen.ip().is_loopback()
+            && self.admin_token.is_none()
+            && !sec.admin_insecure
+        {
+            return Err(invalid(
+                "admin_listen",
+                format!(
+                    "{} is not a loopback address: anyone who reaches it could push to any user; set --admin-token (and --internal-secret), or pass --admin-insecure to accept that",
+                    self.admin_listen
+                ),
+            ));
+        }
+        if sec.admin_max_connections == 0 {
+            return Err(invalid(
+                "admin_max_connections",
+                "must be at least 1".into(),
+            ));
+        }
+        if sec.admin_header_timeout.is_zero() || sec.admin_body_timeout.is_zero() {
+            return Err(invalid(
+                "admin_header_timeout",
+                "admin header and body timeouts must be above zero".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -822,15 +763,16 @@ mod tests {
         serve: ServeArgs,
     }
 
-    fn args(a: &[&str]) -> ServeArgs {
+    fn args(a: &[&str]) -> Settings {
         Cli::try_parse_from(std::iter::once("push-server").chain(a.iter().copied()))
             .unwrap()
             .serve
+            .settings
     }
 
     #[test]
     fn flag_beats_file_beats_default() {
-        let file: FileConfig = toml::from_str(
+        let file: Settings = toml::from_str(
             r#"
             max_connections = 10
             lifetime = "5m"
@@ -849,26 +791,26 @@ mod tests {
 
     #[test]
     fn unknown_file_keys_are_refused() {
-        assert!(toml::from_str::<FileConfig>("max_conections = 1").is_err());
+        assert!(toml::from_str::<Settings>("max_conections = 1").is_err());
     }
 
     #[test]
     fn invalid_relations_are_refused() {
         let err = args(&["--heartbeat-interval", "60s", "--heartbeat-timeout", "30s"])
-            .merge(FileConfig::default())
+            .merge(Settings::default())
             .unwrap_err();
         assert!(err.to_string().contains("heartbeat_timeout"), "{err}");
         assert!(args(&["--auth-secret", "short"])
-            .merge(FileConfig::default())
+            .merge(Settings::default())
             .is_err());
         assert!(args(&["--lifetime-jitter", "1.5"])
-            .merge(FileConfig::default())
+            .merge(Settings::default())
             .is_err());
     }
 
     #[test]
     fn history_and_receipt_settings() {
-        let file: FileConfig = toml::from_str(
+        let file: Settings = toml::from_str(
             r#"
             history_messages = 50
             history_age = "2m"
@@ -882,11 +824,11 @@ mod tests {
         assert_eq!(cfg.receipts_brokers.as_deref(), Some("k1:9092"));
         assert_eq!(cfg.receipts_topic, "acks");
         let err = args(&["--history-messages", "20000"])
-            .merge(FileConfig::default())
+            .merge(Settings::default())
             .unwrap_err();
         assert!(err.to_string().contains("history_messages"), "{err}");
         assert!(args(&["--history-age", "0s"])
-            .merge(FileConfig::default())
+            .merge(Settings::default())
             .is_err());
     }
 
@@ -895,21 +837,21 @@ mod tests {
         let d = Config::default();
         assert_eq!(d.slow_consumer_timeout, Duration::from_secs(2));
         assert_eq!(d.ack_rate, 100);
-        let file: FileConfig =
+        let file: Settings =
             toml::from_str("slow_consumer_timeout = \"500ms\"\nack_rate = 7").unwrap();
         let cfg = args(&[]).merge(file).unwrap();
         assert_eq!(cfg.slow_consumer_timeout, Duration::from_millis(500));
         assert_eq!(cfg.ack_rate, 7);
         let cfg = args(&["--slow-consumer-timeout", "3s", "--ack-rate", "9"])
-            .merge(FileConfig::default())
+            .merge(Settings::default())
             .unwrap();
         assert_eq!(cfg.slow_consumer_timeout, Duration::from_secs(3));
         assert_eq!(cfg.ack_rate, 9);
         assert!(args(&["--slow-consumer-timeout", "0s"])
-            .merge(FileConfig::default())
+            .merge(Settings::default())
             .is_err());
         assert!(args(&["--ack-rate", "0"])
-            .merge(FileConfig::default())
+            .merge(Settings::default())
             .is_err());
     }
 
@@ -920,7 +862,7 @@ mod tests {
         assert_eq!(d.first_byte_timeout, Duration::from_secs(3));
         assert_eq!(d.max_connections_per_user, 16);
         assert_eq!(d.max_connections_per_ip, 4096);
-        let file: FileConfig = toml::from_str(
+        let file: Settings = toml::from_str(
             r#"
             max_pending_per_ip = 4
             first_byte_timeout = "1s"
@@ -937,14 +879,14 @@ mod tests {
         assert_eq!(cfg.max_connections_per_user, 5);
         assert_eq!(cfg.max_connections_per_ip, 100);
         let err = args(&["--first-byte-timeout", "0s"])
-            .merge(FileConfig::default())
+            .merge(Settings::default())
             .unwrap_err();
         assert!(err.to_string().contains("first_byte_timeout"), "{err}");
     }
 
     #[test]
     fn admin_security_settings() {
-        let file: FileConfig = toml::from_str(
+        let file: Settings = toml::from_str(
             r#"
             internal_secret = "internal-secret-0123456789"
             admin_allowed_hosts = ["push.internal"]
@@ -969,7 +911,7 @@ mod tests {
         assert_eq!(sec.token_issuer.as_deref(), Some("auth"));
         assert!(cfg.require_exp, "exp is required by default");
         let lax = args(&["--allow-tokens-without-exp"])
-            .merge(FileConfig::default())
+            .merge(Settings::default())
             .unwrap();
         assert!(!lax.require_exp);
         let d = Config::default().admin_security;
@@ -977,12 +919,12 @@ mod tests {
         assert!(!d.peer_nets.contains("10.1.2.3".parse().unwrap()));
         // A public admin port needs a token or the explicit opt-out.
         let err = args(&["--admin-listen", "0.0.0.0:9090"])
-            .merge(FileConfig::default())
+            .merge(Settings::default())
             .unwrap_err();
         assert!(err.to_string().contains("--admin-insecure"), "{err}");
         assert!(
             args(&["--admin-listen", "0.0.0.0:9090", "--admin-insecure"])
-                .merge(FileConfig::default())
+                .merge(Settings::default())
                 .is_ok()
         );
         assert!(args(&[
@@ -991,15 +933,191 @@ mod tests {
             "--admin-token",
             "admin-token-0123456789"
         ])
-        .merge(FileConfig::default())
+        .merge(Settings::default())
         .is_ok());
         for short in [["--admin-token", "short"], ["--internal-secret", "short"]] {
-            let err = args(&short).merge(FileConfig::default()).unwrap_err();
+            let err = args(&short).merge(Settings::default()).unwrap_err();
             assert!(err.to_string().contains("at least 16"), "{err}");
         }
         assert!(args(&["--peer-nets", "10.0.0.0/40"])
-            .merge(FileConfig::default())
+            .merge(Settings::default())
             .is_err());
+    }
+
+    /// A `--config` file in a fresh directory, removed on drop.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, text: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("push-server-config-{}-{name}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("push.toml");
+            std::fs::write(&path, text).unwrap();
+            Self(path)
+        }
+
+        fn resolve(&self, flags: &[&str]) -> Result<Config, ConfigError> {
+            ServeArgs {
+                config: Some(self.0.clone()),
+                settings: args(flags),
+            }
+            .resolve()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    #[test]
+    fn a_flag_overrides_the_config_file_which_overrides_the_default() {
+        let file = TempFile::new(
+            "precedence",
+            "max_queue = 10\nregistry = \"none\"\nadmin_allowed_hosts = [\"a.internal\"]\n",
+        );
+        let cfg = file
+            .resolve(&["--max-queue", "20", "--admin-allowed-hosts", "b.internal,c"])
+            .unwrap();
+        assert_eq!(cfg.max_queue, 20, "the flag wins over the file");
+        assert_eq!(cfg.admin_security.admin_allowed_hosts, ["b.internal", "c"]);
+        assert_eq!(
+            cfg.registry,
+            Registry::None,
+            "the file wins over the default"
+        );
+        assert_eq!(cfg.max_queue_bytes, 1024 * 1024, "neither: the default");
+        let cfg = file.resolve(&[]).unwrap();
+        assert_eq!(cfg.max_queue, 10);
+        assert_eq!(cfg.admin_security.admin_allowed_hosts, ["a.internal"]);
+    }
+
+    #[test]
+    fn an_unknown_config_file_key_is_refused_with_its_name() {
+        let file = TempFile::new("unknown", "max_queue = 10\nmax_conections = 5\n");
+        let err = file.resolve(&[]).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("unknown field `max_conections`"), "{msg}");
+        assert!(msg.contains("push.toml"), "the file is named: {msg}");
+        // `config` is a flag, not a setting: a file cannot name another file.
+        let file = TempFile::new("nested", "config = \"other.toml\"\n");
+        let msg = file.resolve(&[]).unwrap_err().to_string();
+        assert!(msg.contains("unknown field `config`"), "{msg}");
+    }
+
+    #[test]
+    fn the_registry_is_parsed_once_into_its_backend() {
+        use push_registry::url::BackendUrl;
+        assert_eq!(
+            args(&["--registry", "none"])
+                .merge(Settings::default())
+                .unwrap()
+                .registry,
+            Registry::None
+        );
+        let cfg = args(&["--registry", "redis://127.0.0.1:6379?timeout_ms=500"])
+            .merge(Settings::default())
+            .unwrap();
+        assert_eq!(
+            cfg.registry.url(),
+            Some("redis://127.0.0.1:6379?timeout_ms=500")
+        );
+        assert!(matches!(
+            cfg.registry,
+            Registry::Backend {
+                backend: BackendUrl::Redis {
+                    timeout_ms: Some(500),
+                    ..
+                },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_bad_registry_is_refused_with_a_clear_message() {
+        let err = args(&["--registry", "postgres://db:5432"])
+            .merge(Settings::default())
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid setting `registry`: invalid registry URL \"postgres://db:5432\": unknown scheme \"postgres\""
+        );
+        // The same from the file, and the password never appears in the message.
+        let file = TempFile::new(
+            "registry",
+            "registry = \"ring://u:hunter2@a:1,b:2?racks=3\"\n",
+        );
+        let msg = file.resolve(&[]).unwrap_err().to_string();
+        assert!(msg.starts_with("invalid setting `registry`:"), "{msg}");
+        assert!(msg.contains("cannot be split into 3 equal racks"), "{msg}");
+        assert!(!msg.contains("hunter2"), "{msg}");
+    }
+
+    #[test]
+    fn every_setting_has_its_default() {
+        let d = Config::default();
+        assert_eq!(d.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(d.admin_listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(d.node_id, default_node_id());
+        assert_eq!(d.auth_secret, None);
+        assert!(d.require_exp);
+        assert_eq!(d.admin_token, None);
+        assert_eq!(d.max_connections, 100_000);
+        assert!(!d.reuse_port);
+        assert_eq!(d.backlog, 4096);
+        let l = &d.lifecycle;
+        assert_eq!(l.lifetime, Duration::from_secs(30 * 60));
+        assert_eq!(l.lifetime_jitter, 0.25);
+        assert_eq!(l.reconnect_grace, Duration::from_secs(30));
+        assert_eq!(l.heartbeat_interval, Duration::from_secs(30));
+        assert_eq!(l.heartbeat_timeout, Duration::from_secs(75));
+        assert_eq!(l.drain_window, Duration::from_secs(60));
+        assert_eq!(d.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(d.max_head_bytes, 8 * 1024);
+        assert_eq!(d.max_message_bytes, 64 * 1024);
+        assert_eq!(d.max_queue, 64);
+        assert_eq!(d.max_queue_bytes, 1024 * 1024);
+        assert_eq!(d.slow_consumer, SlowConsumerPolicy::Disconnect);
+        assert_eq!(d.slow_consumer_timeout, Duration::from_secs(2));
+        assert_eq!(d.ack_rate, 100);
+        assert_eq!(d.per_ip_rate, 200.0);
+        assert_eq!(d.per_ip_burst, 1000);
+        assert_eq!(d.max_pending_handshakes, 4096);
+        assert_eq!(d.sweep_interval, Duration::from_millis(500));
+        assert_eq!(d.log_format, LogFormat::Human);
+        assert_eq!(d.registry, "memory".parse().unwrap());
+        assert_eq!(d.registry_ttl, Duration::from_secs(90));
+        assert_eq!(d.advertise_addr, None);
+        assert_eq!(d.history_messages, 100);
+        assert_eq!(d.history_age, Duration::from_secs(300));
+        assert_eq!(d.receipts_brokers, None);
+        assert_eq!(d.receipts_topic, "push-receipts");
+        assert!(!d.demo);
+        assert_eq!(d.max_pending_per_ip, 32);
+        assert_eq!(d.first_byte_timeout, Duration::from_secs(3));
+        assert_eq!(d.max_connections_per_user, 16);
+        assert_eq!(d.max_connections_per_ip, 4096);
+        let s = &d.admin_security;
+        assert_eq!(s.internal_secret, None);
+        assert!(!s.admin_insecure);
+        assert!(s.admin_allowed_hosts.is_empty());
+        assert_eq!(s.admin_max_connections, 256);
+        assert_eq!(s.admin_header_timeout, Duration::from_secs(10));
+        assert_eq!(s.admin_body_timeout, Duration::from_secs(30));
+        assert!(s.peer_nets.contains("127.0.0.1".parse().unwrap()));
+        assert!(s.peer_nets.contains("::1".parse().unwrap()));
+        assert!(!s.peer_nets.contains("10.0.0.1".parse().unwrap()));
+        assert_eq!(s.token_issuer, None);
+        assert_eq!(s.token_audience, None);
+        // No flag and no file give the same settings, and they pass validation.
+        let empty = args(&[]).merge(Settings::default()).unwrap();
+        assert_eq!(format!("{empty:?}"), format!("{d:?}"));
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! | [`ratelimit`] | per-IP connect token buckets (pure) |
 //! | [`queue`] | each connection's bounded outbound queue and its [`queue::ConnHandle`] |
 //! | [`hub`] | user → local connections, delivery to them (re-exports [`queue`]'s types) |
-//! | [`config`] | flags, `PUSH_*` environment, TOML file → [`Config`] |
+//! | [`config`] | one settings list → flags, `PUSH_*` environment, TOML file → [`Config`] (the registry as a [`config::Registry`]) |
 //! | [`presence`] | keeps the registry (push-registry) in step with local connections |
 //! | [`receipts`] | client acknowledgements → delivery receipts (waiters, Kafka) |
 //! | [`forward`] | admin pushes for users held by other nodes, handed to those nodes |

@@ -11,11 +11,12 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
+use push_registry::url::BackendUrl;
 use push_registry::{BufferLimits, MemoryStore, MessageStore};
 
 use crate::auth::Authenticator;
 use crate::clock::NodeClock;
-use crate::config::{Config, NO_REGISTRY};
+use crate::config::{Config, Registry};
 use crate::drain::{self, Drain};
 use crate::forward::Forwarder;
 use crate::hub::Hub;
@@ -93,20 +94,21 @@ impl Server {
             })?;
         let client_addr = client.local_addr().expect("bound socket has an address");
         let admin_addr = admin.local_addr().expect("bound socket has an address");
-        let presence = if config.registry == NO_REGISTRY {
-            None
-        } else {
-            let registry = push_registry::open(&config.registry).await?;
-            let node_addr = config
-                .advertise_addr
-                .clone()
-                .unwrap_or_else(|| admin_addr.to_string());
-            Some(Presence::start(
-                registry,
-                &config.node_id,
-                node_addr,
-                config.registry_ttl,
-            ))
+        let presence = match config.registry.url() {
+            None => None,
+            Some(url) => {
+                let registry = push_registry::open(url).await?;
+                let node_addr = config
+                    .advertise_addr
+                    .clone()
+                    .unwrap_or_else(|| admin_addr.to_string());
+                Some(Presence::start(
+                    registry,
+                    &config.node_id,
+                    node_addr,
+                    config.registry_ttl,
+                ))
+            }
         };
         let limits = BufferLimits {
             max_messages: config.history_messages,
@@ -114,16 +116,17 @@ impl Server {
         };
         // The history lives in the registry's storage; a node without a registry keeps it
         // in memory, like the embedded default.
-        let (store, memory_store): (Arc<dyn MessageStore>, _) =
-            if config.registry == NO_REGISTRY || config.registry.starts_with("memory") {
+        let (store, memory_store): (Arc<dyn MessageStore>, _) = match &config.registry {
+            Registry::None
+            | Registry::Backend {
+                backend: BackendUrl::Memory { .. },
+                ..
+            } => {
                 let m = Arc::new(MemoryStore::new(limits));
                 (m.clone(), Some(m))
-            } else {
-                (
-                    push_registry::open_store(&config.registry, limits).await?,
-                    None,
-                )
-            };
+            }
+            Registry::Backend { url, .. } => (push_registry::open_store(url, limits).await?, None),
+        };
         let kafka = match &config.receipts_brokers {
             None => None,
             Some(brokers) => Some(KafkaReceipts::new(brokers, &config.receipts_topic).map_err(

@@ -109,6 +109,21 @@ fn invalid_settings_fail_with_a_clear_message() {
 }
 
 #[test]
+fn an_invalid_registry_url_stops_the_start_with_a_clear_message() {
+    let out = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--registry", "postgres://nope"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid setting `registry`: invalid registry URL \"postgres://nope\""),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_generated_secret_is_not_printed_to_a_pipe() {
     use std::io::BufRead as _;
     let mut child = Command::new(BIN)

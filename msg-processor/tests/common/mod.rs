@@ -61,7 +61,7 @@ pub fn producer(brokers: &str, topic: &str) -> PushClient {
 pub async fn node(id: &str, registry: &str, advertise: Option<SocketAddr>) -> Server {
     let mut cfg = Config::local_test(SECRET);
     cfg.node_id = id.into();
-    cfg.registry = registry.into();
+    cfg.registry = registry.parse().expect("registry URL");
     cfg.admin_token = Some(ADMIN_TOKEN.into());
     cfg.admin_security.internal_secret = Some(INTERNAL_SECRET.into());
     cfg.advertise_addr = advertise.map(|a| a.to_string());
