@@ -21,16 +21,8 @@ use serde::Deserialize;
 use crate::hub::SlowConsumerPolicy;
 use crate::lifecycle::Policy;
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Human,
-    /// One JSON object per line.
-    Json,
-}
+/// Log output format (human or JSON lines), as every binary of the platform has it.
+pub use telemetry::LogFormat;
 
 /// Where a node registers its connections and keeps its history, parsed once from the
 /// `registry` setting.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use push_server::auth::Authenticator;
-use push_server::config::{parse_duration, LogFormat, ServeArgs};
+use push_server::config::{parse_duration, ServeArgs};
 use push_server::Server;
 
 /// Push connection server: holds WebSocket and SSE clients and pushes messages to users.
@@ -72,7 +72,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         None => {
             let mut cfg = cli.serve.resolve()?;
-            init_logging(cfg.log_format);
+            telemetry::init_logging(cfg.log_format, "info");
             cfg.max_connections = fit_open_files(cfg.max_connections);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -110,18 +110,6 @@ fn fit_open_files(max_connections: usize) -> usize {
         fits
     } else {
         max_connections
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
 

@@ -15,13 +15,14 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Log output format: a `--log-format` flag (clap) and a `log_format` file key (serde).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
-    /// One readable line per event.
+    /// Human-readable lines.
     #[default]
     Human,
-    /// One JSON object per line, for log shippers.
+    /// One JSON object per line.
     Json,
 }
 
