@@ -7,6 +7,7 @@
 //! | [`peers_push`] | `bench peers-push`: push by user at fixed rates, latency and loss, side by side |
 //! | [`compare`] | `bench compare`: every side-by-side scenario in one run; the markdown table, JSON and chart |
 //! | [`chart`] | the PNG chart of latency against rate (plotters) |
+//! | [`floor`] | `bench floor`: the kernel's CPU per 80-byte write to one of 9,000 loopback sockets, the floor of a push |
 //! | [`registry`] | `bench registry`: `lookup_many` against one Redis and `redis-benchmark`; the ring's cost |
 //! | [`pipeline`] | `bench pipeline`: push-lib → Kafka → msg-processor → push-server → clients, end to end |
 //! | [`receive`] | `bench receive` (hidden): holds one WebSocket per user, counts, orders and times messages |
@@ -29,6 +30,7 @@ mod accept;
 mod admin;
 mod chart;
 mod compare;
+mod floor;
 mod hold;
 mod idle;
 mod peers_push;
@@ -89,6 +91,9 @@ enum Command {
     /// End to end through Kafka: messages per second and latency from send to client, at
     /// several processor counts; fails if any message is lost.
     Pipeline(pipeline::Args),
+    /// The floor: CPU per small write to one of many loopback sockets read on the other
+    /// core, the least any push can cost on this machine.
+    Floor(floor::Args),
     /// Hold one WebSocket per user and account for every message (run by `pipeline`).
     #[command(hide = true)]
     Receive(receive::Args),
@@ -112,6 +117,7 @@ fn main() -> ExitCode {
         Command::Registry(args) => registry::run(args),
         Command::Pipeline(args) => pipeline::run(args),
         Command::Receive(args) => receive::run(args),
+        Command::Floor(args) => floor::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
