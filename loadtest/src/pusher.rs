@@ -304,7 +304,7 @@ async fn post(
 }
 
 /// Sends `request` on the kept-alive connection in `slot` (opened, with Nagle off, if there
-/// is none) and reads the answer, within [`REQUEST_TIMEOUT`]. The connection is dropped when
+/// is none) and reads the answer, within five seconds. The connection is dropped when
 /// the server says `Connection: close` (Pushpin's publish API does, every time) or the
 /// exchange fails, so the next call opens a new one.
 pub async fn exchange(
