@@ -288,16 +288,42 @@ fn churn_with_a_node_restart_loses_nothing() {
             }
         }
         let want: Vec<u64> = (0..PER_USER).collect();
-        eventually("every message at every client", || {
-            std::future::ready(seen.values().all(|s| {
-                let s = s.lock().unwrap();
-                let mut ids: Vec<u64> = s.messages.iter().map(|(id, _)| *id).collect();
-                ids.sort_unstable();
-                ids.dedup();
-                ids.len() as u64 >= PER_USER
-            }))
+        let complete = |s: &Seen| {
+            let mut ids: Vec<u64> = s.messages.iter().map(|(id, _)| *id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids.len() as u64 >= PER_USER
+        };
+        let all_arrived = testkit::poll_until(WAIT, || {
+            std::future::ready(seen.values().all(|s| complete(&s.lock().unwrap())))
         })
         .await;
+        if !all_arrived {
+            // Which user lacks which sequence numbers, and what that user went through:
+            // tells a lost message (a hole below the last one seen) from a slow one.
+            let mut report = Vec::new();
+            for (user, s) in &seen {
+                let s = s.lock().unwrap();
+                if complete(&s) {
+                    continue;
+                }
+                let got: std::collections::HashSet<u64> =
+                    s.messages.iter().map(|(_, seq)| *seq).collect();
+                let missing: Vec<u64> = want.iter().copied().filter(|q| !got.contains(q)).collect();
+                report.push(format!(
+                    "{user}: missing seq {missing:?}; last id {:?}, rotations {}, dropped {}, gaps {}",
+                    s.messages.iter().map(|(id, _)| *id).max(),
+                    s.rotations,
+                    s.dropped,
+                    s.gaps
+                ));
+            }
+            panic!(
+                "timed out after {WAIT:?} waiting for every message at every client (node A \
+                 held {cut_at_restart} clients when it stopped):\n{}",
+                report.join("\n")
+            );
+        }
         let mut rotations = 0;
         let mut dropped = 0;
         for (user, s) in &seen {
