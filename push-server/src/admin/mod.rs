@@ -24,7 +24,6 @@
 //! from a browser page (`Origin`, or `Sec-Fetch-Site` other than `none`) are refused on every
 //! route that needs a secret. The port holds at most `--admin-max-connections`, and times out
 //! slow heads and bodies. See docs/security.md.
-
 //!
 //! One module per route group, each handed only the handles it needs (the [`Pusher`], the
 //! history, the hub), lowest first; a module uses only those above it:
