@@ -29,3 +29,16 @@ seccompProfile:
       name: {{ .Values.secrets.existingSecret }}
       key: {{ .Values.secrets.adminTokenKey }}
 {{- end -}}
+
+{{- /* The registry URL: from a Secret when registry.urlSecret.name is set, else the plain value. */ -}}
+{{- define "push.registryEnv" -}}
+- name: {{ .name }}
+{{- if .root.Values.registry.urlSecret.name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .root.Values.registry.urlSecret.name }}
+      key: {{ .root.Values.registry.urlSecret.key }}
+{{- else }}
+  value: {{ required "registry.url (or registry.urlSecret.name) is required" .root.Values.registry.url | quote }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,3 @@
+module push-platform/deploy/helm/render
+
+go 1.19
