@@ -7,7 +7,8 @@
  * | pure helpers ({@link backoffDelay}, {@link tokenExpiry}, {@link connectUrl}, {@link SseParser}, {@link ResumePoint}) | no I/O, unit-tested in Node |
  * | transports (`openWs`, `openSse`) | one connection each: frames in, acks out, one `onClose` |
  * | {@link PushClient} | the policy: token, resume, `reconnect` new-connection-first, backoff, heartbeat watchdog, acks, events |
- * | cross-tab sharing | one tab (the Web Locks holder) connects; the others follow over a `BroadcastChannel` |
+ * | cross-tab sharing, `worker` mode | a `SharedWorker` (`shared-worker.ts`, {@link SharedConnectionHub}) holds the one connection; tabs talk to it over a `MessagePort` |
+ * | cross-tab sharing, `locks` mode | one tab (the Web Locks holder) connects; the others follow over a `BroadcastChannel` |
  */
 /** `ws` (WebSocket, `/ws`) or `sse` (Server-Sent Events over `fetch`, `/sse`). */
 export type Transport = "ws" | "sse";
@@ -80,8 +81,18 @@ export interface EventMap {
         role: Role;
     };
 }
-/** `solo`: own connection; `leader`: own connection shared with other tabs; `follower`: uses the leader's. */
-export type Role = "solo" | "leader" | "follower";
+/**
+ * `solo`: own connection; `leader`: own connection shared with other tabs; `follower`: uses the
+ * leader's; `shared`: uses the connection a `SharedWorker` holds for all tabs.
+ */
+export type Role = "solo" | "leader" | "follower" | "shared";
+/**
+ * How tabs share one connection (with `share`): `worker`, a `SharedWorker` holds it; `locks`, the
+ * tab holding a Web Lock does and the others follow over a `BroadcastChannel`; `auto` (default),
+ * `worker` where `SharedWorker` exists (falling back to `locks` if its script fails to load),
+ * else `locks`.
+ */
+export type ShareMode = "auto" | "worker" | "locks";
 type WebSocketLike = {
     readonly readyState: number;
     onopen: ((ev: unknown) => void) | null;
@@ -131,6 +142,14 @@ export interface PushClientOptions {
      * a name to keep several clients apart. Where either API is missing, each tab connects itself.
      */
     share?: boolean | string;
+    /** Default `auto`: see {@link ShareMode}. */
+    shareMode?: ShareMode;
+    /**
+     * The script of the shared worker (`worker` mode): `dist/shared-worker.js` of this package,
+     * served from the page's origin. Default: `shared-worker.js` next to this module
+     * (`new URL("./shared-worker.js", import.meta.url)`), right when `dist/` is served as it is.
+     */
+    sharedWorkerUrl?: string | URL;
     /** Implementations to use instead of the globals (Node without a WebSocket global, tests). */
     WebSocket?: WebSocketCtor;
     fetch?: FetchLike;
@@ -210,6 +229,66 @@ export declare function parseServerMessage(text: string): ServerMessage;
 /** Turns an SSE event into the server message it carries (`message` data is the payload as-is). */
 export declare function sseToMessage(ev: SseEvent): ServerMessage | null;
 type Listener<K extends keyof EventMap> = (ev: EventMap[K]) => void;
+/** Messages between the tabs of one shared client (and from a shared worker to its tabs). */
+type ShareMsg = {
+    kind: "event";
+    type: "connected" | "gap" | "disconnected" | "error";
+    payload: unknown;
+} | {
+    kind: "message";
+    id: number;
+    mid?: string;
+    data: unknown;
+} | {
+    kind: "ack";
+    id: number;
+};
+/** The options a tab hands the shared worker: {@link PushClientOptions} without functions. */
+export type SharedOptions = Pick<PushClientOptions, "url" | "transport" | "autoAck" | "lastId" | "backoff" | "heartbeatFactor" | "tokenRefreshMarginMs" | "connectTimeoutMs">;
+/** Tab → shared worker, over the worker's `MessagePort`. */
+export type TabToWorker = 
+/** Joins. `lock`: a Web Lock the tab holds while it lives (its release tells that the tab is gone). */
+{
+    kind: "hello";
+    options: SharedOptions;
+    lock: string | null;
+} | {
+    kind: "ack";
+    id: number;
+}
+/** The answer to a `token?` request. */
+ | {
+    kind: "token";
+    rid: number;
+    token?: string;
+    error?: string;
+}
+/** The tab stops (`stop()`). */
+ | {
+    kind: "bye";
+};
+/** Shared worker → tab. */
+export type WorkerToTab = Exclude<ShareMsg, {
+    kind: "ack";
+}>
+/** The tab has joined. */
+ | {
+    kind: "ready";
+}
+/** The connection needs a token: answered with `token` and the same `rid`. */
+ | {
+    kind: "token?";
+    rid: number;
+};
+/** The part of `MessagePort` used here (also Node's `MessagePort`, in tests). */
+export interface PortLike {
+    onmessage: ((ev: {
+        data: unknown;
+    }) => void) | null;
+    postMessage(m: unknown): void;
+    start?(): void;
+    close(): void;
+}
 /**
  * A push client: call {@link PushClient.start}, listen with {@link PushClient.on}.
  *
@@ -237,17 +316,23 @@ export declare class PushClient {
     private channel;
     private releaseLock;
     private _role;
+    /** `worker` mode: the port to the shared worker, and whether it has answered yet. */
+    private port;
+    private workerReady;
+    /** `worker` mode: the worker's connection is up (between its `connected` and `disconnected`). */
+    private sharedUp;
     constructor(options: PushClientOptions);
     /** The last message ID seen: keep it (e.g. in storage) and pass it as `lastId` next time. */
     get lastId(): number | null;
     /** Whether this tab holds the connection (see `share`). */
     get role(): Role;
-    /** True while a connection has said `hello` and not closed. */
+    /** True while a connection has said `hello` and not closed (in `shared` role: the worker's). */
     get connected(): boolean;
     on<K extends keyof EventMap>(type: K, fn: Listener<K>): () => void;
     private emit;
     /** Connects (or, with `share`, joins the tab holding the connection). */
     start(): void;
+    private startLocksOrSolo;
     /** Closes the connection and stops reconnecting. */
     stop(): void;
     /** Acknowledges message `id` (for `autoAck: false`); each ID is acknowledged once. */
@@ -267,6 +352,14 @@ export declare class PushClient {
     private scheduleRetry;
     private startShared;
     private post;
+    /**
+     * `worker` mode: joins the shared worker named `name`, which holds one connection for all the
+     * tabs that join it. With `fallback` (`auto` mode), a worker script that fails to load before
+     * answering (not served, blocked by a CSP) turns this tab to `locks` mode instead.
+     */
+    private startWorker;
+    private workerFailed;
+    private onWorkerMsg;
     private onShareMsg;
 }
 export {};

@@ -7,7 +7,8 @@
  * | pure helpers ({@link backoffDelay}, {@link tokenExpiry}, {@link connectUrl}, {@link SseParser}, {@link ResumePoint}) | no I/O, unit-tested in Node |
  * | transports (`openWs`, `openSse`) | one connection each: frames in, acks out, one `onClose` |
  * | {@link PushClient} | the policy: token, resume, `reconnect` new-connection-first, backoff, heartbeat watchdog, acks, events |
- * | cross-tab sharing | one tab (the Web Locks holder) connects; the others follow over a `BroadcastChannel` |
+ * | cross-tab sharing, `worker` mode | a `SharedWorker` (`shared-worker.ts`, {@link SharedConnectionHub}) holds the one connection; tabs talk to it over a `MessagePort` |
+ * | cross-tab sharing, `locks` mode | one tab (the Web Locks holder) connects; the others follow over a `BroadcastChannel` |
  */
 // ---------------------------------------------------------------------------------------------
 // Pure helpers
@@ -336,6 +337,11 @@ export class PushClient {
         this.channel = null;
         this.releaseLock = null;
         this._role = "solo";
+        /** `worker` mode: the port to the shared worker, and whether it has answered yet. */
+        this.port = null;
+        this.workerReady = false;
+        /** `worker` mode: the worker's connection is up (between its `connected` and `disconnected`). */
+        this.sharedUp = false;
         this.opts = {
             transport: "ws",
             autoAck: true,
@@ -359,8 +365,10 @@ export class PushClient {
     get role() {
         return this._role;
     }
-    /** True while a connection has said `hello` and not closed. */
+    /** True while a connection has said `hello` and not closed (in `shared` role: the worker's). */
     get connected() {
+        if (this._role === "shared")
+            return this.sharedUp;
         return this.current !== null && this.current.helloAt !== null;
     }
     on(type, fn) {
@@ -393,8 +401,18 @@ export class PushClient {
             return;
         this.running = true;
         const name = this.opts.share === true ? "default" : this.opts.share || null;
+        const mode = this.opts.shareMode ?? "auto";
         const g = globalThis;
-        if (name && g.BroadcastChannel && g.navigator?.locks) {
+        if (name && mode !== "locks" && g.SharedWorker) {
+            this.startWorker(`push-client:${name}`, g.SharedWorker, mode === "auto");
+        }
+        else {
+            this.startLocksOrSolo(name);
+        }
+    }
+    startLocksOrSolo(name) {
+        const g = globalThis;
+        if (name && this.opts.shareMode !== "worker" && g.BroadcastChannel && g.navigator?.locks) {
             this.startShared(`push-client:${name}`, g.navigator.locks);
         }
         else {
@@ -418,9 +436,16 @@ export class PushClient {
         this.current = this.pending = null;
         this.channel?.close();
         this.channel = null;
+        if (this.port) {
+            this.post({ kind: "bye" });
+            this.port.close();
+            this.port = null;
+        }
+        const sharedWasUp = this._role === "shared" && this.sharedUp;
+        this.sharedUp = false;
         this.releaseLock?.();
         this.releaseLock = null;
-        if (wasConnected)
+        if (wasConnected || sharedWasUp)
             this.emit("disconnected", { reason: "stopped", willReconnect: false });
     }
     /** Acknowledges message `id` (for `autoAck: false`); each ID is acknowledged once. */
@@ -431,7 +456,7 @@ export class PushClient {
         // Remember a bounded number of acknowledged IDs: enough to make repeated ack() calls no-ops.
         if (this.acked.size > 1000)
             this.acked.delete(this.acked.values().next().value);
-        if (this._role === "follower") {
+        if (this._role === "follower" || this._role === "shared") {
             this.post({ kind: "ack", id });
             return;
         }
@@ -710,11 +735,98 @@ export class PushClient {
     }
     post(m) {
         try {
-            this.channel?.postMessage(m);
+            if (this.port)
+                this.port.postMessage(m);
+            else
+                this.channel?.postMessage(m);
         }
         catch {
-            // A closed channel: nothing to share with.
+            // A closed channel or port: nothing to share with.
         }
+    }
+    /**
+     * `worker` mode: joins the shared worker named `name`, which holds one connection for all the
+     * tabs that join it. With `fallback` (`auto` mode), a worker script that fails to load before
+     * answering (not served, blocked by a CSP) turns this tab to `locks` mode instead.
+     */
+    startWorker(name, Worker, fallback) {
+        let worker;
+        try {
+            const url = this.opts.sharedWorkerUrl ?? new URL("./shared-worker.js", import.meta.url);
+            worker = new Worker(url, { type: "module", name });
+        }
+        catch (e) {
+            this.workerFailed(String(e), fallback, name);
+            return;
+        }
+        worker.onerror = () => {
+            if (this.port === worker.port && !this.workerReady)
+                this.workerFailed("the shared worker's script failed to load", fallback, name);
+        };
+        const port = worker.port;
+        this.port = port;
+        this._role = "shared";
+        this.emit("role", { role: "shared" });
+        port.onmessage = (ev) => this.onWorkerMsg(ev.data);
+        port.start?.();
+        const o = this.opts;
+        const options = clean({
+            url: o.url,
+            transport: o.transport,
+            autoAck: o.autoAck,
+            lastId: this.resume.last,
+            backoff: o.backoff,
+            heartbeatFactor: o.heartbeatFactor,
+            tokenRefreshMarginMs: o.tokenRefreshMarginMs,
+            connectTimeoutMs: o.connectTimeoutMs,
+        });
+        const locks = globalThis.navigator?.locks;
+        if (!locks) {
+            // Without Web Locks the worker learns of a closed tab only from `bye` (stop()) or a token
+            // request it leaves unanswered.
+            this.post({ kind: "hello", options, lock: null });
+            return;
+        }
+        // A lock held for as long as this tab lives: the worker asks for it too, and the browser
+        // grants it to the worker when this tab goes away (closed, crashed, navigated).
+        const lock = `${name}:tab:${Math.random().toString(36).slice(2)}${Date.now().toString(36)}`;
+        void locks.request(lock, () => {
+            if (!this.running || this.port !== port)
+                return undefined;
+            this.post({ kind: "hello", options, lock });
+            return new Promise((resolve) => {
+                this.releaseLock = resolve;
+            });
+        });
+    }
+    workerFailed(message, fallback, name) {
+        this.port?.close();
+        this.port = null;
+        this.releaseLock?.();
+        this.releaseLock = null;
+        this.emit("error", { code: "shared_worker", message: fallback ? `${message}; sharing with Web Locks instead` : message });
+        if (!this.running)
+            return;
+        this._role = "solo";
+        if (fallback)
+            this.startLocksOrSolo(name.slice("push-client:".length));
+    }
+    onWorkerMsg(m) {
+        switch (m.kind) {
+            case "ready":
+                this.workerReady = true;
+                return;
+            case "token?":
+                this.token().then((token) => this.post({ kind: "token", rid: m.rid, token }), (e) => this.post({ kind: "token", rid: m.rid, error: String(e) }));
+                return;
+            case "event":
+                if (m.type === "connected")
+                    this.sharedUp = true;
+                if (m.type === "disconnected")
+                    this.sharedUp = false;
+                break;
+        }
+        this.onShareMsg(m);
     }
     onShareMsg(m) {
         if (m.kind === "ack") {
@@ -722,10 +834,10 @@ export class PushClient {
                 this.ack(m.id);
             return;
         }
-        if (this._role !== "follower")
+        if (this._role !== "follower" && this._role !== "shared")
             return;
         if (m.kind === "message") {
-            // The leader acknowledges (autoAck); a follower's ack() goes to the leader.
+            // The leader (or the worker) acknowledges (autoAck); a follower's ack() goes to it.
             if (!this.resume.accept(m.id))
                 return;
             let acked = false;

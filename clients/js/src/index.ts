@@ -7,7 +7,8 @@
  * | pure helpers ({@link backoffDelay}, {@link tokenExpiry}, {@link connectUrl}, {@link SseParser}, {@link ResumePoint}) | no I/O, unit-tested in Node |
  * | transports (`openWs`, `openSse`) | one connection each: frames in, acks out, one `onClose` |
  * | {@link PushClient} | the policy: token, resume, `reconnect` new-connection-first, backoff, heartbeat watchdog, acks, events |
- * | cross-tab sharing | one tab (the Web Locks holder) connects; the others follow over a `BroadcastChannel` |
+ * | cross-tab sharing, `worker` mode | a `SharedWorker` (`shared-worker.ts`, {@link SharedConnectionHub}) holds the one connection; tabs talk to it over a `MessagePort` |
+ * | cross-tab sharing, `locks` mode | one tab (the Web Locks holder) connects; the others follow over a `BroadcastChannel` |
  */
 
 /** `ws` (WebSocket, `/ws`) or `sse` (Server-Sent Events over `fetch`, `/sse`). */
@@ -88,8 +89,19 @@ export interface EventMap {
   role: { role: Role };
 }
 
-/** `solo`: own connection; `leader`: own connection shared with other tabs; `follower`: uses the leader's. */
-export type Role = "solo" | "leader" | "follower";
+/**
+ * `solo`: own connection; `leader`: own connection shared with other tabs; `follower`: uses the
+ * leader's; `shared`: uses the connection a `SharedWorker` holds for all tabs.
+ */
+export type Role = "solo" | "leader" | "follower" | "shared";
+
+/**
+ * How tabs share one connection (with `share`): `worker`, a `SharedWorker` holds it; `locks`, the
+ * tab holding a Web Lock does and the others follow over a `BroadcastChannel`; `auto` (default),
+ * `worker` where `SharedWorker` exists (falling back to `locks` if its script fails to load),
+ * else `locks`.
+ */
+export type ShareMode = "auto" | "worker" | "locks";
 
 type WebSocketLike = {
   readonly readyState: number;
@@ -133,6 +145,14 @@ export interface PushClientOptions {
    * a name to keep several clients apart. Where either API is missing, each tab connects itself.
    */
   share?: boolean | string;
+  /** Default `auto`: see {@link ShareMode}. */
+  shareMode?: ShareMode;
+  /**
+   * The script of the shared worker (`worker` mode): `dist/shared-worker.js` of this package,
+   * served from the page's origin. Default: `shared-worker.js` next to this module
+   * (`new URL("./shared-worker.js", import.meta.url)`), right when `dist/` is served as it is.
+   */
+  sharedWorkerUrl?: string | URL;
   /** Implementations to use instead of the globals (Node without a WebSocket global, tests). */
   WebSocket?: WebSocketCtor;
   fetch?: FetchLike;
@@ -494,11 +514,47 @@ interface Attempt {
   connectTimer: ReturnType<typeof setTimeout> | null;
 }
 
-/** Messages between the tabs of one shared client. */
+/** Messages between the tabs of one shared client (and from a shared worker to its tabs). */
 type ShareMsg =
   | { kind: "event"; type: "connected" | "gap" | "disconnected" | "error"; payload: unknown }
   | { kind: "message"; id: number; mid?: string; data: unknown }
   | { kind: "ack"; id: number };
+
+/** The options a tab hands the shared worker: {@link PushClientOptions} without functions. */
+export type SharedOptions = Pick<
+  PushClientOptions,
+  "url" | "transport" | "autoAck" | "lastId" | "backoff" | "heartbeatFactor" | "tokenRefreshMarginMs" | "connectTimeoutMs"
+>;
+
+/** Tab → shared worker, over the worker's `MessagePort`. */
+export type TabToWorker =
+  /** Joins. `lock`: a Web Lock the tab holds while it lives (its release tells that the tab is gone). */
+  | { kind: "hello"; options: SharedOptions; lock: string | null }
+  | { kind: "ack"; id: number }
+  /** The answer to a `token?` request. */
+  | { kind: "token"; rid: number; token?: string; error?: string }
+  /** The tab stops (`stop()`). */
+  | { kind: "bye" };
+
+/** Shared worker → tab. */
+export type WorkerToTab =
+  | Exclude<ShareMsg, { kind: "ack" }>
+  /** The tab has joined. */
+  | { kind: "ready" }
+  /** The connection needs a token: answered with `token` and the same `rid`. */
+  | { kind: "token?"; rid: number };
+
+/** The part of `MessagePort` used here (also Node's `MessagePort`, in tests). */
+export interface PortLike {
+  onmessage: ((ev: { data: unknown }) => void) | null;
+  postMessage(m: unknown): void;
+  start?(): void;
+  close(): void;
+}
+type SharedWorkerCtor = new (url: string | URL, options?: { type?: "module"; name?: string }) => {
+  readonly port: PortLike;
+  onerror: ((ev: unknown) => void) | null;
+};
 
 const DEFAULT_HEARTBEAT_MS = 30_000;
 
@@ -532,6 +588,11 @@ export class PushClient {
   private channel: BroadcastChannel | null = null;
   private releaseLock: (() => void) | null = null;
   private _role: Role = "solo";
+  /** `worker` mode: the port to the shared worker, and whether it has answered yet. */
+  private port: PortLike | null = null;
+  private workerReady = false;
+  /** `worker` mode: the worker's connection is up (between its `connected` and `disconnected`). */
+  private sharedUp = false;
 
   constructor(options: PushClientOptions) {
     this.opts = {
@@ -558,8 +619,9 @@ export class PushClient {
     return this._role;
   }
 
-  /** True while a connection has said `hello` and not closed. */
+  /** True while a connection has said `hello` and not closed (in `shared` role: the worker's). */
   get connected(): boolean {
+    if (this._role === "shared") return this.sharedUp;
     return this.current !== null && this.current.helloAt !== null;
   }
 
@@ -592,8 +654,18 @@ export class PushClient {
     if (this.running) return;
     this.running = true;
     const name = this.opts.share === true ? "default" : this.opts.share || null;
+    const mode = this.opts.shareMode ?? "auto";
+    const g = globalThis as { SharedWorker?: SharedWorkerCtor };
+    if (name && mode !== "locks" && g.SharedWorker) {
+      this.startWorker(`push-client:${name}`, g.SharedWorker, mode === "auto");
+    } else {
+      this.startLocksOrSolo(name);
+    }
+  }
+
+  private startLocksOrSolo(name: string | null): void {
     const g = globalThis as { BroadcastChannel?: typeof BroadcastChannel; navigator?: Navigator };
-    if (name && g.BroadcastChannel && g.navigator?.locks) {
+    if (name && this.opts.shareMode !== "worker" && g.BroadcastChannel && g.navigator?.locks) {
       this.startShared(`push-client:${name}`, g.navigator.locks);
     } else {
       this.connect();
@@ -612,9 +684,16 @@ export class PushClient {
     this.current = this.pending = null;
     this.channel?.close();
     this.channel = null;
+    if (this.port) {
+      this.post({ kind: "bye" });
+      this.port.close();
+      this.port = null;
+    }
+    const sharedWasUp = this._role === "shared" && this.sharedUp;
+    this.sharedUp = false;
     this.releaseLock?.();
     this.releaseLock = null;
-    if (wasConnected) this.emit("disconnected", { reason: "stopped", willReconnect: false });
+    if (wasConnected || sharedWasUp) this.emit("disconnected", { reason: "stopped", willReconnect: false });
   }
 
   /** Acknowledges message `id` (for `autoAck: false`); each ID is acknowledged once. */
@@ -623,7 +702,7 @@ export class PushClient {
     this.acked.add(id);
     // Remember a bounded number of acknowledged IDs: enough to make repeated ack() calls no-ops.
     if (this.acked.size > 1000) this.acked.delete(this.acked.values().next().value as number);
-    if (this._role === "follower") {
+    if (this._role === "follower" || this._role === "shared") {
       this.post({ kind: "ack", id });
       return;
     }
@@ -887,12 +966,96 @@ export class PushClient {
     });
   }
 
-  private post(m: ShareMsg): void {
+  private post(m: ShareMsg | TabToWorker): void {
     try {
-      this.channel?.postMessage(m);
+      if (this.port) this.port.postMessage(m);
+      else this.channel?.postMessage(m);
     } catch {
-      // A closed channel: nothing to share with.
+      // A closed channel or port: nothing to share with.
     }
+  }
+
+  /**
+   * `worker` mode: joins the shared worker named `name`, which holds one connection for all the
+   * tabs that join it. With `fallback` (`auto` mode), a worker script that fails to load before
+   * answering (not served, blocked by a CSP) turns this tab to `locks` mode instead.
+   */
+  private startWorker(name: string, Worker: SharedWorkerCtor, fallback: boolean): void {
+    let worker: InstanceType<SharedWorkerCtor>;
+    try {
+      const url = this.opts.sharedWorkerUrl ?? new URL("./shared-worker.js", import.meta.url);
+      worker = new Worker(url, { type: "module", name });
+    } catch (e) {
+      this.workerFailed(String(e), fallback, name);
+      return;
+    }
+    worker.onerror = () => {
+      if (this.port === worker.port && !this.workerReady) this.workerFailed("the shared worker's script failed to load", fallback, name);
+    };
+    const port = worker.port;
+    this.port = port;
+    this._role = "shared";
+    this.emit("role", { role: "shared" });
+    port.onmessage = (ev) => this.onWorkerMsg(ev.data as WorkerToTab);
+    port.start?.();
+    const o = this.opts;
+    const options: SharedOptions = clean({
+      url: o.url,
+      transport: o.transport,
+      autoAck: o.autoAck,
+      lastId: this.resume.last,
+      backoff: o.backoff,
+      heartbeatFactor: o.heartbeatFactor,
+      tokenRefreshMarginMs: o.tokenRefreshMarginMs,
+      connectTimeoutMs: o.connectTimeoutMs,
+    });
+    const locks = (globalThis as { navigator?: Navigator }).navigator?.locks;
+    if (!locks) {
+      // Without Web Locks the worker learns of a closed tab only from `bye` (stop()) or a token
+      // request it leaves unanswered.
+      this.post({ kind: "hello", options, lock: null });
+      return;
+    }
+    // A lock held for as long as this tab lives: the worker asks for it too, and the browser
+    // grants it to the worker when this tab goes away (closed, crashed, navigated).
+    const lock = `${name}:tab:${Math.random().toString(36).slice(2)}${Date.now().toString(36)}`;
+    void locks.request(lock, () => {
+      if (!this.running || this.port !== port) return undefined;
+      this.post({ kind: "hello", options, lock });
+      return new Promise<void>((resolve) => {
+        this.releaseLock = resolve;
+      });
+    });
+  }
+
+  private workerFailed(message: string, fallback: boolean, name: string): void {
+    this.port?.close();
+    this.port = null;
+    this.releaseLock?.();
+    this.releaseLock = null;
+    this.emit("error", { code: "shared_worker", message: fallback ? `${message}; sharing with Web Locks instead` : message });
+    if (!this.running) return;
+    this._role = "solo";
+    if (fallback) this.startLocksOrSolo(name.slice("push-client:".length));
+  }
+
+  private onWorkerMsg(m: WorkerToTab): void {
+    switch (m.kind) {
+      case "ready":
+        this.workerReady = true;
+        return;
+      case "token?":
+        this.token().then(
+          (token) => this.post({ kind: "token", rid: m.rid, token }),
+          (e: unknown) => this.post({ kind: "token", rid: m.rid, error: String(e) }),
+        );
+        return;
+      case "event":
+        if (m.type === "connected") this.sharedUp = true;
+        if (m.type === "disconnected") this.sharedUp = false;
+        break;
+    }
+    this.onShareMsg(m);
   }
 
   private onShareMsg(m: ShareMsg): void {
@@ -900,9 +1063,9 @@ export class PushClient {
       if (this._role === "leader") this.ack(m.id);
       return;
     }
-    if (this._role !== "follower") return;
+    if (this._role !== "follower" && this._role !== "shared") return;
     if (m.kind === "message") {
-      // The leader acknowledges (autoAck); a follower's ack() goes to the leader.
+      // The leader (or the worker) acknowledges (autoAck); a follower's ack() goes to it.
       if (!this.resume.accept(m.id)) return;
       let acked = false;
       const msg: PushMessage = {
