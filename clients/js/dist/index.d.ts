@@ -275,6 +275,11 @@ export type WorkerToTab = Exclude<ShareMsg, {
  | {
     kind: "ready";
 }
+/** The number of tabs sharing the connection, sent to each when a tab joins or leaves. */
+ | {
+    kind: "tabs";
+    count: number;
+}
 /** The connection needs a token: answered with `token` and the same `rid`. */
  | {
     kind: "token?";
@@ -321,11 +326,14 @@ export declare class PushClient {
     private workerReady;
     /** `worker` mode: the worker's connection is up (between its `connected` and `disconnected`). */
     private sharedUp;
+    private sharedTabs;
     constructor(options: PushClientOptions);
     /** The last message ID seen: keep it (e.g. in storage) and pass it as `lastId` next time. */
     get lastId(): number | null;
     /** Whether this tab holds the connection (see `share`). */
     get role(): Role;
+    /** `worker` mode: how many tabs share the worker's connection (this one included); else `null`. */
+    get tabs(): number | null;
     /** True while a connection has said `hello` and not closed (in `shared` role: the worker's). */
     get connected(): boolean;
     on<K extends keyof EventMap>(type: K, fn: Listener<K>): () => void;

@@ -342,6 +342,7 @@ export class PushClient {
         this.workerReady = false;
         /** `worker` mode: the worker's connection is up (between its `connected` and `disconnected`). */
         this.sharedUp = false;
+        this.sharedTabs = null;
         this.opts = {
             transport: "ws",
             autoAck: true,
@@ -364,6 +365,10 @@ export class PushClient {
     /** Whether this tab holds the connection (see `share`). */
     get role() {
         return this._role;
+    }
+    /** `worker` mode: how many tabs share the worker's connection (this one included); else `null`. */
+    get tabs() {
+        return this._role === "shared" ? this.sharedTabs : null;
     }
     /** True while a connection has said `hello` and not closed (in `shared` role: the worker's). */
     get connected() {
@@ -443,6 +448,7 @@ export class PushClient {
         }
         const sharedWasUp = this._role === "shared" && this.sharedUp;
         this.sharedUp = false;
+        this.sharedTabs = null;
         this.releaseLock?.();
         this.releaseLock = null;
         if (wasConnected || sharedWasUp)
@@ -815,6 +821,9 @@ export class PushClient {
         switch (m.kind) {
             case "ready":
                 this.workerReady = true;
+                return;
+            case "tabs":
+                this.sharedTabs = m.count;
                 return;
             case "token?":
                 this.token().then((token) => this.post({ kind: "token", rid: m.rid, token }), (e) => this.post({ kind: "token", rid: m.rid, error: String(e) }));

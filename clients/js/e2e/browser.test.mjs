@@ -8,7 +8,7 @@ import { existsSync, mkdirSync } from "node:fs";
 import path from "node:path";
 import { chromium } from "playwright-core";
 import {
-  artifacts, binaries, kafkaMock, node, push, redis, start, stop, stopAll, token, until, waitOutput,
+  artifacts, binaries, kafkaMock, node, push, redis, site, start, stop, stopAll, token, until, waitOutput,
 } from "./harness.mjs";
 
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
@@ -181,6 +181,43 @@ describe("browser client against real nodes", () => {
     await second.getByText("after the leader left").waitFor({ timeout: 60_000 });
     await shot(second, "5-second-tab-leader");
     await second.close();
+  });
+
+  it("two tabs share one connection through a SharedWorker; an ack from either reaches it", async () => {
+    const [n] = nodes;
+    const web = await site();
+    try {
+      const connections = async () => (await (await fetch(`${n.admin}/v1/users/dave`)).json()).connections.length;
+      const url = `${web.url}/tab.html?server=${encodeURIComponent(n.ws)}&token=${token("dave", "worker")}`;
+      const first = await context.newPage();
+      await first.goto(url);
+      await first.waitForFunction(() => window.tab.client.role === "shared" && window.tab.client.connected, null, { timeout: 60_000 });
+      // Only the second tab acknowledges (autoAck is off in both).
+      const second = await context.newPage();
+      await second.goto(`${url}&ack=1`);
+      await second.waitForFunction(() => window.tab.client.connected && window.tab.client.tabs === 2, null, { timeout: 60_000 });
+      const res = await push(n.admin, "dave", "to both tabs via the worker", "?wait_receipt=20s");
+      for (const p of [first, second]) await p.getByText("to both tabs via the worker").waitFor({ timeout: 60_000 });
+      assert.ok(res.receipt, `the second tab's ack reached the worker's connection: ${JSON.stringify(res)}`);
+      assert.equal(res.receipt.device, "worker");
+      // The node holds one connection for both tabs (two for a moment while a rotation replaces
+      // it: poll).
+      await until("one connection for two tabs", async () => (await connections()) === 1);
+      const events = await first.evaluate(() => window.tab.events);
+      assert.ok(!events.some((e) => e.startsWith("error shared_worker")), events.join(" | "));
+      await shot(second, "6-shared-worker-two-tabs");
+      // The first tab closes: the worker notices (its Web Lock is released) and goes on for the other.
+      await first.close();
+      await second.waitForFunction(() => window.tab.client.tabs === 1, null, { timeout: 60_000 });
+      await push(n.admin, "dave", "after the first tab left");
+      await second.getByText("after the first tab left").waitFor({ timeout: 60_000 });
+      await until("still one connection", async () => (await connections()) === 1);
+      await shot(second, "7-shared-worker-one-tab-left");
+      await second.close();
+      await until("the connection closed with the last tab", async () => (await connections()) === 0);
+    } finally {
+      web.close();
+    }
   });
 });
 

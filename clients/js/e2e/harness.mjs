@@ -161,3 +161,31 @@ export async function push(adminUrl, user, text, query = "") {
   if (!res.ok) throw new Error(`push to ${user} answered ${res.status}: ${body}`);
   return JSON.parse(body);
 }
+
+/**
+ * A static site on 127.0.0.1:0 for pages that are not the demo: `/dist/*` from clients/js/dist
+ * (the client and its shared worker), `/tab.html` from e2e/worker-tab.html. The pages reach
+ * push-server's client port by WebSocket, which browsers allow across origins.
+ */
+export async function site() {
+  const { createServer } = await import("node:http");
+  const { readFile } = await import("node:fs/promises");
+  const dist = path.resolve(here, "../dist");
+  const srv = createServer(async (req, res) => {
+    const p = new URL(req.url, "http://x").pathname;
+    const file = p === "/tab.html" ? path.join(here, "worker-tab.html")
+      : /^\/dist\/[\w.-]+\.js$/.test(p) ? path.join(dist, p.slice("/dist/".length)) : null;
+    try {
+      if (!file) throw new Error("not found");
+      const body = await readFile(file);
+      res.writeHead(200, { "content-type": file.endsWith(".html") ? "text/html; charset=utf-8" : "text/javascript", "cache-control": "no-store" });
+      res.end(body);
+    } catch {
+      res.writeHead(404, { "content-type": "text/plain" });
+      res.end("not found\n");
+    }
+  });
+  srv.listen(0, "127.0.0.1");
+  await once(srv, "listening");
+  return { url: `http://127.0.0.1:${srv.address().port}`, close: () => srv.close() };
+}

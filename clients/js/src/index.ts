@@ -541,6 +541,8 @@ export type WorkerToTab =
   | Exclude<ShareMsg, { kind: "ack" }>
   /** The tab has joined. */
   | { kind: "ready" }
+  /** The number of tabs sharing the connection, sent to each when a tab joins or leaves. */
+  | { kind: "tabs"; count: number }
   /** The connection needs a token: answered with `token` and the same `rid`. */
   | { kind: "token?"; rid: number };
 
@@ -593,6 +595,7 @@ export class PushClient {
   private workerReady = false;
   /** `worker` mode: the worker's connection is up (between its `connected` and `disconnected`). */
   private sharedUp = false;
+  private sharedTabs: number | null = null;
 
   constructor(options: PushClientOptions) {
     this.opts = {
@@ -617,6 +620,11 @@ export class PushClient {
   /** Whether this tab holds the connection (see `share`). */
   get role(): Role {
     return this._role;
+  }
+
+  /** `worker` mode: how many tabs share the worker's connection (this one included); else `null`. */
+  get tabs(): number | null {
+    return this._role === "shared" ? this.sharedTabs : null;
   }
 
   /** True while a connection has said `hello` and not closed (in `shared` role: the worker's). */
@@ -691,6 +699,7 @@ export class PushClient {
     }
     const sharedWasUp = this._role === "shared" && this.sharedUp;
     this.sharedUp = false;
+    this.sharedTabs = null;
     this.releaseLock?.();
     this.releaseLock = null;
     if (wasConnected || sharedWasUp) this.emit("disconnected", { reason: "stopped", willReconnect: false });
@@ -1043,6 +1052,9 @@ export class PushClient {
     switch (m.kind) {
       case "ready":
         this.workerReady = true;
+        return;
+      case "tabs":
+        this.sharedTabs = m.count;
         return;
       case "token?":
         this.token().then(

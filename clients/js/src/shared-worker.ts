@@ -82,6 +82,7 @@ export class SharedConnectionHub {
           void this.locks.request(m.lock, () => this.drop(port));
         }
         this.send(port, { kind: "ready" });
+        this.broadcast({ kind: "tabs", count: this.tabs.size });
         if (this.client === null) this.startClient(m.options);
         else if (this.lastConnected !== null) this.send(port, { kind: "event", type: "connected", payload: this.lastConnected });
         return;
@@ -157,6 +158,7 @@ export class SharedConnectionHub {
       clearTimeout(p.timer);
       this.token().then(p.resolve, p.reject);
     }
+    this.broadcast({ kind: "tabs", count: this.tabs.size });
     if (this.tabs.size === 0 && this.client) {
       // Nobody listens: close the connection; the next tab resumes where it ended.
       this.lastId = this.client.lastId;

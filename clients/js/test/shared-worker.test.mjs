@@ -127,8 +127,10 @@ test("worker mode: a tab joining later sees the connection up; the last tab leav
   const b = tab();
   b.c.start();
   await until("the late tab connected", () => b.c.connected);
+  await until("two tabs counted", () => a.c.tabs === 2 && b.c.tabs === 2);
   a.c.stop();
-  await until("tab a gone", () => h.size === 1);
+  await until("tab a gone", () => h.size === 1 && b.c.tabs === 1);
+  assert.equal(a.c.tabs, null, "a stopped tab shares nothing");
   assert.equal(ws.closedByClient, null, "a tab is left: the connection stays");
   ws.serverSends({ type: "message", id: 8, data: "eight" });
   await until("b gets it", () => b.messages().includes("eight"));
