@@ -11,7 +11,7 @@ What is checked:
 - Helm chart: Chart.yaml and values.yaml parse; every `.Values.*` path the templates use exists
   in values.yaml; the pod's termination grace is computed from the drain settings. The chart is
   rendered for each value set under helm/golden/ (NAME.values.yaml over values.yaml) by
-  helm/render, a Go program (standard library only: `go` from Debian's golang-go) that runs the
+  helm/render (its `go test` first), a Go program (standard library only: `go` from Debian's golang-go) that runs the
   templates through Go's text/template, Helm's own engine, with a reimplementation of the Helm
   and Sprig functions the chart uses. The output must equal helm/golden/NAME.yaml
   (`--update-golden` rewrites those files), every object must pass the Kubernetes JSON schema
@@ -168,9 +168,12 @@ def build_renderer(tmp):
         return None
     exe = Path(tmp) / "render"
     env = {**os.environ, "GOPROXY": "off", "GOFLAGS": "-mod=readonly", "CGO_ENABLED": "0"}
-    r = subprocess.run([go, "build", "-o", str(exe), "."], cwd=DEPLOY / "helm/render", env=env,
-                       capture_output=True, text=True)
-    return exe if check(r.returncode == 0, f"helm/render: go build failed:\n{r.stderr}") else None
+    # The renderer's own tests first (its Helm functions, YAML output, failures).
+    for args in (["test", "."], ["build", "-o", str(exe), "."]):
+        r = subprocess.run([go, *args], cwd=DEPLOY / "helm/render", env=env, capture_output=True, text=True)
+        if not check(r.returncode == 0, f"helm/render: go {args[0]} failed:\n{r.stdout}{r.stderr}"):
+            return None
+    return exe
 
 
 def render(renderer, meta, values):
