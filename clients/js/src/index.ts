@@ -151,6 +151,8 @@ export interface PushClientOptions {
    * The script of the shared worker (`worker` mode): `dist/shared-worker.js` of this package,
    * served from the page's origin. Default: `shared-worker.js` next to this module
    * (`new URL("./shared-worker.js", import.meta.url)`), right when `dist/` is served as it is.
+   * Bundlers: `new URL("@push-platform/client/shared-worker.js", import.meta.url)` where they
+   * resolve package specifiers in that form, or the address where the file is served.
    */
   sharedWorkerUrl?: string | URL;
   /** Implementations to use instead of the globals (Node without a WebSocket global, tests). */
