@@ -771,6 +771,7 @@ export class PushClient {
         };
         const port = worker.port;
         this.port = port;
+        this.workerReady = false;
         this._role = "shared";
         this.emit("role", { role: "shared" });
         port.onmessage = (ev) => this.onWorkerMsg(ev.data);
