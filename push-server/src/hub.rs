@@ -299,15 +299,15 @@ impl Hub {
             let Some(entry) = shard.get(req.user) else {
                 return d;
             };
-            entry
-                .conns
-                .iter()
-                .filter(|c| {
-                    req.device.is_none_or(|d| c.device.as_deref() == Some(d))
-                        && !c.state().superseded
-                })
-                .cloned()
-                .collect()
+            let mut targets = Vec::new();
+            for c in &entry.conns {
+                if !c.wants(req.device) {
+                    c.passed(id);
+                } else if !c.state().superseded {
+                    targets.push(c.clone());
+                }
+            }
+            targets
         };
         let mut ws_frame = None;
         let mut sse_frame = None;
@@ -346,6 +346,21 @@ impl Hub {
             }
         }
         d
+    }
+
+    /// The connections that message `id` of `req` is for and that would skip IDs before it
+    /// (see [`ConnHandle::skips_before`]), each with the ID its client stands at.
+    pub fn skipping(&self, req: &PushRequest<'_>, id: u64) -> Vec<(Arc<ConnHandle>, u64)> {
+        let shard = self.shard(req.user);
+        let Some(entry) = shard.get(req.user) else {
+            return Vec::new();
+        };
+        entry
+            .conns
+            .iter()
+            .filter(|c| c.wants(req.device))
+            .filter_map(|c| c.skips_before(id).map(|at| (c.clone(), at)))
+            .collect()
     }
 
     /// The connections of `user` on this node.
@@ -714,7 +729,7 @@ mod tests {
                 partial: false,
             })
             .collect();
-        c.resume(Some(Bytes::from_static(b"gap")), backlog);
+        c.resume(Some(Bytes::from_static(b"gap")), backlog, Some(11));
         let got = drain_out(&c);
         let ids: Vec<u64> = got.iter().map(|(id, _)| *id).collect();
         assert_eq!(ids, vec![0, 9, 10, 11, 12, 0]);

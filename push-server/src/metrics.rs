@@ -45,6 +45,11 @@ pub const HISTORY_ERRORS: &str = "push_history_errors_total";
 pub const RESUMES: &str = "push_resumes_total";
 /// Counter: messages sent from the history to resuming clients.
 pub const RESUMED_MESSAGES: &str = "push_resumed_messages_total";
+/// Counter, label `result` (`filled`, `nothing`, `gap`, `unavailable`): catch-ups, when a
+/// live message would have skipped IDs on a connection (push.rs reads them from the history).
+pub const CATCH_UPS: &str = "push_catch_ups_total";
+/// Counter: messages a catch-up found missing on a connection and queued before the live one.
+pub const CAUGHT_UP_MESSAGES: &str = "push_caught_up_messages_total";
 /// Counter, label `transport`: delivery receipts (client acknowledgements) published.
 pub const RECEIPTS: &str = "push_receipts_total";
 /// Histogram (seconds): message appended to the history to the client's acknowledgement.
@@ -139,6 +144,14 @@ fn describe() {
     describe_counter!(
         RESUMED_MESSAGES,
         "Messages sent from the history on resume."
+    );
+    describe_counter!(
+        CATCH_UPS,
+        "Live messages that would have skipped IDs on a connection, by result of the history read."
+    );
+    describe_counter!(
+        CAUGHT_UP_MESSAGES,
+        "Messages read from the history and queued before a live one that would have skipped them."
     );
     describe_counter!(RECEIPTS, "Delivery receipts published, by transport.");
     describe_histogram!(

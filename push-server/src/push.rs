@@ -21,8 +21,9 @@ use tokio::sync::{oneshot, MutexGuard};
 use tokio::time::Instant;
 
 use crate::forward::Forwarder;
-use crate::hub::{Hub, PushOutcome, PushRequest, QueueLimits};
+use crate::hub::{ConnHandle, Hub, Outbound, PushOutcome, PushRequest, QueueLimits, Transport};
 use crate::metrics as m;
+use crate::protocol::message::ServerMessage;
 use crate::receipts::{Receipt, Receipts};
 
 /// Lock shards for per-user order. Two users in one shard wait for each other's appends;
@@ -162,6 +163,9 @@ async fn push(
                 (a.id, a.duplicate)
             }
         };
+        for (conn, at) in p.hub.skipping(req, id) {
+            catch_up(p, &conn, at, id, deadline).await;
+        }
         let receipt = wait_receipts.then(|| p.receipts.wait(req.user, id));
         let delivery = p
             .hub
@@ -187,4 +191,64 @@ async fn push(
         .zip(receipts)
         .map(|(outcome, receipt)| Pushed { outcome, receipt })
         .collect())
+}
+
+/// Queues on `conn` what its client is owed between the ID it stands at (`at`) and `id`, the
+/// message about to be queued, read from the history. One user's IDs are consecutive, so a
+/// step of more than one means the client may have missed messages: sent to a node it had
+/// just left (a registry entry that had not caught up with a reconnect), or addressed to
+/// another device. Without this, the client would see `id`, resume from it later, and never
+/// get the ones before. A history that cannot answer in time costs a `gap` to the client,
+/// never the message.
+async fn catch_up(p: &Pusher, conn: &ConnHandle, at: u64, id: u64, deadline: Instant) {
+    let read = tokio::time::timeout_at(deadline, p.store.since(&conn.user, at)).await;
+    let resume = match read {
+        Ok(Ok(r)) => r,
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".to_owned(),
+            };
+            tracing::warn!(user = %conn.user, conn = conn.id, error = %why, "catch-up without history");
+            metrics::counter!(m::HISTORY_ERRORS, "op" => "since").increment(1);
+            metrics::counter!(m::CATCH_UPS, "result" => "unavailable").increment(1);
+            conn.untrack();
+            let gap = ServerMessage::Gap {
+                after: at,
+                oldest: None,
+            };
+            conn.enqueue(Outbound::control(gap_frame(&gap, conn.transport)), p.limits);
+            return;
+        }
+    };
+    let owed: Vec<Outbound> = resume
+        .messages
+        .iter()
+        .filter(|m| m.id < id && conn.wants(m.device.as_deref()))
+        .map(|m| Outbound::stored(m, conn.transport))
+        .collect();
+    let result = match (resume.gap, owed.is_empty()) {
+        (Some(_), _) => "gap",
+        (None, true) => "nothing",
+        (None, false) => "filled",
+    };
+    metrics::counter!(m::CATCH_UPS, "result" => result).increment(1);
+    metrics::counter!(m::CAUGHT_UP_MESSAGES).increment(owed.len() as u64);
+    if let Some(oldest) = resume.gap {
+        let gap = ServerMessage::Gap {
+            after: at,
+            oldest: Some(oldest),
+        };
+        conn.enqueue(Outbound::control(gap_frame(&gap, conn.transport)), p.limits);
+    }
+    for out in owed {
+        conn.enqueue_message(out, p.limits, deadline).await;
+    }
+}
+
+fn gap_frame(gap: &ServerMessage<'_>, transport: Transport) -> bytes::Bytes {
+    match transport {
+        Transport::Ws => gap.ws_frame(),
+        Transport::Sse => gap.sse_event(),
+    }
 }

@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::lifecycle::{Clock, DisconnectReason, Millis};
+use crate::protocol::message;
 
 pub use push_proto::Transport;
 
@@ -128,6 +129,25 @@ impl Outbound {
         }
     }
 
+    /// A message kept in the history, as one transport writes it (resumes and catch-ups).
+    pub fn stored(m: &push_registry::Buffered, transport: Transport) -> Self {
+        let payload = message::Payload {
+            bytes: m.data.clone(),
+            is_json: m.json,
+        };
+        let bytes = match transport {
+            Transport::Ws => message::message_ws_frame(m.id, m.mid.as_deref(), &payload),
+            Transport::Sse => message::message_sse_event(m.id, &payload),
+        };
+        Self {
+            bytes,
+            received_at: None,
+            id: m.id,
+            fate: None,
+            partial: false,
+        }
+    }
+
     /// The socket took the whole frame.
     pub fn written(self) {
         if let Some(f) = &self.fate {
@@ -162,6 +182,14 @@ pub struct ConnState {
     /// queued again: IDs on one connection only increase, so a message that reaches the
     /// connection twice (live and in a resume's backlog, or redelivered) is sent once.
     last_id: u64,
+    /// The ID the client stands at: the one it resumed from, the newest its resume read, or
+    /// the last queued here, whichever is highest. Unlike `last_id`, a `since` the history
+    /// never reached (a client from before a history reset) does not hold messages back.
+    at: u64,
+    /// `at` is known. False until the client resumes or gets its first message (one that
+    /// asked for no history starts there) and after the history failed to answer (the
+    /// client was told by a `gap`).
+    tracked: bool,
     /// Part of a frame is on the socket and its rest is not: that rest must be written
     /// before anything else (a dropped tail or a close frame after it would desync the
     /// client's framing).
@@ -177,6 +205,16 @@ impl ConnState {
     /// Frames waiting to be written.
     pub fn queued(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Message `id` is queued: nothing at or below it is queued again, and the client
+    /// stands at least there.
+    fn advance(&mut self, id: u64) {
+        self.last_id = self.last_id.max(id);
+        if id != 0 {
+            self.at = self.at.max(id);
+            self.tracked = true;
+        }
     }
 
     fn push_back(&mut self, out: Outbound) {
@@ -354,6 +392,8 @@ impl ConnHandle {
                 close: None,
                 superseded: false,
                 last_id: 0,
+                at: 0,
+                tracked: false,
                 partial: false,
                 ack_window: 0,
                 acks_in_window: 0,
@@ -406,6 +446,43 @@ impl ConnHandle {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The client resumes from `after`: it stands there until its backlog and live messages
+    /// move it on. Called before the connection is registered.
+    pub fn resume_from(&self, after: u64) {
+        let mut st = self.state();
+        st.at = after;
+        st.tracked = true;
+    }
+
+    /// Where the client stands, when message `id` is about to be queued and the IDs between
+    /// would be skipped: one user's IDs are consecutive, so `Some(last)` means the client may
+    /// be owed `last + 1 .. id` (sent to a node it had just left, or for another device).
+    /// `None`: nothing between, or no known position.
+    pub fn skips_before(&self, id: u64) -> Option<u64> {
+        let st = self.state();
+        (st.tracked && !st.superseded && st.at.saturating_add(1) < id).then_some(st.at)
+    }
+
+    /// Message `id` went to another device of this user: a client that stood just before it
+    /// stands past it now (its next message does not look like a skip).
+    pub fn passed(&self, id: u64) {
+        let mut st = self.state();
+        if st.tracked && st.at.saturating_add(1) == id {
+            st.at = id;
+        }
+    }
+
+    /// Forgets where the client stands (the history could not say what it missed; it was
+    /// told by a `gap`). Its next message sets it again.
+    pub fn untrack(&self) {
+        self.state().tracked = false;
+    }
+
+    /// Whether a message addressed to `device` (or to every device) is for this connection.
+    pub fn wants(&self, device: Option<&str>) -> bool {
+        device.is_none_or(|d| self.device.as_deref() == Some(d))
+    }
+
     /// Offers a frame; when the queue is full, the slow-consumer policy applies at once.
     /// Wakes the driver.
     pub fn enqueue(&self, out: Outbound, limits: QueueLimits) -> Enqueued {
@@ -426,7 +503,7 @@ impl ConnHandle {
             if st.close.is_some() {
                 Enqueued::Refused
             } else if st.fits(&out, limits) {
-                st.last_id = st.last_id.max(out.id);
+                st.advance(out.id);
                 st.push_back(out);
                 Enqueued::Queued
             } else if wait {
@@ -442,7 +519,7 @@ impl ConnHandle {
                         while !st.fits(&out, limits) && st.drop_oldest() {
                             metrics::counter!(crate::metrics::MESSAGES_DROPPED, "reason" => "slow_consumer_drop_oldest").increment(1);
                         }
-                        st.last_id = st.last_id.max(out.id);
+                        st.advance(out.id);
                         st.push_back(out);
                         Enqueued::DroppedOldest
                     }
@@ -503,9 +580,16 @@ impl ConnHandle {
     /// increasing), then the live messages with a larger ID than the backlog's last (the
     /// others are in the backlog already). Not subject to the queue limits: the backlog is
     /// bounded by the history's limits.
-    pub fn resume(&self, gap: Option<Bytes>, backlog: Vec<Outbound>) {
+    ///
+    /// `read_up_to`: the newest ID the history read returned, for any device (the client
+    /// stands there now); `None` when the read failed (the client stands nowhere known).
+    pub fn resume(&self, gap: Option<Bytes>, backlog: Vec<Outbound>, read_up_to: Option<u64>) {
         {
             let mut st = self.state();
+            match read_up_to {
+                Some(id) => st.at = st.at.max(id),
+                None => st.tracked = false,
+            }
             let last = backlog.last().map_or(0, |o| o.id);
             let live = std::mem::take(&mut st.queue);
             st.queued_bytes = 0;

@@ -371,3 +371,20 @@ async fn the_history_of_a_user_can_be_read_on_the_admin_api() {
     .await;
     assert_eq!(r.status, 400);
 }
+
+/// A `since` above every ID the history gave (a client from before a history reset) gets
+/// nothing from the history, no `gap`, and still every live message after it.
+#[tokio::test]
+async fn a_resume_point_above_the_history_still_gets_live_messages() {
+    let server = start(config()).await;
+    push(&server, "ula", "before the client").await;
+    let t = token(&server, "ula", None);
+    let mut ws = ws_since(&server, &t, u64::MAX / 2).await;
+    assert_eq!(ws_next_json(&mut ws).await["type"], "hello");
+    push(&server, "ula", "after a reset").await;
+    let m = ws_next_json(&mut ws).await;
+    assert_eq!(
+        (m["type"].as_str(), m["data"].as_str()),
+        (Some("message"), Some("after a reset"))
+    );
+}

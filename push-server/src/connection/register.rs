@@ -189,6 +189,11 @@ pub(super) async fn accept(
         policy.next_due(&handle.state().clock, slot, hears),
         Ordering::Relaxed,
     );
+    if let Some(after) = admitted.since {
+        // Live messages queued before the resume's read answers already know where the
+        // client stands (push.rs fills what they would skip).
+        handle.resume_from(after);
+    }
     match shared
         .hub
         .register(handle.clone(), cfg.max_connections_per_user)

@@ -3,7 +3,7 @@
 
 use crate::hub::{ConnHandle, Outbound, Transport};
 use crate::metrics as m;
-use crate::protocol::message::{self, ServerMessage};
+use crate::protocol::message::ServerMessage;
 use crate::state::Shared;
 
 /// Reads what a resuming client is owed and puts it at the front of its queue.
@@ -13,17 +13,15 @@ pub(super) async fn resume(handle: &ConnHandle, after: u64, shared: &Shared) {
         shared.store.since(&handle.user, after),
     )
     .await;
-    let (gap, backlog) = match read {
+    let (gap, backlog, read_up_to) = match read {
         Ok(Ok(r)) => {
+            // The client stands at the newest ID read, whichever device it was for.
+            let read_up_to = r.messages.last().map_or(after, |m| m.id.max(after));
             let mut backlog: Vec<Outbound> = r
                 .messages
                 .iter()
-                .filter(|m| {
-                    m.device
-                        .as_deref()
-                        .is_none_or(|d| handle.device.as_deref() == Some(d))
-                })
-                .map(|m| backlog_frame(m, handle.transport))
+                .filter(|m| handle.wants(m.device.as_deref()))
+                .map(|m| Outbound::stored(m, handle.transport))
                 .collect();
             let before = backlog.len();
             let trimmed = trim_backlog(&mut backlog, shared.limits.max_bytes);
@@ -39,7 +37,7 @@ pub(super) async fn resume(handle: &ConnHandle, after: u64, shared: &Shared) {
                 after,
                 oldest: Some(oldest),
             });
-            (gap, backlog)
+            (gap, backlog, Some(read_up_to))
         }
         failed => {
             let why = match failed {
@@ -53,32 +51,14 @@ pub(super) async fn resume(handle: &ConnHandle, after: u64, shared: &Shared) {
                 after,
                 oldest: None,
             };
-            (Some(gap), Vec::new())
+            (Some(gap), Vec::new(), None)
         }
     };
     let gap = gap.map(|g| match handle.transport {
         Transport::Ws => g.ws_frame(),
         Transport::Sse => g.sse_event(),
     });
-    handle.resume(gap, backlog);
-}
-
-fn backlog_frame(m: &push_registry::Buffered, transport: Transport) -> Outbound {
-    let payload = message::Payload {
-        bytes: m.data.clone(),
-        is_json: m.json,
-    };
-    let bytes = match transport {
-        Transport::Ws => message::message_ws_frame(m.id, m.mid.as_deref(), &payload),
-        Transport::Sse => message::message_sse_event(m.id, &payload),
-    };
-    Outbound {
-        bytes,
-        received_at: None,
-        id: m.id,
-        fate: None,
-        partial: false,
-    }
+    handle.resume(gap, backlog, read_up_to);
 }
 
 /// Keeps the newest frames of a backlog that fit in `max_bytes` (at least one): a resume
