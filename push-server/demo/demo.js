@@ -1,6 +1,7 @@
 // The demo page's script: connects with the client from clients/js and shows each message's
 // data as text (never as HTML). Query parameters: token, server (comma-separated client port
-// addresses), share=1 (one connection for all tabs), transport=ws|sse.
+// addresses), share=1 (one connection for all tabs; share=locks without the SharedWorker),
+// transport=ws|sse.
 import { PushClient } from "./push-client.js";
 
 const $ = (id) => document.getElementById(id);
@@ -45,7 +46,10 @@ function connect() {
     url: serverInput.value.split(",").map((s) => s.trim()).filter(Boolean),
     token: () => $("token").value.trim(),
     transport: params.get("transport") === "sse" ? "sse" : "ws",
-    share: params.get("share") === "1",
+    // share=1: one connection for all tabs, through a SharedWorker where the browser has one;
+    // share=locks: the Web Locks + BroadcastChannel mode instead.
+    share: params.has("share") && params.get("share") !== "0",
+    shareMode: params.get("share") === "locks" ? "locks" : "auto",
   });
   state.client = client;
   client.on("role", ({ role }) => {

@@ -16,12 +16,15 @@ const PAGE: &str = include_str!("../demo/index.html");
 const SCRIPT: &str = include_str!("../demo/demo.js");
 /// The client as `npm run build` compiles it (scripts/test checks that it is up to date).
 const CLIENT: &str = include_str!("../../clients/js/dist/index.js");
+/// The client's SharedWorker (one connection for all tabs, `share=1`); it imports the client
+/// as `./index.js`, so the client is served under that name too.
+const WORKER: &str = include_str!("../../clients/js/dist/shared-worker.js");
 
 /// Scripts only from this origin; connections to any WebSocket (the client port is another
 /// origin); no inline scripts, so a message's data can never run as code.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; connect-src 'self' ws: wss:; img-src 'self'; base-uri 'none'; form-action 'none'";
 
-/// Answers `GET /demo/{rest}`: `rest` is empty for the page, or one of its two scripts.
+/// Answers `GET /demo/{rest}`: `rest` is empty for the page, or one of its scripts.
 pub(crate) fn serve(rest: &[&str], client_port: u16) -> Response<Full<Bytes>> {
     let (body, content_type) = match rest {
         [] | [""] => (
@@ -29,7 +32,10 @@ pub(crate) fn serve(rest: &[&str], client_port: u16) -> Response<Full<Bytes>> {
             "text/html; charset=utf-8",
         ),
         ["demo.js"] => (Bytes::from_static(SCRIPT.as_bytes()), "text/javascript"),
-        ["push-client.js"] => (Bytes::from_static(CLIENT.as_bytes()), "text/javascript"),
+        ["push-client.js" | "index.js"] => {
+            (Bytes::from_static(CLIENT.as_bytes()), "text/javascript")
+        }
+        ["shared-worker.js"] => (Bytes::from_static(WORKER.as_bytes()), "text/javascript"),
         _ => {
             let mut r = Response::new(Full::new(Bytes::from_static(b"not found\n")));
             *r.status_mut() = StatusCode::NOT_FOUND;
@@ -62,6 +68,11 @@ mod tests {
         assert!(SCRIPT.contains("./push-client.js"));
         assert!(CLIENT.contains("export class PushClient"));
         assert_eq!(serve(&["nope.js"], 1).status(), StatusCode::NOT_FOUND);
+        // The SharedWorker and the name it imports the client by.
+        assert!(WORKER.contains("./index.js"));
+        for asset in ["shared-worker.js", "index.js"] {
+            assert_eq!(serve(&[asset], 1).status(), StatusCode::OK, "{asset}");
+        }
         assert_eq!(
             serve(&["push-client.js"], 1).headers()[CONTENT_TYPE],
             "text/javascript"

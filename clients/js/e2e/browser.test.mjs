@@ -157,7 +157,7 @@ describe("browser client against real nodes", () => {
 
   it("a second tab shares the first tab's connection", async () => {
     const [n] = nodes;
-    const url = `${n.admin}/demo?share=1&server=${encodeURIComponent(n.ws)}&token=${token("bob", "shared")}`;
+    const url = `${n.admin}/demo?share=locks&server=${encodeURIComponent(n.ws)}&token=${token("bob", "shared")}`;
     const first = await context.newPage();
     await first.goto(url);
     await first.waitForFunction(() => window.demo?.client?.connected, null, { timeout: 60_000 });
