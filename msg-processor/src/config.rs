@@ -94,7 +94,7 @@ impl Settings {
     }
 
     /// Checks the bounds the processor relies on.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SettingsError> {
         let positive = [
             ("batch-size", self.batch_size),
             ("concurrency", self.concurrency),
@@ -104,21 +104,43 @@ impl Settings {
         ];
         for (name, v) in positive {
             if v == 0 {
-                return Err(format!("--{name} must be at least 1"));
+                return Err(SettingsError::Zero(name));
             }
         }
         // push-server refuses batches over 10,000 items.
         if self.node_batch_max > push_lib::direct::MAX_ITEMS_PER_REQUEST {
-            return Err(format!(
-                "--node-batch-max must be at most {}",
-                push_lib::direct::MAX_ITEMS_PER_REQUEST
-            ));
+            return Err(SettingsError::NodeBatchMax {
+                max: push_lib::direct::MAX_ITEMS_PER_REQUEST,
+            });
         }
         if self.brokers.is_empty() || self.topic.is_empty() || self.group.is_empty() {
-            return Err("--brokers, --topic and --group must not be empty".into());
+            return Err(SettingsError::NoKafka);
         }
         Ok(())
     }
+}
+
+/// A setting the processor cannot run with; the message names the flag.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingsError {
+    /// A count that must be positive is 0.
+    #[error("--{0} must be at least 1")]
+    Zero(&'static str),
+    /// More items per deliver request than push-server takes.
+    #[error("--node-batch-max must be at most {max}")]
+    NodeBatchMax {
+        /// push-server's limit.
+        max: usize,
+    },
+    /// No brokers, topic or group.
+    #[error("--brokers, --topic and --group must not be empty")]
+    NoKafka,
+    /// `--peer-nets` does not parse (the reason names the bad item).
+    #[error("--peer-nets: {0}")]
+    PeerNets(String),
+    /// A `--kafka-set` without `=`.
+    #[error("--kafka-set {0:?}: expected KEY=VALUE")]
+    KafkaSet(String),
 }
 
 /// Command-line flags; each also reads `MSGPROC_<NAME>` from the environment.
@@ -204,18 +226,18 @@ pub struct Args {
     #[arg(long, env = "MSGPROC_HISTORY_AGE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub history_age: Duration,
     /// Log format: `human` or `json`; level from `RUST_LOG`.
-    #[arg(long, env = "MSGPROC_LOG_FORMAT", default_value = "human")]
-    pub log_format: String,
+    #[arg(long, env = "MSGPROC_LOG_FORMAT", value_enum, default_value = "human")]
+    pub log_format: telemetry::LogFormat,
 }
 
 impl Args {
     /// Validated settings.
-    pub fn settings(&self) -> Result<Settings, String> {
+    pub fn settings(&self) -> Result<Settings, SettingsError> {
         let mut s = Settings::new(&self.brokers, &self.topic, &self.group, &self.registry);
         s.admin_token = self.admin_token.clone();
         s.internal_secret = self.internal_secret.clone();
-        s.peer_nets = push_registry::PeerNets::parse(&self.peer_nets)
-            .map_err(|e| format!("--peer-nets: {e}"))?;
+        s.peer_nets =
+            push_registry::PeerNets::parse(&self.peer_nets).map_err(SettingsError::PeerNets)?;
         s.dead_letter_topic = self.dead_letter_topic.clone();
         s.batch_size = self.batch_size;
         s.batch_linger = self.batch_linger;
@@ -237,7 +259,7 @@ impl Args {
         for kv in &self.kafka_set {
             let (k, v) = kv
                 .split_once('=')
-                .ok_or_else(|| format!("--kafka-set {kv:?}: expected KEY=VALUE"))?;
+                .ok_or_else(|| SettingsError::KafkaSet(kv.clone()))?;
             s.kafka.push((k.to_owned(), v.to_owned()));
         }
         s.validate()?;
@@ -304,16 +326,27 @@ mod tests {
         assert!(s.peer_nets.contains("10.0.0.1".parse().unwrap()));
         let mut args: Vec<&str> = base.to_vec();
         args.extend(["--peer-nets", "10.0.0.0/99"]);
-        assert!(Args::try_parse_from(&args).unwrap().settings().is_err());
+        let err = Args::try_parse_from(&args).unwrap().settings().unwrap_err();
+        assert!(matches!(&err, SettingsError::PeerNets(why) if why.contains("10.0.0.0/99")));
+        assert!(err.to_string().starts_with("--peer-nets: "), "{err}");
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(["--kafka-set", "no-equals-sign"]);
+        let err = Args::try_parse_from(&args).unwrap().settings().unwrap_err();
+        assert_eq!(err, SettingsError::KafkaSet("no-equals-sign".into()));
     }
 
     #[test]
     fn bounds_are_checked() {
         let mut s = Settings::new("b", "t", "g", "memory");
         s.node_batch_max = 20_000;
-        assert!(s.validate().unwrap_err().contains("node-batch-max"));
+        assert_eq!(
+            s.validate(),
+            Err(SettingsError::NodeBatchMax {
+                max: push_lib::direct::MAX_ITEMS_PER_REQUEST
+            })
+        );
         s.node_batch_max = 1;
         s.batch_size = 0;
-        assert!(s.validate().unwrap_err().contains("batch-size"));
+        assert_eq!(s.validate(), Err(SettingsError::Zero("batch-size")));
     }
 }

@@ -34,7 +34,7 @@ use rdkafka::consumer::Consumer as _;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
-pub use config::{Args, Settings};
+pub use config::{Args, Settings, SettingsError};
 pub use metrics::Stats;
 
 use consumer::{GroupConsumer, GroupContext};
@@ -46,7 +46,7 @@ use engine::Engine;
 pub enum StartError {
     /// A setting is out of bounds.
     #[error("invalid settings: {0}")]
-    Settings(String),
+    Settings(#[from] SettingsError),
     /// The registry URL is not usable.
     #[error("registry: {0}")]
     Registry(#[from] push_registry::Error),
@@ -80,7 +80,7 @@ pub struct Processor {
 impl Processor {
     /// Opens the registry, joins the consumer group and starts consuming.
     pub async fn start(settings: Settings) -> Result<Self, StartError> {
-        settings.validate().map_err(StartError::Settings)?;
+        settings.validate()?;
         let registry = push_registry::open(&settings.registry).await?;
         let history = push_registry::open_store(&settings.registry, settings.history).await?;
         let nodes = DeliverClient::new(&DeliverConfig {

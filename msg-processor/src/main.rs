@@ -7,15 +7,8 @@ use msg_processor::{Args, Processor, Stats};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let format: telemetry::LogFormat = args
-        .log_format
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--log-format {e}"))?;
-    telemetry::init_logging(format, "info");
-    let settings = args
-        .settings()
-        .map_err(anyhow::Error::msg)
-        .context("bad flags")?;
+    telemetry::init_logging(args.log_format, "info");
+    let settings = args.settings().context("bad flags")?;
     let mut processor = Processor::start(settings)
         .await
         .context("starting msg-processor")?;
