@@ -92,11 +92,8 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<PeerResult<Accept>>> {
         c.server_bin.as_deref(),
         |peer, server_bin| async move {
             let opts = systems::Options {
-                max_conns: args.conns,
                 nchan_workers: args.nchan_workers,
-                pushpin_message_rate: 2500,
-                server_bin,
-                server_args: Vec::new(),
+                ..systems::Options::new(server_bin, args.conns)
             };
             let running = systems::start(peer, &opts).await?;
             let budget = Duration::from_secs(60) + Duration::from_millis(10 * args.conns as u64);

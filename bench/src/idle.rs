@@ -354,11 +354,9 @@ async fn measure(setup: Setup) -> anyhow::Result<Idle> {
             server_args.push(format!("--node-id=n{n}"));
         }
         let opts = systems::Options {
-            max_conns: per_node,
             nchan_workers: s.nchan_workers,
-            pushpin_message_rate: 2500,
-            server_bin: s.server_bin.clone(),
             server_args,
+            ..systems::Options::new(s.server_bin.clone(), per_node)
         };
         let running = systems::start(s.peer, &opts).await?;
         if s.peer == Peer::PushServer {

@@ -206,11 +206,9 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<PeerResult<Push>>> {
         c.server_bin.as_deref(),
         |peer, server_bin| async move {
             let opts = systems::Options {
-                max_conns: args.subscribers,
                 nchan_workers: args.nchan_workers,
                 pushpin_message_rate: args.pushpin_message_rate,
-                server_bin,
-                server_args: Vec::new(),
+                ..systems::Options::new(server_bin, args.subscribers)
             };
             measure(systems::start(peer, &opts).await?, args).await
         },
@@ -671,13 +669,7 @@ mod tests {
             eprintln!("skipped: {why}");
             return;
         }
-        let opts = systems::Options {
-            max_conns: 20,
-            nchan_workers: 1,
-            pushpin_message_rate: 2500,
-            server_bin: bin,
-            server_args: Vec::new(),
-        };
+        let opts = systems::Options::new(bin, 20);
         let running = systems::start(Peer::Nchan, &opts).await.expect("starts");
         let r = measure(running, &args).await.expect("runs");
         check(&r, 2);

@@ -256,11 +256,8 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
             .collect();
         server_args.extend(args.server_args.iter().cloned());
         let opts = systems::Options {
-            max_conns: args.users,
-            nchan_workers: 1,
-            pushpin_message_rate: 0,
-            server_bin: server_bin.clone(),
             server_args,
+            ..systems::Options::new(server_bin.clone(), args.users)
         };
         nodes.push(systems::start(Peer::PushServer, &opts).await?);
     }

@@ -129,6 +129,20 @@ pub struct Options {
     pub server_args: Vec<String>,
 }
 
+impl Options {
+    /// `max_conns` on `server_bin`, with one Nchan worker (so that a memory figure is one
+    /// process's), Pushpin's packaged `message_rate` (2,500/s) and no extra arguments.
+    pub fn new(server_bin: PathBuf, max_conns: usize) -> Self {
+        Self {
+            max_conns,
+            nchan_workers: 1,
+            pushpin_message_rate: 2500,
+            server_bin,
+            server_args: Vec::new(),
+        }
+    }
+}
+
 /// A started system, stopped when dropped.
 #[derive(Debug)]
 pub struct Running {
