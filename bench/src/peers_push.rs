@@ -51,25 +51,11 @@ pub struct Args {
     pub common: CommonArgs,
     #[command(flatten)]
     pub peers: PeersArg,
-    /// Subscribers, one user (channel) each.
-    #[arg(long, default_value_t = 1000)]
-    pub subscribers: usize,
-    /// Target rates, messages per second, in order.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "20,100,1000,5000,10000,20000,30000,40000,50000,60000,80000,100000,120000"
-    )]
-    pub rates: Vec<u32>,
-    /// Length of one step.
-    #[arg(long, default_value_t = 10)]
-    pub step_secs: u64,
+    #[command(flatten)]
+    pub steps: Steps,
     /// Keep-alive HTTP connections of the publisher.
     #[arg(long, default_value_t = 32)]
     pub http_conns: usize,
-    /// Bound on the latency p99 of a sustained step, ms.
-    #[arg(long, default_value_t = 100.0)]
-    pub p99_bound_ms: f64,
     /// Run every rate even after a step is not sustained.
     #[arg(long)]
     pub keep_going: bool,
@@ -82,6 +68,27 @@ pub struct Args {
     /// Draw p50 and p99 against rate per system into this PNG.
     #[arg(long)]
     pub chart: Option<PathBuf>,
+}
+
+/// The steps of the push scenario: `peers-push` and `compare` take the same flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Steps {
+    /// Subscribers, one user (channel) each (`compare`: 0 skips the scenario).
+    #[arg(long, default_value_t = 1000)]
+    pub subscribers: usize,
+    /// Target rates, messages per second, in order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "20,100,1000,5000,10000,20000,30000,40000,50000,60000,80000,100000,120000"
+    )]
+    pub rates: Vec<u32>,
+    /// Length of one step.
+    #[arg(long, default_value_t = 10)]
+    pub step_secs: u64,
+    /// Bound on the latency p99 of a sustained step, ms.
+    #[arg(long, default_value_t = 100.0)]
+    pub p99_bound_ms: f64,
 }
 
 /// One system's push figures.
@@ -162,7 +169,7 @@ pub struct Step {
 
 /// Runs the systems one after the other; Ctrl-C or SIGTERM stop it and its children.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let bound = args.p99_bound_ms;
+    let bound = args.steps.p99_bound_ms;
     let results = side::print(args.common.json, all(&args), |r| table(r, bound))?;
     if let Some(path) = &args.chart {
         crate::chart::latency_against_rate(path, &results)?;
@@ -173,26 +180,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// Every system of `args.peers`, in order: one result each (skipped and failed included).
 pub async fn all(args: &Args) -> anyhow::Result<Vec<PeerResult<Push>>> {
-    if args.subscribers == 0 || args.rates.is_empty() {
+    if args.steps.subscribers == 0 || args.steps.rates.is_empty() {
         bail!("--subscribers and --rates must not be empty");
     }
     let c = &args.common;
     eprintln!(
         "peers-push: {} {} subscribers, rates {:?}/s, {} s each",
-        args.subscribers,
+        args.steps.subscribers,
         c.transport.as_str(),
-        args.rates,
-        args.step_secs
+        args.steps.rates,
+        args.steps.step_secs
     );
     let plan = Plan {
         name: "peers-push",
         peers: &args.peers.peers,
         transport: c.transport,
-        conns_per_process: args.subscribers,
+        conns_per_process: args.steps.subscribers,
         // Subscriptions, every step with its settle time, start and stop.
         budget: Duration::from_secs(120)
-            + (Duration::from_secs(args.step_secs) + MAX_LAG + SETTLE + Duration::from_secs(2))
-                * args.rates.len() as u32,
+            + (Duration::from_secs(args.steps.step_secs)
+                + MAX_LAG
+                + SETTLE
+                + Duration::from_secs(2))
+                * args.steps.rates.len() as u32,
         not_here: side::every,
         line: |r: &Push| {
             format!(
@@ -208,7 +218,7 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<PeerResult<Push>>> {
             let opts = systems::Options {
                 nchan_workers: args.nchan_workers,
                 pushpin_message_rate: args.pushpin_message_rate,
-                ..systems::Options::new(server_bin, args.subscribers)
+                ..systems::Options::new(server_bin, args.steps.subscribers)
             };
             measure(systems::start(peer, &opts).await?, args).await
         },
@@ -303,7 +313,7 @@ async fn measure(running: Running, args: &Args) -> anyhow::Result<Push> {
 
     let mut steps = Vec::new();
     let mut max_sustained: Option<u32> = None;
-    for (k, &rate) in args.rates.iter().enumerate() {
+    for (k, &rate) in args.steps.rates.iter().enumerate() {
         let step = step(&running, args, &seen, k, rate).await;
         eprintln!("{}: {}", peer.as_str(), step_line(&step));
         let sustained = step.sustained;
@@ -319,14 +329,14 @@ async fn measure(running: Running, args: &Args) -> anyhow::Result<Push> {
     let at_max = steps.iter().find(|s| Some(s.rate) == max_sustained);
     Ok(Push {
         transport: Some(args.common.transport),
-        subscribers: args.subscribers,
+        subscribers: args.steps.subscribers,
         subscribed: subscribed.ok,
         subscribe_failed: subscribed.failed,
         subscribe_errors: subscribed.errors.clone(),
         closed_during_run: seen.closed.load(Ordering::Relaxed),
         foreign: seen.foreign.load(Ordering::Relaxed),
         config: running.config.clone(),
-        p99_bound_ms: args.p99_bound_ms,
+        p99_bound_ms: args.steps.p99_bound_ms,
         max_sustained_rate: max_sustained,
         p50_ms_at_max: at_max.map(|s| s.p50_ms),
         p99_ms_at_max: at_max.map(|s| s.p99_ms),
@@ -343,7 +353,7 @@ async fn subscribe(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>) -> any
     let heartbeats = Arc::new(AtomicUsize::new(0));
     let (r, seen) = (running.clone(), seen.clone());
     let mut rx = hold::open_many(
-        args.subscribers,
+        args.steps.subscribers,
         c.sources,
         c.concurrency,
         move |i, source| {
@@ -368,7 +378,7 @@ async fn subscribe(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>) -> any
         },
     );
     let deadline = Instant::now() + Duration::from_secs(60);
-    Tally::collect(&mut rx, args.subscribers, started, deadline)
+    Tally::collect(&mut rx, args.steps.subscribers, started, deadline)
         .await
         .context("subscriptions did not finish within 60 s")
 }
@@ -386,8 +396,8 @@ struct LaneCounts {
 
 /// One step at `rate`: publish for `step_secs`, settle, account.
 async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, rate: u32) -> Step {
-    let duration = Duration::from_secs(args.step_secs);
-    let total = u64::from(rate) * args.step_secs;
+    let duration = Duration::from_secs(args.steps.step_secs);
+    let total = u64::from(rate) * args.steps.step_secs;
     seen.steps
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -401,7 +411,7 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
     let mut tasks = tokio::task::JoinSet::new();
     for lane in 0..lanes.min(total) {
         let running = running.clone();
-        let users = args.subscribers as u64;
+        let users = args.steps.subscribers as u64;
         tasks.spawn(async move {
             let mut counts = LaneCounts::default();
             let mut stream: Option<TcpStream> = None;
@@ -473,7 +483,7 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
         && achieved >= 0.95 * f64::from(rate)
         && lost == 0
         && all.failed == 0
-        && p99_ms <= args.p99_bound_ms;
+        && p99_ms <= args.steps.p99_bound_ms;
     // Summed by label: Nchan's workers share one.
     let mut cpu_cores = BTreeMap::<String, f64>::new();
     for (label, cores) in cpu {
