@@ -99,15 +99,15 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<PeerResult<Accept>>> {
             let budget = Duration::from_secs(60) + Duration::from_millis(10 * args.conns as u64);
             let ours = peer == Peer::PushServer;
             let mut holder = hold::Args {
-                transport: c.transport,
-                server: running.addr,
-                conns: args.conns,
-                sources: c.sources,
-                concurrency: c.concurrency,
                 secret: ours.then(|| SECRET.into()),
                 path: (!ours).then(|| "/sub/u{i}".into()),
-                hold_secs: budget.as_secs() + 60,
-                connect_timeout_secs: 30,
+                ..hold::Args::new(
+                    c.transport,
+                    vec![running.addr],
+                    args.conns,
+                    (c.sources, c.concurrency),
+                    budget.as_secs() + 60,
+                )
             }
             .spawn()?;
             let r: Connected = holder.next("connected", budget).await?;

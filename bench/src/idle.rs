@@ -388,16 +388,17 @@ async fn measure(setup: Setup) -> anyhow::Result<Idle> {
         let count = share.div_ceil(PER_HOLDER);
         for h in 0..count {
             let ours = s.peer == Peer::PushServer;
+            let conns = share / count + usize::from(h < share % count);
             let holder = hold::Args {
-                transport: s.transport,
-                server: running.addr,
-                conns: share / count + usize::from(h < share % count),
-                sources: s.sources,
-                concurrency: s.concurrency,
                 secret: ours.then(|| SECRET.into()),
                 path: (!ours).then(|| format!("/sub/h{}u{{i}}", holders.len())),
-                hold_secs,
-                connect_timeout_secs: 30,
+                ..hold::Args::new(
+                    s.transport,
+                    vec![running.addr],
+                    conns,
+                    (s.sources, s.concurrency),
+                    hold_secs,
+                )
             };
             holders.push(holder.spawn()?);
         }

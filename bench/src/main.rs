@@ -10,10 +10,10 @@
 //! | [`floor`] | `bench floor`: the kernel's CPU per 80-byte write to one of 9,000 loopback sockets, the floor of a push |
 //! | [`registry`] | `bench registry`: `lookup_many` against one Redis and `redis-benchmark`; the ring's cost |
 //! | [`pipeline`] | `bench pipeline`: push-lib → Kafka → msg-processor → push-server → clients, end to end |
-//! | [`receive`] | `bench receive` (hidden): holds one WebSocket per user, counts, orders and times messages |
 //! | [`side`] | the side-by-side driver: common arguments, one result per system, skip, budget, print |
 //! | [`systems`] | push-server (the one launcher), Nchan and Pushpin started on free ports: subscribe, publish, stop |
 //! | [`hold`] | the connection loop, and `bench hold` (hidden): a process that opens and holds the clients |
+//! | [`receive`] | `bench hold --account`: per user, counts, orders and times the pipeline's messages |
 //! | [`redis`] | `redis-server` children on free ports, killed on drop |
 //! | [`admin`] | tiny HTTP/1.1 GET for the server's `/healthz` and `/metrics` |
 //! | [`sys`] | `/proc` readings, the open-files limit, free ports, process trees, temporary directories |
@@ -82,7 +82,8 @@ enum Command {
     /// Every side-by-side scenario on every system in one run: writes the markdown table
     /// with ratios (docs/bench/compare.md), the JSON and the latency chart.
     Compare(compare::Args),
-    /// Open N connections and hold them (run by the idle and accept scenarios as a child).
+    /// Open N connections and hold them (run by the idle, accept and pipeline scenarios as a
+    /// child; the pipeline's accounts for every message).
     #[command(hide = true)]
     Hold(hold::Args),
     /// Registry `lookup_many` throughput and latency against one local Redis, next to
@@ -94,9 +95,6 @@ enum Command {
     /// The floor: CPU per small write to one of many loopback sockets read on the other
     /// core, the least any push can cost on this machine.
     Floor(floor::Args),
-    /// Hold one WebSocket per user and account for every message (run by `pipeline`).
-    #[command(hide = true)]
-    Receive(receive::Args),
 }
 
 fn main() -> ExitCode {
@@ -116,7 +114,6 @@ fn main() -> ExitCode {
         Command::Hold(args) => hold::run(args),
         Command::Registry(args) => registry::run(args),
         Command::Pipeline(args) => pipeline::run(args),
-        Command::Receive(args) => receive::run(args),
         Command::Floor(args) => floor::run(args),
     };
     match result {

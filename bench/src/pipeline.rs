@@ -7,7 +7,7 @@
 //!   server on a local TCP port, so the other processes use it like any broker), or the
 //!   broker given with `--brokers` / `KAFKA_BROKERS`;
 //! - one `redis-server` (the registry) and two push-server release processes sharing it;
-//! - `bench receive`, a separate process holding one WebSocket connection per user, users
+//! - `bench hold --account`, a separate process holding one WebSocket connection per user, users
 //!   alternating between the two nodes, from many 127.0.0.x source addresses.
 //!
 //! Then per processor count M (a fresh topic and consumer group each, so runs do not mix):
@@ -41,7 +41,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::admin;
-use crate::hold::{Connected, Done, Reporter, SPARE_FDS};
+use crate::hold::{self, Connected, Done, Reporter, Transport, SPARE_FDS};
 use crate::receive::Report;
 use crate::redis::RedisProc;
 use crate::sys::{self, round2, CpuMeter};
@@ -268,19 +268,20 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
 
     // The receiver.
     let hold_secs = args.deadline_secs * (args.processors.len() as u64 + 1) * 3 + 300;
-    let mut receiver_args = vec!["receive".to_owned()];
-    for n in &nodes {
-        receiver_args.extend(["--server".to_owned(), n.addr.to_string()]);
+    let mut receiver = hold::Args {
+        secret: Some(SECRET.into()),
+        user_prefix: "user-".into(),
+        device: Some("d".into()),
+        account: true,
+        ..hold::Args::new(
+            Transport::Ws,
+            nodes.iter().map(|n| n.addr).collect(),
+            args.users,
+            (args.sources, 256),
+            hold_secs,
+        )
     }
-    for (flag, value) in [
-        ("--users", args.users.to_string()),
-        ("--sources", args.sources.to_string()),
-        ("--secret", SECRET.to_owned()),
-        ("--hold-secs", hold_secs.to_string()),
-    ] {
-        receiver_args.extend([flag.to_owned(), value]);
-    }
-    let mut receiver = Reporter::spawn("bench receive", &receiver_args)?;
+    .spawn()?;
     let receiver_pid = receiver.pid;
     let connect_budget = Duration::from_secs(60) + Duration::from_millis(10 * args.users as u64);
     let report: Connected = receiver.next("connected", connect_budget).await?;
