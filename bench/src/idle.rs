@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context as _};
 use serde::{Deserialize, Serialize};
 
 use crate::hold::{self, Connected, Done, Transport, SPARE_FDS};
@@ -64,6 +64,9 @@ pub struct PeersArgs {
     /// Seconds to wait after the connections are open before reading the RSS.
     #[arg(long, default_value_t = 5)]
     pub settle_secs: u64,
+    /// Extra argument for push-server, repeatable, e.g. `--server-arg=--registry=redis://127.0.0.1:6379`.
+    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
 }
 
 /// Arguments of `bench idle-scale`.
@@ -204,41 +207,32 @@ struct Setup {
     strict: bool,
 }
 
-/// `bench idle-memory`: push-server alone, one process each side.
+/// `bench idle-memory`: `peers-idle` with push-server alone (strict), one line of result.
 pub fn run_memory(args: MemoryArgs) -> anyhow::Result<()> {
-    let c = &args.common;
-    let transport = c.transport;
-    side::print(
-        c.json,
-        async {
-            if args.conns == 0 {
-                bail!("--conns must be at least 1");
-            }
-            sys::check_files(
-                args.conns as u64 + SPARE_FDS,
-                &format!("{} connections", args.conns),
-            )?;
-            let server_bin = systems::server_bin(c.server_bin.as_deref())?;
-            if let Some(why) = systems::missing(Peer::PushServer, transport, &server_bin) {
-                bail!("{why}");
-            }
-            measure(Setup {
-                peer: Peer::PushServer,
-                conns: args.conns,
-                nodes: 1,
-                nchan_workers: 1,
-                transport,
-                sources: c.sources,
-                concurrency: c.concurrency,
-                settle_secs: args.settle_secs,
-                server_bin,
-                server_args: args.server_args.clone(),
-                strict: true,
-            })
-            .await
+    let transport = args.common.transport;
+    let args = PeersArgs {
+        common: args.common,
+        peers: PeersArg {
+            peers: vec![Peer::PushServer],
         },
-        |r| format!("idle-memory {}: {}\n", transport.as_str(), r.line()),
-    )?;
+        conns: args.conns,
+        pushpin_concurrency: 64,
+        settle_secs: args.settle_secs,
+        server_args: args.server_args,
+    };
+    let one = async {
+        if args.conns == 0 {
+            bail!("--conns must be at least 1");
+        }
+        let result = peers(&args).await?.pop().context("no result")?;
+        match result.outcome {
+            side::Outcome::Ran(idle) => Ok(idle),
+            _ => bail!("{}", result.why().unwrap_or_default()),
+        }
+    };
+    side::print(args.common.json, one, |r| {
+        format!("idle-memory {}: {}\n", transport.as_str(), r.line())
+    })?;
     Ok(())
 }
 
@@ -283,7 +277,7 @@ pub async fn peers(args: &PeersArgs) -> anyhow::Result<Vec<PeerResult<Idle>>> {
             },
             settle_secs: args.settle_secs,
             server_bin,
-            server_args: Vec::new(),
+            server_args: args.server_args.clone(),
             strict: peer == Peer::PushServer,
         })
     })
