@@ -253,8 +253,8 @@ pub async fn peers(args: &PeersArgs) -> anyhow::Result<Vec<PeerResult<Idle>>> {
     let c = &args.common;
     let plan = Plan {
         name: "peers-idle",
+        common: c,
         peers: &args.peers.peers,
-        transport: c.transport,
         conns_per_process: args.conns,
         // Connects at the slowest ramp, settle, start and stop.
         budget: Duration::from_secs(180 + args.settle_secs)
@@ -262,7 +262,7 @@ pub async fn peers(args: &PeersArgs) -> anyhow::Result<Vec<PeerResult<Idle>>> {
         not_here: side::every,
         line: Idle::line,
     };
-    let mut results = side::each_peer(plan, c.server_bin.as_deref(), |peer, server_bin| {
+    let mut results = side::each_peer(plan, |peer, server_bin| {
         measure(Setup {
             peer,
             conns: args.conns,
@@ -301,8 +301,8 @@ pub async fn scale(args: &ScaleArgs) -> anyhow::Result<Vec<PeerResult<Idle>>> {
     let c = &args.common;
     let plan = Plan {
         name: "idle-scale",
+        common: c,
         peers: &args.peers.peers,
-        transport: c.transport,
         conns_per_process: PER_HOLDER.min(args.conns),
         budget: Duration::from_secs(240 + args.settle_secs)
             + Duration::from_millis(2 * args.conns as u64),
@@ -312,7 +312,7 @@ pub async fn scale(args: &ScaleArgs) -> anyhow::Result<Vec<PeerResult<Idle>>> {
         },
         line: Idle::line,
     };
-    side::each_peer(plan, c.server_bin.as_deref(), |peer, server_bin| {
+    side::each_peer(plan, |peer, server_bin| {
         measure(Setup {
             peer,
             conns: args.conns,
@@ -517,7 +517,11 @@ async fn server_count(
                 if status != 200 {
                     bail!("/metrics answered {status}");
                 }
-                sum += crate::admin::connections_open(&body, s.transport.as_str()).unwrap_or(0.0);
+                let series = format!(
+                    "push_connections_open{{transport=\"{}\"}}",
+                    s.transport.as_str()
+                );
+                sum += crate::admin::metric_sum(&body, &series);
             }
             Ok(Some(ServerCount::Gauge(sum)))
         }

@@ -193,8 +193,8 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<PeerResult<Push>>> {
     );
     let plan = Plan {
         name: "peers-push",
+        common: c,
         peers: &args.peers.peers,
-        transport: c.transport,
         conns_per_process: args.steps.subscribers,
         // Subscriptions, every step with its settle time, start and stop.
         budget: Duration::from_secs(120)
@@ -211,18 +211,14 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<PeerResult<Push>>> {
             )
         },
     };
-    side::each_peer(
-        plan,
-        c.server_bin.as_deref(),
-        |peer, server_bin| async move {
-            let opts = systems::Options {
-                nchan_workers: args.nchan_workers,
-                pushpin_message_rate: args.pushpin_message_rate,
-                ..systems::Options::new(server_bin, args.steps.subscribers)
-            };
-            measure(systems::start(peer, &opts).await?, args).await
-        },
-    )
+    side::each_peer(plan, |peer, server_bin| async move {
+        let opts = systems::Options {
+            nchan_workers: args.nchan_workers,
+            pushpin_message_rate: args.pushpin_message_rate,
+            ..systems::Options::new(server_bin, args.steps.subscribers)
+        };
+        measure(systems::start(peer, &opts).await?, args).await
+    })
     .await
 }
 

@@ -378,8 +378,8 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
         let (mut not_connected, mut dead_lettered) = (0.0, 0.0);
         for p in &processors {
             if let Ok((200, body)) = admin::get(p.metrics, "/metrics").await {
-                not_connected += metric_sum(&body, "msgproc_stored_total");
-                dead_lettered += metric_sum(&body, "msgproc_dead_lettered_total");
+                not_connected += admin::metric_sum(&body, "msgproc_stored_total");
+                dead_lettered += admin::metric_sum(&body, "msgproc_dead_lettered_total");
             }
         }
         drop(processors);
@@ -744,17 +744,6 @@ fn parse_log(line: &str) -> LogLine {
     }
 }
 
-/// Sum of every series of a Prometheus counter (all label sets).
-fn metric_sum(body: &str, name: &str) -> f64 {
-    body.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// CPU shares summed by process kind ("msg-processor 0" and "msg-processor 1" → one line).
 fn group_shares(shares: &[(String, f64)]) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
@@ -842,18 +831,6 @@ mod tests {
             LogLine::Show
         );
         assert_eq!(parse_log("thread panicked"), LogLine::Show);
-    }
-
-    #[test]
-    fn sums_counter_series() {
-        let body = "# TYPE msgproc_dead_lettered_total counter\n\
-                    msgproc_dead_lettered_total{reason=\"malformed\"} 2\n\
-                    msgproc_dead_lettered_total{reason=\"undeliverable\"} 3\n\
-                    msgproc_dead_lettered_total_other 7\n\
-                    msgproc_stored_total 4\n";
-        assert_eq!(metric_sum(body, "msgproc_dead_lettered_total"), 5.0);
-        assert_eq!(metric_sum(body, "msgproc_stored_total"), 4.0);
-        assert_eq!(metric_sum(body, "absent"), 0.0);
     }
 
     #[test]
