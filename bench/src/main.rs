@@ -55,8 +55,13 @@ struct Cli {
 enum Command {
     /// Server RSS per idle connection: start push-server, hold N clients from another
     /// process, compare the server's RSS before and after.
-    #[command(mut_arg("transport", |a| a.required(true).default_value(None::<&'static str>)))]
-    IdleMemory(idle::MemoryArgs),
+    #[command(
+        mut_arg("transport", |a| a.required(true).default_value(None::<&'static str>)),
+        mut_arg("peers", |a| a.default_value("push-server").hide(true)),
+        mut_arg("pushpin_concurrency", |a| a.hide(true)),
+        mut_arg("nchan_workers", |a| a.hide(true)),
+    )]
+    IdleMemory(idle::IdleArgs),
     /// Idle memory per connection at 100,000 connections: several push-server processes
     /// (and Nchan with several workers), several client processes.
     #[command(
@@ -64,11 +69,14 @@ enum Command {
         mut_arg("sources", |a| a.default_value("64")),
         mut_arg("concurrency", |a| a.default_value("128")),
         mut_arg("peers", |a| a.default_value("push-server,nchan")),
+        mut_arg("conns", |a| a.default_value("100000")),
+        mut_arg("nodes", |a| a.default_value("6")),
+        mut_arg("nchan_workers", |a| a.default_value("7")),
     )]
-    IdleScale(idle::ScaleArgs),
+    IdleScale(idle::IdleArgs),
     /// Idle memory per connection side by side: push-server, Nchan and Pushpin, one after
     /// the other in one run, each peer skipped with a line if it is not installed.
-    PeersIdle(idle::PeersArgs),
+    PeersIdle(idle::IdleArgs),
     /// Push by user at a list of fixed rates, side by side: push-server, Nchan and Pushpin;
     /// latency p50/p99 and loss per rate, and the highest rate each sustains.
     #[command(
