@@ -26,13 +26,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use hdrhistogram::Histogram;
 use loadtest::stats::{new_histogram, unix_micros};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::hold::{self, Tally, Transport};
+use crate::receive::{RunStats, Seen as Arrival};
 use crate::side::{self, CommonArgs, PeerResult, PeersArg, Plan};
 use crate::sys::{self, CpuMeter};
 use crate::systems::{self, Running};
@@ -222,23 +222,19 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<PeerResult<Push>>> {
     .await
 }
 
-/// What the subscribers saw of one step.
+/// What the subscribers saw of one step: the pipeline receiver's tally, and one bit per
+/// message of the step (seen) in place of its per-user set of message IDs.
 #[derive(Debug)]
 struct StepSeen {
-    latency_us: Histogram<u64>,
-    /// One bit per message of the step: seen.
+    stats: RunStats,
     seen: Vec<u64>,
-    received: u64,
-    duplicates: u64,
 }
 
 impl StepSeen {
     fn new(total: u64) -> Self {
         Self {
-            latency_us: new_histogram(),
+            stats: RunStats::new(),
             seen: vec![0; total.div_ceil(64) as usize],
-            received: 0,
-            duplicates: 0,
         }
     }
 }
@@ -274,18 +270,19 @@ impl Seen {
             self.foreign.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        if *w & bit != 0 {
-            step.duplicates += 1;
-            return;
-        }
+        let seen = if *w & bit != 0 {
+            Arrival::Duplicate
+        } else {
+            Arrival::New
+        };
         *w |= bit;
-        step.received += 1;
-        step.latency_us
-            .saturating_record(now_us.saturating_sub(p.t).max(1));
+        step.stats.add(seen, Some(p.t), now_us);
     }
 
     fn received(&self, k: usize) -> u64 {
-        self.steps.lock().unwrap_or_else(|e| e.into_inner())[k].received
+        self.steps.lock().unwrap_or_else(|e| e.into_inner())[k]
+            .stats
+            .received
     }
 }
 
@@ -467,7 +464,7 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
     let wall_secs = start.elapsed().as_secs_f64();
     let s = {
         let steps = seen.steps.lock().unwrap_or_else(|e| e.into_inner());
-        let s = &steps[k];
+        let s = &steps[k].stats;
         (s.latency_us.clone(), s.received, s.duplicates)
     };
     let (latency, received, duplicates) = s;

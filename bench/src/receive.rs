@@ -116,21 +116,25 @@ impl UserTracker {
     }
 }
 
-/// One run's tally over all connections.
+/// One run's tally over all connections (also one push step's, in `peers-push`).
 #[derive(Debug)]
-struct RunStats {
-    received: u64,
-    duplicates: u64,
+pub struct RunStats {
+    /// Distinct messages.
+    pub received: u64,
+    /// Redeliveries that got through.
+    pub duplicates: u64,
     out_of_order: u64,
     /// Arrivals without a send time (no latency recorded).
     untimed: u64,
-    latency_us: Histogram<u64>,
+    /// Send → receipt, µs.
+    pub latency_us: Histogram<u64>,
     first_us: u64,
     last_us: u64,
 }
 
 impl RunStats {
-    fn new() -> Self {
+    /// Nothing seen yet.
+    pub fn new() -> Self {
         Self {
             received: 0,
             duplicates: 0,
@@ -142,7 +146,8 @@ impl RunStats {
         }
     }
 
-    fn add(&mut self, seen: Seen, sent_us: Option<u64>, now_us: u64) {
+    /// Accounts one arrival at `now_us`, sent at `sent_us` when known.
+    pub fn add(&mut self, seen: Seen, sent_us: Option<u64>, now_us: u64) {
         if seen == Seen::Duplicate {
             self.duplicates += 1;
             return;
