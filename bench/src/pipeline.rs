@@ -43,7 +43,7 @@ use tokio::process::{Child, Command};
 use crate::admin;
 use crate::hold::{self, Connected, Done, Reporter, Transport, SPARE_FDS};
 use crate::receive::Report;
-use crate::redis::RedisProc;
+use crate::redis;
 use crate::sys::{self, round2, CpuMeter};
 use crate::systems::{self, Peer, Running, SECRET};
 
@@ -245,7 +245,7 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
     eprintln!("kafka: {kind} {brokers}");
 
     // The registry and the two nodes.
-    let redis = RedisProc::start().await?;
+    let redis = redis::start().await?;
     let registry = format!("redis://{}", redis.addr());
     let mut nodes: Vec<Running> = Vec::new();
     for name in ["node-a", "node-b"] {
@@ -350,7 +350,7 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
             ("bench (kafka mock + producer)".into(), std::process::id()),
             ("receiver".into(), receiver_pid),
         ];
-        if let Some(pid) = redis.pid() {
+        if let Ok(pid) = redis::pid(&redis) {
             procs.push(("redis".into(), pid));
         }
         for (i, n) in nodes.iter().enumerate() {

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::process::Command;
 
-use crate::redis::RedisProc;
+use crate::redis::{self, RedisServer};
 use crate::sys::{self, median, round2, CpuMeter};
 
 /// How long every record lives: far longer than a run, so nothing expires while measured.
@@ -233,12 +233,12 @@ async fn scenario(args: Args) -> anyhow::Result<()> {
 
 async fn one_run(args: &Args) -> anyhow::Result<Figures> {
     // The single Redis, then redis-benchmark on the same server.
-    let single = RedisProc::start().await?;
+    let single = redis::start().await?;
     let url = format!("redis://{}", single.addr());
-    let pids = vec![("redis".to_owned(), single.pid().context("redis exited")?)];
+    let pids = vec![("redis".to_owned(), redis::pid(&single)?)];
     let backend = measure_backend("single", &url, &pids, args).await?;
     let cpu = CpuMeter::start(&pids);
-    let gets = redis_benchmark(single.port, args.redis_benchmark_requests).await?;
+    let gets = redis_benchmark(single.port(), args.redis_benchmark_requests).await?;
     // `others` includes redis-benchmark itself (about one core): more than that is noise.
     let others = cpu.stop().into_iter().find(|(l, _)| l == "others");
     let mut f = Figures {
@@ -255,9 +255,9 @@ async fn one_run(args: &Args) -> anyhow::Result<Figures> {
         let count = 3 * usize::from(args.nodes_per_rack);
         let mut nodes = Vec::with_capacity(count);
         for _ in 0..count {
-            nodes.push(RedisProc::start().await?);
+            nodes.push(redis::start().await?);
         }
-        let addrs: Vec<String> = nodes.iter().map(RedisProc::addr).collect();
+        let addrs: Vec<String> = nodes.iter().map(RedisServer::addr).collect();
         // `racks=3`: the nodes are split into 3 racks in the order given (push-registry url.rs).
         let url = format!(
             "ring://{}?racks=3&read={}&write={}",
@@ -268,7 +268,7 @@ async fn one_run(args: &Args) -> anyhow::Result<Figures> {
         let pids: Vec<(String, u32)> = nodes
             .iter()
             .enumerate()
-            .filter_map(|(i, n)| Some((format!("redis{i}"), n.pid()?)))
+            .filter_map(|(i, n)| Some((format!("redis{i}"), redis::pid(n).ok()?)))
             .collect();
         let ring = measure_backend("ring", &url, &pids, args).await?;
         let cost = |op: Op| {
