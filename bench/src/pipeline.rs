@@ -608,7 +608,7 @@ async fn start_processors(
     let assignments: Assignments = Arc::new(Mutex::new(vec![BTreeSet::new(); count]));
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
-        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, sys::free_port()?));
+        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, sys::free_port()));
         let mut child = Command::new(bin)
             .args([
                 "--brokers",

@@ -250,7 +250,7 @@ pub async fn start(peer: Peer, opts: &Options) -> anyhow::Result<Running> {
 }
 
 async fn start_push_server(opts: &Options) -> anyhow::Result<Running> {
-    let (addr, admin) = sys::free_addr_pair()?;
+    let (addr, admin) = sys::free_addr_pair();
     let max = (opts.max_conns + 1000).to_string();
     eprintln!(
         "starting {} on {addr} (admin {admin})",
@@ -300,7 +300,7 @@ async fn start_nchan(opts: &Options) -> anyhow::Result<Running> {
         bail!("nginx or the nchan module is missing");
     };
     let dir = TempDir::new("nchan")?;
-    let port = sys::free_port()?;
+    let port = sys::free_port();
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let d = dir.0.display();
     let workers = opts.nchan_workers.max(1);
