@@ -80,57 +80,50 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<PeerResult<Accept>>> {
     let c = &args.common;
     let plan = Plan {
         name: "peers-accept",
+        common: c,
         peers: &args.peers.peers,
-        transport: c.transport,
         conns_per_process: args.conns,
         budget: Duration::from_secs(150) + Duration::from_millis(10 * args.conns as u64),
         not_here: side::every,
         line: Accept::line,
     };
-    side::each_peer(
-        plan,
-        c.server_bin.as_deref(),
-        |peer, server_bin| async move {
-            let opts = systems::Options {
-                max_conns: args.conns,
-                nchan_workers: args.nchan_workers,
-                pushpin_message_rate: 2500,
-                server_bin,
-                server_args: Vec::new(),
-            };
-            let running = systems::start(peer, &opts).await?;
-            let budget = Duration::from_secs(60) + Duration::from_millis(10 * args.conns as u64);
-            let ours = peer == Peer::PushServer;
-            let mut holder = hold::Args {
-                transport: c.transport,
-                server: running.addr,
-                conns: args.conns,
-                sources: c.sources,
-                concurrency: c.concurrency,
-                secret: ours.then(|| SECRET.into()),
-                path: (!ours).then(|| "/sub/u{i}".into()),
-                hold_secs: budget.as_secs() + 60,
-                connect_timeout_secs: 30,
-            }
-            .spawn()?;
-            let r: Connected = holder.next("connected", budget).await?;
-            holder.finish::<Done>().await;
-            drop(running);
-            let ms = |us: u64| Some(round2(us as f64 / 1000.0));
-            Ok(Accept {
-                transport: Some(c.transport),
-                conns: args.conns,
-                concurrency: c.concurrency,
-                opened: r.ok,
-                failed: r.failed,
-                errors: r.errors,
-                opened_per_sec: Some(r.opened_per_sec.round()),
-                connect_p50_ms: ms(r.connect_p50_us),
-                connect_p99_ms: ms(r.connect_p99_us),
-                connect_max_ms: ms(r.connect_max_us),
-            })
-        },
-    )
+    side::each_peer(plan, |peer, server_bin| async move {
+        let opts = systems::Options {
+            nchan_workers: args.nchan_workers,
+            ..systems::Options::new(server_bin, args.conns)
+        };
+        let running = systems::start(peer, &opts).await?;
+        let budget = Duration::from_secs(60) + Duration::from_millis(10 * args.conns as u64);
+        let ours = peer == Peer::PushServer;
+        let mut holder = hold::Args {
+            secret: ours.then(|| SECRET.into()),
+            path: (!ours).then(|| "/sub/u{i}".into()),
+            ..hold::Args::new(
+                c.transport,
+                vec![running.addr],
+                args.conns,
+                (c.sources, c.concurrency),
+                budget.as_secs() + 60,
+            )
+        }
+        .spawn()?;
+        let r: Connected = holder.next("connected", budget).await?;
+        holder.finish::<Done>().await;
+        drop(running);
+        let ms = |us: u64| Some(round2(us as f64 / 1000.0));
+        Ok(Accept {
+            transport: Some(c.transport),
+            conns: args.conns,
+            concurrency: c.concurrency,
+            opened: r.ok,
+            failed: r.failed,
+            errors: r.errors,
+            opened_per_sec: Some(r.opened_per_sec.round()),
+            connect_p50_ms: ms(r.connect_p50_us),
+            connect_p99_ms: ms(r.connect_p99_us),
+            connect_max_ms: ms(r.connect_max_us),
+        })
+    })
     .await
 }
 

@@ -26,16 +26,17 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> 
         .with_context(|| format!("GET http://{addr}{path} took longer than {TIMEOUT:?}"))?
 }
 
-/// The value of `push_connections_open{transport="<transport>"}` in a Prometheus text body;
-/// `None` when the series is absent (no connection of that transport yet).
-pub fn connections_open(metrics: &str, transport: &str) -> Option<f64> {
-    let series = format!("push_connections_open{{transport=\"{transport}\"}}");
-    metrics.lines().find_map(|l| {
-        l.strip_prefix(&series)
-            .filter(|rest| rest.starts_with(' '))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-    })
+/// Sum of the series `selector` selects in a Prometheus text body: a metric's name (every
+/// label set of it) or one whole series, `name{labels}`; 0 when there is none (no connection
+/// of that transport yet, no message dead-lettered).
+pub fn metric_sum(body: &str, selector: &str) -> f64 {
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(selector)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[cfg(test)]
@@ -43,12 +44,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_the_gauge_of_one_transport() {
-        let text = "# TYPE push_connections_open gauge\n\
+    fn sums_the_series_selected() {
+        let body = "# TYPE push_connections_open gauge\n\
                     push_connections_open{transport=\"ws\"} 15000\n\
-                    push_connections_open{transport=\"sse\"} 3\n";
-        assert_eq!(connections_open(text, "ws"), Some(15000.0));
-        assert_eq!(connections_open(text, "sse"), Some(3.0));
-        assert_eq!(connections_open("", "ws"), None);
+                    push_connections_open{transport=\"sse\"} 3\n\
+                    msgproc_dead_lettered_total{reason=\"malformed\"} 2\n\
+                    msgproc_dead_lettered_total{reason=\"undeliverable\"} 3\n\
+                    msgproc_dead_lettered_total_other 7\n\
+                    msgproc_stored_total 4\n";
+        let ws = "push_connections_open{transport=\"ws\"}";
+        assert_eq!(metric_sum(body, ws), 15000.0);
+        assert_eq!(metric_sum(body, "push_connections_open"), 15003.0);
+        assert_eq!(metric_sum(body, "msgproc_dead_lettered_total"), 5.0);
+        assert_eq!(metric_sum(body, "msgproc_stored_total"), 4.0);
+        assert_eq!(metric_sum("", ws), 0.0);
     }
 }

@@ -8,6 +8,7 @@
 //! scenario runs push-server, Nchan and Pushpin one after the other and skips a peer that is
 //! missing with a line saying so.
 
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -15,11 +16,11 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::accept::{self, Accept};
-use crate::hold::Transport;
 use crate::idle::{self, Idle};
-use crate::peers_push::{self, Push, Step};
-use crate::side::{CommonArgs, PeerResult, PeersArg};
+use crate::peers_push::{self, Push, Step, Steps};
+use crate::side::{PeerResult, PeersArg};
 use crate::sys;
+use crate::Command;
 
 /// Arguments of `bench compare`.
 #[derive(Debug, clap::Args)]
@@ -47,22 +48,8 @@ pub struct Args {
     /// Connections in the accept burst (0 skips the scenario).
     #[arg(long, default_value_t = 10_000)]
     accept_conns: usize,
-    /// Subscribers of the push scenario (0 skips it).
-    #[arg(long, default_value_t = 1000)]
-    subscribers: usize,
-    /// Rates of the push scenario, messages per second.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "20,100,1000,5000,10000,20000,30000,40000,50000,60000,80000,100000,120000"
-    )]
-    rates: Vec<u32>,
-    /// Length of one push step.
-    #[arg(long, default_value_t = 10)]
-    step_secs: u64,
-    /// Bound on the latency p99 of a sustained push step, ms.
-    #[arg(long, default_value_t = 100.0)]
-    p99_bound_ms: f64,
+    #[command(flatten)]
+    push: Steps,
     /// push-server binary. Default: `push-server` next to this `bench` binary.
     #[arg(long)]
     server_bin: Option<PathBuf>,
@@ -129,14 +116,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 async fn all(args: &Args) -> anyhow::Result<Report> {
     let started = std::time::Instant::now();
-    let common = |transport, sources, concurrency| CommonArgs {
-        transport,
-        sources,
-        concurrency,
-        server_bin: args.server_bin.clone(),
-        json: true,
-    };
-    let peers = args.peers.clone();
     let mut report = Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         date: shell(&["date", "-u", "+%Y-%m-%d %H:%M UTC"]),
@@ -145,57 +124,62 @@ async fn all(args: &Args) -> anyhow::Result<Report> {
         load_average_before: load_average(),
         ..Report::default()
     };
+    let parse = |argv: &[&str]| scenario(args, argv);
     if args.idle_conns > 0 {
-        let a = idle::PeersArgs {
-            common: common(Transport::Sse, 32, 256),
-            peers: peers.clone(),
-            conns: args.idle_conns,
-            pushpin_concurrency: 64,
-            settle_secs: 5,
-        };
-        report.idle = Some(idle::peers(&a).await?);
+        if let Command::PeersIdle(a) =
+            parse(&["peers-idle", "--conns", &args.idle_conns.to_string()])?
+        {
+            report.idle = Some(idle::peers(&a).await?);
+        }
     }
     if args.scale_conns > 0 {
-        let a = idle::ScaleArgs {
-            common: common(Transport::Ws, 64, 128),
-            peers: peers.clone(),
-            conns: args.scale_conns,
-            nodes: args.scale_nodes,
-            nchan_workers: u32::try_from(args.scale_conns.div_ceil(15_000))
-                .unwrap_or(8)
-                .max(1),
-            settle_secs: 5,
-        };
-        report.scale = Some(idle::scale(&a).await?);
+        // One Nchan worker per 15,000 connections.
+        let workers = args.scale_conns.div_ceil(15_000).max(1).to_string();
+        let (conns, nodes) = (args.scale_conns.to_string(), args.scale_nodes.to_string());
+        let argv = [
+            "idle-scale",
+            "--conns",
+            &conns,
+            "--nodes",
+            &nodes,
+            "--nchan-workers",
+            &workers,
+        ];
+        if let Command::IdleScale(a) = parse(&argv)? {
+            report.scale = Some(idle::scale(&a).await?);
+        }
     }
     if args.accept_conns > 0 {
-        let a = accept::Args {
-            common: common(Transport::Sse, 32, 256),
-            peers: peers.clone(),
-            conns: args.accept_conns,
-            nchan_workers: 2,
-        };
-        report.accept = Some(accept::all(&a).await?);
+        if let Command::PeersAccept(a) =
+            parse(&["peers-accept", "--conns", &args.accept_conns.to_string()])?
+        {
+            report.accept = Some(accept::all(&a).await?);
+        }
     }
-    if args.subscribers > 0 {
-        let a = peers_push::Args {
-            common: common(Transport::Sse, 16, 64),
-            peers,
-            subscribers: args.subscribers,
-            rates: args.rates.clone(),
-            step_secs: args.step_secs,
-            http_conns: 32,
-            p99_bound_ms: args.p99_bound_ms,
-            keep_going: false,
-            nchan_workers: 2,
-            pushpin_message_rate: 200_000,
-            chart: None,
-        };
-        report.push = Some(peers_push::all(&a).await?);
+    if args.push.subscribers > 0 {
+        if let Command::PeersPush(mut a) = parse(&["peers-push"])? {
+            a.steps = args.push.clone();
+            report.push = Some(peers_push::all(&a).await?);
+        }
     }
     report.load_average_after = load_average();
     report.minutes = sys::round2(started.elapsed().as_secs_f64() / 60.0);
     Ok(report)
+}
+
+/// A scenario's arguments as its own subcommand reads them (its defaults, main.rs's
+/// included), with this run's sizes in `argv` and this run's peers and server.
+fn scenario(args: &Args, argv: &[&str]) -> anyhow::Result<Command> {
+    let peers: Vec<&str> = args.peers.peers.iter().map(|p| p.as_str()).collect();
+    let mut all: Vec<OsString> = ["bench", argv[0], "--json", "--peers", &peers.join(",")]
+        .into_iter()
+        .chain(argv[1..].iter().copied())
+        .map(OsString::from)
+        .collect();
+    if let Some(bin) = &args.server_bin {
+        all.extend(["--server-bin".into(), bin.into()]);
+    }
+    Ok(<crate::Cli as clap::Parser>::try_parse_from(all)?.command)
 }
 
 /// The first line of a command's output, or `?`.
@@ -375,7 +359,7 @@ pub fn markdown(report: &Report, args: &Args) -> String {
         "\nSustained: achieved ≥ 95 % of the target rate, no message lost (every publish answered 2xx, \
          every message received within 5 s of the step's end), latency p99 ≤ {} ms; latency is from the \
          scheduled send time in the payload to the subscriber's receipt.\n",
-        args.p99_bound_ms
+        args.push.p99_bound_ms
     );
     if let Some(push) = &report.push {
         push_steps(&mut md, push);
@@ -394,7 +378,7 @@ pub fn markdown(report: &Report, args: &Args) -> String {
 fn push_rows(md: &mut String, push: &[PeerResult<Push>], args: &Args) {
     let name = format!(
         "push by user: highest sustained rate, msg/s ({} SSE subscribers, 32 keep-alive publishers)",
-        args.subscribers
+        args.push.subscribers
     );
     row(md, &name, push, Better::Higher, |r| {
         r.max_sustained_rate.map(f64::from)
@@ -534,6 +518,25 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         args: Args,
+    }
+
+    #[test]
+    fn scenarios_get_their_own_defaults_and_this_runs_sizes() {
+        let args = <Cli as clap::Parser>::parse_from(["compare", "--peers", "nchan"]).args;
+        let Ok(Command::PeersPush(push)) = scenario(&args, &["peers-push"]) else {
+            panic!("peers-push parses");
+        };
+        // peers-push's own defaults (main.rs), not CommonArgs'.
+        assert_eq!((push.common.sources, push.common.concurrency), (16, 64));
+        assert!(push.common.json);
+        assert_eq!(push.peers.peers, vec![crate::systems::Peer::Nchan]);
+        let Ok(Command::IdleScale(scale)) =
+            scenario(&args, &["idle-scale", "--conns", "30000", "--nodes", "2"])
+        else {
+            panic!("idle-scale parses");
+        };
+        assert_eq!((scale.conns, scale.nodes), (30_000, 2));
+        assert_eq!(scale.common.transport, crate::hold::Transport::Ws);
     }
 
     #[test]

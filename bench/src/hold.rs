@@ -1,12 +1,14 @@
 //! Opening many client connections, and `bench hold`: a process of its own that opens N of
 //! them and holds them, so that a server's RSS is all the server's.
 //!
-//! [`open_many`] is the one connection loop of the bench (`hold`, `receive` and the
-//! subscribers of `peers-push` use it): bounded connects in flight, source addresses
-//! 127.0.0.2 onwards, one task per connection. [`Tally`] counts what opened.
+//! [`open_many`] is the one connection loop of the bench (`hold` and the subscribers of
+//! `peers-push` use it): bounded connects in flight, source addresses 127.0.0.2 onwards, one
+//! task per connection. [`Tally`] counts what opened.
 //!
 //! Protocol of `bench hold` with its parent ([`Reporter`]), one JSON object per stdout line:
 //! - [`Connected`] once every connection has either opened or failed;
+//! - with `--account` (the pipeline's receiver), a [`crate::receive::Report`] for each
+//!   `report <run>` line on stdin;
 //! - [`Done`] when it stops: stdin closed (the parent is done or gone) or the `--hold-secs`
 //!   deadline passed, so it never outlives a crashed parent for long.
 
@@ -25,12 +27,13 @@ use loadtest::stats::new_histogram;
 use push_proto::auth::Authenticator;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::{mpsc, Semaphore};
 
 pub use push_proto::Transport;
 
+use crate::receive::{Books, UserTracker};
 use crate::sys;
 
 /// File descriptors a process needs besides its sockets (stdio, epoll, runtime, binary).
@@ -42,9 +45,10 @@ pub struct Args {
     /// Transport of every connection.
     #[arg(long, value_enum)]
     pub transport: Transport,
-    /// The server's client address.
-    #[arg(long)]
-    pub server: SocketAddr,
+    /// A server's client address (repeatable): connection i goes to server i mod (number
+    /// of servers).
+    #[arg(long = "server", required = true)]
+    pub servers: Vec<SocketAddr>,
     /// Connections to open.
     #[arg(long)]
     pub conns: usize,
@@ -54,9 +58,20 @@ pub struct Args {
     /// Connection attempts in flight at once.
     #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
-    /// HS256 secret shared with push-server; tokens are minted for users u0 .. u(N-1).
+    /// HS256 secret shared with push-server; tokens are minted for users
+    /// `<prefix>0` .. `<prefix>(N-1)`.
     #[arg(long, required_unless_present = "path")]
     pub secret: Option<String>,
+    /// Prefix of the user IDs (push-lib's and push-send's users are `user-<i>`).
+    #[arg(long, default_value = "u")]
+    pub user_prefix: String,
+    /// Device ID in the tokens.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Account for every message (the pipeline benchmark's receiver, [`crate::receive`]):
+    /// answer `report <run>` lines on stdin.
+    #[arg(long)]
+    pub account: bool,
     /// Raw-path mode, for peers (Nchan, Pushpin): request this path with no token, `{i}`
     /// replaced by the connection's index (e.g. `/sub/u{i}`); open once the response head
     /// is 200 (SSE) or 101 (WebSocket), no hello expected.
@@ -252,7 +267,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     run_child(args.conns, hold(args))
 }
 
-/// Runs a child of the bench that holds `conns` connections (`hold`, `receive`) on a
+/// Runs a child of the bench that holds `conns` connections (`hold`) on a
 /// multi-threaded runtime, once they fit under the open-files limit.
 pub fn run_child(
     conns: usize,
@@ -273,26 +288,35 @@ async fn hold(args: Args) -> anyhow::Result<()> {
         .secret
         .as_ref()
         .map(|s| Authenticator::new(s.as_bytes(), false));
-    let closed = Arc::new(AtomicUsize::new(0));
-    let heartbeats = Arc::new(AtomicUsize::new(0));
+    let books = Arc::new(Books::default());
     let timeout = Duration::from_secs(args.connect_timeout_secs);
     // Tokens outlive the bench by far; expiry is not what this measures.
     let token_ttl = Duration::from_secs(args.hold_secs + 3600);
-    let (server, transport, path) = (args.server, args.transport, args.path.clone());
-    let (c, h) = (closed.clone(), heartbeats.clone());
+    let Args {
+        servers,
+        transport,
+        path,
+        user_prefix,
+        device,
+        account,
+        ..
+    } = args.clone();
+    let b = books.clone();
     let mut rx = open_many(
         args.conns,
         args.sources,
         args.concurrency,
         move |i, source| {
             // A token for push-server, or the path for a peer.
+            let user = format!("{user_prefix}{i}");
             let target = match (&auth, &path) {
-                (Some(auth), _) => Ok(auth.mint(&format!("u{i}"), None, token_ttl)),
+                (Some(auth), _) => Ok(auth.mint(&user, device.as_deref(), token_ttl)),
                 (None, path) => Err(path
                     .as_deref()
                     .unwrap_or("/")
                     .replace("{i}", &i.to_string())),
             };
+            let server = servers[i % servers.len()];
             async move {
                 match target {
                     Ok(token) => conn::open(source, server, transport, &token, None, timeout).await,
@@ -301,10 +325,16 @@ async fn hold(args: Args) -> anyhow::Result<()> {
             }
         },
         move |i, conn| {
-            let (closed, heartbeats) = (c.clone(), h.clone());
+            let books = b.clone();
             async move {
-                let ended = drive(conn, &heartbeats, |_, _, _| {}).await;
-                closed.fetch_add(1, Ordering::Relaxed);
+                let mut tracker = UserTracker::default();
+                let ended = drive(conn, &books.heartbeats, |id, mid, data| {
+                    if account {
+                        books.record(&mut tracker, id, mid, data);
+                    }
+                })
+                .await;
+                books.ended(&tracker);
                 if ended != Ended::Eof {
                     eprintln!("bench hold: connection {i} ended: {ended:?}");
                 }
@@ -314,23 +344,29 @@ async fn hold(args: Args) -> anyhow::Result<()> {
     let t = Tally::collect(&mut rx, args.conns, started, deadline).await?;
     report("connected", &t.connected(started));
 
-    let mut stdin = tokio::io::stdin();
-    let mut sink = [0u8; 64];
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let reason = loop {
-        tokio::select! {
-            r = stdin.read(&mut sink) => match r {
-                Ok(0) | Err(_) => break "stdin closed",
-                Ok(_) => {}
+        let line = tokio::select! {
+            line = stdin.next_line() => match line {
+                Ok(Some(line)) => line,
+                Ok(None) | Err(_) => break "stdin closed",
             },
             () = tokio::time::sleep_until(deadline) => break "deadline",
+        };
+        match line
+            .strip_prefix("report ")
+            .and_then(|r| r.trim().parse().ok())
+        {
+            Some(run) => report("report", &books.report(run)),
+            None => eprintln!("bench hold: unknown command {line:?} (expected `report <run>`)"),
         }
     };
     report(
         "done",
         &Done {
             reason: reason.into(),
-            closed_during_hold: closed.load(Ordering::Relaxed) as u64,
-            heartbeats_seen: heartbeats.load(Ordering::Relaxed) as u64,
+            closed_during_hold: books.closed.load(Ordering::Relaxed) as u64,
+            heartbeats_seen: books.heartbeats.load(Ordering::Relaxed) as u64,
         },
     );
     Ok(())
@@ -375,8 +411,8 @@ pub async fn drive(
     }
 }
 
-/// A child process of the bench that reports in JSON lines on stdout (`bench hold`,
-/// `bench receive`); killed when dropped.
+/// A child process of the bench that reports in JSON lines on stdout (`bench hold`); killed
+/// when dropped.
 #[derive(Debug)]
 pub struct Reporter {
     child: Child,
@@ -464,12 +500,41 @@ impl Reporter {
 }
 
 impl Args {
+    /// `conns` connections of `transport` to `servers`, with the command line's defaults for
+    /// the rest: users `u<i>` without a device or token (set `secret` or `path`), 30 s per
+    /// connect, messages not accounted.
+    pub fn new(
+        transport: Transport,
+        servers: Vec<SocketAddr>,
+        conns: usize,
+        (sources, concurrency): (u8, usize),
+        hold_secs: u64,
+    ) -> Self {
+        Self {
+            transport,
+            servers,
+            conns,
+            sources,
+            concurrency,
+            secret: None,
+            path: None,
+            user_prefix: "u".into(),
+            device: None,
+            account: false,
+            hold_secs,
+            connect_timeout_secs: 30,
+        }
+    }
+
     /// Starts `bench hold` with these arguments, as a [`Reporter`].
     pub fn spawn(&self) -> anyhow::Result<Reporter> {
         let mut args: Vec<String> = vec!["hold".into()];
         let mut flag = |k: &str, v: String| args.extend([format!("--{k}"), v]);
         flag("transport", self.transport.as_str().into());
-        flag("server", self.server.to_string());
+        for server in &self.servers {
+            flag("server", server.to_string());
+        }
+        flag("user-prefix", self.user_prefix.clone());
         flag("conns", self.conns.to_string());
         flag("sources", self.sources.to_string());
         flag("concurrency", self.concurrency.to_string());
@@ -483,6 +548,12 @@ impl Args {
         }
         if let Some(p) = &self.path {
             flag("path", p.clone());
+        }
+        if let Some(d) = &self.device {
+            flag("device", d.clone());
+        }
+        if self.account {
+            args.push("--account".into());
         }
         Reporter::spawn("bench hold", &args)
     }

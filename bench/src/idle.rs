@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context as _};
 use serde::{Deserialize, Serialize};
 
 use crate::hold::{self, Connected, Done, Transport, SPARE_FDS};
@@ -32,59 +32,35 @@ const PER_HOLDER: usize = 18_000;
 /// How long push-server's gauge has to reach N once the hold processes report all connected.
 const GAUGE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Arguments of `bench idle-memory` (`--transport` is required there).
-#[derive(Debug, clap::Args)]
-pub struct MemoryArgs {
-    #[command(flatten)]
-    common: CommonArgs,
-    /// Idle connections to hold (one process each side: at most ~19,900 here).
-    #[arg(long, default_value_t = 15_000)]
-    conns: usize,
-    /// Seconds to wait after all connections are open before reading the RSS.
-    #[arg(long, default_value_t = 5)]
-    settle_secs: u64,
-    /// Extra argument for push-server, repeatable, e.g. `--server-arg=--registry=redis://127.0.0.1:6379`.
-    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
-    server_args: Vec<String>,
-}
-
-/// Arguments of `bench peers-idle`.
+/// Arguments of `bench idle-memory`, `peers-idle` and `idle-scale`: the defaults here are
+/// `peers-idle`'s; main.rs changes them for the other two (`idle-memory` runs push-server
+/// alone, `idle-scale` 100,000 connections over several processes).
 #[derive(Debug, Clone, clap::Args)]
-pub struct PeersArgs {
+pub struct IdleArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
     pub peers: PeersArg,
-    /// Idle connections to hold on each server (one client process: at most ~19,900).
+    /// Idle connections in all (one client process holds at most ~19,900; `idle-scale`
+    /// spreads them over several).
     #[arg(long, default_value_t = 15_000)]
     pub conns: usize,
+    /// push-server processes, each its own node (the peers run one).
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// Nchan's worker processes (`peers-idle`: one, so that the figure is one process's;
+    /// DESIGN.md runs 2 for throughput).
+    #[arg(long, default_value_t = 1)]
+    pub nchan_workers: u32,
     /// Connection attempts in flight at once for Pushpin: a gentle ramp (DESIGN.md, Measuring).
     #[arg(long, default_value_t = 64)]
     pub pushpin_concurrency: usize,
     /// Seconds to wait after the connections are open before reading the RSS.
     #[arg(long, default_value_t = 5)]
     pub settle_secs: u64,
-}
-
-/// Arguments of `bench idle-scale`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ScaleArgs {
-    #[command(flatten)]
-    pub common: CommonArgs,
-    #[command(flatten)]
-    pub peers: PeersArg,
-    /// Connections in all.
-    #[arg(long, default_value_t = 100_000)]
-    pub conns: usize,
-    /// push-server processes.
-    #[arg(long, default_value_t = 6)]
-    pub nodes: usize,
-    /// Nchan's worker processes.
-    #[arg(long, default_value_t = 7)]
-    pub nchan_workers: u32,
-    /// Seconds to wait after every connection is open before reading the RSS.
-    #[arg(long, default_value_t = 5)]
-    pub settle_secs: u64,
+    /// Extra argument for push-server, repeatable, e.g. `--server-arg=--registry=redis://127.0.0.1:6379`.
+    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
 }
 
 /// One system's idle memory.
@@ -186,81 +162,45 @@ pub struct ProcessMemory {
     pub kib_per_conn: f64,
 }
 
-/// One measurement's set-up.
-#[derive(Debug, Clone)]
-struct Setup {
-    peer: Peer,
-    conns: usize,
-    /// push-server processes (the peers run one, with `nchan_workers` workers for Nchan).
-    nodes: usize,
-    nchan_workers: u32,
-    transport: Transport,
-    sources: u8,
-    concurrency: usize,
-    settle_secs: u64,
-    server_bin: PathBuf,
-    server_args: Vec<String>,
-    /// Fail unless every connection opens and push-server's gauge shows them all.
-    strict: bool,
-}
-
-/// `bench idle-memory`: push-server alone, one process each side.
-pub fn run_memory(args: MemoryArgs) -> anyhow::Result<()> {
-    let c = &args.common;
-    let transport = c.transport;
-    side::print(
-        c.json,
-        async {
-            if args.conns == 0 {
-                bail!("--conns must be at least 1");
-            }
-            sys::check_files(
-                args.conns as u64 + SPARE_FDS,
-                &format!("{} connections", args.conns),
-            )?;
-            let server_bin = systems::server_bin(c.server_bin.as_deref())?;
-            if let Some(why) = systems::missing(Peer::PushServer, transport, &server_bin) {
-                bail!("{why}");
-            }
-            measure(Setup {
-                peer: Peer::PushServer,
-                conns: args.conns,
-                nodes: 1,
-                nchan_workers: 1,
-                transport,
-                sources: c.sources,
-                concurrency: c.concurrency,
-                settle_secs: args.settle_secs,
-                server_bin,
-                server_args: args.server_args.clone(),
-                strict: true,
-            })
-            .await
-        },
-        |r| format!("idle-memory {}: {}\n", transport.as_str(), r.line()),
-    )?;
+/// `bench idle-memory`: `peers-idle` with push-server alone (strict), one line of result.
+pub fn run_memory(mut args: IdleArgs) -> anyhow::Result<()> {
+    let transport = args.common.transport;
+    args.peers.peers = vec![Peer::PushServer];
+    let one = async {
+        if args.conns == 0 {
+            bail!("--conns must be at least 1");
+        }
+        let result = peers(&args).await?.pop().context("no result")?;
+        match result.outcome {
+            side::Outcome::Ran(idle) => Ok(idle),
+            _ => bail!("{}", result.why().unwrap_or_default()),
+        }
+    };
+    side::print(args.common.json, one, |r| {
+        format!("idle-memory {}: {}\n", transport.as_str(), r.line())
+    })?;
     Ok(())
 }
 
 /// `bench peers-idle`.
-pub fn run_peers(args: PeersArgs) -> anyhow::Result<()> {
+pub fn run_peers(args: IdleArgs) -> anyhow::Result<()> {
     side::print(args.common.json, peers(&args), |r| peers_table(r))?;
     Ok(())
 }
 
 /// `bench idle-scale`.
-pub fn run_scale(args: ScaleArgs) -> anyhow::Result<()> {
+pub fn run_scale(args: IdleArgs) -> anyhow::Result<()> {
     side::print(args.common.json, scale(&args), |r| scale_table(r))?;
     Ok(())
 }
 
 /// Every system of `peers-idle`, with `push_server_over_peer` set on the peers.
-pub async fn peers(args: &PeersArgs) -> anyhow::Result<Vec<PeerResult<Idle>>> {
+pub async fn peers(args: &IdleArgs) -> anyhow::Result<Vec<PeerResult<Idle>>> {
     let c = &args.common;
     let plan = Plan {
         name: "peers-idle",
+        common: c,
         peers: &args.peers.peers,
-        transport: c.transport,
         conns_per_process: args.conns,
         // Connects at the slowest ramp, settle, start and stop.
         budget: Duration::from_secs(180 + args.settle_secs)
@@ -268,24 +208,8 @@ pub async fn peers(args: &PeersArgs) -> anyhow::Result<Vec<PeerResult<Idle>>> {
         not_here: side::every,
         line: Idle::line,
     };
-    let mut results = side::each_peer(plan, c.server_bin.as_deref(), |peer, server_bin| {
-        measure(Setup {
-            peer,
-            conns: args.conns,
-            nodes: 1,
-            // One worker, so that the figure is one process's (DESIGN.md runs 2 for throughput).
-            nchan_workers: 1,
-            transport: c.transport,
-            sources: c.sources,
-            concurrency: match peer {
-                Peer::Pushpin => args.pushpin_concurrency,
-                _ => c.concurrency,
-            },
-            settle_secs: args.settle_secs,
-            server_bin,
-            server_args: Vec::new(),
-            strict: peer == Peer::PushServer,
-        })
+    let mut results = side::each_peer(plan, |peer, server_bin| {
+        measure(args, peer, server_bin, peer == Peer::PushServer)
     })
     .await?;
     let ours = side::of(&results, "push-server").map(|r| r.kib_per_conn);
@@ -300,15 +224,15 @@ pub async fn peers(args: &PeersArgs) -> anyhow::Result<Vec<PeerResult<Idle>>> {
 }
 
 /// Every system of `idle-scale`.
-pub async fn scale(args: &ScaleArgs) -> anyhow::Result<Vec<PeerResult<Idle>>> {
+pub async fn scale(args: &IdleArgs) -> anyhow::Result<Vec<PeerResult<Idle>>> {
     if args.nodes == 0 || args.conns < args.nodes {
         bail!("--nodes must be at least 1 and --conns at least --nodes");
     }
     let c = &args.common;
     let plan = Plan {
         name: "idle-scale",
+        common: c,
         peers: &args.peers.peers,
-        transport: c.transport,
         conns_per_process: PER_HOLDER.min(args.conns),
         budget: Duration::from_secs(240 + args.settle_secs)
             + Duration::from_millis(2 * args.conns as u64),
@@ -318,34 +242,29 @@ pub async fn scale(args: &ScaleArgs) -> anyhow::Result<Vec<PeerResult<Idle>>> {
         },
         line: Idle::line,
     };
-    side::each_peer(plan, c.server_bin.as_deref(), |peer, server_bin| {
-        measure(Setup {
-            peer,
-            conns: args.conns,
-            nodes: args.nodes,
-            nchan_workers: args.nchan_workers,
-            transport: c.transport,
-            sources: c.sources,
-            concurrency: c.concurrency,
-            settle_secs: args.settle_secs,
-            server_bin,
-            server_args: Vec::new(),
-            strict: false,
-        })
+    side::each_peer(plan, |peer, server_bin| {
+        measure(args, peer, server_bin, false)
     })
     .await
 }
 
 /// Starts the servers, holds the connections from `bench hold` processes, reads the memory
-/// before and after.
-async fn measure(setup: Setup) -> anyhow::Result<Idle> {
-    let s = &setup;
-    // The servers, and for each the share of connections its hold processes open.
-    let nodes = if s.peer == Peer::PushServer {
-        s.nodes
-    } else {
-        1
+/// before and after. `strict`: fail unless every connection opens and push-server's gauge
+/// shows them all.
+async fn measure(
+    s: &IdleArgs,
+    peer: Peer,
+    server_bin: PathBuf,
+    strict: bool,
+) -> anyhow::Result<Idle> {
+    let c = &s.common;
+    // The peers' gentle ramp (DESIGN.md, Measuring).
+    let concurrency = match peer {
+        Peer::Pushpin => s.pushpin_concurrency,
+        _ => c.concurrency,
     };
+    // The servers, and for each the share of connections its hold processes open.
+    let nodes = if peer == Peer::PushServer { s.nodes } else { 1 };
     let per_node = s.conns.div_ceil(nodes);
     let mut servers: Vec<(Running, usize)> = Vec::new();
     for n in 0..nodes {
@@ -354,14 +273,12 @@ async fn measure(setup: Setup) -> anyhow::Result<Idle> {
             server_args.push(format!("--node-id=n{n}"));
         }
         let opts = systems::Options {
-            max_conns: per_node,
             nchan_workers: s.nchan_workers,
-            pushpin_message_rate: 2500,
-            server_bin: s.server_bin.clone(),
             server_args,
+            ..systems::Options::new(server_bin.clone(), per_node)
         };
-        let running = systems::start(s.peer, &opts).await?;
-        if s.peer == Peer::PushServer {
+        let running = systems::start(peer, &opts).await?;
+        if peer == Peer::PushServer {
             let limit = sys::nofile_limit_of(running.procs[0].1)?;
             if per_node as u64 + SPARE_FDS > limit {
                 bail!("push-server may open only {limit} files; {per_node} connections need more: use more --nodes");
@@ -381,25 +298,26 @@ async fn measure(setup: Setup) -> anyhow::Result<Idle> {
     eprintln!(
         "opening {} {} connections from {} source addresses ({} in flight per client process)",
         s.conns,
-        s.transport.as_str(),
-        s.sources,
-        s.concurrency
+        c.transport.as_str(),
+        c.sources,
+        concurrency
     );
     let mut holders = Vec::new();
     for (running, share) in &servers {
         let count = share.div_ceil(PER_HOLDER);
         for h in 0..count {
-            let ours = s.peer == Peer::PushServer;
+            let ours = peer == Peer::PushServer;
+            let conns = share / count + usize::from(h < share % count);
             let holder = hold::Args {
-                transport: s.transport,
-                server: running.addr,
-                conns: share / count + usize::from(h < share % count),
-                sources: s.sources,
-                concurrency: s.concurrency,
                 secret: ours.then(|| SECRET.into()),
                 path: (!ours).then(|| format!("/sub/h{}u{{i}}", holders.len())),
-                hold_secs,
-                connect_timeout_secs: 30,
+                ..hold::Args::new(
+                    c.transport,
+                    vec![running.addr],
+                    conns,
+                    (c.sources, concurrency),
+                    hold_secs,
+                )
             };
             holders.push(holder.spawn()?);
         }
@@ -416,15 +334,15 @@ async fn measure(setup: Setup) -> anyhow::Result<Idle> {
     }
     let connect_secs = started.elapsed().as_secs_f64();
     eprintln!("{ok} connected, {failed} failed in {connect_secs:.1} s");
-    if ok == 0 || (s.strict && (failed > 0 || ok != s.conns as u64)) {
+    if ok == 0 || (strict && (failed > 0 || ok != s.conns as u64)) {
         bail!("{failed} of {} connections failed: {errors:?}", s.conns);
     }
 
     // push-server's own count must show every connection (strict), then the settle.
-    if s.strict {
+    if strict {
         let deadline = Instant::now() + GAUGE_TIMEOUT;
         loop {
-            let open = server_count(s, &servers).await?;
+            let open = server_count(peer, c.transport, &servers).await?;
             if open == Some(ServerCount::Gauge(s.conns as f64)) {
                 break;
             }
@@ -445,8 +363,8 @@ async fn measure(setup: Setup) -> anyhow::Result<Idle> {
         .filter_map(|h| sys::memory(h.pid).ok())
         .map(|m| m.rss_kib)
         .sum();
-    let counted = server_count(s, &servers).await?;
-    if s.strict && counted != Some(ServerCount::Gauge(s.conns as f64)) {
+    let counted = server_count(peer, c.transport, &servers).await?;
+    if strict && counted != Some(ServerCount::Gauge(s.conns as f64)) {
         bail!(
             "connections dropped while settling: the server counts {}, not {}",
             count_text(&counted),
@@ -460,7 +378,7 @@ async fn measure(setup: Setup) -> anyhow::Result<Idle> {
             heartbeats += d.heartbeats_seen;
         }
     }
-    let held = if s.strict {
+    let held = if strict {
         s.conns as u64
     } else {
         ok.saturating_sub(closed)
@@ -486,14 +404,14 @@ async fn measure(setup: Setup) -> anyhow::Result<Idle> {
     }
     let per_conn = |(b, a): (u64, u64)| sys::round2((a as f64 - b as f64) / n);
     Ok(Idle {
-        transport: Some(s.transport),
+        transport: Some(c.transport),
         attempted: s.conns,
         held,
         failed,
         errors,
         closed_during_hold: closed,
         heartbeats_seen: heartbeats,
-        heartbeat_interval: (s.peer == Peer::PushServer).then(|| "30s".into()),
+        heartbeat_interval: (peer == Peer::PushServer).then(|| "30s".into()),
         server_processes: procs.len(),
         server_count: counted,
         processes,
@@ -504,7 +422,7 @@ async fn measure(setup: Setup) -> anyhow::Result<Idle> {
         hold_rss_kib: Some(hold_rss),
         hold_kib_per_conn: Some(sys::round2(hold_rss as f64 / ok.max(1) as f64)),
         connect_secs: Some(sys::round2(connect_secs)),
-        concurrency: s.concurrency,
+        concurrency,
         config: servers[0].0.config.clone(),
         push_server_over_peer: None,
     })
@@ -513,10 +431,11 @@ async fn measure(setup: Setup) -> anyhow::Result<Idle> {
 /// The servers' own count of open connections: push-server's `push_connections_open` gauges
 /// summed over the nodes, Nchan's stub status, nothing from Pushpin.
 async fn server_count(
-    s: &Setup,
+    peer: Peer,
+    transport: Transport,
     servers: &[(Running, usize)],
 ) -> anyhow::Result<Option<ServerCount>> {
-    match s.peer {
+    match peer {
         Peer::PushServer => {
             let mut sum = 0.0;
             for (r, _) in servers {
@@ -524,7 +443,11 @@ async fn server_count(
                 if status != 200 {
                     bail!("/metrics answered {status}");
                 }
-                sum += crate::admin::connections_open(&body, s.transport.as_str()).unwrap_or(0.0);
+                let series = format!(
+                    "push_connections_open{{transport=\"{}\"}}",
+                    transport.as_str()
+                );
+                sum += crate::admin::metric_sum(&body, &series);
             }
             Ok(Some(ServerCount::Gauge(sum)))
         }

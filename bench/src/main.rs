@@ -10,10 +10,10 @@
 //! | [`floor`] | `bench floor`: the kernel's CPU per 80-byte write to one of 9,000 loopback sockets, the floor of a push |
 //! | [`registry`] | `bench registry`: `lookup_many` against one Redis and `redis-benchmark`; the ring's cost |
 //! | [`pipeline`] | `bench pipeline`: push-lib → Kafka → msg-processor → push-server → clients, end to end |
-//! | [`receive`] | `bench receive` (hidden): holds one WebSocket per user, counts, orders and times messages |
 //! | [`side`] | the side-by-side driver: common arguments, one result per system, skip, budget, print |
 //! | [`systems`] | push-server (the one launcher), Nchan and Pushpin started on free ports: subscribe, publish, stop |
 //! | [`hold`] | the connection loop, and `bench hold` (hidden): a process that opens and holds the clients |
+//! | [`receive`] | `bench hold --account`: per user, counts, orders and times the pipeline's messages |
 //! | [`redis`] | `redis-server` children on free ports, killed on drop |
 //! | [`admin`] | tiny HTTP/1.1 GET for the server's `/healthz` and `/metrics` |
 //! | [`sys`] | `/proc` readings, the open-files limit, free ports, process trees, temporary directories |
@@ -55,8 +55,13 @@ struct Cli {
 enum Command {
     /// Server RSS per idle connection: start push-server, hold N clients from another
     /// process, compare the server's RSS before and after.
-    #[command(mut_arg("transport", |a| a.required(true).default_value(None::<&'static str>)))]
-    IdleMemory(idle::MemoryArgs),
+    #[command(
+        mut_arg("transport", |a| a.required(true).default_value(None::<&'static str>)),
+        mut_arg("peers", |a| a.default_value("push-server").hide(true)),
+        mut_arg("pushpin_concurrency", |a| a.hide(true)),
+        mut_arg("nchan_workers", |a| a.hide(true)),
+    )]
+    IdleMemory(idle::IdleArgs),
     /// Idle memory per connection at 100,000 connections: several push-server processes
     /// (and Nchan with several workers), several client processes.
     #[command(
@@ -64,11 +69,14 @@ enum Command {
         mut_arg("sources", |a| a.default_value("64")),
         mut_arg("concurrency", |a| a.default_value("128")),
         mut_arg("peers", |a| a.default_value("push-server,nchan")),
+        mut_arg("conns", |a| a.default_value("100000")),
+        mut_arg("nodes", |a| a.default_value("6")),
+        mut_arg("nchan_workers", |a| a.default_value("7")),
     )]
-    IdleScale(idle::ScaleArgs),
+    IdleScale(idle::IdleArgs),
     /// Idle memory per connection side by side: push-server, Nchan and Pushpin, one after
     /// the other in one run, each peer skipped with a line if it is not installed.
-    PeersIdle(idle::PeersArgs),
+    PeersIdle(idle::IdleArgs),
     /// Push by user at a list of fixed rates, side by side: push-server, Nchan and Pushpin;
     /// latency p50/p99 and loss per rate, and the highest rate each sustains.
     #[command(
@@ -82,7 +90,8 @@ enum Command {
     /// Every side-by-side scenario on every system in one run: writes the markdown table
     /// with ratios (docs/bench/compare.md), the JSON and the latency chart.
     Compare(compare::Args),
-    /// Open N connections and hold them (run by the idle and accept scenarios as a child).
+    /// Open N connections and hold them (run by the idle, accept and pipeline scenarios as a
+    /// child; the pipeline's accounts for every message).
     #[command(hide = true)]
     Hold(hold::Args),
     /// Registry `lookup_many` throughput and latency against one local Redis, next to
@@ -94,9 +103,6 @@ enum Command {
     /// The floor: CPU per small write to one of many loopback sockets read on the other
     /// core, the least any push can cost on this machine.
     Floor(floor::Args),
-    /// Hold one WebSocket per user and account for every message (run by `pipeline`).
-    #[command(hide = true)]
-    Receive(receive::Args),
 }
 
 fn main() -> ExitCode {
@@ -116,7 +122,6 @@ fn main() -> ExitCode {
         Command::Hold(args) => hold::run(args),
         Command::Registry(args) => registry::run(args),
         Command::Pipeline(args) => pipeline::run(args),
-        Command::Receive(args) => receive::run(args),
         Command::Floor(args) => floor::run(args),
     };
     match result {

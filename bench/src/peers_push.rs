@@ -26,13 +26,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use hdrhistogram::Histogram;
 use loadtest::stats::{new_histogram, unix_micros};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::hold::{self, Tally, Transport};
+use crate::receive::{RunStats, Seen as Arrival};
 use crate::side::{self, CommonArgs, PeerResult, PeersArg, Plan};
 use crate::sys::{self, CpuMeter};
 use crate::systems::{self, Running};
@@ -51,25 +51,11 @@ pub struct Args {
     pub common: CommonArgs,
     #[command(flatten)]
     pub peers: PeersArg,
-    /// Subscribers, one user (channel) each.
-    #[arg(long, default_value_t = 1000)]
-    pub subscribers: usize,
-    /// Target rates, messages per second, in order.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "20,100,1000,5000,10000,20000,30000,40000,50000,60000,80000,100000,120000"
-    )]
-    pub rates: Vec<u32>,
-    /// Length of one step.
-    #[arg(long, default_value_t = 10)]
-    pub step_secs: u64,
+    #[command(flatten)]
+    pub steps: Steps,
     /// Keep-alive HTTP connections of the publisher.
     #[arg(long, default_value_t = 32)]
     pub http_conns: usize,
-    /// Bound on the latency p99 of a sustained step, ms.
-    #[arg(long, default_value_t = 100.0)]
-    pub p99_bound_ms: f64,
     /// Run every rate even after a step is not sustained.
     #[arg(long)]
     pub keep_going: bool,
@@ -82,6 +68,27 @@ pub struct Args {
     /// Draw p50 and p99 against rate per system into this PNG.
     #[arg(long)]
     pub chart: Option<PathBuf>,
+}
+
+/// The steps of the push scenario: `peers-push` and `compare` take the same flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Steps {
+    /// Subscribers, one user (channel) each (`compare`: 0 skips the scenario).
+    #[arg(long, default_value_t = 1000)]
+    pub subscribers: usize,
+    /// Target rates, messages per second, in order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "20,100,1000,5000,10000,20000,30000,40000,50000,60000,80000,100000,120000"
+    )]
+    pub rates: Vec<u32>,
+    /// Length of one step.
+    #[arg(long, default_value_t = 10)]
+    pub step_secs: u64,
+    /// Bound on the latency p99 of a sustained step, ms.
+    #[arg(long, default_value_t = 100.0)]
+    pub p99_bound_ms: f64,
 }
 
 /// One system's push figures.
@@ -162,7 +169,7 @@ pub struct Step {
 
 /// Runs the systems one after the other; Ctrl-C or SIGTERM stop it and its children.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let bound = args.p99_bound_ms;
+    let bound = args.steps.p99_bound_ms;
     let results = side::print(args.common.json, all(&args), |r| table(r, bound))?;
     if let Some(path) = &args.chart {
         crate::chart::latency_against_rate(path, &results)?;
@@ -173,26 +180,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// Every system of `args.peers`, in order: one result each (skipped and failed included).
 pub async fn all(args: &Args) -> anyhow::Result<Vec<PeerResult<Push>>> {
-    if args.subscribers == 0 || args.rates.is_empty() {
+    if args.steps.subscribers == 0 || args.steps.rates.is_empty() {
         bail!("--subscribers and --rates must not be empty");
     }
     let c = &args.common;
     eprintln!(
         "peers-push: {} {} subscribers, rates {:?}/s, {} s each",
-        args.subscribers,
+        args.steps.subscribers,
         c.transport.as_str(),
-        args.rates,
-        args.step_secs
+        args.steps.rates,
+        args.steps.step_secs
     );
     let plan = Plan {
         name: "peers-push",
+        common: c,
         peers: &args.peers.peers,
-        transport: c.transport,
-        conns_per_process: args.subscribers,
+        conns_per_process: args.steps.subscribers,
         // Subscriptions, every step with its settle time, start and stop.
         budget: Duration::from_secs(120)
-            + (Duration::from_secs(args.step_secs) + MAX_LAG + SETTLE + Duration::from_secs(2))
-                * args.rates.len() as u32,
+            + (Duration::from_secs(args.steps.step_secs)
+                + MAX_LAG
+                + SETTLE
+                + Duration::from_secs(2))
+                * args.steps.rates.len() as u32,
         not_here: side::every,
         line: |r: &Push| {
             format!(
@@ -201,40 +211,30 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<PeerResult<Push>>> {
             )
         },
     };
-    side::each_peer(
-        plan,
-        c.server_bin.as_deref(),
-        |peer, server_bin| async move {
-            let opts = systems::Options {
-                max_conns: args.subscribers,
-                nchan_workers: args.nchan_workers,
-                pushpin_message_rate: args.pushpin_message_rate,
-                server_bin,
-                server_args: Vec::new(),
-            };
-            measure(systems::start(peer, &opts).await?, args).await
-        },
-    )
+    side::each_peer(plan, |peer, server_bin| async move {
+        let opts = systems::Options {
+            nchan_workers: args.nchan_workers,
+            pushpin_message_rate: args.pushpin_message_rate,
+            ..systems::Options::new(server_bin, args.steps.subscribers)
+        };
+        measure(systems::start(peer, &opts).await?, args).await
+    })
     .await
 }
 
-/// What the subscribers saw of one step.
+/// What the subscribers saw of one step: the pipeline receiver's tally, and one bit per
+/// message of the step (seen) in place of its per-user set of message IDs.
 #[derive(Debug)]
 struct StepSeen {
-    latency_us: Histogram<u64>,
-    /// One bit per message of the step: seen.
+    stats: RunStats,
     seen: Vec<u64>,
-    received: u64,
-    duplicates: u64,
 }
 
 impl StepSeen {
     fn new(total: u64) -> Self {
         Self {
-            latency_us: new_histogram(),
+            stats: RunStats::new(),
             seen: vec![0; total.div_ceil(64) as usize],
-            received: 0,
-            duplicates: 0,
         }
     }
 }
@@ -270,18 +270,19 @@ impl Seen {
             self.foreign.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        if *w & bit != 0 {
-            step.duplicates += 1;
-            return;
-        }
+        let seen = if *w & bit != 0 {
+            Arrival::Duplicate
+        } else {
+            Arrival::New
+        };
         *w |= bit;
-        step.received += 1;
-        step.latency_us
-            .saturating_record(now_us.saturating_sub(p.t).max(1));
+        step.stats.add(seen, Some(p.t), now_us);
     }
 
     fn received(&self, k: usize) -> u64 {
-        self.steps.lock().unwrap_or_else(|e| e.into_inner())[k].received
+        self.steps.lock().unwrap_or_else(|e| e.into_inner())[k]
+            .stats
+            .received
     }
 }
 
@@ -305,7 +306,7 @@ async fn measure(running: Running, args: &Args) -> anyhow::Result<Push> {
 
     let mut steps = Vec::new();
     let mut max_sustained: Option<u32> = None;
-    for (k, &rate) in args.rates.iter().enumerate() {
+    for (k, &rate) in args.steps.rates.iter().enumerate() {
         let step = step(&running, args, &seen, k, rate).await;
         eprintln!("{}: {}", peer.as_str(), step_line(&step));
         let sustained = step.sustained;
@@ -321,14 +322,14 @@ async fn measure(running: Running, args: &Args) -> anyhow::Result<Push> {
     let at_max = steps.iter().find(|s| Some(s.rate) == max_sustained);
     Ok(Push {
         transport: Some(args.common.transport),
-        subscribers: args.subscribers,
+        subscribers: args.steps.subscribers,
         subscribed: subscribed.ok,
         subscribe_failed: subscribed.failed,
         subscribe_errors: subscribed.errors.clone(),
         closed_during_run: seen.closed.load(Ordering::Relaxed),
         foreign: seen.foreign.load(Ordering::Relaxed),
         config: running.config.clone(),
-        p99_bound_ms: args.p99_bound_ms,
+        p99_bound_ms: args.steps.p99_bound_ms,
         max_sustained_rate: max_sustained,
         p50_ms_at_max: at_max.map(|s| s.p50_ms),
         p99_ms_at_max: at_max.map(|s| s.p99_ms),
@@ -345,7 +346,7 @@ async fn subscribe(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>) -> any
     let heartbeats = Arc::new(AtomicUsize::new(0));
     let (r, seen) = (running.clone(), seen.clone());
     let mut rx = hold::open_many(
-        args.subscribers,
+        args.steps.subscribers,
         c.sources,
         c.concurrency,
         move |i, source| {
@@ -370,7 +371,7 @@ async fn subscribe(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>) -> any
         },
     );
     let deadline = Instant::now() + Duration::from_secs(60);
-    Tally::collect(&mut rx, args.subscribers, started, deadline)
+    Tally::collect(&mut rx, args.steps.subscribers, started, deadline)
         .await
         .context("subscriptions did not finish within 60 s")
 }
@@ -388,8 +389,8 @@ struct LaneCounts {
 
 /// One step at `rate`: publish for `step_secs`, settle, account.
 async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, rate: u32) -> Step {
-    let duration = Duration::from_secs(args.step_secs);
-    let total = u64::from(rate) * args.step_secs;
+    let duration = Duration::from_secs(args.steps.step_secs);
+    let total = u64::from(rate) * args.steps.step_secs;
     seen.steps
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -403,7 +404,7 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
     let mut tasks = tokio::task::JoinSet::new();
     for lane in 0..lanes.min(total) {
         let running = running.clone();
-        let users = args.subscribers as u64;
+        let users = args.steps.subscribers as u64;
         tasks.spawn(async move {
             let mut counts = LaneCounts::default();
             let mut stream: Option<TcpStream> = None;
@@ -463,7 +464,7 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
     let wall_secs = start.elapsed().as_secs_f64();
     let s = {
         let steps = seen.steps.lock().unwrap_or_else(|e| e.into_inner());
-        let s = &steps[k];
+        let s = &steps[k].stats;
         (s.latency_us.clone(), s.received, s.duplicates)
     };
     let (latency, received, duplicates) = s;
@@ -475,7 +476,7 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
         && achieved >= 0.95 * f64::from(rate)
         && lost == 0
         && all.failed == 0
-        && p99_ms <= args.p99_bound_ms;
+        && p99_ms <= args.steps.p99_bound_ms;
     // Summed by label: Nchan's workers share one.
     let mut cpu_cores = BTreeMap::<String, f64>::new();
     for (label, cores) in cpu {
@@ -671,13 +672,7 @@ mod tests {
             eprintln!("skipped: {why}");
             return;
         }
-        let opts = systems::Options {
-            max_conns: 20,
-            nchan_workers: 1,
-            pushpin_message_rate: 2500,
-            server_bin: bin,
-            server_args: Vec::new(),
-        };
+        let opts = systems::Options::new(bin, 20);
         let running = systems::start(Peer::Nchan, &opts).await.expect("starts");
         let r = measure(running, &args).await.expect("runs");
         check(&r, 2);

@@ -7,7 +7,7 @@
 //!   server on a local TCP port, so the other processes use it like any broker), or the
 //!   broker given with `--brokers` / `KAFKA_BROKERS`;
 //! - one `redis-server` (the registry) and two push-server release processes sharing it;
-//! - `bench receive`, a separate process holding one WebSocket connection per user, users
+//! - `bench hold --account`, a separate process holding one WebSocket connection per user, users
 //!   alternating between the two nodes, from many 127.0.0.x source addresses.
 //!
 //! Then per processor count M (a fresh topic and consumer group each, so runs do not mix):
@@ -41,9 +41,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::admin;
-use crate::hold::{Connected, Done, Reporter, SPARE_FDS};
+use crate::hold::{self, Connected, Done, Reporter, Transport, SPARE_FDS};
 use crate::receive::Report;
-use crate::redis::RedisProc;
+use crate::redis;
 use crate::sys::{self, round2, CpuMeter};
 use crate::systems::{self, Peer, Running, SECRET};
 
@@ -245,7 +245,7 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
     eprintln!("kafka: {kind} {brokers}");
 
     // The registry and the two nodes.
-    let redis = RedisProc::start().await?;
+    let redis = redis::start().await?;
     let registry = format!("redis://{}", redis.addr());
     let mut nodes: Vec<Running> = Vec::new();
     for name in ["node-a", "node-b"] {
@@ -256,11 +256,8 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
             .collect();
         server_args.extend(args.server_args.iter().cloned());
         let opts = systems::Options {
-            max_conns: args.users,
-            nchan_workers: 1,
-            pushpin_message_rate: 0,
-            server_bin: server_bin.clone(),
             server_args,
+            ..systems::Options::new(server_bin.clone(), args.users)
         };
         nodes.push(systems::start(Peer::PushServer, &opts).await?);
     }
@@ -271,19 +268,20 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
 
     // The receiver.
     let hold_secs = args.deadline_secs * (args.processors.len() as u64 + 1) * 3 + 300;
-    let mut receiver_args = vec!["receive".to_owned()];
-    for n in &nodes {
-        receiver_args.extend(["--server".to_owned(), n.addr.to_string()]);
+    let mut receiver = hold::Args {
+        secret: Some(SECRET.into()),
+        user_prefix: "user-".into(),
+        device: Some("d".into()),
+        account: true,
+        ..hold::Args::new(
+            Transport::Ws,
+            nodes.iter().map(|n| n.addr).collect(),
+            args.users,
+            (args.sources, 256),
+            hold_secs,
+        )
     }
-    for (flag, value) in [
-        ("--users", args.users.to_string()),
-        ("--sources", args.sources.to_string()),
-        ("--secret", SECRET.to_owned()),
-        ("--hold-secs", hold_secs.to_string()),
-    ] {
-        receiver_args.extend([flag.to_owned(), value]);
-    }
-    let mut receiver = Reporter::spawn("bench receive", &receiver_args)?;
+    .spawn()?;
     let receiver_pid = receiver.pid;
     let connect_budget = Duration::from_secs(60) + Duration::from_millis(10 * args.users as u64);
     let report: Connected = receiver.next("connected", connect_budget).await?;
@@ -352,7 +350,7 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
             ("bench (kafka mock + producer)".into(), std::process::id()),
             ("receiver".into(), receiver_pid),
         ];
-        if let Some(pid) = redis.pid() {
+        if let Ok(pid) = redis::pid(&redis) {
             procs.push(("redis".into(), pid));
         }
         for (i, n) in nodes.iter().enumerate() {
@@ -380,8 +378,8 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
         let (mut not_connected, mut dead_lettered) = (0.0, 0.0);
         for p in &processors {
             if let Ok((200, body)) = admin::get(p.metrics, "/metrics").await {
-                not_connected += metric_sum(&body, "msgproc_stored_total");
-                dead_lettered += metric_sum(&body, "msgproc_dead_lettered_total");
+                not_connected += admin::metric_sum(&body, "msgproc_stored_total");
+                dead_lettered += admin::metric_sum(&body, "msgproc_dead_lettered_total");
             }
         }
         drop(processors);
@@ -610,7 +608,7 @@ async fn start_processors(
     let assignments: Assignments = Arc::new(Mutex::new(vec![BTreeSet::new(); count]));
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
-        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, sys::free_port()?));
+        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, sys::free_port()));
         let mut child = Command::new(bin)
             .args([
                 "--brokers",
@@ -746,17 +744,6 @@ fn parse_log(line: &str) -> LogLine {
     }
 }
 
-/// Sum of every series of a Prometheus counter (all label sets).
-fn metric_sum(body: &str, name: &str) -> f64 {
-    body.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// CPU shares summed by process kind ("msg-processor 0" and "msg-processor 1" → one line).
 fn group_shares(shares: &[(String, f64)]) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
@@ -844,18 +831,6 @@ mod tests {
             LogLine::Show
         );
         assert_eq!(parse_log("thread panicked"), LogLine::Show);
-    }
-
-    #[test]
-    fn sums_counter_series() {
-        let body = "# TYPE msgproc_dead_lettered_total counter\n\
-                    msgproc_dead_lettered_total{reason=\"malformed\"} 2\n\
-                    msgproc_dead_lettered_total{reason=\"undeliverable\"} 3\n\
-                    msgproc_dead_lettered_total_other 7\n\
-                    msgproc_stored_total 4\n";
-        assert_eq!(metric_sum(body, "msgproc_dead_lettered_total"), 5.0);
-        assert_eq!(metric_sum(body, "msgproc_stored_total"), 4.0);
-        assert_eq!(metric_sum(body, "absent"), 0.0);
     }
 
     #[test]

@@ -1,17 +1,12 @@
-//! `bench receive` (hidden): holds one WebSocket connection per user, spread over several
-//! push-server nodes, and accounts for every message the pipeline benchmark sends.
+//! The accounting of `bench hold --account` (the pipeline benchmark's receiver): one
+//! WebSocket connection per user, spread over several push-server nodes, and every message
+//! the pipeline benchmark sends accounted for.
 //!
 //! Per user it drops duplicates by `mid` (the queue's message ID: a redelivery carries the
 //! same one), checks that the server's per-connection `id` only grows, and that the sender's
 //! sequence number does too (the pipeline promises per-user order). Per run it counts what
 //! arrived and records the latency from the send time in the payload to the receive time.
-//!
-//! Protocol with the parent (`bench pipeline`), one JSON object per line:
-//! - stdout `{"event":"connected","ok":..,"failed":..,"errors":{..},"connect_secs":..}` once
-//!   every connection has its `hello` or an error;
-//! - stdin `report <run>` → stdout `{"event":"report","run":..,"received":..,"duplicates":..,
-//!   "out_of_order":..,"p50_us":..,"p99_us":..,"max_us":..,"first_us":..,"last_us":..,..}`;
-//! - it stops when stdin closes (the parent is done or gone) or `--hold-secs` pass.
+//! The parent asks with `report <run>` on the child's stdin; the answer is a [`Report`] line.
 //!
 //! The payload the sender puts in `data`: `{"r":<run>,"s":<seq>,"t":<send time, µs since
 //! the Unix epoch>}` (the bench's own producer), or `{"r":<run>,"n":<n>}` (push-send, which
@@ -19,53 +14,13 @@
 //! first 48 bits of the push-lib message ID).
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
 
 use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use loadtest::stats::{new_histogram, unix_micros};
-use push_proto::auth::Authenticator;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, BufReader};
-
-use crate::hold::{self, Ended, Tally, Transport};
-
-/// Arguments of `bench receive`.
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    /// A node's client address (repeatable); user i connects to node i mod (number of nodes).
-    #[arg(long = "server", required = true)]
-    servers: Vec<SocketAddr>,
-    /// Users to connect, `<prefix>0` … `<prefix>(N-1)`, one connection each (device `d`).
-    #[arg(long)]
-    users: usize,
-    /// Prefix of the user IDs (push-send's default is `user-`).
-    #[arg(long, default_value = "user-")]
-    user_prefix: String,
-    /// Spread clients over source addresses 127.0.0.2 .. 127.0.0.(2+N-1).
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u8).range(1..=253))]
-    sources: u8,
-    /// Connection attempts in flight at once.
-    #[arg(long, default_value_t = 256)]
-    concurrency: usize,
-    /// HS256 secret shared with the nodes.
-    #[arg(long)]
-    secret: String,
-    /// Stop by itself after this many seconds, whatever happens.
-    #[arg(long, default_value_t = 900)]
-    hold_secs: u64,
-    /// Time one connection has for its connect, request and hello.
-    #[arg(long, default_value_t = 30)]
-    connect_timeout_secs: u64,
-}
-
-/// Runs `bench receive` on a multi-threaded runtime.
-pub fn run(args: Args) -> anyhow::Result<()> {
-    hold::run_child(args.users, receive(args))
-}
 
 /// The sender's part of a message: what `data` holds.
 #[derive(Debug, Deserialize)]
@@ -161,21 +116,25 @@ impl UserTracker {
     }
 }
 
-/// One run's tally over all connections.
+/// One run's tally over all connections (also one push step's, in `peers-push`).
 #[derive(Debug)]
-struct RunStats {
-    received: u64,
-    duplicates: u64,
+pub struct RunStats {
+    /// Distinct messages.
+    pub received: u64,
+    /// Redeliveries that got through.
+    pub duplicates: u64,
     out_of_order: u64,
     /// Arrivals without a send time (no latency recorded).
     untimed: u64,
-    latency_us: Histogram<u64>,
+    /// Send → receipt, µs.
+    pub latency_us: Histogram<u64>,
     first_us: u64,
     last_us: u64,
 }
 
 impl RunStats {
-    fn new() -> Self {
+    /// Nothing seen yet.
+    pub fn new() -> Self {
         Self {
             received: 0,
             duplicates: 0,
@@ -187,7 +146,8 @@ impl RunStats {
         }
     }
 
-    fn add(&mut self, seen: Seen, sent_us: Option<u64>, now_us: u64) {
+    /// Accounts one arrival at `now_us`, sent at `sent_us` when known.
+    pub fn add(&mut self, seen: Seen, sent_us: Option<u64>, now_us: u64) {
         if seen == Seen::Duplicate {
             self.duplicates += 1;
             return;
@@ -209,16 +169,76 @@ impl RunStats {
     }
 }
 
-/// Everything the connections report into.
+/// Everything the connections of a hold process report into.
 #[derive(Debug, Default)]
-struct Shared {
+pub struct Books {
     runs: Mutex<HashMap<u32, RunStats>>,
     bad_frames: AtomicUsize,
     conn_seq_regressions: AtomicUsize,
-    closed: AtomicUsize,
+    /// Connections the server ended.
+    pub closed: AtomicUsize,
+    /// Heartbeats seen (WebSocket pings, SSE comments), all connections together.
+    pub heartbeats: AtomicUsize,
 }
 
-/// `bench receive`'s answer to `report <run>`.
+impl Books {
+    /// Accounts one message of one user's connection.
+    pub fn record(&self, tracker: &mut UserTracker, id: u64, mid: Option<&str>, data: &str) {
+        let now = unix_micros();
+        match arrival(id, mid, data) {
+            Ok(a) => {
+                let seen = tracker.observe(&a);
+                let mut runs = self.runs.lock().expect("no panics under the lock");
+                runs.entry(a.run)
+                    .or_insert_with(RunStats::new)
+                    .add(seen, a.sent_us, now);
+            }
+            Err(e) => {
+                // The first few say what is wrong; thousands more say nothing new.
+                if self.bad_frames.fetch_add(1, Ordering::Relaxed) < 5 {
+                    eprintln!("bench hold: {e:#}: {data}");
+                }
+            }
+        }
+    }
+
+    /// Accounts a connection the server ended.
+    pub fn ended(&self, tracker: &UserTracker) {
+        self.closed.fetch_add(1, Ordering::Relaxed);
+        self.conn_seq_regressions
+            .fetch_add(tracker.conn_seq_regressions as usize, Ordering::Relaxed);
+    }
+
+    /// The answer to `report <run>`.
+    pub fn report(&self, run: u32) -> Report {
+        let mut report = Report {
+            run,
+            bad_frames: self.bad_frames.load(Ordering::Relaxed),
+            closed: self.closed.load(Ordering::Relaxed),
+            conn_seq_regressions: self.conn_seq_regressions.load(Ordering::Relaxed),
+            ..Report::default()
+        };
+        if let Some(s) = self
+            .runs
+            .lock()
+            .expect("no panics under the lock")
+            .get(&run)
+        {
+            report.received = s.received;
+            report.duplicates = s.duplicates;
+            report.out_of_order = s.out_of_order;
+            report.untimed = s.untimed;
+            report.p50_us = Some(s.latency_us.value_at_quantile(0.5));
+            report.p99_us = Some(s.latency_us.value_at_quantile(0.99));
+            report.max_us = Some(s.latency_us.max());
+            report.first_us = Some(s.first_us);
+            report.last_us = Some(s.last_us);
+        }
+        report
+    }
+}
+
+/// `bench hold --account`'s answer to `report <run>`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Report {
@@ -248,107 +268,6 @@ pub struct Report {
     pub closed: usize,
     /// Times a server's per-connection `id` did not grow (counted when a connection ends).
     pub conn_seq_regressions: usize,
-}
-
-async fn receive(args: Args) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.hold_secs);
-    let auth = Authenticator::new(args.secret.as_bytes(), false);
-    let shared = Arc::new(Shared::default());
-    let heartbeats = Arc::new(AtomicUsize::new(0));
-    let timeout = Duration::from_secs(args.connect_timeout_secs);
-    let token_ttl = Duration::from_secs(args.hold_secs + 3600);
-    let (servers, prefix) = (args.servers.clone(), args.user_prefix.clone());
-    let sh = shared.clone();
-    let mut rx = hold::open_many(
-        args.users,
-        args.sources,
-        args.concurrency,
-        move |i, source| {
-            let token = auth.mint(&format!("{prefix}{i}"), Some("d"), token_ttl);
-            let server = servers[i % servers.len()];
-            async move {
-                loadtest::conn::open(source, server, Transport::Ws, &token, None, timeout).await
-            }
-        },
-        move |i, conn| {
-            let (shared, heartbeats) = (sh.clone(), heartbeats.clone());
-            async move {
-                let mut tracker = UserTracker::default();
-                let ended = hold::drive(conn, &heartbeats, |id, mid, data| {
-                    let now = unix_micros();
-                    match arrival(id, mid, data) {
-                        Ok(a) => {
-                            let seen = tracker.observe(&a);
-                            let mut runs = shared.runs.lock().expect("no panics under the lock");
-                            runs.entry(a.run)
-                                .or_insert_with(RunStats::new)
-                                .add(seen, a.sent_us, now);
-                        }
-                        Err(e) => {
-                            // The first few say what is wrong; thousands more say nothing new.
-                            if shared.bad_frames.fetch_add(1, Ordering::Relaxed) < 5 {
-                                eprintln!("bench receive: {e:#}: {data}");
-                            }
-                        }
-                    }
-                })
-                .await;
-                shared.closed.fetch_add(1, Ordering::Relaxed);
-                shared
-                    .conn_seq_regressions
-                    .fetch_add(tracker.conn_seq_regressions as usize, Ordering::Relaxed);
-                if ended != Ended::Eof {
-                    eprintln!("bench receive: connection {i} ended: {ended:?}");
-                }
-            }
-        },
-    );
-    let t = Tally::collect(&mut rx, args.users, started, deadline).await?;
-    hold::report("connected", &t.connected(started));
-
-    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
-    loop {
-        let line = tokio::select! {
-            line = stdin.next_line() => match line {
-                Ok(Some(line)) => line,
-                Ok(None) | Err(_) => break,
-            },
-            () = tokio::time::sleep_until(deadline) => break,
-        };
-        let Some(run) = line
-            .strip_prefix("report ")
-            .and_then(|r| r.trim().parse::<u32>().ok())
-        else {
-            eprintln!("bench receive: unknown command {line:?} (expected `report <run>`)");
-            continue;
-        };
-        let mut report = Report {
-            run,
-            bad_frames: shared.bad_frames.load(Ordering::Relaxed),
-            closed: shared.closed.load(Ordering::Relaxed),
-            conn_seq_regressions: shared.conn_seq_regressions.load(Ordering::Relaxed),
-            ..Report::default()
-        };
-        if let Some(s) = shared
-            .runs
-            .lock()
-            .expect("no panics under the lock")
-            .get(&run)
-        {
-            report.received = s.received;
-            report.duplicates = s.duplicates;
-            report.out_of_order = s.out_of_order;
-            report.untimed = s.untimed;
-            report.p50_us = Some(s.latency_us.value_at_quantile(0.5));
-            report.p99_us = Some(s.latency_us.value_at_quantile(0.99));
-            report.max_us = Some(s.latency_us.max());
-            report.first_us = Some(s.first_us);
-            report.last_us = Some(s.last_us);
-        }
-        hold::report("report", &report);
-    }
-    Ok(())
 }
 
 #[cfg(test)]

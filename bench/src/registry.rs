@@ -15,7 +15,6 @@
 //! `--runs N` repeats the whole run (fresh servers each time) and reports medians. Every
 //! `redis-server` is killed when its run ends, also on error or Ctrl-C.
 
-use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,10 +22,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use hdrhistogram::Histogram;
 use push_registry::{Record, Registry};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio::process::Command;
 
-use crate::redis::RedisProc;
+use crate::redis::{self, RedisServer};
 use crate::sys::{self, median, round2, CpuMeter};
 
 /// How long every record lives: far longer than a run, so nothing expires while measured.
@@ -87,9 +87,72 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     crate::runtime(None)?.block_on(crate::until_signal(scenario(args)))
 }
 
-/// One run's figures by name (`single.lookup.p50_us`, `ratio.lookups_per_get`, …), so that
-/// several runs reduce to medians key by key.
-type Figures = BTreeMap<String, f64>;
+/// One run's figures. Every figure is an `f64`, so that several runs reduce to medians
+/// field by field ([`medians`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Figures {
+    /// The single Redis.
+    single: Backend,
+    /// `redis-benchmark -t get -P 16` on that Redis: GET requests per second.
+    redis_benchmark_get_per_s: f64,
+    /// CPU besides redis-server meanwhile, redis-benchmark's own included (about one core).
+    redis_benchmark_cpu_others_cores: Option<f64>,
+    /// Users looked up per second ÷ GETs per second.
+    lookups_per_get: f64,
+    /// The ring, unless `--no-ring`.
+    ring: Option<Backend>,
+    /// Ring ÷ single per operation, unless `--no-ring`.
+    ring_over_single: Option<PerOp<Cost>>,
+}
+
+/// One backend: its fill, then each operation.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Backend {
+    fill_secs: f64,
+    #[serde(flatten)]
+    ops: PerOp<OpFigures>,
+}
+
+/// A figure of each operation.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct PerOp<T> {
+    lookup: T,
+    register: T,
+}
+
+impl<T> PerOp<T> {
+    fn get(&self, op: Op) -> &T {
+        match op {
+            Op::Lookup => &self.lookup,
+            Op::Register => &self.register,
+        }
+    }
+}
+
+/// One operation measured on one backend.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct OpFigures {
+    calls_per_s: f64,
+    users_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+    errors: f64,
+    /// The storage processes summed (a ring's 3–6 servers).
+    cpu_redis_cores: f64,
+    cpu_bench_cores: f64,
+    /// Anything else on the machine: above ~0.1 core the run was disturbed.
+    cpu_others_cores: f64,
+}
+
+/// The ring's cost over the single Redis for one operation.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct Cost {
+    p50_us: f64,
+    p99_us: f64,
+    /// Users per second for lookups, calls per second for registers.
+    throughput: f64,
+}
 
 /// `bench registry --json`: the set-up, the medians and every run.
 #[derive(Debug, Serialize)]
@@ -136,7 +199,7 @@ async fn scenario(args: Args) -> anyhow::Result<()> {
         }
         runs.push(figures);
     }
-    let medians = medians(&runs);
+    let medians = medians(&runs)?;
     let title = if args.runs > 1 {
         format!("medians of {} runs: ", args.runs)
     } else {
@@ -169,34 +232,32 @@ async fn scenario(args: Args) -> anyhow::Result<()> {
 }
 
 async fn one_run(args: &Args) -> anyhow::Result<Figures> {
-    let mut f = Figures::new();
-
     // The single Redis, then redis-benchmark on the same server.
-    let single = RedisProc::start().await?;
+    let single = redis::start().await?;
     let url = format!("redis://{}", single.addr());
-    let pids = vec![("redis".to_owned(), single.pid().context("redis exited")?)];
-    measure_backend("single", &url, &pids, args, &mut f).await?;
+    let pids = vec![("redis".to_owned(), redis::pid(&single)?)];
+    let backend = measure_backend("single", &url, &pids, args).await?;
     let cpu = CpuMeter::start(&pids);
-    let gets = redis_benchmark(single.port, args.redis_benchmark_requests).await?;
+    let gets = redis_benchmark(single.port(), args.redis_benchmark_requests).await?;
     // `others` includes redis-benchmark itself (about one core): more than that is noise.
     let others = cpu.stop().into_iter().find(|(l, _)| l == "others");
-    f.insert("redis_benchmark.get_per_s".into(), gets);
-    if let Some((_, cores)) = others {
-        f.insert("redis_benchmark.cpu_others_cores".into(), cores);
-    }
-    f.insert(
-        "ratio.lookups_per_get".into(),
-        f["single.lookup.users_per_s"] / gets,
-    );
+    let mut f = Figures {
+        lookups_per_get: backend.ops.lookup.users_per_s / gets,
+        single: backend,
+        redis_benchmark_get_per_s: gets,
+        redis_benchmark_cpu_others_cores: others.map(|(_, cores)| cores),
+        ring: None,
+        ring_over_single: None,
+    };
     drop(single);
 
     if !args.no_ring {
         let count = 3 * usize::from(args.nodes_per_rack);
         let mut nodes = Vec::with_capacity(count);
         for _ in 0..count {
-            nodes.push(RedisProc::start().await?);
+            nodes.push(redis::start().await?);
         }
-        let addrs: Vec<String> = nodes.iter().map(RedisProc::addr).collect();
+        let addrs: Vec<String> = nodes.iter().map(RedisServer::addr).collect();
         // `racks=3`: the nodes are split into 3 racks in the order given (push-registry url.rs).
         let url = format!(
             "ring://{}?racks=3&read={}&write={}",
@@ -207,34 +268,39 @@ async fn one_run(args: &Args) -> anyhow::Result<Figures> {
         let pids: Vec<(String, u32)> = nodes
             .iter()
             .enumerate()
-            .filter_map(|(i, n)| Some((format!("redis{i}"), n.pid()?)))
+            .filter_map(|(i, n)| Some((format!("redis{i}"), redis::pid(n).ok()?)))
             .collect();
-        measure_backend("ring", &url, &pids, args, &mut f).await?;
-        for (op, better) in [("lookup", "users_per_s"), ("register", "calls_per_s")] {
-            for q in ["p50_us", "p99_us"] {
-                f.insert(
-                    format!("ratio.ring_over_single.{op}.{q}"),
-                    f[&format!("ring.{op}.{q}")] / f[&format!("single.{op}.{q}")],
-                );
+        let ring = measure_backend("ring", &url, &pids, args).await?;
+        let cost = |op: Op| {
+            let (r, s) = (ring.ops.get(op), f.single.ops.get(op));
+            // Lookups move `--batch` users per call: their throughput is users per second.
+            let (rt, st) = match op {
+                Op::Lookup => (r.users_per_s, s.users_per_s),
+                Op::Register => (r.calls_per_s, s.calls_per_s),
+            };
+            Cost {
+                p50_us: r.p50_us / s.p50_us,
+                p99_us: r.p99_us / s.p99_us,
+                throughput: rt / st,
             }
-            f.insert(
-                format!("ratio.ring_over_single.{op}.throughput"),
-                f[&format!("ring.{op}.{better}")] / f[&format!("single.{op}.{better}")],
-            );
-        }
+        };
+        f.ring_over_single = Some(PerOp {
+            lookup: cost(Op::Lookup),
+            register: cost(Op::Register),
+        });
+        f.ring = Some(ring);
     }
     Ok(f)
 }
 
-/// Fills the backend at `url`, then measures `lookup_many` and `register`; figures go into
-/// `f` under `<name>.`. `pids` are the storage processes whose CPU share is reported.
+/// Fills the backend at `url`, then measures `lookup_many` and `register`. `pids` are the
+/// storage processes whose CPU share is reported; `name` labels the lines.
 async fn measure_backend(
     name: &str,
     url: &str,
     pids: &[(String, u32)],
     args: &Args,
-    f: &mut Figures,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Backend> {
     let registry = push_registry::open(url)
         .await
         .with_context(|| format!("cannot open registry {url}"))?;
@@ -245,10 +311,9 @@ async fn measure_backend(
         "{name}: {url}: filled {} users in {fill_secs:.1} s",
         args.users
     );
-    f.insert(format!("{name}.fill_secs"), round2(fill_secs));
-
     let mut procs = pids.to_vec();
     procs.push(("bench".into(), std::process::id()));
+    let mut ops = PerOp::<OpFigures>::default();
     for op in [Op::Lookup, Op::Register] {
         drive(&registry, op, args, WARMUP).await?;
         let cpu = CpuMeter::start(&procs);
@@ -262,35 +327,34 @@ async fn measure_backend(
                 m.calls * op.users_per_call(args) as u64
             );
         }
-        let key = |k: &str| format!("{name}.{}.{k}", op.name());
         let secs = m.elapsed.as_secs_f64();
-        f.insert(key("calls_per_s"), (m.calls as f64 / secs).round());
-        f.insert(
-            key("users_per_s"),
-            (m.calls as f64 * op.users_per_call(args) as f64 / secs).round(),
-        );
-        f.insert(key("p50_us"), m.latency_us.value_at_quantile(0.5) as f64);
-        f.insert(key("p99_us"), m.latency_us.value_at_quantile(0.99) as f64);
-        f.insert(key("max_us"), m.latency_us.max() as f64);
-        f.insert(key("errors"), m.errors as f64);
-        // Storage processes summed (a ring's 3–6 servers), and the bench process itself.
         let share = |label: &str| {
             shares
                 .iter()
-                .find(|(l, _)| l == label)
-                .map_or(0.0, |(_, c)| *c)
+                .filter(|(l, _)| l.starts_with(label))
+                .map(|(_, c)| c)
+                .sum::<f64>()
         };
-        let storage: f64 = shares
-            .iter()
-            .filter(|(l, _)| l.starts_with("redis"))
-            .map(|(_, c)| c)
-            .sum();
-        f.insert(key("cpu_redis_cores"), round2(storage));
-        f.insert(key("cpu_bench_cores"), share("bench"));
-        // Anything else on the machine: above ~0.1 core the run was disturbed.
-        f.insert(key("cpu_others_cores"), share("others"));
+        let figures = OpFigures {
+            calls_per_s: (m.calls as f64 / secs).round(),
+            users_per_s: (m.calls as f64 * op.users_per_call(args) as f64 / secs).round(),
+            p50_us: m.latency_us.value_at_quantile(0.5) as f64,
+            p99_us: m.latency_us.value_at_quantile(0.99) as f64,
+            max_us: m.latency_us.max() as f64,
+            errors: m.errors as f64,
+            cpu_redis_cores: round2(share("redis")),
+            cpu_bench_cores: share("bench"),
+            cpu_others_cores: share("others"),
+        };
+        match op {
+            Op::Lookup => ops.lookup = figures,
+            Op::Register => ops.register = figures,
+        }
     }
-    Ok(())
+    Ok(Backend {
+        fill_secs: round2(fill_secs),
+        ops,
+    })
 }
 
 /// The user IDs of the run: the same form the pipeline benchmark and push-send use.
@@ -326,7 +390,7 @@ async fn fill(registry: &dyn Registry, users: usize) -> anyhow::Result<()> {
 }
 
 /// The operation measured.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     /// `lookup_many` of `--batch` random users.
     Lookup,
@@ -530,22 +594,41 @@ async fn redis_version() -> String {
     }
 }
 
-/// Key by key, the median over runs (keys missing from a run are skipped for it).
-fn medians(runs: &[Figures]) -> Figures {
-    let mut keys: Vec<&String> = runs.iter().flat_map(|r| r.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
-        .map(|k| {
-            let values: Vec<f64> = runs.iter().filter_map(|r| r.get(k).copied()).collect();
-            (k.clone(), median(&values))
-        })
-        .collect()
+/// The median over runs, figure by figure: every run is the same struct, so the medians
+/// are read field by field through its JSON form (absent or `null` figures are skipped).
+fn medians(runs: &[Figures]) -> anyhow::Result<Figures> {
+    fn fold(values: &[Value]) -> Value {
+        match values.iter().find(|v| !v.is_null()) {
+            Some(Value::Object(first)) => Value::Object(
+                first
+                    .keys()
+                    .map(|k| {
+                        let field: Vec<Value> =
+                            values.iter().filter_map(|v| v.get(k).cloned()).collect();
+                        (k.clone(), fold(&field))
+                    })
+                    .collect(),
+            ),
+            Some(Value::Number(_)) => {
+                serde_json::json!(median(
+                    &values.iter().filter_map(Value::as_f64).collect::<Vec<_>>()
+                ))
+            }
+            other => other.cloned().unwrap_or(Value::Null),
+        }
+    }
+    if let [one] = runs {
+        return Ok(one.clone());
+    }
+    let values = runs
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(serde_json::from_value(fold(&values))?)
 }
 
 /// The human report of one run or of the medians.
 fn table(f: &Figures, args: &Args) -> String {
-    let get = |k: &str| f.get(k).copied().unwrap_or(f64::NAN);
     let mut out = format!(
         "{} users, lookup_many of {} users, {} callers, {} s per operation\n\
          {:<8} {:<12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10} {:>10} {:>10}\n",
@@ -564,44 +647,44 @@ fn table(f: &Figures, args: &Args) -> String {
         "bench cpu",
         "other cpu",
     );
-    for backend in ["single", "ring"] {
-        for op in ["lookup", "register"] {
-            let k = |s: &str| get(&format!("{backend}.{op}.{s}"));
-            if k("calls_per_s").is_nan() {
-                continue;
-            }
+    let backends = [("single", Some(&f.single)), ("ring", f.ring.as_ref())];
+    for (backend, b) in backends {
+        for op in [Op::Lookup, Op::Register]
+            .into_iter()
+            .filter(|_| b.is_some())
+        {
+            let k = b.map(|b| *b.ops.get(op)).unwrap_or_default();
             out += &format!(
                 "{:<8} {:<12} {:>10.0} {:>10.0} {:>8.0} {:>8.0} {:>8.0} {:>10.2} {:>10.2} {:>10.2}\n",
                 backend,
-                if op == "lookup" { "lookup_many" } else { op },
-                k("calls_per_s"),
-                k("users_per_s"),
-                k("p50_us"),
-                k("p99_us"),
-                k("max_us"),
-                k("cpu_redis_cores"),
-                k("cpu_bench_cores"),
-                k("cpu_others_cores"),
+                if op == Op::Lookup { "lookup_many" } else { op.name() },
+                k.calls_per_s,
+                k.users_per_s,
+                k.p50_us,
+                k.p99_us,
+                k.max_us,
+                k.cpu_redis_cores,
+                k.cpu_bench_cores,
+                k.cpu_others_cores,
             );
         }
     }
     out += &format!(
         "redis-benchmark -t get -P 16: {:.0} GET/s (cpu besides redis-server, including \
          redis-benchmark: {:.2}); lookups/s ÷ GET/s = {:.3}",
-        get("redis_benchmark.get_per_s"),
-        get("redis_benchmark.cpu_others_cores"),
-        get("ratio.lookups_per_get"),
+        f.redis_benchmark_get_per_s,
+        f.redis_benchmark_cpu_others_cores.unwrap_or(f64::NAN),
+        f.lookups_per_get,
     );
-    if !get("ring.lookup.calls_per_s").is_nan() {
-        for op in ["lookup", "register"] {
-            let r = |s: &str| get(&format!("ratio.ring_over_single.{op}.{s}"));
-            out += &format!(
-                "\nring ÷ single, {op}: p50 × {:.2}, p99 × {:.2}, throughput × {:.2}",
-                r("p50_us"),
-                r("p99_us"),
-                r("throughput"),
-            );
-        }
+    for (op, r) in f
+        .ring_over_single
+        .iter()
+        .flat_map(|c| [("lookup", c.lookup), ("register", c.register)])
+    {
+        out += &format!(
+            "\nring ÷ single, {op}: p50 × {:.2}, p99 × {:.2}, throughput × {:.2}",
+            r.p50_us, r.p99_us, r.throughput,
+        );
     }
     out
 }
@@ -621,18 +704,22 @@ mod tests {
     }
 
     #[test]
-    fn medians_key_by_key() {
-        let run = |a: f64, b: Option<f64>| {
-            let mut f = Figures::new();
-            f.insert("a".into(), a);
-            if let Some(b) = b {
-                f.insert("b".into(), b);
-            }
+    fn medians_field_by_field() {
+        let run = |p50: f64, others: Option<f64>| {
+            let mut f = Figures {
+                redis_benchmark_cpu_others_cores: others,
+                ..Figures::default()
+            };
+            f.single.ops.lookup.p50_us = p50;
             f
         };
-        let m = medians(&[run(1.0, Some(10.0)), run(3.0, None), run(2.0, Some(20.0))]);
-        assert_eq!(m["a"], 2.0);
-        assert_eq!(m["b"], 15.0);
+        let m = medians(&[run(1.0, Some(10.0)), run(3.0, None), run(2.0, Some(20.0))])
+            .expect("medians");
+        assert_eq!(m.single.ops.lookup.p50_us, 2.0);
+        assert_eq!(m.redis_benchmark_cpu_others_cores, Some(15.0));
+        assert!(m.ring.is_none());
+        let none = medians(&[run(1.0, None), run(2.0, None)]).expect("medians");
+        assert_eq!(none.redis_benchmark_cpu_others_cores, None);
     }
 
     #[test]

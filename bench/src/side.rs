@@ -124,10 +124,10 @@ pub fn rows<T>(results: &[PeerResult<T>], row: impl Fn(&T) -> String) -> String 
 pub struct Plan<'a, T> {
     /// The scenario's name, for the lines.
     pub name: &'a str,
+    /// The client transport (Pushpin is SSE only) and the push-server binary.
+    pub common: &'a CommonArgs,
     /// The systems, in order.
     pub peers: &'a [Peer],
-    /// The client transport (Pushpin is SSE only).
-    pub transport: Transport,
     /// Connections one client process holds at most: checked against the open-files limit.
     pub conns_per_process: usize,
     /// Each system's run is stopped after this long, so that the others still run.
@@ -142,7 +142,6 @@ pub struct Plan<'a, T> {
 /// and failed included.
 pub async fn each_peer<T, F, Fut>(
     plan: Plan<'_, T>,
-    server_bin: Option<&std::path::Path>,
     mut run: F,
 ) -> anyhow::Result<Vec<PeerResult<T>>>
 where
@@ -153,11 +152,11 @@ where
         plan.conns_per_process as u64 + SPARE_FDS,
         &format!("{} connections", plan.conns_per_process),
     )?;
-    let server_bin = systems::server_bin(server_bin)?;
+    let server_bin = systems::server_bin(plan.common.server_bin.as_deref())?;
     let mut results = Vec::new();
     for &peer in plan.peers {
         eprintln!("== {}: {}", plan.name, peer.as_str());
-        let why = systems::missing(peer, plan.transport, &server_bin)
+        let why = systems::missing(peer, plan.common.transport, &server_bin)
             .or_else(|| (plan.not_here)(peer).map(str::to_owned));
         let outcome = match why {
             Some(skipped) => Outcome::Skipped { skipped },

@@ -2,7 +2,7 @@
 //! free local ports and waiting for one to listen, child process trees stopped with their
 //! descendants ([`Tree`]), temporary directories ([`TempDir`]) and [`which`].
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use rustix::process::{getrlimit, kill_process, setrlimit, Pid, Resource, Rlimit, Signal};
 use tokio::process::Command;
+
+pub use testkit::free_port;
 
 /// Raises this process's soft open-files limit to its hard limit; returns the new soft limit.
 pub fn raise_nofile_limit() -> std::io::Result<u64> {
@@ -143,22 +145,15 @@ pub fn pids_named(name: &str) -> Vec<u32> {
         .collect()
 }
 
-/// A port on 127.0.0.1 that was free a moment ago (the kernel picks it; we release it for
-/// the server to bind). Another process could take it in between; the server then fails
-/// to start and says so.
-pub fn free_port() -> anyhow::Result<u16> {
-    let listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot bind 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
-/// Two distinct free ports on 127.0.0.1 (a server's client and admin ports).
-pub fn free_addr_pair() -> anyhow::Result<(SocketAddr, SocketAddr)> {
-    let a = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+/// Two distinct free ports on 127.0.0.1 (a server's client and admin ports), from testkit's
+/// [`free_port`]: free a moment ago; another process could take one in between, and the
+/// server then fails to start and says so.
+pub fn free_addr_pair() -> (SocketAddr, SocketAddr) {
+    let a = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     loop {
-        let port = free_port()?;
+        let port = free_port();
         if port != a.port() {
-            return Ok((a, SocketAddr::from((Ipv4Addr::LOCALHOST, port))));
+            return (a, SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
         }
     }
 }

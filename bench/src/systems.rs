@@ -129,6 +129,20 @@ pub struct Options {
     pub server_args: Vec<String>,
 }
 
+impl Options {
+    /// `max_conns` on `server_bin`, with one Nchan worker (so that a memory figure is one
+    /// process's), Pushpin's packaged `message_rate` (2,500/s) and no extra arguments.
+    pub fn new(server_bin: PathBuf, max_conns: usize) -> Self {
+        Self {
+            max_conns,
+            nchan_workers: 1,
+            pushpin_message_rate: 2500,
+            server_bin,
+            server_args: Vec::new(),
+        }
+    }
+}
+
 /// A started system, stopped when dropped.
 #[derive(Debug)]
 pub struct Running {
@@ -236,7 +250,7 @@ pub async fn start(peer: Peer, opts: &Options) -> anyhow::Result<Running> {
 }
 
 async fn start_push_server(opts: &Options) -> anyhow::Result<Running> {
-    let (addr, admin) = sys::free_addr_pair()?;
+    let (addr, admin) = sys::free_addr_pair();
     let max = (opts.max_conns + 1000).to_string();
     eprintln!(
         "starting {} on {addr} (admin {admin})",
@@ -286,7 +300,7 @@ async fn start_nchan(opts: &Options) -> anyhow::Result<Running> {
         bail!("nginx or the nchan module is missing");
     };
     let dir = TempDir::new("nchan")?;
-    let port = sys::free_port()?;
+    let port = sys::free_port();
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let d = dir.0.display();
     let workers = opts.nchan_workers.max(1);
