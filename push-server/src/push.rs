@@ -227,14 +227,19 @@ async fn catch_up(p: &Pusher, conn: &ConnHandle, at: u64, id: u64, deadline: Ins
         .filter(|m| m.id < id && conn.wants(m.device.as_deref()))
         .map(|m| Outbound::stored(m, conn.transport))
         .collect();
-    let result = match (resume.gap, owed.is_empty()) {
+    // The history no longer holds `at + 1`. If it holds something older than `id`, the
+    // client missed what was trimmed, and a `gap` says so. If `id` is the oldest it holds, the
+    // user's history expired while the client stayed connected and IDs restarted higher
+    // (from the clock): nothing was missed, and a `gap` would send it to refresh for nothing.
+    let gap = resume.gap.filter(|&oldest| oldest < id);
+    let result = match (gap, owed.is_empty()) {
         (Some(_), _) => "gap",
         (None, true) => "nothing",
         (None, false) => "filled",
     };
     metrics::counter!(m::CATCH_UPS, "result" => result).increment(1);
     metrics::counter!(m::CAUGHT_UP_MESSAGES).increment(owed.len() as u64);
-    if let Some(oldest) = resume.gap {
+    if let Some(oldest) = gap {
         let gap = ServerMessage::Gap {
             after: at,
             oldest: Some(oldest),

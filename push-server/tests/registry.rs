@@ -378,3 +378,39 @@ async fn a_catch_up_sends_only_what_is_for_the_clients_device() {
     assert_eq!(ws_next_json(&mut phone).await["data"], "for the phone");
     assert_eq!(ws_next_json(&mut phone).await["data"], "for everyone");
 }
+
+/// A user's history expires while the client stays connected (no message for twice the
+/// history age): the next message's ID restarts from the clock, far above the last one. That
+/// step is not a loss, and the client gets the message without a `gap`.
+#[tokio::test]
+async fn ids_that_restart_after_the_history_expired_are_not_reported_as_a_gap() {
+    let redis = RedisServer::start();
+    let mut cfg = node("node-a", &redis.url());
+    cfg.history_age = Duration::from_secs(1);
+    let server = start(cfg).await;
+    let t = token(&server, "vic", None);
+    let (mut ws, _) = ws_connect_with(&server, &format!("?token={t}&since=0"), &[])
+        .await
+        .unwrap();
+    assert_eq!(ws_next_json(&mut ws).await["type"], "hello");
+    push(&server, "vic", "before").await;
+    let before = ws_next_json(&mut ws).await["id"].as_u64().unwrap();
+    // The history key lives twice the history age after its last write.
+    let gone = testkit::poll_until(Duration::from_secs(30), || {
+        let exists = redis.command(&["EXISTS", "ph:{vic}"]);
+        std::future::ready(matches!(exists, testkit::resp::Reply::Int(0)))
+    })
+    .await;
+    assert!(gone, "the history key never expired");
+    push(&server, "vic", "after").await;
+    let after = ws_next_json(&mut ws).await;
+    assert_eq!(
+        (after["type"].as_str(), after["data"].as_str()),
+        (Some("message"), Some("after")),
+        "{after}"
+    );
+    assert!(
+        after["id"].as_u64().unwrap() > before + 1,
+        "IDs did not restart: {after}"
+    );
+}
