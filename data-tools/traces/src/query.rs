@@ -2,7 +2,9 @@
 //!
 //! A script sees one table, `spans` ([`crate::model::schema`]), holding the spans that
 //! started in `[from, to)`. Only the hours of that range are read. DataFusion runs under a
-//! memory limit and spills to disk, so a script over more spans than fit in memory still ends.
+//! memory limit; sorts and aggregations spill to disk past it, so they end over more spans
+//! than fit in memory. Hash joins do not spill: a script joins on a small side (see
+//! `queries/late_messages.sql`, which picks the late traces' spans before its self-time join).
 
 use std::sync::Arc;
 
