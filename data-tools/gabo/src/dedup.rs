@@ -22,6 +22,7 @@ use datafusion::arrow::array::{Array, Int64Array, UInt64Array};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{JsonReadOptions, SessionConfig, SessionContext};
@@ -216,14 +217,23 @@ fn staged_schema() -> Schema {
 
 fn session(store: &Store, opts: &DedupOptions) -> Result<SessionContext, DedupError> {
     let runtime = RuntimeEnvBuilder::new()
-        // The whole pool may be used (fraction 1.0); operators that cannot get memory spill.
-        .with_memory_limit(opts.memory_limit, 1.0)
+        // A fair pool, not the greedy one of `with_memory_limit`: with the greedy pool the
+        // partial aggregation took the whole pool and the final one, holding nothing it could
+        // spill, failed ("Failed to allocate … for FinalHashAggregateStream") on an hour 10x
+        // the limit. The fair pool gives each spilling operator its share. KNOWN LIMIT: on
+        // such an hour (2 M events, 32 MiB) the Parquet writer, which cannot spill, still
+        // fails to get memory after the aggregation (docs/BENCHMARKS.md, GABO 2026-11-30).
+        .with_memory_pool(Arc::new(FairSpillPool::new(opts.memory_limit)))
         .with_disk_manager_builder(
             DiskManagerBuilder::default()
                 .with_mode(DiskManagerMode::Directories(vec![opts.spill_dir.clone()])),
         )
         .build_arc()?;
-    let config = SessionConfig::new().with_target_partitions(opts.target_partitions.max(1));
+    // Row groups of 64 Ki rows instead of 1 Mi: the Parquet writer buffers a whole row group
+    // in the same memory pool; smaller groups shrink that buffer (not yet enough, see above).
+    let config = SessionConfig::new()
+        .with_target_partitions(opts.target_partitions.max(1))
+        .set_usize("datafusion.execution.parquet.max_row_group_size", 64 * 1024);
     let ctx = SessionContext::new_with_config_rt(config, runtime);
     // Buckets are written through the output store, whatever it is.
     let url = ObjectStoreUrl::parse("gabo://out")?;

@@ -310,11 +310,24 @@ async fn serve_closes_hours_of_the_shipped_types_and_the_audit_balances() {
     } else {
         assert!(o.status.success(), "{}", text(&o));
     }
+    // The bucket of the HTTP events: each ID once in the Parquet part, then the marker.
+    let bucket = format!("{}/{}", dirs.root(), current.bucket_path("outcomes"));
+    assert!(
+        std::path::Path::new(&format!("{bucket}/_SUCCESS")).is_file(),
+        "no marker in {bucket}"
+    );
+    assert_eq!(
+        parquet_ids(&format!("{bucket}/{}", gabo::hour::PART0)).await,
+        ["m1:delivered", "m2:stored"]
+    );
     let a = gabo(&kafka, &dirs, &["audit", "outcomes", &name]);
     assert!(a.status.success(), "{}", text(&a));
     let t = text(&a);
     assert!(
-        t.contains("accepted    3") && t.contains("unique      2") && t.contains("balanced"),
+        t.contains("accepted    3")
+            && t.contains("unique      2")
+            && t.contains("duplicates  1")
+            && t.contains("balanced"),
         "{t}"
     );
 }

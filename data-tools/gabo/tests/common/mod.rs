@@ -14,8 +14,10 @@ use gabo::staging::Staging;
 use gabo::store::Store;
 use gabo::types::EventType;
 use http_body_util::{BodyExt, Full};
+use rdkafka::error::KafkaError;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::RDKafkaErrorCode;
 
 /// Upper bound for one wait: generous for a loaded CI machine; a hang still ends the test.
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -84,10 +86,15 @@ impl Kafka {
         self.mock.is_some()
     }
 
-    /// Creates `topic` (the mock has no CreateTopics; a real broker goes through `apply`).
+    /// Creates `topic` unless it exists (the mock has no CreateTopics; a real broker goes
+    /// through `apply`), so that provisioning twice finds it as a broker would.
     pub fn create_topic(&self, topic: &str, partitions: i32) {
         if let Some(m) = &self.mock {
-            m.create_topic(topic, partitions, 1).expect("mock topic");
+            match m.create_topic(topic, partitions, 1) {
+                Ok(()) => {}
+                Err(KafkaError::MockCluster(RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err(e) => panic!("mock topic {topic}: {e}"),
+            }
         }
     }
 
@@ -210,17 +217,22 @@ pub async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, s
     (status, v)
 }
 
-/// IDs in a bucket's Parquet part, sorted.
+/// IDs in the Parquet part of `HOUR`'s bucket, sorted.
 pub async fn bucket_ids(root: &str, type_name: &str) -> Vec<String> {
+    parquet_ids(&format!(
+        "{root}/{}/{}",
+        hour().bucket_path(type_name),
+        gabo::hour::PART0
+    ))
+    .await
+}
+
+/// IDs in the Parquet file `path`, sorted.
+pub async fn parquet_ids(path: &str) -> Vec<String> {
     use datafusion::arrow::array::{Array, StringArray};
     use datafusion::arrow::datatypes::DataType;
     use datafusion::prelude::{ParquetReadOptions, SessionContext};
     let ctx = SessionContext::new();
-    let path = format!(
-        "{root}/{}/{}",
-        hour().bucket_path(type_name),
-        gabo::hour::PART0
-    );
     let df = ctx
         .read_parquet(path, ParquetReadOptions::default())
         .await
