@@ -14,6 +14,7 @@ import {
   sseToMessage,
   tokenExpiry,
 } from "../dist/index.js";
+import { FakeWs, until } from "./fake-ws.mjs";
 
 test("backoff is full jitter below an exponential ceiling, capped", () => {
   assert.equal(backoffDelay(0, 500, 30_000, () => 0), 0);
@@ -77,45 +78,6 @@ test("resume point drops repeats and keeps the highest id", () => {
 });
 
 // --- the policy, through a scripted WebSocket --------------------------------------------
-
-class FakeWs {
-  static all = [];
-  constructor(url, protocols) {
-    this.url = url;
-    this.protocols = protocols;
-    this.readyState = 1;
-    this.sent = [];
-    this.closedByClient = null;
-    this.onmessage = this.onclose = this.onerror = this.onopen = null;
-    FakeWs.all.push(this);
-  }
-  send(data) {
-    this.sent.push(JSON.parse(data));
-  }
-  close(code) {
-    this.closedByClient = code ?? 1005;
-    this.readyState = 3;
-  }
-  // Server side of the script.
-  serverSends(obj) {
-    this.onmessage?.({ data: JSON.stringify(obj) });
-  }
-  serverCloses(code) {
-    this.readyState = 3;
-    this.onclose?.({ code, reason: "" });
-  }
-  hello(extra = {}) {
-    this.serverSends({ type: "hello", version: 1, conn_id: FakeWs.all.indexOf(this), node: "n", user: "u", lifetime_ms: 1000, heartbeat_ms: 30_000, ...extra });
-  }
-}
-
-async function until(what, cond) {
-  const deadline = Date.now() + 10_000;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
 
 function client(opts = {}) {
   FakeWs.all = [];

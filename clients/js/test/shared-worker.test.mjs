@@ -6,36 +6,8 @@ import { afterEach, test } from "node:test";
 import assert from "node:assert/strict";
 import { PushClient } from "../dist/index.js";
 import { SharedConnectionHub } from "../dist/shared-worker.js";
+import { FakeWs, until } from "./fake-ws.mjs";
 
-class FakeWs {
-  static all = [];
-  constructor(url, protocols) {
-    Object.assign(this, { url, protocols, readyState: 1, sent: [], closedByClient: null });
-    this.onmessage = this.onclose = this.onerror = this.onopen = null;
-    FakeWs.all.push(this);
-  }
-  send(data) {
-    this.sent.push(JSON.parse(data));
-  }
-  close(code) {
-    this.closedByClient = code ?? 1005;
-    this.readyState = 3;
-  }
-  serverSends(obj) {
-    this.onmessage?.({ data: JSON.stringify(obj) });
-  }
-  hello() {
-    this.serverSends({ type: "hello", version: 1, conn_id: FakeWs.all.indexOf(this), node: "n", user: "u", lifetime_ms: 60_000, heartbeat_ms: 30_000 });
-  }
-}
-
-async function until(what, cond) {
-  const deadline = Date.now() + 10_000;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
 
 /** A stand-in for the browser's SharedWorker: every tab gets a port to the same hub. */
 function installWorker(hub, { fails = false } = {}) {
