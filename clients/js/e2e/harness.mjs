@@ -39,7 +39,7 @@ export function binaries() {
   execFileSync(
     "cargo",
     ["build", "--quiet", "-p", "push-server", "-p", "msg-processor", "-p", "push-lib", "-p", "testkit",
-      "--features", "testkit/kafka-mock", "--bins"],
+      "--features", "testkit/kafka", "--bins"],
     { cwd: repoRoot, stdio: ["ignore", "inherit", "inherit"] },
   );
   const meta = JSON.parse(
