@@ -40,10 +40,8 @@ use testkit::kafka::MockKafka;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::admin;
 use crate::hold::{self, Connected, Done, Reporter, Transport, SPARE_FDS};
 use crate::receive::Report;
-use crate::redis;
 use crate::sys::{self, round2, CpuMeter};
 use crate::systems::{self, Peer, Running, SECRET};
 
@@ -245,7 +243,7 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
     eprintln!("kafka: {kind} {brokers}");
 
     // The registry and the two nodes.
-    let redis = redis::start().await?;
+    let redis = sys::start_redis().await?;
     let registry = format!("redis://{}", redis.addr());
     let mut nodes: Vec<Running> = Vec::new();
     for name in ["node-a", "node-b"] {
@@ -350,7 +348,7 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
             ("bench (kafka mock + producer)".into(), std::process::id()),
             ("receiver".into(), receiver_pid),
         ];
-        if let Ok(pid) = redis::pid(&redis) {
+        if let Ok(pid) = sys::redis_pid(&redis) {
             procs.push(("redis".into(), pid));
         }
         for (i, n) in nodes.iter().enumerate() {
@@ -377,9 +375,9 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
         }
         let (mut not_connected, mut dead_lettered) = (0.0, 0.0);
         for p in &processors {
-            if let Ok((200, body)) = admin::get(p.metrics, "/metrics").await {
-                not_connected += admin::metric_sum(&body, "msgproc_stored_total");
-                dead_lettered += admin::metric_sum(&body, "msgproc_dead_lettered_total");
+            if let Ok((200, body)) = sys::http_get(p.metrics, "/metrics").await {
+                not_connected += sys::metric_sum(&body, "msgproc_stored_total");
+                dead_lettered += sys::metric_sum(&body, "msgproc_dead_lettered_total");
             }
         }
         drop(processors);
