@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use loadtest::conn::{self, Conn, Transport};
 use push_proto::auth::Authenticator;
+use push_proto::http::parse_request_head;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
@@ -617,37 +618,17 @@ async fn grip_backend(listener: TcpListener) {
 async fn grip_connection(mut stream: TcpStream) -> anyhow::Result<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(2048);
     loop {
-        let head_end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
+        // zurl forwards the subscribers' bodiless GETs: a head is the whole request.
+        let (head, used) = loop {
+            if let Some(parsed) = parse_request_head(&buf, 16 * 1024)? {
+                break parsed;
             }
-            let mut chunk = [0u8; 2048];
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
+            if stream.read_buf(&mut buf).await? == 0 {
                 return Ok(());
             }
-            buf.extend_from_slice(&chunk[..n]);
         };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let body_len: usize = head
-            .lines()
-            .find_map(|l| {
-                let (n, v) = l.split_once(':')?;
-                n.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or(0);
-        while buf.len() < head_end + body_len {
-            let mut chunk = [0u8; 2048];
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        buf.drain(..head_end + body_len);
-        let path = head.split_whitespace().nth(1).unwrap_or("/");
-        let user = path.rsplit('/').next().unwrap_or("none").to_owned();
+        buf.drain(..used);
+        let user = head.path.rsplit('/').next().unwrap_or("none");
         let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nGrip-Hold: stream\r\n\
              Grip-Channel: {user}\r\nContent-Length: 0\r\n\r\n"
