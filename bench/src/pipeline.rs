@@ -42,6 +42,7 @@ use tokio::process::{Child, Command};
 
 use crate::hold::{self, Connected, Done, Reporter, Transport, SPARE_FDS};
 use crate::receive::Report;
+use crate::side;
 use crate::sys::{self, round2, CpuMeter};
 use crate::systems::{self, Peer, Running, SECRET};
 
@@ -422,26 +423,21 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
         .iter()
         .filter(|r| r.lost > 0 || r.send_failed > 0)
         .count();
-    let table = table(&results, &args);
-    if args.json {
-        eprintln!("{table}");
-        let out = Output {
-            users: args.users,
-            messages: args.messages,
-            partitions: args.partitions,
-            producer: args.producer,
-            kafka: match args.brokers {
-                Some(_) => brokers,
-                None => "librdkafka mock cluster (in the bench process)".into(),
-            },
-            processor_args: args.processor_args.clone(),
-            machine: sys::machine(),
-            runs: results,
-        };
-        println!("{}", serde_json::to_string(&out)?);
-    } else {
-        println!("{table}");
-    }
+    let table = format!("{}\n", table(&results, &args));
+    let out = Output {
+        users: args.users,
+        messages: args.messages,
+        partitions: args.partitions,
+        producer: args.producer,
+        kafka: match args.brokers {
+            Some(_) => brokers,
+            None => "librdkafka mock cluster (in the bench process)".into(),
+        },
+        processor_args: args.processor_args.clone(),
+        machine: sys::machine(),
+        runs: results,
+    };
+    side::emit(args.json, &out, &table)?;
     Ok(failed)
 }
 

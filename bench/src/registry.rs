@@ -207,29 +207,25 @@ async fn scenario(args: Args) -> anyhow::Result<()> {
     } else {
         String::new()
     };
-    if args.json {
-        eprintln!("{title}{}", table(&medians, &args));
-        let result = Output {
-            users: args.users,
-            batch: args.batch,
-            callers: args.callers,
-            secs: args.secs,
-            ring: (!args.no_ring).then(|| Ring {
-                racks: 3,
-                nodes_per_rack: args.nodes_per_rack,
-                read: args.read.clone(),
-                write: args.write.clone(),
-            }),
-            redis_benchmark: redis_benchmark_command("P", args.redis_benchmark_requests).join(" "),
-            redis_server: sys::shell(&["redis-server", "--version"]),
-            machine: sys::machine(),
-            medians,
-            runs,
-        };
-        println!("{}", serde_json::to_string(&result)?);
-    } else {
-        println!("{title}{}", table(&medians, &args));
-    }
+    let table = format!("{title}{}\n", table(&medians, &args));
+    let result = Output {
+        users: args.users,
+        batch: args.batch,
+        callers: args.callers,
+        secs: args.secs,
+        ring: (!args.no_ring).then(|| Ring {
+            racks: 3,
+            nodes_per_rack: args.nodes_per_rack,
+            read: args.read.clone(),
+            write: args.write.clone(),
+        }),
+        redis_benchmark: redis_benchmark_command("P", args.redis_benchmark_requests).join(" "),
+        redis_server: sys::shell(&["redis-server", "--version"]),
+        machine: sys::machine(),
+        medians,
+        runs,
+    };
+    crate::side::emit(args.json, &result, &table)?;
     Ok(())
 }
 
