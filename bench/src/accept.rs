@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::hold::{self, Connected, Done, Transport};
+use crate::hold::{Connected, Done, Transport};
 use crate::side::{self, CommonArgs, PeerResult, PeersArg, Plan};
 use crate::sys::round2;
-use crate::systems::{self, Peer, SECRET};
+use crate::systems;
 
 /// Arguments of `bench peers-accept`.
 #[derive(Debug, Clone, clap::Args)]
@@ -94,19 +94,10 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<PeerResult<Accept>>> {
         };
         let running = systems::start(peer, &opts).await?;
         let budget = Duration::from_secs(60) + Duration::from_millis(10 * args.conns as u64);
-        let ours = peer == Peer::PushServer;
-        let mut holder = hold::Args {
-            secret: ours.then(|| SECRET.into()),
-            path: (!ours).then(|| "/sub/u{i}".into()),
-            ..hold::Args::new(
-                c.transport,
-                vec![running.addr],
-                args.conns,
-                (c.sources, c.concurrency),
-                budget.as_secs() + 60,
-            )
-        }
-        .spawn()?;
+        let hold_secs = budget.as_secs() + 60;
+        let mut holder = running
+            .holder(args.conns, c, c.concurrency, hold_secs, "")
+            .spawn()?;
         let r: Connected = holder.next("connected", budget).await?;
         holder.finish::<Done>().await;
         drop(running);

@@ -118,10 +118,10 @@ async fn all(args: &Args) -> anyhow::Result<Report> {
     let started = std::time::Instant::now();
     let mut report = Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
-        date: shell(&["date", "-u", "+%Y-%m-%d %H:%M UTC"]),
-        commit: shell(&["git", "rev-parse", "--short", "HEAD"]),
+        date: sys::shell(&["date", "-u", "+%Y-%m-%d %H:%M UTC"]),
+        commit: sys::shell(&["git", "rev-parse", "--short", "HEAD"]),
         machine: sys::machine(),
-        load_average_before: load_average(),
+        load_average_before: sys::load_average(),
         ..Report::default()
     };
     let parse = |argv: &[&str]| scenario(args, argv);
@@ -162,7 +162,7 @@ async fn all(args: &Args) -> anyhow::Result<Report> {
             report.push = Some(peers_push::all(&a).await?);
         }
     }
-    report.load_average_after = load_average();
+    report.load_average_after = sys::load_average();
     report.minutes = sys::round2(started.elapsed().as_secs_f64() / 60.0);
     Ok(report)
 }
@@ -180,23 +180,6 @@ fn scenario(args: &Args, argv: &[&str]) -> anyhow::Result<Command> {
         all.extend(["--server-bin".into(), bin.into()]);
     }
     Ok(<crate::Cli as clap::Parser>::try_parse_from(all)?.command)
-}
-
-/// The first line of a command's output, or `?`.
-fn shell(cmd: &[&str]) -> String {
-    std::process::Command::new(cmd[0])
-        .args(&cmd[1..])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map_or("?".into(), |s| s.trim().to_owned())
-}
-
-/// `/proc/loadavg`'s first three fields: how busy the machine was (others' builds show here).
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 /// A figure of one system, or why there is none.

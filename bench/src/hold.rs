@@ -27,6 +27,7 @@ use loadtest::stats::new_histogram;
 use push_proto::auth::Authenticator;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::{mpsc, Semaphore};
@@ -40,7 +41,7 @@ use crate::sys;
 pub const SPARE_FDS: u64 = 64;
 
 /// Arguments of `bench hold`; the scenarios fill them in and [`Args::spawn`] the child.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, Serialize)]
 pub struct Args {
     /// Transport of every connection.
     #[arg(long, value_enum)]
@@ -48,6 +49,7 @@ pub struct Args {
     /// A server's client address (repeatable): connection i goes to server i mod (number
     /// of servers).
     #[arg(long = "server", required = true)]
+    #[serde(rename = "server")]
     pub servers: Vec<SocketAddr>,
     /// Connections to open.
     #[arg(long)]
@@ -526,35 +528,83 @@ impl Args {
         }
     }
 
-    /// Starts `bench hold` with these arguments, as a [`Reporter`].
+    /// Starts `bench hold` with these arguments, as a [`Reporter`]: each field as its flag
+    /// (clap's long name is the field's, kebab-cased), repeated for a list, bare for `true`,
+    /// left out when unset.
     pub fn spawn(&self) -> anyhow::Result<Reporter> {
+        Reporter::spawn("bench hold", &self.argv()?)
+    }
+
+    fn argv(&self) -> anyhow::Result<Vec<String>> {
         let mut args: Vec<String> = vec!["hold".into()];
-        let mut flag = |k: &str, v: String| args.extend([format!("--{k}"), v]);
-        flag("transport", self.transport.as_str().into());
-        for server in &self.servers {
-            flag("server", server.to_string());
+        let Value::Object(fields) = serde_json::to_value(self)? else {
+            bail!("hold arguments are not a map");
+        };
+        for (name, value) in fields {
+            let flag = format!("--{}", name.replace('_', "-"));
+            let values = match value {
+                Value::Null | Value::Bool(false) => continue,
+                Value::Bool(true) => {
+                    args.push(flag);
+                    continue;
+                }
+                Value::Array(values) => values,
+                one => vec![one],
+            };
+            for v in values {
+                let text = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+                args.extend([flag.clone(), text]);
+            }
         }
-        flag("user-prefix", self.user_prefix.clone());
-        flag("conns", self.conns.to_string());
-        flag("sources", self.sources.to_string());
-        flag("concurrency", self.concurrency.to_string());
-        flag("hold-secs", self.hold_secs.to_string());
-        flag(
-            "connect-timeout-secs",
-            self.connect_timeout_secs.to_string(),
-        );
-        if let Some(s) = &self.secret {
-            flag("secret", s.clone());
-        }
-        if let Some(p) = &self.path {
-            flag("path", p.clone());
-        }
-        if let Some(d) = &self.device {
-            flag("device", d.clone());
-        }
-        if self.account {
-            args.push("--account".into());
-        }
-        Reporter::spawn("bench hold", &args)
+        Ok(args)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        hold: Hold,
+    }
+
+    #[derive(clap::Subcommand)]
+    enum Hold {
+        Hold(Args),
+    }
+
+    #[test]
+    fn the_child_reads_back_the_arguments_it_was_given() {
+        let addrs = vec![
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        ];
+        let given = Args {
+            secret: Some("s".into()),
+            device: Some("d".into()),
+            account: true,
+            ..Args::new(Transport::Sse, addrs, 7, (3, 5), 60)
+        };
+        let argv = given.argv().expect("argv");
+        let Hold::Hold(read) = <Cli as clap::Parser>::try_parse_from(
+            std::iter::once("bench".to_owned()).chain(argv.clone()),
+        )
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+        .hold;
+        assert_eq!(format!("{read:?}"), format!("{given:?}"));
+        let peer = Args {
+            path: Some("/sub/u{i}".into()),
+            ..Args::new(
+                Transport::Ws,
+                vec!["127.0.0.1:3".parse().unwrap()],
+                1,
+                (1, 1),
+                1,
+            )
+        };
+        assert!(peer.argv().expect("argv").contains(&"--path".to_owned()));
+        assert!(!peer.argv().expect("argv").contains(&"--account".to_owned()));
     }
 }

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde::{Deserialize, Serialize};
 
-use crate::hold::{self, Connected, Done, Transport, SPARE_FDS};
+use crate::hold::{Connected, Done, Transport, SPARE_FDS};
 use crate::side::{self, CommonArgs, PeerResult, PeersArg, Plan};
 use crate::sys;
-use crate::systems::{self, Peer, Running, SECRET};
+use crate::systems::{self, Peer, Running};
 
 /// Connections one hold process takes (below the 20,000 open files, with room to spare).
 const PER_HOLDER: usize = 18_000;
@@ -306,19 +306,9 @@ async fn measure(
     for (running, share) in &servers {
         let count = share.div_ceil(PER_HOLDER);
         for h in 0..count {
-            let ours = peer == Peer::PushServer;
             let conns = share / count + usize::from(h < share % count);
-            let holder = hold::Args {
-                secret: ours.then(|| SECRET.into()),
-                path: (!ours).then(|| format!("/sub/h{}u{{i}}", holders.len())),
-                ..hold::Args::new(
-                    c.transport,
-                    vec![running.addr],
-                    conns,
-                    (c.sources, concurrency),
-                    hold_secs,
-                )
-            };
+            let prefix = format!("h{}", holders.len());
+            let holder = running.holder(conns, c, concurrency, hold_secs, &prefix);
             holders.push(holder.spawn()?);
         }
     }
@@ -439,7 +429,7 @@ async fn server_count(
         Peer::PushServer => {
             let mut sum = 0.0;
             for (r, _) in servers {
-                let (status, body) = crate::admin::get(r.publish, "/metrics").await?;
+                let (status, body) = sys::http_get(r.publish, "/metrics").await?;
                 if status != 200 {
                     bail!("/metrics answered {status}");
                 }
@@ -447,12 +437,12 @@ async fn server_count(
                     "push_connections_open{{transport=\"{}\"}}",
                     transport.as_str()
                 );
-                sum += crate::admin::metric_sum(&body, &series);
+                sum += sys::metric_sum(&body, &series);
             }
             Ok(Some(ServerCount::Gauge(sum)))
         }
         Peer::Nchan => {
-            let (_, body) = crate::admin::get(servers[0].0.addr, "/nchan_status").await?;
+            let (_, body) = sys::http_get(servers[0].0.addr, "/nchan_status").await?;
             Ok(Some(ServerCount::Status(body.trim().to_owned())))
         }
         Peer::Pushpin => Ok(None),

@@ -14,9 +14,7 @@
 //! | [`systems`] | push-server (the one launcher), Nchan and Pushpin started on free ports: subscribe, publish, stop |
 //! | [`hold`] | the connection loop, and `bench hold` (hidden): a process that opens and holds the clients |
 //! | [`receive`] | `bench hold --account`: per user, counts, orders and times the pipeline's messages |
-//! | [`redis`] | `redis-server` children on free ports, killed on drop |
-//! | [`admin`] | tiny HTTP/1.1 GET for the server's `/healthz` and `/metrics` |
-//! | [`sys`] | `/proc` readings, the open-files limit, free ports, process trees, temporary directories |
+//! | [`sys`] | `/proc` readings, the open-files limit, free ports, process trees, temporary directories, `redis-server` children, HTTP `GET` |
 //!
 //! Higher rows use lower ones, never the reverse. The clients live in their own process so
 //! that the server's RSS is all the server's, and so that each process stays under this
@@ -27,7 +25,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod accept;
-mod admin;
 mod chart;
 mod compare;
 mod floor;
@@ -36,7 +33,6 @@ mod idle;
 mod peers_push;
 mod pipeline;
 mod receive;
-mod redis;
 mod registry;
 mod side;
 mod sys;

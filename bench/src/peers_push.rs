@@ -19,7 +19,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -421,11 +420,16 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
                 let payload = format!(r#"{{"k":{k},"s":{m},"t":{stamp}}}"#);
                 let request = running.publish_request(&user, &payload);
                 let sent = Instant::now();
-                match post(&mut stream, running.publish, &request).await {
-                    Ok(status) if (200..300).contains(&status) => counts.accepted += 1,
-                    Ok(status) => {
+                // One `POST` on a kept-alive connection (opened if needed).
+                let to = running.publish;
+                match loadtest::pusher::exchange(&mut stream, to, request.as_bytes()).await {
+                    Ok(r) if (200..300).contains(&r.status) => counts.accepted += 1,
+                    Ok(r) => {
                         counts.failed += 1;
-                        *counts.errors.entry(format!("HTTP {status}")).or_default() += 1;
+                        *counts
+                            .errors
+                            .entry(format!("HTTP {}", r.status))
+                            .or_default() += 1;
                     }
                     Err(e) => {
                         stream = None;
@@ -504,16 +508,6 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
         wall_secs: Some(sys::round2(wall_secs)),
         sustained,
     }
-}
-
-/// One `POST` on a kept-alive connection (opened if needed): the response status.
-async fn post(
-    slot: &mut Option<TcpStream>,
-    addr: SocketAddr,
-    request: &str,
-) -> anyhow::Result<u16> {
-    let response = loadtest::pusher::exchange(slot, addr, request.as_bytes()).await?;
-    Ok(response.status)
 }
 
 fn step_line(s: &Step) -> String {

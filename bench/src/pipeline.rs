@@ -40,10 +40,9 @@ use testkit::kafka::MockKafka;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::admin;
 use crate::hold::{self, Connected, Done, Reporter, Transport, SPARE_FDS};
 use crate::receive::Report;
-use crate::redis;
+use crate::side;
 use crate::sys::{self, round2, CpuMeter};
 use crate::systems::{self, Peer, Running, SECRET};
 
@@ -245,7 +244,7 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
     eprintln!("kafka: {kind} {brokers}");
 
     // The registry and the two nodes.
-    let redis = redis::start().await?;
+    let redis = sys::start_redis().await?;
     let registry = format!("redis://{}", redis.addr());
     let mut nodes: Vec<Running> = Vec::new();
     for name in ["node-a", "node-b"] {
@@ -350,7 +349,7 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
             ("bench (kafka mock + producer)".into(), std::process::id()),
             ("receiver".into(), receiver_pid),
         ];
-        if let Ok(pid) = redis::pid(&redis) {
+        if let Ok(pid) = sys::redis_pid(&redis) {
             procs.push(("redis".into(), pid));
         }
         for (i, n) in nodes.iter().enumerate() {
@@ -377,9 +376,9 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
         }
         let (mut not_connected, mut dead_lettered) = (0.0, 0.0);
         for p in &processors {
-            if let Ok((200, body)) = admin::get(p.metrics, "/metrics").await {
-                not_connected += admin::metric_sum(&body, "msgproc_stored_total");
-                dead_lettered += admin::metric_sum(&body, "msgproc_dead_lettered_total");
+            if let Ok((200, body)) = sys::http_get(p.metrics, "/metrics").await {
+                not_connected += sys::metric_sum(&body, "msgproc_stored_total");
+                dead_lettered += sys::metric_sum(&body, "msgproc_dead_lettered_total");
             }
         }
         drop(processors);
@@ -424,26 +423,21 @@ async fn scenario(args: Args) -> anyhow::Result<usize> {
         .iter()
         .filter(|r| r.lost > 0 || r.send_failed > 0)
         .count();
-    let table = table(&results, &args);
-    if args.json {
-        eprintln!("{table}");
-        let out = Output {
-            users: args.users,
-            messages: args.messages,
-            partitions: args.partitions,
-            producer: args.producer,
-            kafka: match args.brokers {
-                Some(_) => brokers,
-                None => "librdkafka mock cluster (in the bench process)".into(),
-            },
-            processor_args: args.processor_args.clone(),
-            machine: sys::machine(),
-            runs: results,
-        };
-        println!("{}", serde_json::to_string(&out)?);
-    } else {
-        println!("{table}");
-    }
+    let table = format!("{}\n", table(&results, &args));
+    let out = Output {
+        users: args.users,
+        messages: args.messages,
+        partitions: args.partitions,
+        producer: args.producer,
+        kafka: match args.brokers {
+            Some(_) => brokers,
+            None => "librdkafka mock cluster (in the bench process)".into(),
+        },
+        processor_args: args.processor_args.clone(),
+        machine: sys::machine(),
+        runs: results,
+    };
+    side::emit(args.json, &out, &table)?;
     Ok(failed)
 }
 

@@ -22,11 +22,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use hdrhistogram::Histogram;
 use push_registry::{Record, Registry};
+use rand::rngs::SmallRng;
+use rand::{Rng as _, SeedableRng as _};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::process::Command;
 
-use crate::redis::{self, RedisServer};
+use crate::sys::RedisServer;
 use crate::sys::{self, median, round2, CpuMeter};
 
 /// How long every record lives: far longer than a run, so nothing expires while measured.
@@ -205,37 +207,33 @@ async fn scenario(args: Args) -> anyhow::Result<()> {
     } else {
         String::new()
     };
-    if args.json {
-        eprintln!("{title}{}", table(&medians, &args));
-        let result = Output {
-            users: args.users,
-            batch: args.batch,
-            callers: args.callers,
-            secs: args.secs,
-            ring: (!args.no_ring).then(|| Ring {
-                racks: 3,
-                nodes_per_rack: args.nodes_per_rack,
-                read: args.read.clone(),
-                write: args.write.clone(),
-            }),
-            redis_benchmark: redis_benchmark_command("P", args.redis_benchmark_requests).join(" "),
-            redis_server: redis_version().await,
-            machine: sys::machine(),
-            medians,
-            runs,
-        };
-        println!("{}", serde_json::to_string(&result)?);
-    } else {
-        println!("{title}{}", table(&medians, &args));
-    }
+    let table = format!("{title}{}\n", table(&medians, &args));
+    let result = Output {
+        users: args.users,
+        batch: args.batch,
+        callers: args.callers,
+        secs: args.secs,
+        ring: (!args.no_ring).then(|| Ring {
+            racks: 3,
+            nodes_per_rack: args.nodes_per_rack,
+            read: args.read.clone(),
+            write: args.write.clone(),
+        }),
+        redis_benchmark: redis_benchmark_command("P", args.redis_benchmark_requests).join(" "),
+        redis_server: sys::shell(&["redis-server", "--version"]),
+        machine: sys::machine(),
+        medians,
+        runs,
+    };
+    crate::side::emit(args.json, &result, &table)?;
     Ok(())
 }
 
 async fn one_run(args: &Args) -> anyhow::Result<Figures> {
     // The single Redis, then redis-benchmark on the same server.
-    let single = redis::start().await?;
+    let single = sys::start_redis().await?;
     let url = format!("redis://{}", single.addr());
-    let pids = vec![("redis".to_owned(), redis::pid(&single)?)];
+    let pids = vec![("redis".to_owned(), sys::redis_pid(&single)?)];
     let backend = measure_backend("single", &url, &pids, args).await?;
     let cpu = CpuMeter::start(&pids);
     let gets = redis_benchmark(single.port(), args.redis_benchmark_requests).await?;
@@ -255,7 +253,7 @@ async fn one_run(args: &Args) -> anyhow::Result<Figures> {
         let count = 3 * usize::from(args.nodes_per_rack);
         let mut nodes = Vec::with_capacity(count);
         for _ in 0..count {
-            nodes.push(redis::start().await?);
+            nodes.push(sys::start_redis().await?);
         }
         let addrs: Vec<String> = nodes.iter().map(RedisServer::addr).collect();
         // `racks=3`: the nodes are split into 3 racks in the order given (push-registry url.rs).
@@ -268,7 +266,7 @@ async fn one_run(args: &Args) -> anyhow::Result<Figures> {
         let pids: Vec<(String, u32)> = nodes
             .iter()
             .enumerate()
-            .filter_map(|(i, n)| Some((format!("redis{i}"), redis::pid(n).ok()?)))
+            .filter_map(|(i, n)| Some((format!("redis{i}"), sys::redis_pid(n).ok()?)))
             .collect();
         let ring = measure_backend("ring", &url, &pids, args).await?;
         let cost = |op: Op| {
@@ -423,6 +421,22 @@ struct Measured {
     misses: u64,
     latency_us: Histogram<u64>,
     elapsed: Duration,
+    first_error: Option<String>,
+}
+
+impl Measured {
+    fn new() -> Self {
+        Self {
+            calls: 0,
+            errors: 0,
+            misses: 0,
+            // Three significant figures, 1 µs .. 60 s: what one registry call can take.
+            latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)
+                .expect("valid histogram bounds"),
+            elapsed: Duration::ZERO,
+            first_error: None,
+        }
+    }
 }
 
 /// Runs `--callers` tasks calling `op` back to back for `duration`.
@@ -439,59 +453,54 @@ async fn drive(
         let registry = registry.clone();
         let (users, batch) = (args.users, args.batch);
         tasks.push(tokio::spawn(async move {
-            let mut rng = SplitMix64(0x9e37_79b9 ^ caller as u64);
-            // Three significant figures, 1 µs .. 60 s: what one registry call can take.
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                .expect("valid histogram bounds");
-            let (mut calls, mut errors, mut misses) = (0u64, 0u64, 0u64);
-            let mut first_error = None;
+            // Small and fast (statistical quality is irrelevant here): the bench's own cost
+            // stays low and fixed; seeded per caller, so runs pick the same users.
+            let mut rng = SmallRng::seed_from_u64(caller as u64);
+            let mut m = Measured::new();
             while Instant::now() < deadline {
                 let t = Instant::now();
                 let outcome = match op {
                     Op::Lookup => {
-                        let batch: Vec<String> =
-                            (0..batch).map(|_| user(rng.below(users))).collect();
+                        let batch: Vec<String> = (0..batch)
+                            .map(|_| user(rng.random_range(0..users)))
+                            .collect();
                         registry.lookup_many(&batch).await.map(|found| {
                             found.iter().filter(|records| records.is_empty()).count() as u64
                         })
                     }
                     Op::Register => registry
-                        .register(&record(rng.below(users)), RECORD_TTL)
+                        .register(&record(rng.random_range(0..users)), RECORD_TTL)
                         .await
                         .map(|()| 0),
                 };
                 let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
-                hist.saturating_record(us.max(1));
-                calls += 1;
+                m.latency_us.saturating_record(us.max(1));
+                m.calls += 1;
                 match outcome {
-                    Ok(m) => misses += m,
+                    Ok(misses) => m.misses += misses,
                     Err(e) => {
-                        errors += 1;
-                        first_error.get_or_insert_with(|| e.to_string());
+                        m.errors += 1;
+                        m.first_error.get_or_insert_with(|| e.to_string());
                     }
                 }
             }
-            (calls, errors, misses, hist, first_error)
+            m
         }));
     }
-    let mut total = Measured {
-        calls: 0,
-        errors: 0,
-        misses: 0,
-        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
-        elapsed: Duration::ZERO,
-    };
-    let mut first_error = None;
+    let mut total = Measured::new();
     for task in tasks {
-        let (calls, errors, misses, hist, error) = task.await.context("a caller panicked")?;
-        total.calls += calls;
-        total.errors += errors;
-        total.misses += misses;
-        total.latency_us.add(hist).context("merging histograms")?;
-        first_error = first_error.or(error);
+        let m = task.await.context("a caller panicked")?;
+        total.calls += m.calls;
+        total.errors += m.errors;
+        total.misses += m.misses;
+        total
+            .latency_us
+            .add(m.latency_us)
+            .context("merging histograms")?;
+        total.first_error = total.first_error.or(m.first_error);
     }
     total.elapsed = started.elapsed();
-    if let Some(e) = first_error {
+    if let Some(e) = &total.first_error {
         // A few errors (a timeout under load) are reported in the figures; all errors is a
         // broken setup and worth stopping for.
         if total.errors == total.calls {
@@ -505,26 +514,6 @@ async fn drive(
         );
     }
     Ok(total)
-}
-
-/// A small, fast, seedable generator for picking users; statistical quality is irrelevant
-/// here, and keeping `rand` out of the hot loop keeps the bench's own cost low and fixed.
-#[derive(Debug)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n` (`n` > 0); the modulo bias is negligible for `n` ≪ 2^64.
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 /// The `redis-benchmark` command line, for running and for the report.
@@ -584,14 +573,6 @@ fn parse_redis_benchmark_csv(text: &str) -> Option<f64> {
         (cols.next()? == "GET").then_some(())?;
         cols.next()?.parse().ok()
     })
-}
-
-/// `redis-server --version`, for the report.
-async fn redis_version() -> String {
-    match Command::new("redis-server").arg("--version").output().await {
-        Ok(out) => String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-        Err(e) => format!("unknown ({e})"),
-    }
 }
 
 /// The median over runs, figure by figure: every run is the same struct, so the medians
@@ -720,11 +701,5 @@ mod tests {
         assert!(m.ring.is_none());
         let none = medians(&[run(1.0, None), run(2.0, None)]).expect("medians");
         assert_eq!(none.redis_benchmark_cpu_others_cores, None);
-    }
-
-    #[test]
-    fn picks_users_in_range() {
-        let mut rng = SplitMix64(1);
-        assert!((0..10_000).all(|_| rng.below(7) < 7));
     }
 }

@@ -188,14 +188,20 @@ pub fn print<R: Serialize>(
     table: impl FnOnce(&R) -> String,
 ) -> anyhow::Result<R> {
     let result = crate::runtime(Some(2))?.block_on(crate::until_signal(work))?;
-    let table = table(&result);
+    emit(json, &result, &table(&result))?;
+    Ok(result)
+}
+
+/// Prints a scenario's human `table`: on stdout, or with `json` on stderr with `result` as
+/// JSON on stdout.
+pub fn emit(json: bool, result: &impl Serialize, table: &str) -> anyhow::Result<()> {
     if json {
         eprint!("{table}");
-        println!("{}", serde_json::to_string(&result)?);
+        println!("{}", serde_json::to_string(result)?);
     } else {
         print!("{table}");
     }
-    Ok(result)
+    Ok(())
 }
 
 /// A field of a report as it is, or its default when an older report wrote it in another

@@ -1,6 +1,8 @@
 //! The helpers every scenario shares: process facts from `/proc`, the open-files limit,
 //! free local ports and waiting for one to listen, child process trees stopped with their
-//! descendants ([`Tree`]), temporary directories ([`TempDir`]) and [`which`].
+//! descendants ([`Tree`]), temporary directories ([`temp_dir`]), [`which`], `redis-server`
+//! children ([`start_redis`]) and a tiny HTTP/1.1 `GET` for admin ports and status pages
+//! ([`http_get`], [`metric_sum`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -9,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use rustix::process::{getrlimit, kill_process, setrlimit, Pid, Resource, Rlimit, Signal};
+use testkit::resp::Reply;
+pub use testkit::RedisServer;
+use tokio::io::AsyncWriteExt as _;
 use tokio::process::Command;
 
 pub use testkit::free_port;
@@ -183,6 +188,23 @@ pub fn machine() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     format!("{cpus} × {model}")
+}
+
+/// The first line of a command's output, or `?`.
+pub fn shell(cmd: &[&str]) -> String {
+    std::process::Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or("?".into(), |s| s.trim().to_owned())
+}
+
+/// `/proc/loadavg`'s first three fields: how busy the machine was (others' builds show here).
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// Linux reports `/proc/<pid>/stat` times in USER_HZ, which is 100 on every architecture
@@ -403,25 +425,13 @@ fn is_zombie(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
-/// A temporary directory, removed when dropped.
-#[derive(Debug)]
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    /// A fresh `bench-<prefix>-<pid>` under the system's temporary directory.
-    pub fn new(prefix: &str) -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("bench-{prefix}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh `bench-<prefix>-…` directory under the system's temporary directory, removed
+/// when dropped.
+pub fn temp_dir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(&format!("bench-{prefix}-"))
+        .tempdir()
+        .context("cannot create a temporary directory")
 }
 
 /// The directory of the binaries the scenarios start: `given`, or that of this `bench`.
@@ -463,6 +473,59 @@ pub fn memories(procs: &[(String, u32)]) -> Vec<(String, u32, Memory)> {
         .collect()
 }
 
+/// Starts a `redis-server` on a free port: testkit's [`RedisServer`] (no persistence, killed
+/// when dropped, also when a scenario fails half-way), started off the async runtime.
+/// testkit, built for tests, panics when it cannot; the panic (its message is printed) comes
+/// back here as an error.
+pub async fn start_redis() -> anyhow::Result<RedisServer> {
+    tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .context("redis-server did not start (Debian: apt-get install -y redis-server)")
+}
+
+/// The server's process ID (`process_id` of `INFO server`), for CPU readings.
+pub fn redis_pid(redis: &RedisServer) -> anyhow::Result<u32> {
+    let info = match redis.try_command(&["INFO", "server"])? {
+        Reply::Bulk(Some(text)) => text,
+        other => bail!("unexpected reply to INFO: {other:?}"),
+    };
+    info.lines()
+        .find_map(|l| l.strip_prefix("process_id:")?.trim().parse().ok())
+        .context("no process_id in INFO server")
+}
+
+/// How long one admin request may take; the admin port answers in milliseconds.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `GET path` on `addr` (`Connection: close`, read with loadtest's response reader): the
+/// status code and the body. The server's admin port and Nchan's status page answer small,
+/// complete bodies with a `Content-Length`, so this is all the bench needs.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let get = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let r = loadtest::pusher::read_response(&mut stream).await?;
+        anyhow::Ok((r.status, String::from_utf8_lossy(&r.body).into_owned()))
+    };
+    tokio::time::timeout(HTTP_TIMEOUT, get)
+        .await
+        .with_context(|| format!("GET http://{addr}{path} took longer than {HTTP_TIMEOUT:?}"))?
+}
+
+/// Sum of the series `selector` selects in a Prometheus text body: a metric's name (every
+/// label set of it) or one whole series, `name{labels}`; 0 when there is none (no connection
+/// of that transport yet, no message dead-lettered).
+pub fn metric_sum(body: &str, selector: &str) -> f64 {
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(selector)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,5 +561,29 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn sums_the_series_selected() {
+        let body = "# TYPE push_connections_open gauge\n\
+                    push_connections_open{transport=\"ws\"} 15000\n\
+                    push_connections_open{transport=\"sse\"} 3\n\
+                    msgproc_dead_lettered_total{reason=\"malformed\"} 2\n\
+                    msgproc_dead_lettered_total{reason=\"undeliverable\"} 3\n\
+                    msgproc_dead_lettered_total_other 7\n\
+                    msgproc_stored_total 4\n";
+        let ws = "push_connections_open{transport=\"ws\"}";
+        assert_eq!(metric_sum(body, ws), 15000.0);
+        assert_eq!(metric_sum(body, "push_connections_open"), 15003.0);
+        assert_eq!(metric_sum(body, "msgproc_dead_lettered_total"), 5.0);
+        assert_eq!(metric_sum(body, "msgproc_stored_total"), 4.0);
+        assert_eq!(metric_sum("", ws), 0.0);
+    }
+
+    #[tokio::test]
+    async fn starts_redis_and_names_its_process() {
+        let redis = start_redis().await.expect("redis-server starts");
+        let pid = redis_pid(&redis).expect("pid");
+        assert_eq!(process_name(pid).as_deref(), Some("redis-server"));
     }
 }

@@ -31,11 +31,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use loadtest::conn::{self, Conn, Transport};
 use push_proto::auth::Authenticator;
+use push_proto::http::parse_request_head;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
 
-use crate::sys::{self, which, TempDir, Tree};
+use crate::hold;
+use crate::side::CommonArgs;
+use crate::sys::{self, which, Tree};
 
 /// Secret shared by push-server and its clients (32 characters; any value works).
 pub const SECRET: &str = "bench-side-by-side-secret-012345";
@@ -162,7 +165,7 @@ pub struct Running {
     trees: Vec<Tree>,
     /// The GRIP backend task (Pushpin).
     backend: Option<tokio::task::JoinHandle<()>>,
-    _dir: Option<TempDir>,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Drop for Running {
@@ -210,6 +213,31 @@ impl Running {
             None => {
                 conn::open_raw(source, self.addr, transport, &format!("/sub/u{i}"), timeout).await
             }
+        }
+    }
+
+    /// `bench hold` arguments for `conns` connections to this system: with tokens for
+    /// push-server, at `/sub/<prefix>u<i>` for a peer (a prefix per hold process keeps their
+    /// channels apart).
+    pub fn holder(
+        &self,
+        conns: usize,
+        c: &CommonArgs,
+        concurrency: usize,
+        hold_secs: u64,
+        prefix: &str,
+    ) -> hold::Args {
+        let ours = self.auth.is_some();
+        hold::Args {
+            secret: ours.then(|| SECRET.into()),
+            path: (!ours).then(|| format!("/sub/{prefix}u{{i}}")),
+            ..hold::Args::new(
+                c.transport,
+                vec![self.addr],
+                conns,
+                (c.sources, concurrency),
+                hold_secs,
+            )
         }
     }
 
@@ -274,7 +302,7 @@ async fn start_push_server(opts: &Options) -> anyhow::Result<Running> {
     )?;
     let what = format!("healthy (/healthz on {admin})");
     tree.wait_ready(&what, STARTUP_TIMEOUT, || async move {
-        matches!(crate::admin::get(admin, "/healthz").await, Ok((200, _)))
+        matches!(sys::http_get(admin, "/healthz").await, Ok((200, _)))
     })
     .await?;
     Ok(Running {
@@ -299,10 +327,10 @@ async fn start_nchan(opts: &Options) -> anyhow::Result<Running> {
     let (Some(nginx), Some(module)) = (which("nginx"), nchan_module()) else {
         bail!("nginx or the nchan module is missing");
     };
-    let dir = TempDir::new("nchan")?;
+    let dir = sys::temp_dir("nchan")?;
     let port = sys::free_port();
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let d = dir.0.display();
+    let d = dir.path().display();
     let workers = opts.nchan_workers.max(1);
     // Each worker may hold up to 19,000 connections (the limit is per process, 20,000).
     // With several workers, `reuseport` gives each its own accept queue, so connections
@@ -342,7 +370,7 @@ http {{
 ",
         module = module.display()
     );
-    let conf_path = dir.0.join("nginx.conf");
+    let conf_path = dir.path().join("nginx.conf");
     std::fs::write(&conf_path, conf)?;
     eprintln!(
         "starting {} -c {} (worker_processes {workers})",
@@ -353,16 +381,16 @@ http {{
         "nginx",
         Command::new(&nginx)
             .arg("-p")
-            .arg(&dir.0)
+            .arg(dir.path())
             .arg("-e")
-            .arg(dir.0.join("error.log"))
+            .arg(dir.path().join("error.log"))
             .arg("-c")
             .arg(&conf_path)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit()),
     )?;
     if let Err(e) = tree.wait_listening(addr, Duration::from_secs(10)).await {
-        let log = std::fs::read_to_string(dir.0.join("error.log")).unwrap_or_default();
+        let log = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
         bail!("{e:#}; error.log: {}", log.trim());
     }
     let mut procs = vec![("nginx master".to_owned(), tree.pid)];
@@ -401,7 +429,7 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
     if std::net::TcpListener::bind(PUSHPIN_PUBLISH).is_err() {
         bail!("{PUSHPIN_PUBLISH} (Pushpin's publish port) is taken: is another Pushpin running?");
     }
-    let dir = TempDir::new("pushpin")?;
+    let dir = sys::temp_dir("pushpin")?;
 
     // The backend, in this process.
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
@@ -411,7 +439,7 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
     // zurl: Pushpin's internal.conf fixes its sockets in /var/run/zurl. The Debian config
     // denies 127.*; this copy allows it, for the backend on 127.0.0.1.
     std::fs::create_dir_all("/var/run/zurl").context("cannot create /var/run/zurl")?;
-    let zurl_conf_path = dir.0.join("zurl.conf");
+    let zurl_conf_path = dir.path().join("zurl.conf");
     std::fs::write(
         &zurl_conf_path,
         rewrite_ini(&zurl_conf, &[("General", "deny", String::new())]),
@@ -433,16 +461,24 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
     let port = sys::free_port_below_ephemeral()?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     for sub in ["run", "log"] {
-        std::fs::create_dir_all(dir.0.join(sub))?;
+        std::fs::create_dir_all(dir.path().join(sub))?;
     }
-    std::fs::write(dir.0.join("routes"), format!("* {backend}\n"))?;
+    std::fs::write(dir.path().join("routes"), format!("* {backend}\n"))?;
     let rate = opts.pushpin_message_rate.max(1);
     let conf = rewrite_ini(
         &pushpin_conf,
         &[
-            ("global", "rundir", dir.0.join("run").display().to_string()),
+            (
+                "global",
+                "rundir",
+                dir.path().join("run").display().to_string(),
+            ),
             ("runner", "http_port", port.to_string()),
-            ("runner", "logdir", dir.0.join("log").display().to_string()),
+            (
+                "runner",
+                "logdir",
+                dir.path().join("log").display().to_string(),
+            ),
             (
                 "runner",
                 "client_maxconn",
@@ -451,7 +487,7 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
             (
                 "proxy",
                 "routesfile",
-                dir.0.join("routes").display().to_string(),
+                dir.path().join("routes").display().to_string(),
             ),
             ("handler", "message_rate", rate.to_string()),
             // The queue in front of the rate limit: 10 s of messages at that rate.
@@ -462,7 +498,7 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
             ),
         ],
     );
-    let conf_path = dir.0.join("pushpin.conf");
+    let conf_path = dir.path().join("pushpin.conf");
     std::fs::write(&conf_path, conf)?;
     eprintln!(
         "starting {} --config {} (backend {backend}, message_rate {rate})",
@@ -470,7 +506,7 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
         conf_path.display()
     );
     // Its services' logs (`-m`: merged) go to a file, shown if it fails to start.
-    let out_path = dir.0.join("pushpin.out");
+    let out_path = dir.path().join("pushpin.out");
     let out = std::fs::File::create(&out_path)?;
     let mut tree = Tree::spawn(
         "pushpin",
@@ -582,37 +618,17 @@ async fn grip_backend(listener: TcpListener) {
 async fn grip_connection(mut stream: TcpStream) -> anyhow::Result<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(2048);
     loop {
-        let head_end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
+        // zurl forwards the subscribers' bodiless GETs: a head is the whole request.
+        let (head, used) = loop {
+            if let Some(parsed) = parse_request_head(&buf, 16 * 1024)? {
+                break parsed;
             }
-            let mut chunk = [0u8; 2048];
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
+            if stream.read_buf(&mut buf).await? == 0 {
                 return Ok(());
             }
-            buf.extend_from_slice(&chunk[..n]);
         };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let body_len: usize = head
-            .lines()
-            .find_map(|l| {
-                let (n, v) = l.split_once(':')?;
-                n.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or(0);
-        while buf.len() < head_end + body_len {
-            let mut chunk = [0u8; 2048];
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        buf.drain(..head_end + body_len);
-        let path = head.split_whitespace().nth(1).unwrap_or("/");
-        let user = path.rsplit('/').next().unwrap_or("none").to_owned();
+        buf.drain(..used);
+        let user = head.path.rsplit('/').next().unwrap_or("none");
         let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nGrip-Hold: stream\r\n\
              Grip-Channel: {user}\r\nContent-Length: 0\r\n\r\n"

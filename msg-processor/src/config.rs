@@ -236,8 +236,8 @@ impl Args {
         let mut s = Settings::new(&self.brokers, &self.topic, &self.group, &self.registry);
         s.admin_token = self.admin_token.clone();
         s.internal_secret = self.internal_secret.clone();
-        s.peer_nets =
-            push_registry::PeerNets::parse(&self.peer_nets).map_err(SettingsError::PeerNets)?;
+        s.peer_nets = push_registry::PeerNets::parse(&self.peer_nets)
+            .map_err(|e| SettingsError::PeerNets(e.to_string()))?;
         s.dead_letter_topic = self.dead_letter_topic.clone();
         s.batch_size = self.batch_size;
         s.batch_linger = self.batch_linger;

@@ -196,7 +196,7 @@ impl Registry for ClusterRegistry {
             Ok(masters) => join_all(masters.iter().map(Node::ping)).await,
             Err(e) => vec![NodePing {
                 node: self.seeds.clone(),
-                result: Err(e.to_string()),
+                result: Err(e),
             }],
         }
     }

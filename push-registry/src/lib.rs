@@ -53,7 +53,7 @@ pub use error::{Error, Result};
 pub use history::{ClusterStore, MemoryStore, MessageStore, RedisStore, RingStore};
 pub use memory::MemoryRegistry;
 pub use node::Timeouts;
-pub use peer_nets::PeerNets;
+pub use peer_nets::{PeerNets, PeerNetsError};
 pub use record::{now_ms, Record};
 pub use redis_single::RedisRegistry;
 pub use registry::{NodePing, RefreshOutcome, Registry, Stats};

@@ -205,7 +205,7 @@ async fn ping(registry: &dyn Registry) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|p| match &p.result {
             Ok(us) => serde_json::json!({ "node": p.node, "ok": true, "latency_us": us }),
-            Err(e) => serde_json::json!({ "node": p.node, "ok": false, "error": e }),
+            Err(e) => serde_json::json!({ "node": p.node, "ok": false, "error": e.to_string() }),
         })
         .collect();
     print_json(&rows)?;

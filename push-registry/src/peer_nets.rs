@@ -12,6 +12,45 @@ use std::net::{IpAddr, SocketAddr};
 /// network names its subnet (`--peer-nets 10.0.0.0/8`).
 pub const DEFAULT_PEER_NETS: &str = "127.0.0.0/8,::1/128";
 
+/// Why a `--peer-nets` list does not parse, or a node address is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerNetsError {
+    /// An item of the list is neither an IP address nor a CIDR.
+    #[error("`{0}`: not an IP address or CIDR")]
+    NotAnAddress(String),
+    /// An item's prefix length is beyond its address's bits.
+    #[error("`{item}`: prefix length must be 0 to {max}")]
+    PrefixLength {
+        /// The item as written.
+        item: String,
+        /// 32 for IPv4, 128 for IPv6.
+        max: u8,
+    },
+    /// The list names no network.
+    #[error("empty list: name at least one network (or `any`)")]
+    Empty,
+    /// A node's host name did not resolve.
+    #[error("cannot resolve {addr}: {source}")]
+    Resolve {
+        /// `host:port` as the record has it.
+        addr: String,
+        /// The resolver's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A node's host name resolved to no address.
+    #[error("{0} resolves to nothing")]
+    NoAddress(String),
+    /// A node's address is in none of the networks.
+    #[error("{ip} is outside --peer-nets ({allowed})")]
+    Outside {
+        /// The address refused.
+        ip: IpAddr,
+        /// The allow-list, as `--peer-nets` writes it.
+        allowed: String,
+    },
+}
+
 /// An allow-list of networks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerNets {
@@ -39,7 +78,7 @@ impl std::fmt::Display for PeerNets {
 impl PeerNets {
     /// Parses `a.b.c.d/n,x::/m,…`; a bare address is a single host. `any` allows every
     /// address (for operators who check records otherwise).
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, PeerNetsError> {
         let mut nets = Vec::new();
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             if item == "any" {
@@ -53,20 +92,21 @@ impl PeerNets {
             };
             let ip: IpAddr = ip
                 .parse()
-                .map_err(|_| format!("`{item}`: not an IP address or CIDR"))?;
+                .map_err(|_| PeerNetsError::NotAnAddress(item.to_owned()))?;
             let max = if ip.is_ipv4() { 32 } else { 128 };
             let len = match len {
-                Some(l) => l
-                    .parse::<u8>()
-                    .ok()
-                    .filter(|&l| l <= max)
-                    .ok_or_else(|| format!("`{item}`: prefix length must be 0 to {max}"))?,
+                Some(l) => l.parse::<u8>().ok().filter(|&l| l <= max).ok_or_else(|| {
+                    PeerNetsError::PrefixLength {
+                        item: item.to_owned(),
+                        max,
+                    }
+                })?,
                 None => max,
             };
             nets.push((ip, len));
         }
         if nets.is_empty() {
-            return Err("empty list: name at least one network (or `any`)".into());
+            return Err(PeerNetsError::Empty);
         }
         Ok(Self { nets })
     }
@@ -88,28 +128,34 @@ impl PeerNets {
 
     /// Resolves `host:port` and returns the address to connect to, if every address it
     /// resolves to is allowed.
-    pub async fn resolve(&self, addr: &str) -> Result<SocketAddr, String> {
+    pub async fn resolve(&self, addr: &str) -> Result<SocketAddr, PeerNetsError> {
         if let Ok(sa) = addr.parse::<SocketAddr>() {
             return self.check(sa);
         }
         let all: Vec<SocketAddr> = tokio::net::lookup_host(addr)
             .await
-            .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+            .map_err(|source| PeerNetsError::Resolve {
+                addr: addr.to_owned(),
+                source,
+            })?
             .collect();
         let first = *all
             .first()
-            .ok_or_else(|| format!("{addr} resolves to nothing"))?;
+            .ok_or_else(|| PeerNetsError::NoAddress(addr.to_owned()))?;
         for sa in &all {
             self.check(*sa)?;
         }
         Ok(first)
     }
 
-    fn check(&self, sa: SocketAddr) -> Result<SocketAddr, String> {
+    fn check(&self, sa: SocketAddr) -> Result<SocketAddr, PeerNetsError> {
         if self.contains(sa.ip()) {
             Ok(sa)
         } else {
-            Err(format!("{} is outside --peer-nets ({self})", sa.ip()))
+            Err(PeerNetsError::Outside {
+                ip: sa.ip(),
+                allowed: self.to_string(),
+            })
         }
     }
 }
@@ -166,7 +212,7 @@ mod tests {
             "127.0.0.1:9090".parse().unwrap()
         );
         assert!(n.resolve("localhost:9090").await.is_ok());
-        let err = n.resolve("10.0.0.1:9090").await.unwrap_err();
+        let err = n.resolve("10.0.0.1:9090").await.unwrap_err().to_string();
         assert!(err.contains("outside --peer-nets"), "{err}");
     }
 }

@@ -51,12 +51,12 @@ impl Stats {
 }
 
 /// One storage node's answer to a ping.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug)]
 pub struct NodePing {
     /// `host:port`, or `memory`.
     pub node: String,
     /// Round-trip time in microseconds, or why the ping failed.
-    pub result: Result<u64, String>,
+    pub result: Result<u64>,
 }
 
 /// Who is connected where. Implemented by every backend; see [`crate::open`].

@@ -82,7 +82,34 @@ impl Rack {
 }
 
 /// One replica's answer for one item: the node, and what it said or why it failed.
-type Answer<T> = (String, std::result::Result<T, String>);
+type Answer<T> = (String, std::result::Result<T, ReplicaError>);
+
+/// Why one replica's answer for one item is missing or unusable. Shared (`Arc`) because one
+/// failed pipeline fails every item it carried; written out only in [`Error::Quorum`].
+#[derive(Debug, Clone, thiserror::Error)]
+enum ReplicaError {
+    /// The node's pipeline failed: refused, timed out or answered an error.
+    #[error("{}", node_failure(.0))]
+    Node(Arc<Error>),
+    /// A reply of another type than the command returns.
+    #[error("unexpected reply {0:?}")]
+    UnexpectedReply(Value),
+    /// The stored value is not the registry's slot map.
+    #[error("{0}")]
+    Parse(Arc<redis::ParsingError>),
+    /// The slot map holds an entry that does not decode.
+    #[error("{0}")]
+    Corrupt(Arc<Error>),
+}
+
+/// A failed node as [`Error::Quorum`] lists it: the node is named beside it, so only the
+/// client library's words for a node error.
+fn node_failure(e: &Error) -> String {
+    match e {
+        Error::Node { source, .. } => source.to_string(),
+        other => other.to_string(),
+    }
+}
 
 /// The client-side replicated ring backend.
 #[derive(Debug)]
@@ -156,10 +183,7 @@ impl RingRegistry {
                     }
                 }
                 Err(e) => {
-                    let why = match &e {
-                        Error::Node { source, .. } => source.to_string(),
-                        other => other.to_string(),
-                    };
+                    let why = ReplicaError::Node(Arc::new(e));
                     for &i in items {
                         out[i].push((node.addr.clone(), Err(why.clone())));
                     }
@@ -187,7 +211,7 @@ impl RingRegistry {
         for (node, a) in answers {
             match a {
                 Ok(v) => ok.push((node, v)),
-                Err(why) => failures.push((node, why)),
+                Err(why) => failures.push((node, why.to_string())),
             }
         }
         if ok.len() < needed {
@@ -323,7 +347,7 @@ impl RingRegistry {
                 };
                 match a.and_then(|v| decode(&node, users[i], v, now)) {
                     Ok(slots) => results[i] = Some(store::live_records(&slots, now)),
-                    Err(why) => failures[i].push((node, why)),
+                    Err(why) => failures[i].push((node, why.to_string())),
                 }
             }
         }
@@ -371,10 +395,10 @@ impl RingRegistry {
     }
 }
 
-fn int(v: &Value) -> std::result::Result<i64, String> {
+fn int(v: &Value) -> std::result::Result<i64, ReplicaError> {
     match v {
         Value::Int(i) => Ok(*i),
-        other => Err(format!("unexpected reply {other:?}")),
+        other => Err(ReplicaError::UnexpectedReply(other.clone())),
     }
 }
 
@@ -383,10 +407,10 @@ fn decode(
     user: &str,
     v: Value,
     now: u64,
-) -> std::result::Result<HashMap<String, Entry>, String> {
+) -> std::result::Result<HashMap<String, Entry>, ReplicaError> {
     let raw: store::RawSlots =
-        redis::FromRedisValue::from_redis_value(v).map_err(|e| e.to_string())?;
-    store::decode_slots(node, user, raw, now).map_err(|e| e.to_string())
+        redis::FromRedisValue::from_redis_value(v).map_err(|e| ReplicaError::Parse(Arc::new(e)))?;
+    store::decode_slots(node, user, raw, now).map_err(|e| ReplicaError::Corrupt(Arc::new(e)))
 }
 
 /// The newest version of every slot across replicas.

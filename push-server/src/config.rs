@@ -417,7 +417,7 @@ impl Values {
     fn into_config(self) -> Result<Config, ConfigError> {
         let invalid = |name, message| ConfigError::Invalid { name, message };
         let peer_nets = push_registry::PeerNets::parse(&self.peer_nets)
-            .map_err(|message| invalid("peer_nets", message))?;
+            .map_err(|e| invalid("peer_nets", e.to_string()))?;
         let registry = self
             .registry
             .parse()
