@@ -76,6 +76,9 @@ struct Args {
     /// How long the broker may take to acknowledge one message.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Span export.
+    #[command(flatten)]
+    otlp: telemetry::OtlpArgs,
 }
 
 impl Args {
@@ -163,8 +166,11 @@ impl Tally {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init_logging(telemetry::LogFormat::Human, "warn");
     let args = Args::parse();
+    let traces = telemetry::TraceExport::from_args(&args.otlp, "push-send");
+    // Held until main returns: dropping it flushes the spans still queued.
+    let _traces =
+        telemetry::init_logging_with_traces(telemetry::LogFormat::Human, "warn", &traces)?;
     let client = args.client()?;
     // Build one envelope up front so a bad --data fails before anything is sent.
     args.envelope(0)?;
