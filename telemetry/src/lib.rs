@@ -7,12 +7,14 @@
 //! |---|---|
 //! | [`LogFormat`], [`init_logging`] | the tracing subscriber: human or JSON lines on stderr, `RUST_LOG` or a default filter |
 //! | [`init_logging_with_traces`], [`otel`] | the same, plus span export over OTLP/HTTP when `--otlp-endpoint` / `OTEL_EXPORTER_OTLP_ENDPOINT` is set |
+//! | [`propagation`] | W3C `traceparent`/`tracestate` and B3 headers ↔ [`propagation::TraceContext`] (pure); [`otel::set_parent`] and [`otel::outgoing`] join it to `tracing` spans |
 //! | [`install_recorder`] | the process-wide Prometheus recorder, installed once per binary's cell, with its descriptions |
 //!
 //! Each binary keeps its own metric names, buckets and descriptions in its own `metrics`
 //! module; only the set-up lives here.
 
 pub mod otel;
+pub mod propagation;
 
 use std::sync::OnceLock;
 

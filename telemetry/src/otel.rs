@@ -26,6 +26,8 @@ use opentelemetry_sdk::trace::{
 };
 use opentelemetry_sdk::Resource;
 
+use crate::propagation::TraceContext;
+
 /// Spans counted when they were not exported: label `reason` is `queue_full` or `export_failed`.
 pub const SPANS_DROPPED: &str = "telemetry_spans_dropped_total";
 /// Spans the collector accepted.
@@ -199,6 +201,57 @@ where
         tracing_opentelemetry::layer().with_tracer(tracer),
         TraceGuard { provider },
     )))
+}
+
+/// Makes the caller's context `parent` the parent of `span` (a receive span: admin push,
+/// Kafka consume, internal deliver), so the trace continues here. Does nothing when tracing
+/// is off (no layer holds the span) or the span is disabled.
+pub fn set_parent(span: &tracing::Span, parent: &TraceContext) {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+    };
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if span.is_disabled() {
+        return;
+    }
+    let flags = if parent.sampled {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
+    let state = parent
+        .tracestate
+        .parse()
+        .unwrap_or_else(|_| TraceState::default());
+    let remote = SpanContext::new(
+        TraceId::from_bytes(parent.trace_id),
+        SpanId::from_bytes(parent.span_id),
+        flags,
+        true,
+        state,
+    );
+    let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+}
+
+/// The context to pass on from inside `span`: `span`'s own when it is exported (so the next
+/// service's spans hang under it), else `incoming` unchanged (a hop that does not trace still
+/// forwards the caller's trace).
+pub fn outgoing(span: &tracing::Span, incoming: Option<&TraceContext>) -> Option<TraceContext> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if !span.is_disabled() {
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        if sc.is_valid() {
+            return Some(TraceContext {
+                trace_id: sc.trace_id().to_bytes(),
+                span_id: sc.span_id().to_bytes(),
+                sampled: sc.is_sampled(),
+                tracestate: sc.trace_state().header(),
+            });
+        }
+    }
+    incoming.cloned()
 }
 
 /// Drops (and counts) spans past `cap` before the batch processor sees them: the SDK's own
@@ -486,5 +539,33 @@ mod tests {
             "{head}"
         );
         assert!(head.contains("Content-Length: 5\r\n"), "{head}");
+    }
+
+    #[test]
+    fn a_received_context_is_the_parent_and_the_child_is_passed_on() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let parent = crate::propagation::parse_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .unwrap();
+        // Tracing off (no layer): the incoming context is forwarded unchanged.
+        let span = tracing::info_span!("receive");
+        assert_eq!(outgoing(&span, Some(&parent)), Some(parent.clone()));
+        assert_eq!(outgoing(&span, None), None);
+
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("t")));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("receive");
+            set_parent(&span, &parent);
+            let out = outgoing(&span, Some(&parent)).unwrap();
+            assert_eq!(out.trace_id, parent.trace_id);
+            assert_ne!(out.span_id, parent.span_id, "the receive span's own id");
+            assert!(out.sampled);
+            // A span with no parent starts a trace of its own.
+            let root = tracing::info_span!("root");
+            assert_ne!(outgoing(&root, None).unwrap().trace_id, parent.trace_id);
+        });
     }
 }
