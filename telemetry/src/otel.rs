@@ -197,11 +197,20 @@ where
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
+    ON.store(true, Ordering::Relaxed);
     Ok(Some((
         tracing_opentelemetry::layer().with_tracer(tracer),
         TraceGuard { provider },
     )))
 }
+
+/// Whether span export was installed in this process: hot paths open their per-message
+/// spans only then, so tracing off costs one relaxed load.
+pub fn is_on() -> bool {
+    ON.load(Ordering::Relaxed)
+}
+
+static ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Makes the caller's context `parent` the parent of `span` (a receive span: admin push,
 /// Kafka consume, internal deliver), so the trace continues here. Does nothing when tracing
@@ -252,6 +261,17 @@ pub fn outgoing(span: &tracing::Span, incoming: Option<&TraceContext>) -> Option
         }
     }
     incoming.cloned()
+}
+
+/// Runs `f` with this thread's spans going to an OpenTelemetry layer that samples everything
+/// and exports nothing: for the unit tests of the crates that call [`set_parent`] and
+/// [`outgoing`] (what a test checks is the context passed on).
+pub fn with_test_tracer<R>(f: impl FnOnce() -> R) -> R {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let provider = SdkTracerProvider::builder().build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    tracing::subscriber::with_default(subscriber, f)
 }
 
 /// Drops (and counts) spans past `cap` before the batch processor sees them: the SDK's own
@@ -543,7 +563,6 @@ mod tests {
 
     #[test]
     fn a_received_context_is_the_parent_and_the_child_is_passed_on() {
-        use tracing_subscriber::layer::SubscriberExt as _;
         let parent = crate::propagation::parse_traceparent(
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         )
@@ -553,10 +572,7 @@ mod tests {
         assert_eq!(outgoing(&span, Some(&parent)), Some(parent.clone()));
         assert_eq!(outgoing(&span, None), None);
 
-        let provider = SdkTracerProvider::builder().build();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("t")));
-        tracing::subscriber::with_default(subscriber, || {
+        with_test_tracer(|| {
             let span = tracing::info_span!("receive");
             set_parent(&span, &parent);
             let out = outgoing(&span, Some(&parent)).unwrap();
