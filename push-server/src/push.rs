@@ -15,6 +15,7 @@
 //! a connection that does not drain within it is a slow consumer.
 
 use std::sync::Arc;
+use tracing::Instrument as _;
 
 use push_registry::{MessageStore, NewMessage};
 use tokio::sync::{oneshot, MutexGuard};
@@ -144,7 +145,16 @@ async fn push(
     let appended = if new.is_empty() {
         Vec::new()
     } else {
-        p.store.append(&new).await.inspect_err(|_| {
+        let append = p.store.append(&new);
+        let append = if telemetry::otel::is_on() {
+            // Under the current span: the admin receive span of a single push.
+            append
+                .instrument(tracing::info_span!("history append"))
+                .await
+        } else {
+            append.await
+        };
+        append.inspect_err(|_| {
             metrics::counter!(m::HISTORY_ERRORS, "op" => "append").increment(1);
         })?
     };
