@@ -146,8 +146,9 @@ async fn push(
         Vec::new()
     } else {
         let append = p.store.append(&new);
-        let append = if telemetry::otel::is_on() {
-            // Under the current span: the admin receive span of a single push.
+        // Under the current span (a single push's admin receive); a batch has one receive
+        // span per item and no current one, and a root span here would be a trace of its own.
+        let append = if telemetry::otel::is_on() && !tracing::Span::current().is_none() {
             append
                 .instrument(tracing::info_span!("history append"))
                 .await
