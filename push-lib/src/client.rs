@@ -202,7 +202,12 @@ impl PushClient {
     /// Kafka: waits only while librdkafka's local queue is full. Direct: performs the request
     /// (the returned future is then ready).
     pub async fn enqueue(&self, mut env: Envelope) -> Result<PendingSend> {
-        let span = tracing::info_span!("push send", user = %env.user);
+        // No span at all when export is off: a library's sends cost nothing extra then.
+        let span = if telemetry::otel::is_on() {
+            tracing::info_span!("push send", user = %env.user)
+        } else {
+            tracing::Span::none()
+        };
         stamp_trace(&mut env, &span);
         self.enqueue_stamped(env).instrument(span).await
     }
@@ -266,7 +271,11 @@ impl PushClient {
                         })
                         .collect();
                 }
-                let span = tracing::info_span!("push send batch", messages = envs.len());
+                let span = if telemetry::otel::is_on() {
+                    tracing::info_span!("push send batch", messages = envs.len())
+                } else {
+                    tracing::Span::none()
+                };
                 for env in &mut envs {
                     stamp_trace(env, &span);
                 }
