@@ -35,7 +35,7 @@ fn frames(c: &mut Criterion) {
     let mut g = c.benchmark_group("message");
     let p = Payload::text(Bytes::from_static(b"your download is ready")).unwrap();
     g.bench_function("ws_message_frame", |b| {
-        b.iter(|| message::message_ws_frame(black_box(123_456), None, &p))
+        b.iter(|| message::message_ws_frame(black_box(123_456), None, None, &p))
     });
     g.bench_function("sse_message_event", |b| {
         b.iter(|| message::message_sse_event(black_box(123_456), &p))

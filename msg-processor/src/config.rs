@@ -228,6 +228,9 @@ pub struct Args {
     /// Log format: `human` or `json`; level from `RUST_LOG`.
     #[arg(long, env = "MSGPROC_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: telemetry::LogFormat,
+    /// Span export.
+    #[command(flatten)]
+    pub otlp: telemetry::OtlpArgs,
 }
 
 impl Args {

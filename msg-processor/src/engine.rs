@@ -63,7 +63,13 @@ impl Engine {
             match decoded {
                 Err(reason) => self.dead_letter(msg, &reason).await,
                 Ok(env) if env.is_expired(now) => self.expired(),
-                Ok(env) => active.push((i, Delivery::new(env, wire_len))),
+                Ok(env) => {
+                    let mut d = Delivery::new(env, wire_len);
+                    if telemetry::otel::is_on() {
+                        d.span = consume_span(msg, &d.env);
+                    }
+                    active.push((i, d));
+                }
             }
         }
         self.append(&mut active).await;
@@ -110,6 +116,10 @@ impl Engine {
                 data,
             })
             .collect();
+        let _spans = child_spans(
+            active.iter().map(|(_, d)| d),
+            |p| tracing::info_span!(parent: p, "history append"),
+        );
         let mut backoff = self.settings.retry_backoff;
         let appended = loop {
             match self.history.append(&messages).await {
@@ -243,11 +253,41 @@ impl Engine {
                 continue;
             }
             metrics::histogram!(m::NODE_BATCH_SIZE).record(chunk.len() as f64);
-            let envs: Vec<(&Envelope, Option<u64>)> = chunk
+            let spans = child_spans(
+                chunk.iter().map(|&ai| &active[ai].1),
+                |p| tracing::info_span!(parent: p, "deliver batch"),
+            );
+            // Each message tells the node its deliver span, the parent of the node's spans.
+            let traced: Vec<Envelope> = spans
                 .iter()
-                .map(|&ai| (&active[ai].1.env, active[ai].1.id))
+                .zip(chunk)
+                .map(|(span, &ai)| {
+                    let mut env = active[ai].1.env.clone();
+                    let incoming = env
+                        .traceparent
+                        .as_deref()
+                        .and_then(|t| telemetry::propagation::parse_traceparent(t).ok());
+                    if let Some(out) = telemetry::otel::outgoing(span, incoming.as_ref()) {
+                        env.traceparent = Some(out.traceparent());
+                    }
+                    env
+                })
                 .collect();
-            match self.nodes.deliver_with_ids(node, &envs, None).await {
+            let envs: Vec<(&Envelope, Option<u64>)> = if traced.is_empty() {
+                chunk
+                    .iter()
+                    .map(|&ai| (&active[ai].1.env, active[ai].1.id))
+                    .collect()
+            } else {
+                traced
+                    .iter()
+                    .zip(chunk)
+                    .map(|(env, &ai)| (env, active[ai].1.id))
+                    .collect()
+            };
+            let answer = self.nodes.deliver_with_ids(node, &envs, None).await;
+            drop(spans);
+            match answer {
                 Ok(outcomes) => {
                     metrics::counter!(m::DELIVER_REQUESTS, "result" => "ok").increment(1);
                     for (&ai, (o, _)) in chunk.iter().zip(outcomes) {
@@ -281,6 +321,10 @@ impl Engine {
     /// Looks up every user of `active` (one pipelined call), retrying until the registry
     /// answers: without it nothing can be delivered, and lag is the right signal.
     async fn lookup(&self, active: &[(usize, Delivery)]) -> HashMap<String, Vec<Record>> {
+        let _spans = child_spans(
+            active.iter().map(|(_, d)| d),
+            |p| tracing::info_span!(parent: p, "registry lookup"),
+        );
         let mut users: Vec<String> = active.iter().map(|(_, d)| d.env.user.clone()).collect();
         users.sort();
         users.dedup();
@@ -327,5 +371,85 @@ impl Engine {
                 }
             }
         }
+    }
+}
+
+/// The `consume` span of a record, continuing the producer's trace: the record's
+/// `traceparent` header, else the envelope's.
+fn consume_span(msg: &OwnedMessage, env: &Envelope) -> tracing::Span {
+    use rdkafka::message::Headers as _;
+    let span = tracing::info_span!("consume", user = %env.user, partition = msg.partition(), offset = msg.offset());
+    let header = msg.headers().and_then(|h| {
+        h.iter()
+            .find(|h| h.key == push_lib::kafka::TRACEPARENT_HEADER)
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    });
+    let parse = |t: &str| telemetry::propagation::parse_traceparent(t).ok();
+    let parent = header
+        .and_then(parse)
+        .or_else(|| env.traceparent.as_deref().and_then(parse));
+    if let Some(parent) = &parent {
+        telemetry::otel::set_parent(&span, parent);
+    }
+    span
+}
+
+/// One span (`open`) under each message's `consume` span, for a call made for all of them
+/// at once (they end when the returned spans drop). Empty when tracing is off.
+fn child_spans<'a>(
+    deliveries: impl Iterator<Item = &'a Delivery>,
+    open: impl Fn(&tracing::Span) -> tracing::Span,
+) -> Vec<tracing::Span> {
+    if !telemetry::otel::is_on() {
+        return Vec::new();
+    }
+    deliveries.map(|d| open(&d.span)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::{Header, OwnedHeaders, Timestamp};
+
+    const HEADER: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    const ENVELOPE: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    fn record(header: Option<&str>) -> OwnedMessage {
+        let headers = header.map(|tp| {
+            OwnedHeaders::new().insert(Header {
+                key: "traceparent",
+                value: Some(tp),
+            })
+        });
+        OwnedMessage::new(
+            None,
+            None,
+            "push".into(),
+            Timestamp::NotAvailable,
+            0,
+            7,
+            headers,
+        )
+    }
+
+    fn trace_of(span: &tracing::Span) -> String {
+        telemetry::otel::outgoing(span, None)
+            .unwrap()
+            .trace_id_hex()
+    }
+
+    #[test]
+    fn consume_continues_the_record_header_else_the_envelope() {
+        let env = Envelope::new("u", "x").traceparent(ENVELOPE);
+        telemetry::otel::with_test_tracer(|| {
+            let from_header = consume_span(&record(Some(HEADER)), &env);
+            assert_eq!(trace_of(&from_header), "4bf92f3577b34da6a3ce929d0e0e4736");
+            let from_envelope = consume_span(&record(None), &env);
+            assert_eq!(trace_of(&from_envelope), "0af7651916cd43dd8448eb211c80319c");
+            // A bad header falls back to the envelope rather than losing the trace.
+            let bad = consume_span(&record(Some("00-bad")), &env);
+            assert_eq!(trace_of(&bad), "0af7651916cd43dd8448eb211c80319c");
+        });
     }
 }

@@ -7,7 +7,9 @@ use msg_processor::{Args, Processor, Stats};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    telemetry::init_logging(args.log_format, "info");
+    let traces = telemetry::TraceExport::from_args(&args.otlp, "msg-processor");
+    // Held until main returns: dropping it flushes the spans still queued.
+    let _traces = telemetry::init_logging_with_traces(args.log_format, "info", &traces)?;
     let settings = args.settings().context("bad flags")?;
     let mut processor = Processor::start(settings)
         .await

@@ -73,6 +73,7 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    telemetry::otel::describe_trace_metrics();
     describe_counter!(CONSUMED, "Records read from the topic.");
     describe_counter!(DELIVERED, "Messages a node took, by how.");
     describe_counter!(

@@ -56,6 +56,9 @@ pub struct Delivery {
     pub id: Option<u64>,
     /// Its size on the wire (the record's bytes): bounds its share of a deliver request.
     pub wire_len: usize,
+    /// Its `consume` span (open until its outcome; disabled when tracing is off): the parent
+    /// of its lookup, append and deliver spans.
+    pub span: tracing::Span,
     /// Nodes (`node_addr`) that answered delivered, duplicate or not connected.
     answered: BTreeSet<String>,
     delivered: bool,
@@ -74,6 +77,7 @@ impl Delivery {
             env,
             id: None,
             wire_len,
+            span: tracing::Span::none(),
             answered: BTreeSet::new(),
             delivered: false,
             invalid: None,

@@ -494,7 +494,7 @@ fn parse_ws(reader: &mut ws::WsReader, buf: &[u8]) -> anyhow::Result<(Option<Eve
 /// A WebSocket text message (or an SSE control event's data) → event.
 fn text_event(text: &str) -> Event {
     match message::parse_server_message(text) {
-        Ok(Received::Message { id, mid, data }) => Event::Message { id, mid, data },
+        Ok(Received::Message { id, mid, data, .. }) => Event::Message { id, mid, data },
         Ok(Received::Reconnect { reason, .. }) => Event::Reconnect {
             reason: reason.as_str().to_owned(),
         },
@@ -547,7 +547,7 @@ fn parse_sse(buf: &[u8]) -> Option<(Event, usize)> {
         return Some((Event::Heartbeat, used));
     }
     let ev = match Received::from_sse(&event) {
-        Some(Received::Message { id, mid, data }) => Event::Message { id, mid, data },
+        Some(Received::Message { id, mid, data, .. }) => Event::Message { id, mid, data },
         Some(Received::Reconnect { reason, .. }) => Event::Reconnect {
             reason: reason.as_str().to_owned(),
         },
@@ -593,7 +593,7 @@ mod tests {
     #[test]
     fn parses_ws_frames_whole_or_not_at_all() {
         let payload = message::Payload::json(br#"{"s":3,"t":5}"#.to_vec().into()).unwrap();
-        let frame = message::message_ws_frame(42, Some("m1"), &payload);
+        let frame = message::message_ws_frame(42, Some("m1"), None, &payload);
         assert!(ws_event(&frame[..frame.len() - 1]).unwrap().is_none());
         let (ev, used) = parse_ws(&mut ws::WsReader::default(), &frame).unwrap();
         let ev = ev.unwrap();

@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use serde_json::Value;
+use tracing::Instrument as _;
 
 use crate::direct::{DeliverConfig, DirectTransport, Outcome};
 use crate::envelope::{Envelope, MessageId};
@@ -42,6 +43,30 @@ impl SendOptions {
             env.id = id.clone();
         }
         env
+    }
+
+    /// Continues the trace of an incoming request: `header` looks up its headers by
+    /// lower-case name (W3C `traceparent`, else B3 `b3`, else `x-b3-traceid`/`x-b3-spanid`/
+    /// `x-b3-sampled`); the context found becomes [`Self::traceparent`]. A missing or bad
+    /// header leaves it unset (the send then starts a trace of its own).
+    pub fn trace_headers<'a>(mut self, header: impl Fn(&str) -> Option<&'a str>) -> Self {
+        self.traceparent = telemetry::propagation::extract(header).map(|c| c.traceparent());
+        self
+    }
+}
+
+/// Opens the send's span under the envelope's `traceparent` (the caller's), and writes back
+/// the context to pass on: the span's own when tracing is on, else the caller's unchanged.
+fn stamp_trace(env: &mut Envelope, span: &tracing::Span) {
+    let incoming = env
+        .traceparent
+        .as_deref()
+        .and_then(|t| telemetry::propagation::parse_traceparent(t).ok());
+    if let Some(parent) = &incoming {
+        telemetry::otel::set_parent(span, parent);
+    }
+    if let Some(out) = telemetry::otel::outgoing(span, incoming.as_ref()) {
+        env.traceparent = Some(out.traceparent());
     }
 }
 
@@ -176,7 +201,18 @@ impl PushClient {
     ///
     /// Kafka: waits only while librdkafka's local queue is full. Direct: performs the request
     /// (the returned future is then ready).
-    pub async fn enqueue(&self, env: Envelope) -> Result<PendingSend> {
+    pub async fn enqueue(&self, mut env: Envelope) -> Result<PendingSend> {
+        // No span at all when export is off: a library's sends cost nothing extra then.
+        let span = if telemetry::otel::is_on() {
+            tracing::info_span!("push send", user = %env.user)
+        } else {
+            tracing::Span::none()
+        };
+        stamp_trace(&mut env, &span);
+        self.enqueue_stamped(env).instrument(span).await
+    }
+
+    async fn enqueue_stamped(&self, env: Envelope) -> Result<PendingSend> {
         let id = env.id.clone();
         match &self.transport {
             Transport::Kafka(k, _) => {
@@ -205,7 +241,7 @@ impl PushClient {
     /// Sends many envelopes; one result per envelope, in order. Kafka: all are enqueued
     /// first (in order), then the acknowledgements awaited together. Direct: one request per
     /// 10,000 envelopes; a failed request fails each of its envelopes.
-    pub async fn send_batch(&self, envs: Vec<Envelope>) -> Vec<Result<Receipt>> {
+    pub async fn send_batch(&self, mut envs: Vec<Envelope>) -> Vec<Result<Receipt>> {
         match &self.transport {
             Transport::Kafka(..) => {
                 let mut pending = Vec::with_capacity(envs.len());
@@ -235,9 +271,17 @@ impl PushClient {
                         })
                         .collect();
                 }
+                let span = if telemetry::otel::is_on() {
+                    tracing::info_span!("push send batch", messages = envs.len())
+                } else {
+                    tracing::Span::none()
+                };
+                for env in &mut envs {
+                    stamp_trace(env, &span);
+                }
                 let mut out = Vec::with_capacity(envs.len());
                 for chunk in envs.chunks(crate::direct::MAX_ITEMS_PER_REQUEST) {
-                    match d.send_batch(chunk).await {
+                    match d.send_batch(chunk).instrument(span.clone()).await {
                         Ok(outcomes) => out.extend(chunk.iter().zip(outcomes).map(|(e, o)| {
                             Ok(Receipt {
                                 id: e.id.clone(),
@@ -260,5 +304,45 @@ impl PushClient {
             Transport::Kafka(k, _) => k.flush(timeout),
             Transport::Direct(_) => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W3C: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn w3c_and_b3_request_headers_become_the_traceparent() {
+        let w3c = SendOptions::default().trace_headers(|h| (h == "traceparent").then_some(W3C));
+        assert_eq!(w3c.traceparent.as_deref(), Some(W3C));
+        let b3 = SendOptions::default().trace_headers(|h| match h {
+            "x-b3-traceid" => Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+            "x-b3-spanid" => Some("00f067aa0ba902b7"),
+            "x-b3-sampled" => Some("1"),
+            _ => None,
+        });
+        assert_eq!(b3.traceparent.as_deref(), Some(W3C));
+        let single = SendOptions::default().trace_headers(|h| {
+            (h == "b3").then_some("4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1")
+        });
+        assert_eq!(single.traceparent.as_deref(), Some(W3C));
+        let bad = SendOptions::default().trace_headers(|h| (h == "traceparent").then_some("00-zz"));
+        assert_eq!(bad.traceparent, None);
+    }
+
+    #[test]
+    fn with_tracing_off_the_callers_traceparent_is_passed_on_unchanged() {
+        let mut env = SendOptions {
+            traceparent: Some(W3C.into()),
+            ..SendOptions::default()
+        }
+        .envelope("u", "x");
+        stamp_trace(&mut env, &tracing::info_span!("push send"));
+        assert_eq!(env.traceparent.as_deref(), Some(W3C));
+        let mut untraced = Envelope::new("u", "x");
+        stamp_trace(&mut untraced, &tracing::info_span!("push send"));
+        assert_eq!(untraced.traceparent, None);
     }
 }

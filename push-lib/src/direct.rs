@@ -145,6 +145,7 @@ impl DeliverClient {
                 message_id: Some(e.id.as_str().into()),
                 data,
                 id: *id,
+                traceparent: e.traceparent.as_deref().map(Into::into),
             })
             .collect();
         let body = serde_json::to_vec(&body).expect("deliver items always serialize");

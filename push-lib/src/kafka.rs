@@ -10,7 +10,11 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+/// The Kafka record header carrying the envelope's W3C `traceparent`.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
 
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
@@ -120,6 +124,14 @@ impl KafkaTransport {
         let mut record = FutureRecord::to(&self.topic)
             .key(env.user.as_bytes())
             .payload(&payload);
+        if let Some(tp) = &env.traceparent {
+            // Also a record header, W3C's name for it: consumers and Kafka tooling find the
+            // trace without decoding the payload.
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: TRACEPARENT_HEADER,
+                value: Some(tp.as_bytes()),
+            }));
+        }
         let delivery = loop {
             match self.producer.send_result(record) {
                 Ok(delivery) => break delivery,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use push_lib::{Accepted, DeliverConfig, Envelope, KafkaConfig, Outcome, PushClient, SendOptions};
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
-use rdkafka::message::Message as _;
+use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::ClientConfig;
 use testkit::kafka::MockKafka;
 use tokio_tungstenite::tungstenite::Message;
@@ -18,8 +18,21 @@ const ADMIN_TOKEN: &str = "direct-admin-token-0123";
 const INTERNAL_SECRET: &str = "direct-internal-secret-0123";
 const SECRET: &str = "push-lib-test-secret-0123456789";
 
-/// Reads `n` records of `topic` from the start.
+/// Reads `n` records of `topic` from the start: key, envelope, partition.
 async fn read(brokers: &str, topic: &str, n: usize) -> Vec<(String, Envelope, i32)> {
+    read_with_traceparent(brokers, topic, n)
+        .await
+        .into_iter()
+        .map(|(k, e, p, _)| (k, e, p))
+        .collect()
+}
+
+/// [`read`], with each record's `traceparent` header.
+async fn read_with_traceparent(
+    brokers: &str,
+    topic: &str,
+    n: usize,
+) -> Vec<(String, Envelope, i32, Option<String>)> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "reader")
@@ -35,7 +48,13 @@ async fn read(brokers: &str, topic: &str, n: usize) -> Vec<(String, Envelope, i3
             .expect("record");
         let key = String::from_utf8(m.key().unwrap().to_vec()).unwrap();
         let env = Envelope::decode(m.payload().unwrap()).expect("decodes");
-        out.push((key, env, m.partition()));
+        let traceparent = m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == "traceparent")
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8(v.to_vec()).unwrap())
+        });
+        out.push((key, env, m.partition(), traceparent));
     }
     out
 }
@@ -129,6 +148,38 @@ async fn push_send_cli_spreads_count_messages_over_users() {
         let n = env.data["n"].as_u64().unwrap();
         assert_eq!(*key, format!("user-{}", n % 5));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_send_continues_a_b3_callers_trace_in_the_envelope_and_the_record_header() {
+    let cluster = MockKafka::start();
+    cluster.create_topic("push", 1);
+    let brokers = cluster.brokers();
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_push-send"))
+            .args(["--brokers", &brokers, "--topic", "push", "--user", "bob"])
+            .args([
+                "--trace-header",
+                "B3=4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+            ])
+            .env_remove("PUSH_BROKERS")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .output(),
+    )
+    .await
+    .expect("push-send finishes in time")
+    .expect("push-send runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = read_with_traceparent(&brokers, "push", 1).await;
+    // Tracing is off in this push-send: the caller's context passes through unchanged.
+    let want = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    assert_eq!(got[0].1.traceparent.as_deref(), Some(want));
+    assert_eq!(got[0].3.as_deref(), Some(want));
 }
 
 type Ws =

@@ -37,6 +37,10 @@ pub struct DeliverItem<'a> {
     /// processor does; only a caller with the internal secret may set it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<u64>,
+    /// W3C `traceparent` of the sender's span: the receiving node's spans continue that
+    /// trace, and WebSocket clients see it with the message.
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<Cow<'a, str>>,
 }
 
 /// Why one item of a batch can never be delivered (its outcome is `invalid`).
@@ -221,6 +225,7 @@ mod tests {
                 message_id: Some("m-1".into()),
                 data: &data,
                 id: Some(7),
+                traceparent: None,
             };
             let wire = serde_json::to_string(&[&item]).unwrap();
             assert!(

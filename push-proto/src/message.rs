@@ -163,20 +163,29 @@ impl ServerMessage<'_> {
 }
 
 /// The WebSocket frame for a data message: `{"type":"message","id":N,"data":…}`, with
-/// `"mid":"…"` (the queue's message ID, the same on a redelivery) when there is one.
-pub fn message_ws_frame(id: u64, mid: Option<&str>, payload: &Payload) -> Bytes {
+/// `"mid":"…"` (the queue's message ID, the same on a redelivery) when there is one and
+/// `"traceparent":"…"` (W3C Trace Context of the node's span, so the client can report its
+/// own receive span) when the push was traced. Clients ignore fields they do not know.
+pub fn message_ws_frame(
+    id: u64,
+    mid: Option<&str>,
+    traceparent: Option<&str>,
+    payload: &Payload,
+) -> Bytes {
+    use std::fmt::Write as _;
     let data = if payload.is_json {
         payload.as_str().to_owned()
     } else {
         serde_json::to_string(payload.as_str()).expect("strings serialize")
     };
-    let json = match mid {
-        Some(mid) => {
-            let mid = serde_json::to_string(mid).expect("strings serialize");
-            format!(r#"{{"type":"message","id":{id},"mid":{mid},"data":{data}}}"#)
+    let mut json = format!(r#"{{"type":"message","id":{id}"#);
+    for (name, value) in [("mid", mid), ("traceparent", traceparent)] {
+        if let Some(v) = value {
+            let v = serde_json::to_string(v).expect("strings serialize");
+            let _ = write!(json, r#","{name}":{v}"#);
         }
-        None => format!(r#"{{"type":"message","id":{id},"data":{data}}}"#),
-    };
+    }
+    let _ = write!(json, r#","data":{data}}}"#);
     ws::encode_frame(ws::OpCode::Text, json.as_bytes())
 }
 
@@ -259,6 +268,8 @@ pub enum Received {
         id: u64,
         /// The queue's message ID (push-lib envelope), if it came that way (WebSocket only).
         mid: Option<String>,
+        /// W3C `traceparent` of the push, when it was traced (WebSocket only).
+        traceparent: Option<String>,
         /// The payload: JSON text on WebSocket (a JSON string for a text payload), the
         /// payload itself on SSE (`data:` lines joined with `\n`).
         data: String,
@@ -299,6 +310,8 @@ pub fn parse_server_message(text: &str) -> Result<Received, serde_json::Error> {
         id: Option<u64>,
         #[serde(default)]
         mid: Option<String>,
+        #[serde(default)]
+        traceparent: Option<String>,
         #[serde(default, borrow)]
         data: Option<&'a RawValue>,
     }
@@ -310,6 +323,7 @@ pub fn parse_server_message(text: &str) -> Result<Received, serde_json::Error> {
         return Ok(Received::Message {
             id,
             mid: flat.mid,
+            traceparent: flat.traceparent,
             data: flat.data.map(|d| d.get().to_owned()).unwrap_or_default(),
         });
     }
@@ -327,6 +341,7 @@ impl Received {
             (Some("message") | None, Some(id)) => Some(Self::Message {
                 id,
                 mid: None,
+                traceparent: None,
                 data: event.data.clone(),
             }),
             (Some(_), _) => parse_server_message(&event.data).ok(),
@@ -353,7 +368,7 @@ mod tests {
     #[test]
     fn text_payload_is_a_json_string() {
         let p = Payload::text(Bytes::from_static(b"hello \"you\"")).unwrap();
-        let v = ws_text(&message_ws_frame(3, None, &p));
+        let v = ws_text(&message_ws_frame(3, None, None, &p));
         assert_eq!(
             v,
             serde_json::json!({"type":"message","id":3,"data":"hello \"you\""})
@@ -363,7 +378,7 @@ mod tests {
     #[test]
     fn json_payload_is_embedded() {
         let p = Payload::json(Bytes::from_static(br#"{"a":[1,2]}"#)).unwrap();
-        let v = ws_text(&message_ws_frame(4, Some("m-1"), &p));
+        let v = ws_text(&message_ws_frame(4, Some("m-1"), None, &p));
         assert_eq!(v["mid"], "m-1");
         assert_eq!(v["data"], serde_json::json!({"a":[1,2]}));
         assert!(Payload::json(Bytes::from_static(b"{nope")).is_err());
@@ -421,13 +436,30 @@ mod tests {
         );
 
         let p = Payload::json(Bytes::from_static(br#"{"a":1}"#)).unwrap();
-        let frame = message_ws_frame(4, Some("m"), &p);
+        let frame = message_ws_frame(4, Some("m"), None, &p);
         let text = std::str::from_utf8(&frame[2..]).unwrap();
         assert_eq!(
             parse_server_message(text).unwrap(),
             Received::Message {
                 id: 4,
                 mid: Some("m".into()),
+                traceparent: None,
+                data: r#"{"a":1}"#.into()
+            }
+        );
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let frame = message_ws_frame(5, None, Some(tp), &p);
+        let text = std::str::from_utf8(&frame[2..]).unwrap();
+        assert_eq!(
+            text,
+            format!(r#"{{"type":"message","id":5,"traceparent":"{tp}","data":{{"a":1}}}}"#)
+        );
+        assert_eq!(
+            parse_server_message(text).unwrap(),
+            Received::Message {
+                id: 5,
+                mid: None,
+                traceparent: Some(tp.into()),
                 data: r#"{"a":1}"#.into()
             }
         );
@@ -481,6 +513,7 @@ mod tests {
             Some(Received::Message {
                 id: 5,
                 mid: None,
+                traceparent: None,
                 data: r#"{"a":1}"#.into()
             })
         );

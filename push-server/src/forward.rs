@@ -185,6 +185,7 @@ impl Forwarder {
                     message_id: r.message_id.map(Into::into),
                     data,
                     id: outcomes[i].id,
+                    traceparent: r.traceparent.map(Into::into),
                 }
             })
             .collect();

@@ -108,6 +108,9 @@ pub struct PushRequest<'a> {
     /// The per-user ID, when the sender took it from the history already (the message
     /// processor does); otherwise the push path appends the message and takes one.
     pub id: Option<u64>,
+    /// W3C `traceparent` shown to WebSocket clients with the message (the node's receive
+    /// span when traced here, else the sender's).
+    pub traceparent: Option<&'a str>,
 }
 
 impl<'a> PushRequest<'a> {
@@ -119,6 +122,7 @@ impl<'a> PushRequest<'a> {
             message_id: None,
             payload,
             id: None,
+            traceparent: None,
         }
     }
 }
@@ -315,7 +319,7 @@ impl Hub {
             let bytes = match conn.transport {
                 Transport::Ws => ws_frame
                     .get_or_insert_with(|| {
-                        message::message_ws_frame(id, req.message_id, req.payload)
+                        message::message_ws_frame(id, req.message_id, req.traceparent, req.payload)
                     })
                     .clone(),
                 Transport::Sse => sse_frame

@@ -23,6 +23,9 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     serve: ServeArgs,
+    /// Span export (a flag or `OTEL_EXPORTER_OTLP_ENDPOINT`; not a config-file key).
+    #[command(flatten)]
+    otlp: telemetry::OtlpArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -72,7 +75,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         None => {
             let mut cfg = cli.serve.resolve()?;
-            telemetry::init_logging(cfg.log_format, "info");
+            let traces = telemetry::TraceExport::from_args(&cli.otlp, "push-server");
+            // Held until main returns: dropping it flushes the spans still queued.
+            let _traces = telemetry::init_logging_with_traces(cfg.log_format, "info", &traces)?;
             cfg.max_connections = fit_open_files(cfg.max_connections);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -103,6 +103,7 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    telemetry::otel::describe_trace_metrics();
     describe_gauge!(
         CONNECTIONS_OPEN,
         "Client connections open now, by transport."

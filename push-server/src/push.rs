@@ -15,6 +15,7 @@
 //! a connection that does not drain within it is a slow consumer.
 
 use std::sync::Arc;
+use tracing::Instrument as _;
 
 use push_registry::{MessageStore, NewMessage};
 use tokio::sync::{oneshot, MutexGuard};
@@ -144,7 +145,17 @@ async fn push(
     let appended = if new.is_empty() {
         Vec::new()
     } else {
-        p.store.append(&new).await.inspect_err(|_| {
+        let append = p.store.append(&new);
+        // Under the current span (a single push's admin receive); a batch has one receive
+        // span per item and no current one, and a root span here would be a trace of its own.
+        let append = if telemetry::otel::is_on() && !tracing::Span::current().is_none() {
+            append
+                .instrument(tracing::info_span!("history append"))
+                .await
+        } else {
+            append.await
+        };
+        append.inspect_err(|_| {
             metrics::counter!(m::HISTORY_ERRORS, "op" => "append").increment(1);
         })?
     };

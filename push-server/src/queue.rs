@@ -136,7 +136,7 @@ impl Outbound {
             is_json: m.json,
         };
         let bytes = match transport {
-            Transport::Ws => message::message_ws_frame(m.id, m.mid.as_deref(), &payload),
+            Transport::Ws => message::message_ws_frame(m.id, m.mid.as_deref(), None, &payload),
             Transport::Sse => message::message_sse_event(m.id, &payload),
         };
         Self {

@@ -429,3 +429,50 @@ async fn push_with_token(server: &push_server::Server, user: &str, body: &str) {
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+#[tokio::test]
+async fn the_callers_trace_context_reaches_the_websocket_client() {
+    let server = start(config()).await;
+    let mut ws = ws_connect(&server, &token(&server, "tara", None)).await;
+    assert_eq!(ws_next_json(&mut ws).await["type"], "hello");
+    let want = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    // B3 multi-header on the admin push: seen as W3C by the client (span export is off in
+    // this process, so the caller's context passes through unchanged).
+    let r = http(
+        server.admin_addr(),
+        "POST",
+        "/v1/push/tara",
+        &[
+            ("X-B3-TraceId", "4bf92f3577b34da6a3ce929d0e0e4736"),
+            ("X-B3-SpanId", "00f067aa0ba902b7"),
+            ("X-B3-Sampled", "1"),
+        ],
+        b"one",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let msg = ws_next_json(&mut ws).await;
+    assert_eq!(msg["traceparent"], want, "{msg}");
+    assert_eq!(msg["data"], "one");
+
+    // A batch item's own traceparent; an item without one shows none.
+    let body = json!([
+        {"user": "tara", "data": "two", "traceparent": want},
+        {"user": "tara", "data": "three"},
+    ]);
+    let r = http(
+        server.admin_addr(),
+        "POST",
+        "/v1/push",
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let two = ws_next_json(&mut ws).await;
+    assert_eq!(two["traceparent"], want, "{two}");
+    let three = ws_next_json(&mut ws).await;
+    assert_eq!(three["data"], "three");
+    assert!(three.get("traceparent").is_none(), "{three}");
+}

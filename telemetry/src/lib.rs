@@ -6,14 +6,24 @@
 //! | item | role |
 //! |---|---|
 //! | [`LogFormat`], [`init_logging`] | the tracing subscriber: human or JSON lines on stderr, `RUST_LOG` or a default filter |
+//! | [`init_logging_with_traces`], [`otel`] | the same, plus span export over OTLP/HTTP when `--otlp-endpoint` / `OTEL_EXPORTER_OTLP_ENDPOINT` is set |
+//! | [`propagation`] | W3C `traceparent`/`tracestate` and B3 headers ↔ [`propagation::TraceContext`] (pure); [`otel::set_parent`] and [`otel::outgoing`] join it to `tracing` spans |
 //! | [`install_recorder`] | the process-wide Prometheus recorder, installed once per binary's cell, with its descriptions |
 //!
 //! Each binary keeps its own metric names, buckets and descriptions in its own `metrics`
 //! module; only the set-up lives here.
 
+pub mod otel;
+pub mod propagation;
+
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::Layer as _;
+
+pub use otel::{OtlpArgs, TraceError, TraceExport, TraceGuard};
 
 /// Log output format: a `--log-format` flag (clap) and a `log_format` file key (serde).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
@@ -53,6 +63,41 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// [`init_logging`] plus span export when `traces` has an endpoint: the returned guard keeps
+/// the export thread alive (hold it for the life of `main`; dropping it flushes). Without an
+/// endpoint no OpenTelemetry object is built and logging is exactly [`init_logging`]'s.
+///
+/// # Panics
+/// If a global subscriber is already installed (call it once, first thing in `main`).
+pub fn init_logging_with_traces(
+    format: LogFormat,
+    default_filter: &str,
+    traces: &TraceExport,
+) -> Result<Option<TraceGuard>, TraceError> {
+    if traces.endpoint.is_none() {
+        init_logging(format, default_filter);
+        return Ok(None);
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let (otel, guard) = match otel::layer(traces)? {
+        // Spans at INFO and above are exported whatever the log filter says (a quiet
+        // `warn` CLI still reports its spans); DEBUG spans stay local.
+        Some((layer, guard)) => (
+            Some(layer.with_filter(tracing_subscriber::filter::LevelFilter::INFO)),
+            Some(guard),
+        ),
+        None => (None, None),
+    };
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Human => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
+    };
+    tracing_subscriber::registry().with(otel).with(fmt).init();
+    Ok(guard)
 }
 
 /// Builds the recorder from `builder`, makes it the process's global recorder, runs

@@ -22,6 +22,8 @@
 pub mod browser;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod resp;
 
 use std::io::{BufReader, Write};

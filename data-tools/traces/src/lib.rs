@@ -24,7 +24,7 @@ pub mod kafka;
 pub mod model;
 pub mod otlp;
 pub mod page;
-pub mod propagation;
+pub use telemetry::propagation;
 pub mod query;
 pub mod sampling;
 pub mod server;

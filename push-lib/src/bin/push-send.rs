@@ -16,6 +16,7 @@ use clap::Parser;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use push_lib::{
     Accepted, DeliverConfig, Envelope, KafkaConfig, PendingSend, PushClient, Receipt, Result,
+    SendOptions,
 };
 
 #[derive(Debug, Parser)]
@@ -76,6 +77,13 @@ struct Args {
     /// How long the broker may take to acknowledge one message.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Continue a caller's trace: `NAME=VALUE` of a W3C (`traceparent`) or B3 (`b3`, or
+    /// `x-b3-traceid` + `x-b3-spanid` [+ `x-b3-sampled`]) header (repeatable).
+    #[arg(long = "trace-header", value_name = "NAME=VALUE")]
+    trace_header: Vec<String>,
+    /// Span export.
+    #[command(flatten)]
+    otlp: telemetry::OtlpArgs,
 }
 
 impl Args {
@@ -121,6 +129,16 @@ impl Args {
         };
         let mut env = Envelope::new(user, data);
         env.device = self.device.clone();
+        let mut headers = Vec::with_capacity(self.trace_header.len());
+        for kv in &self.trace_header {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--trace-header {kv:?}: expected NAME=VALUE"))?;
+            headers.push((k.trim().to_ascii_lowercase(), v.trim()));
+        }
+        env.traceparent = SendOptions::default()
+            .trace_headers(|name| headers.iter().find(|(k, _)| k == name).map(|(_, v)| *v))
+            .traceparent;
         if let Some(ttl) = self.ttl {
             env = env.ttl(ttl);
         }
@@ -163,8 +181,11 @@ impl Tally {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init_logging(telemetry::LogFormat::Human, "warn");
     let args = Args::parse();
+    let traces = telemetry::TraceExport::from_args(&args.otlp, "push-send");
+    // Held until main returns: dropping it flushes the spans still queued.
+    let _traces =
+        telemetry::init_logging_with_traces(telemetry::LogFormat::Human, "warn", &traces)?;
     let client = args.client()?;
     // Build one envelope up front so a bad --data fails before anything is sent.
     args.envelope(0)?;

@@ -33,14 +33,64 @@ pub(super) struct PushPath<'a> {
 /// One item of a push or deliver batch: the wire type from push-proto.
 pub(super) type BatchItem<'a> = push_proto::api::DeliverItem<'a>;
 
-/// The push request for a checked item.
-pub(super) fn push_request<'b>(item: &'b BatchItem<'_>, payload: &'b Payload) -> PushRequest<'b> {
+/// The push request for a checked item; `traceparent` is what its client sees (see
+/// [`ReceiveSpans`]).
+pub(super) fn push_request<'b>(
+    item: &'b BatchItem<'_>,
+    payload: &'b Payload,
+    traceparent: Option<&'b str>,
+) -> PushRequest<'b> {
     PushRequest {
         user: &item.user,
         device: item.device.as_deref(),
         message_id: item.message_id.as_deref(),
         payload,
         id: item.id,
+        traceparent,
+    }
+}
+
+/// One receive span per item of a batch, under the item's `traceparent`, open until the
+/// batch is answered; each item's client is shown its span's context. Empty when span export
+/// is off: then each client is shown the sender's `traceparent` unchanged, at no cost.
+#[derive(Debug, Default)]
+pub(super) struct ReceiveSpans {
+    spans: Vec<tracing::Span>,
+    traceparents: Vec<Option<String>>,
+}
+
+impl ReceiveSpans {
+    /// Spans opened by `open` for `items` (an admin or internal receive).
+    pub(super) fn open<'i>(
+        items: impl Iterator<Item = &'i BatchItem<'i>>,
+        open: impl Fn() -> tracing::Span,
+    ) -> Self {
+        if !telemetry::otel::is_on() {
+            return Self::default();
+        }
+        let mut out = Self::default();
+        for item in items {
+            let span = open();
+            let incoming = item
+                .traceparent
+                .as_deref()
+                .and_then(|t| telemetry::propagation::parse_traceparent(t).ok());
+            if let Some(parent) = &incoming {
+                telemetry::otel::set_parent(&span, parent);
+            }
+            let out_tp = telemetry::otel::outgoing(&span, incoming.as_ref());
+            out.traceparents.push(out_tp.map(|c| c.traceparent()));
+            out.spans.push(span);
+        }
+        out
+    }
+
+    /// What the client of item `k` sees.
+    pub(super) fn traceparent<'b>(&'b self, k: usize, item: &'b BatchItem<'_>) -> Option<&'b str> {
+        match self.traceparents.get(k) {
+            Some(tp) => tp.as_deref(),
+            None => item.traceparent.as_deref(),
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use serde_json::json;
 
 use super::batch::{
     parse_batch, push_request, read_batch, receipt_wait, receipts_json, BatchItem, PushPath,
+    ReceiveSpans,
 };
 use super::http::{history_unavailable, json_response, ApiError, BodyLimits, Resp};
 use crate::hub::PushRequest;
@@ -87,7 +88,14 @@ async fn deliver_items(
         .zip(&payloads)
         .filter_map(|(item, p)| p.as_ref().ok().map(|p| (item, p)))
         .collect();
-    let reqs: Vec<PushRequest<'_>> = valid.iter().map(|(i, p)| push_request(i, p)).collect();
+    let spans = ReceiveSpans::open(valid.iter().map(|(i, _)| *i), || {
+        tracing::info_span!("internal receive")
+    });
+    let reqs: Vec<PushRequest<'_>> = valid
+        .iter()
+        .enumerate()
+        .map(|(k, (i, p))| push_request(i, p, spans.traceparent(k, i)))
+        .collect();
     let mut pushed = match path.pusher.push(&reqs, received, wait.is_some()).await {
         Ok(p) => p,
         Err(e) => return Ok(history_unavailable(e)),

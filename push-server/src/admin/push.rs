@@ -4,9 +4,11 @@
 use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
 use serde_json::json;
+use tracing::Instrument as _;
 
 use super::batch::{
     outcome_json, parse_batch, push_request, read_batch, receipt_wait, receipts_json, PushPath,
+    ReceiveSpans,
 };
 use super::http::{
     error, history_unavailable, is_json, json_response, read_body, ApiError, BodyLimits, Resp,
@@ -25,6 +27,20 @@ pub(super) async fn one(
 ) -> Resp {
     let received = tokio::time::Instant::now();
     let json = is_json(req.headers());
+    // The caller's trace (W3C, else B3 single or multi headers) continues here.
+    let incoming = telemetry::propagation::extract(|name| {
+        req.headers().get(name).and_then(|v| v.to_str().ok())
+    });
+    let span = if telemetry::otel::is_on() {
+        let span = tracing::info_span!("admin receive", user);
+        if let Some(parent) = &incoming {
+            telemetry::otel::set_parent(&span, parent);
+        }
+        span
+    } else {
+        tracing::Span::none()
+    };
+    let traceparent = telemetry::otel::outgoing(&span, incoming.as_ref()).map(|c| c.traceparent());
     let wait = match receipt_wait(req.uri().query()) {
         Ok(w) => w,
         Err(e) => return e.into_response(),
@@ -43,8 +59,13 @@ pub(super) async fn one(
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_payload", e),
     };
     metrics::counter!(m::PUSHES).increment(1);
-    let request = PushRequest::to_user(user, &payload);
-    let mut pushed = match path.pusher.push(&[request], received, wait.is_some()).await {
+    let request = PushRequest {
+        traceparent: traceparent.as_deref(),
+        ..PushRequest::to_user(user, &payload)
+    };
+    let requests = [request];
+    let pushed = path.pusher.push(&requests, received, wait.is_some());
+    let mut pushed = match pushed.instrument(span).await {
         Ok(p) => p,
         Err(e) => return history_unavailable(e),
     };
@@ -90,10 +111,12 @@ async fn batch_items(
         })
         .collect::<Result<Vec<_>, _>>()?;
     metrics::counter!(m::PUSHES).increment(items.len() as u64);
+    let spans = ReceiveSpans::open(items.iter(), || tracing::info_span!("admin receive"));
     let reqs: Vec<PushRequest<'_>> = items
         .iter()
         .zip(&payloads)
-        .map(|(item, payload)| push_request(item, payload))
+        .enumerate()
+        .map(|(k, (item, payload))| push_request(item, payload, spans.traceparent(k, item)))
         .collect();
     let pushed = match pusher.push(&reqs, received, false).await {
         Ok(p) => p,

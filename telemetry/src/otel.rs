@@ -1,0 +1,587 @@
+//! Span export: the `tracing` spans every crate already opens, sent to an OpenTelemetry
+//! collector over OTLP/HTTP (protobuf), in the background, sampled at the root by the
+//! collector's Jaeger remote-sampling rules and honoured downstream (parent-based).
+//!
+//! Off unless an endpoint is given (`--otlp-endpoint` or `OTEL_EXPORTER_OTLP_ENDPOINT`): then
+//! no SDK object exists and the subscriber is the one logging always had.
+//!
+//! A dead or slow collector never slows a push: spans end into a bounded queue drained by the
+//! SDK's batch processor on its own thread; a full queue drops the span and counts it
+//! (`telemetry_spans_dropped_total{reason="queue_full"}`), a batch the collector did not take
+//! within the export timeout is counted too (`reason="export_failed"`).
+
+use std::io::{Read as _, Write as _};
+use std::net::{TcpStream, ToSocketAddrs as _};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
+use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanData, SpanExporter,
+    SpanProcessor,
+};
+use opentelemetry_sdk::Resource;
+
+use crate::propagation::TraceContext;
+
+/// Spans counted when they were not exported: label `reason` is `queue_full` or `export_failed`.
+pub const SPANS_DROPPED: &str = "telemetry_spans_dropped_total";
+/// Spans the collector accepted.
+pub const SPANS_EXPORTED: &str = "telemetry_spans_exported_total";
+
+/// Describes the span-export counters; binaries call it from their own `describe` function.
+pub fn describe_trace_metrics() {
+    metrics::describe_counter!(
+        SPANS_DROPPED,
+        "Spans not exported: reason=queue_full (collector slower than the spans) or export_failed (collector down or timed out)."
+    );
+    metrics::describe_counter!(SPANS_EXPORTED, "Spans the OTLP collector accepted.");
+}
+
+/// The `--otlp-endpoint` flag every binary flattens into its CLI.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct OtlpArgs {
+    /// OTLP/HTTP collector base URL (e.g. http://127.0.0.1:4318): spans go to URL/v1/traces,
+    /// sampling rules come from URL/sampling. Tracing is off when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+}
+
+/// How spans are exported; [`TraceExport::from_args`] fills it from the flag and environment.
+#[derive(Debug, Clone)]
+pub struct TraceExport {
+    /// Collector base URL (`http://host:port`); `None`: tracing off.
+    pub endpoint: Option<String>,
+    /// `service.name` of the spans: `OTEL_SERVICE_NAME`, else the binary's name.
+    pub service_name: String,
+    /// How often the sampling rules are fetched again. The SDK's first fetch happens one
+    /// interval after start; until then `initial_ratio` decides.
+    pub sampling_refresh: Duration,
+    /// Root sampling ratio before the first rules arrive (Jaeger clients' default 0.001).
+    pub initial_ratio: f64,
+    /// Spans waiting for export; past it they are dropped and counted.
+    pub max_queue: usize,
+    /// Longest one export (with its retries) may take before its spans count as dropped.
+    pub export_timeout: Duration,
+}
+
+impl TraceExport {
+    /// From the flag (which clap already fills from `OTEL_EXPORTER_OTLP_ENDPOINT`) and
+    /// `OTEL_SERVICE_NAME`, with `default_service` as the fallback name.
+    pub fn from_args(args: &OtlpArgs, default_service: &str) -> Self {
+        let service_name = std::env::var("OTEL_SERVICE_NAME")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| default_service.to_string());
+        TraceExport {
+            endpoint: args.otlp_endpoint.clone().filter(|s| !s.is_empty()),
+            service_name,
+            sampling_refresh: Duration::from_secs(10),
+            initial_ratio: 0.001,
+            max_queue: 2048,
+            export_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Keeps the pipeline alive; dropping it flushes what is queued (bounded by the export
+/// timeout) and stops the export thread.
+#[derive(Debug)]
+pub struct TraceGuard {
+    provider: SdkTracerProvider,
+}
+
+impl TraceGuard {
+    /// Exports every ended span now (tests; a binary just drops the guard).
+    pub fn flush(&self) {
+        let _ = self.provider.force_flush();
+    }
+}
+
+impl Drop for TraceGuard {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// Errors building the pipeline (a bad endpoint).
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    /// The endpoint is not an `http://host[:port]` URL.
+    #[error("--otlp-endpoint {0:?}: expected http://HOST[:PORT] (https needs a TLS client, not built in)")]
+    Endpoint(String),
+    /// The SDK refused the configuration.
+    #[error("OTLP exporter: {0}")]
+    Exporter(String),
+}
+
+/// Builds the provider (exporter, gate, batch processor, sampler) for `cfg`, sending to
+/// `endpoint` (a collector base URL); [`crate::init_logging_with_traces`] wraps it in a layer.
+pub fn provider(cfg: &TraceExport, endpoint: &str) -> Result<SdkTracerProvider, TraceError> {
+    let base = endpoint.trim_end_matches('/');
+    let parsed: opentelemetry_http::Request<()> = Request::get(base)
+        .body(())
+        .map_err(|_| TraceError::Endpoint(endpoint.to_string()))?;
+    if parsed.uri().scheme_str() != Some("http") || parsed.uri().host().is_none() {
+        return Err(TraceError::Endpoint(endpoint.to_string()));
+    }
+    let client = StdHttpClient {
+        timeout: cfg.export_timeout,
+    };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(client.clone())
+        .with_protocol(Protocol::HttpBinary)
+        .with_endpoint(format!("{base}/v1/traces"))
+        .with_timeout(cfg.export_timeout)
+        .build()
+        .map_err(|e| TraceError::Exporter(e.to_string()))?;
+    let queued = Arc::new(AtomicUsize::new(0));
+    let batch = BatchSpanProcessor::builder(CountingExporter {
+        inner: exporter,
+        queued: queued.clone(),
+    })
+    .with_batch_config(
+        BatchConfigBuilder::default()
+            .with_max_queue_size(cfg.max_queue)
+            .build(),
+    )
+    .build();
+    // The sampler's update task needs a runtime: the SDK's current-thread tokio runtime runs
+    // it on a thread of its own (so it works whether or not the binary is inside tokio, and
+    // never occupies a worker of the binary's runtime). Our blocking client is fine there.
+    let remote = Sampler::jaeger_remote(
+        opentelemetry_sdk::runtime::TokioCurrentThread,
+        client,
+        Sampler::TraceIdRatioBased(cfg.initial_ratio),
+        cfg.service_name.clone(),
+    )
+    .with_endpoint(format!("{base}/sampling"))
+    .with_update_interval(cfg.sampling_refresh)
+    .build()
+    .map_err(|e| TraceError::Exporter(e.to_string()))?;
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(QueueGate {
+            inner: batch,
+            queued,
+            cap: cfg.max_queue,
+        })
+        .with_sampler(Sampler::ParentBased(Box::new(remote)))
+        .with_resource(
+            Resource::builder()
+                .with_service_name(cfg.service_name.clone())
+                .build(),
+        )
+        .build())
+}
+
+/// The `tracing` layer that turns spans into OpenTelemetry spans.
+pub(crate) type OtelLayer<S> =
+    tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>;
+
+/// The `tracing` layer over the provider, and the guard that owns it.
+pub(crate) fn layer<S>(cfg: &TraceExport) -> Result<Option<(OtelLayer<S>, TraceGuard)>, TraceError>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let Some(endpoint) = cfg.endpoint.as_deref() else {
+        return Ok(None);
+    };
+    let provider = provider(cfg, endpoint)?;
+    let tracer = provider.tracer("push-platform");
+    // W3C traceparent/tracestate for the code that injects and extracts headers.
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    ON.store(true, Ordering::Relaxed);
+    Ok(Some((
+        tracing_opentelemetry::layer().with_tracer(tracer),
+        TraceGuard { provider },
+    )))
+}
+
+/// Whether span export was installed in this process: hot paths open their per-message
+/// spans only then, so tracing off costs one relaxed load.
+pub fn is_on() -> bool {
+    ON.load(Ordering::Relaxed)
+}
+
+static ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the caller's context `parent` the parent of `span` (a receive span: admin push,
+/// Kafka consume, internal deliver), so the trace continues here. Does nothing when tracing
+/// is off (no layer holds the span) or the span is disabled.
+pub fn set_parent(span: &tracing::Span, parent: &TraceContext) {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+    };
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if span.is_disabled() {
+        return;
+    }
+    let flags = if parent.sampled {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
+    let state = parent
+        .tracestate
+        .parse()
+        .unwrap_or_else(|_| TraceState::default());
+    let remote = SpanContext::new(
+        TraceId::from_bytes(parent.trace_id),
+        SpanId::from_bytes(parent.span_id),
+        flags,
+        true,
+        state,
+    );
+    let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+}
+
+/// The context to pass on from inside `span`: `span`'s own when it is exported (so the next
+/// service's spans hang under it), else `incoming` unchanged (a hop that does not trace still
+/// forwards the caller's trace).
+pub fn outgoing(span: &tracing::Span, incoming: Option<&TraceContext>) -> Option<TraceContext> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if !span.is_disabled() {
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        if sc.is_valid() {
+            return Some(TraceContext {
+                trace_id: sc.trace_id().to_bytes(),
+                span_id: sc.span_id().to_bytes(),
+                sampled: sc.is_sampled(),
+                tracestate: sc.trace_state().header(),
+            });
+        }
+    }
+    incoming.cloned()
+}
+
+/// Runs `f` with this thread's spans going to an OpenTelemetry layer that samples everything
+/// and exports nothing: for the unit tests of the crates that call [`set_parent`] and
+/// [`outgoing`] (what a test checks is the context passed on).
+pub fn with_test_tracer<R>(f: impl FnOnce() -> R) -> R {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let provider = SdkTracerProvider::builder().build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    tracing::subscriber::with_default(subscriber, f)
+}
+
+/// Drops (and counts) spans past `cap` before the batch processor sees them: the SDK's own
+/// queue drops silently, this one says how many in `/metrics`. `queued` counts spans handed to
+/// the batch processor and not yet taken by an export, so the processor's queue (same size)
+/// never fills first.
+#[derive(Debug)]
+struct QueueGate<P> {
+    inner: P,
+    queued: Arc<AtomicUsize>,
+    cap: usize,
+}
+
+impl<P: SpanProcessor> SpanProcessor for QueueGate<P> {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &opentelemetry::Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.cap {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            metrics::counter!(SPANS_DROPPED, "reason" => "queue_full").increment(1);
+            return;
+        }
+        self.inner.on_end(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// The OTLP exporter, counting what it exported and what the collector did not take.
+#[derive(Debug)]
+struct CountingExporter<E> {
+    inner: E,
+    queued: Arc<AtomicUsize>,
+}
+
+impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let n = batch.len();
+        self.queued.fetch_sub(n, Ordering::AcqRel);
+        let export = self.inner.export(batch);
+        async move {
+            let result = export.await;
+            let n = n as u64;
+            match result {
+                Ok(()) => metrics::counter!(SPANS_EXPORTED).increment(n),
+                Err(_) => {
+                    metrics::counter!(SPANS_DROPPED, "reason" => "export_failed").increment(n)
+                }
+            }
+            result
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// Largest response read (the sampling rules; an export answer is near empty).
+const MAX_RESPONSE: u64 = 4 << 20;
+
+/// A blocking HTTP/1.1 client over `std::net`, one connection per request (`Connection:
+/// close`): the batch processor exports from a plain thread with no async runtime, and the
+/// sampler's updates run on their own thread too, so blocking is harmless there and no HTTP
+/// crate (reqwest, which brings its own runtime and TLS) is compiled. Plain `http://` only;
+/// responses must carry `Content-Length` or end at close (no chunked bodies: the collector's
+/// answers are fixed-size). Every socket operation is bounded by `timeout`.
+#[derive(Debug, Clone)]
+struct StdHttpClient {
+    timeout: Duration,
+}
+
+#[async_trait::async_trait]
+impl HttpClient for StdHttpClient {
+    async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+        send_blocking(&request, self.timeout)
+    }
+}
+
+fn send_blocking(
+    request: &Request<Bytes>,
+    timeout: Duration,
+) -> Result<Response<Bytes>, HttpError> {
+    let uri = request.uri();
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("{uri}: only http:// is supported").into());
+    }
+    let host = uri.host().ok_or("no host in the URL")?;
+    let port = uri.port_u16().unwrap_or(80);
+    let addr = (host, port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| format!("{host}: no address"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let body = request.body();
+    let mut head = format!(
+        "{} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        request.method(),
+        body.len()
+    );
+    for (name, value) in request.headers() {
+        if let Ok(v) = value.to_str() {
+            head.push_str(&format!("{name}: {v}\r\n"));
+        }
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    stream.take(MAX_RESPONSE + 1).read_to_end(&mut raw)?;
+    if raw.len() as u64 > MAX_RESPONSE {
+        return Err("response larger than 4 MiB".into());
+    }
+    parse_response(&raw)
+}
+
+/// Status, headers and body of a complete HTTP/1.1 response read to the connection's close.
+fn parse_response(raw: &[u8]) -> Result<Response<Bytes>, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let header_len = match parsed.parse(raw)? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => return Err("truncated HTTP response".into()),
+    };
+    let mut body = &raw[header_len..];
+    let mut builder = Response::builder().status(parsed.code.unwrap_or(500));
+    for h in parsed.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err("chunked HTTP responses are not supported".into());
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let n: usize = std::str::from_utf8(h.value)?.trim().parse()?;
+            if n > body.len() {
+                return Err("HTTP response body shorter than its Content-Length".into());
+            }
+            body = &body[..n];
+        }
+        builder = builder.header(h.name, h.value);
+    }
+    Ok(builder.body(Bytes::copy_from_slice(body))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_response_is_cut_at_its_content_length() {
+        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}extra").unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.body().as_ref(), b"{}");
+    }
+
+    #[test]
+    fn truncated_and_chunked_responses_are_errors() {
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Le").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{}").is_err());
+        assert!(parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn an_endpoint_must_be_plain_http() {
+        let mut cfg = TraceExport::from_args(&OtlpArgs::default(), "t");
+        for bad in ["https://collector:4318", "collector:4318", "not a url"] {
+            cfg.endpoint = Some(bad.into());
+            let err = provider(&cfg, bad).unwrap_err();
+            assert!(matches!(err, TraceError::Endpoint(_)), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_dead_collector_is_an_error_not_a_hang() {
+        // A port that was free a moment ago: connections are refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let request = Request::post(format!("http://127.0.0.1:{port}/v1/traces"))
+            .body(Bytes::from_static(b"x"))
+            .unwrap();
+        assert!(send_blocking(&request, Duration::from_secs(2)).is_err());
+    }
+
+    /// A batch processor that keeps nothing and never exports: the gate's count only rises.
+    #[derive(Debug)]
+    struct Hold;
+
+    impl SpanProcessor for Hold {
+        fn on_start(&self, _: &mut opentelemetry_sdk::trace::Span, _: &opentelemetry::Context) {}
+        fn on_end(&self, _: SpanData) {}
+        fn force_flush(&self) -> OTelSdkResult {
+            Ok(())
+        }
+        fn shutdown_with_timeout(&self, _: Duration) -> OTelSdkResult {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn spans_past_the_queue_are_dropped_and_counted() {
+        use opentelemetry::trace::Tracer as _;
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(QueueGate {
+                inner: Hold,
+                queued: Arc::new(AtomicUsize::new(0)),
+                cap: 2,
+            })
+            .build();
+        let tracer = provider.tracer("test");
+        metrics::with_local_recorder(&recorder, || {
+            for _ in 0..5 {
+                tracer.in_span("s", |_| {});
+            }
+        });
+        let text = handle.render();
+        assert!(
+            text.contains("telemetry_spans_dropped_total{reason=\"queue_full\"} 3"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_client_posts_and_reads_the_answer() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.ends_with(b"\r\n\r\nhello") {
+                let n = conn.read(&mut buf).unwrap();
+                assert!(n > 0, "closed early: {got:?}");
+                got.extend_from_slice(&buf[..n]);
+            }
+            conn.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 3\r\n\r\nok!")
+                .unwrap();
+            String::from_utf8(got).unwrap()
+        });
+        let request = Request::post(format!("http://127.0.0.1:{port}/v1/traces?x=1"))
+            .header("Content-Type", "application/x-protobuf")
+            .body(Bytes::from_static(b"hello"))
+            .unwrap();
+        let response = send_blocking(&request, Duration::from_secs(30)).unwrap();
+        assert_eq!(response.status(), 202);
+        assert_eq!(response.body().as_ref(), b"ok!");
+        let head = server.join().unwrap();
+        assert!(
+            head.starts_with("POST /v1/traces?x=1 HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains("content-type: application/x-protobuf\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("Content-Length: 5\r\n"), "{head}");
+    }
+
+    #[test]
+    fn a_received_context_is_the_parent_and_the_child_is_passed_on() {
+        let parent = crate::propagation::parse_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .unwrap();
+        // Tracing off (no layer): the incoming context is forwarded unchanged.
+        let span = tracing::info_span!("receive");
+        assert_eq!(outgoing(&span, Some(&parent)), Some(parent.clone()));
+        assert_eq!(outgoing(&span, None), None);
+
+        with_test_tracer(|| {
+            let span = tracing::info_span!("receive");
+            set_parent(&span, &parent);
+            let out = outgoing(&span, Some(&parent)).unwrap();
+            assert_eq!(out.trace_id, parent.trace_id);
+            assert_ne!(out.span_id, parent.span_id, "the receive span's own id");
+            assert!(out.sampled);
+            // A span with no parent starts a trace of its own.
+            let root = tracing::info_span!("root");
+            assert_ne!(outgoing(&root, None).unwrap().trace_id, parent.trace_id);
+        });
+    }
+}
