@@ -27,7 +27,6 @@ use std::time::Duration;
 use chrono::{SecondsFormat, Utc};
 use datafusion::arrow::array::{Array, Int64Array, UInt64Array};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
-use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
@@ -131,6 +130,14 @@ pub struct Spilled {
 /// are 8 MiB, above S3's 5 MiB minimum for multipart uploads.
 pub fn writer_budget(memory_limit: usize) -> usize {
     (memory_limit / 8).clamp(1 << 20, 32 << 20)
+}
+
+/// Rows per DataFusion batch: one limit's 64th in rows of 1 KiB, between 256 and DataFusion's
+/// default 8192. The final aggregation must hold at least one batch's groups before it can
+/// spill; with the default, an hour of ~800-byte events under 16 MiB failed ("Failed to
+/// allocate 6.7 MB for FinalHashAggregateStream") without ever spilling.
+pub fn batch_rows(memory_limit: usize) -> usize {
+    (memory_limit >> 16).clamp(256, 8192)
 }
 
 /// Closes `hour` of `type_name`: see the module docs.
@@ -332,7 +339,9 @@ fn session(opts: &DedupOptions) -> Result<SessionContext, DedupError> {
                 .with_mode(DiskManagerMode::Directories(vec![opts.spill_dir.clone()])),
         )
         .build_arc()?;
-    let config = SessionConfig::new().with_target_partitions(opts.target_partitions.max(1));
+    let config = SessionConfig::new()
+        .with_target_partitions(opts.target_partitions.max(1))
+        .with_batch_size(batch_rows(opts.memory_limit));
     let ctx = SessionContext::new_with_config_rt(config, runtime);
     Ok(ctx)
 }
@@ -367,6 +376,9 @@ mod tests {
         assert_eq!(writer_budget(32 * MIB), 4 * MIB);
         assert_eq!(writer_budget(4 * MIB), MIB, "at least 1 MiB");
         assert_eq!(writer_budget(4096 * MIB), 32 * MIB, "at most 32 MiB");
+        assert_eq!(batch_rows(256 * MIB), 4096);
+        assert_eq!(batch_rows(16 * MIB), 256);
+        assert_eq!(batch_rows(4096 * MIB), 8192, "DataFusion's default at most");
         // The pool keeps the rest: the two never exceed the limit.
         for limit in [MIB, 4 * MIB, 256 * MIB] {
             assert!(writer_budget(limit) <= limit);

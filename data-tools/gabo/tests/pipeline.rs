@@ -272,12 +272,12 @@ async fn an_incomplete_hour_is_refused_unless_forced() {
 /// one large one), and the bucket holds each ID once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_hour_several_times_the_memory_limit_spills_and_closes() {
-    const N: usize = 60_000;
-    const LIMIT: usize = 4 << 20;
+    const N: usize = 120_000;
+    const LIMIT: usize = 16 << 20;
     let dirs = Dirs::new();
     // Every 10th event repeats the ID of the event 5 before it (a client's retry: another
     // Kafka position, same ID), spread over 4 partitions as the writer stages them.
-    let pad = "x".repeat(160);
+    let pad = "x".repeat(400);
     let mut staged_bytes = 0;
     for p in 0..4 {
         let mut lines = Vec::new();
