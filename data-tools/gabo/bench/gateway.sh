@@ -64,4 +64,4 @@ done
 [ -n "$ADDR" ] || { echo "gabo serve printed no address" >&2; exit 1; }
 echo "gabo serve ($PROFILE) on $ADDR, kafka-mock on $BROKERS; $SECS s, $CLIENTS clients, $BATCH events per request"
 GABO_GATEWAY=$ADDR timeout $((SECS * 4 + 60)) "$CLIENT" "$SECS" "$CLIENTS" "$BATCH"
-echo "server: $(grep -c . "$DIR/serve.out") lines of output; peak RSS $(grep VmHWM /proc/$SERVE_PID/status | tr -s ' ' | cut -d' ' -f2-)"
+echo "gabo serve peak RSS $(grep VmHWM /proc/$SERVE_PID/status | tr -s ' ' | cut -d' ' -f2-)"
