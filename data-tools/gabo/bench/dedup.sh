@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
 # Dedup of one staged hour much larger than the dedup's memory limit, next to `sort -u` on the
-# same IDs in the same run. Prints time and peak RSS of each (GNU time). Not a test: figures
-# go to docs/BENCHMARKS.md.
+# same IDs in the same run. Prints time, peak RSS (GNU time) and spill bytes of each. Not a
+# test: figures go to docs/BENCHMARKS.md.
 #   data-tools/gabo/bench/dedup.sh [events=2000000] [memory-limit=32MiB] [gabo binary]
+# The binary defaults to the release build, else the debug one, under $CARGO_TARGET_DIR.
 set -euo pipefail
 N=${1:-2000000}
 LIMIT=${2:-32MiB}
-GABO=${3:-${CARGO_TARGET_DIR:-target}/release/gabo}
+T=${CARGO_TARGET_DIR:-target}
+GABO=${3:-$([ -x "$T/release/gabo" ] && echo "$T/release/gabo" || echo "$T/debug/gabo")}
 [ -x "$GABO" ] || { echo "no gabo binary at $GABO (build it, or pass its path as the 3rd argument)" >&2; exit 1; }
 command -v /usr/bin/time >/dev/null || apt-get install -y time >/dev/null
 DIR=$(mktemp -d)
-trap 'rm -rf "$DIR"' EXIT
+MONITOR=
+# On every exit path (success, a failed dedup under `set -e`, Ctrl-C): stop the spill monitor
+# and remove the data.
+cleanup() {
+  if [ -n "$MONITOR" ]; then kill "$MONITOR" 2>/dev/null || true; wait "$MONITOR" 2>/dev/null || true; fi
+  rm -rf "$DIR"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 # 10 % duplicates: every 10th event repeats the ID (and payload) of the event 5 before it.
 python3 - "$N" "$DIR" <<'EOF'
 import json, os, sys
@@ -31,18 +41,43 @@ for f in parts: f.close()
 ids.close()
 EOF
 echo "staged: $N events, $(du -sh "$DIR/staging" | cut -f1) of NDJSON; memory limit $LIMIT"
-echo "--- gabo dedup"
+echo "--- gabo dedup ($GABO)"
 # The spill directory's largest size during the run, sampled every 0.2 s (spill files are
-# removed when the dedup ends).
+# removed when the dedup ends); gabo also prints what its aggregation spilled.
 mkdir -p "$DIR/staging/_spill"
-( max=0; while [ ! -e "$DIR/done" ]; do
+( max=0; while :; do
     s=$(du -sb "$DIR/staging/_spill" 2>/dev/null | cut -f1); s=${s:-0}
     [ "$s" -gt "$max" ] && max=$s && echo "$max" > "$DIR/spill_max"
     sleep 0.2
   done ) &
-/usr/bin/time -f "wall %e s, user %U s, sys %S s, peak RSS %M KiB" \
-  "$GABO" --root "$DIR/out" --staging "$DIR/staging" dedup bench 2026-11-29T14 --force --memory-limit "$LIMIT" 2>&1 | grep -v '^\s*$' | tail -2
-touch "$DIR/done"; wait
+MONITOR=$!
+TIMEFMT="wall %e s, user %U s, sys %S s, peak RSS %M KiB"
+if ! /usr/bin/time -f "$TIMEFMT" -o "$DIR/gabo.time" \
+  "$GABO" --root "$DIR/out" --staging "$DIR/staging" dedup bench 2026-11-29T14 --force \
+  --memory-limit "$LIMIT" > "$DIR/gabo.out" 2>&1; then
+  tail -20 "$DIR/gabo.out" >&2; echo "gabo dedup failed" >&2; exit 1
+fi
+kill "$MONITOR"; wait "$MONITOR" 2>/dev/null || true; MONITOR=
+grep -E '^(closed|spilled) ' "$DIR/gabo.out"
+cat "$DIR/gabo.time"
 echo "spill directory at most $(( $(cat "$DIR/spill_max" 2>/dev/null || echo 0) / 1048576 )) MiB"
-echo "--- sort -u on the same IDs"
-/usr/bin/time -f "wall %e s, user %U s, sys %S s, peak RSS %M KiB" sh -c "sort -u '$DIR/ids.txt' | wc -l" 2>&1
+rate() { awk -v n="$N" '/^wall/ { gsub(",", ""); printf "%.0f events/s, %.0f events per CPU-second\n", n / $2, n / ($5 + $8) }' "$1"; }
+rate "$DIR/gabo.time"
+# sort's buffer is held to the same limit (GNU sort takes K/M/G suffixes); C locale, as the
+# dedup compares bytes. sort spills sorted runs to $TMPDIR: sample that like the above.
+SORTLIMIT=${LIMIT%iB}
+echo "--- sort -u -S $SORTLIMIT on the same IDs"
+mkdir -p "$DIR/sorttmp"
+( max=0; while :; do
+    s=$(du -sb "$DIR/sorttmp" 2>/dev/null | cut -f1); s=${s:-0}
+    [ "$s" -gt "$max" ] && max=$s && echo "$max" > "$DIR/sort_spill_max"
+    sleep 0.2
+  done ) &
+MONITOR=$!
+LC_ALL=C /usr/bin/time -f "$TIMEFMT" -o "$DIR/sort.time" \
+  sort -u -S "$SORTLIMIT" -T "$DIR/sorttmp" "$DIR/ids.txt" -o "$DIR/ids.sorted"
+kill "$MONITOR"; wait "$MONITOR" 2>/dev/null || true; MONITOR=
+echo "unique $(wc -l < "$DIR/ids.sorted")"
+cat "$DIR/sort.time"
+echo "temporary files at most $(( $(cat "$DIR/sort_spill_max" 2>/dev/null || echo 0) / 1048576 )) MiB"
+rate "$DIR/sort.time"

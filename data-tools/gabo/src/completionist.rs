@@ -58,7 +58,7 @@ async fn pass(ty: &EventType, staging: &Staging, store: &Store, opts: &DedupOpti
             continue; // closed and cleaned up
         }
         match dedup::dedup(&ty.name, hour, staging, store, opts).await {
-            Ok(Closed::Now(m)) => tracing::info!(
+            Ok(Closed::Now(m, _)) => tracing::info!(
                 r#type = %ty.name, %hour, unique = m.unique, duplicates = m.duplicates,
                 "hour closed"
             ),

@@ -12,6 +12,13 @@
 //! payloads differ, the smallest payload in byte order: deterministic, and each is a `min`
 //! aggregate that DataFusion can spill (an order-sensitive `first_value` keeps more state per
 //! group).
+//!
+//! The memory limit is the dedup's whole budget, split in two ([`writer_budget`]): the
+//! Parquet writer's buffers get a fixed share, DataFusion's pool the rest. The aggregation
+//! spills when its pool runs short; a writer cannot spill, so it is not in that pool (where it
+//! failed to get memory once the aggregation had taken its share) but bounds its own buffers:
+//! it ends a row group when the encoder holds half its share, and uploads through a buffer of
+//! a quarter of it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,12 +27,17 @@ use std::time::Duration;
 use chrono::{SecondsFormat, Utc};
 use datafusion::arrow::array::{Array, Int64Array, UInt64Array};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
-use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::FairSpillPool;
-use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::object_store::buffered::BufWriter;
+use datafusion::object_store::path::Path as ObjPath;
+use datafusion::parquet::arrow::AsyncArrowWriter;
+use datafusion::parquet::basic::{Compression, ZstdLevel};
+use datafusion::parquet::file::properties::WriterProperties;
+use datafusion::physical_plan::{execute_stream, ExecutionPlan};
 use datafusion::prelude::{JsonReadOptions, SessionConfig, SessionContext};
+use futures_util::StreamExt as _;
 
 use crate::completeness::{self, Incomplete};
 use crate::hour::{Hour, MARKER, PART0};
@@ -35,8 +47,9 @@ use crate::store::{Marker, Store, StoreError};
 /// How a dedup runs.
 #[derive(Debug, Clone)]
 pub struct DedupOptions {
-    /// DataFusion's memory pool: beyond it, aggregation spills to `spill_dir`. 256 MiB dedups
-    /// any hour on a small machine; raise it for speed, never needed for correctness.
+    /// The dedup's memory: DataFusion's pool (beyond it, aggregation spills to `spill_dir`)
+    /// plus the Parquet writer's share ([`writer_budget`]). 256 MiB dedups any hour on a small
+    /// machine; raise it for speed, never needed for correctness.
     pub memory_limit: usize,
     /// Where spill files go (removed when the dedup ends).
     pub spill_dir: PathBuf,
@@ -87,15 +100,44 @@ pub enum DedupError {
     /// DataFusion (including running out of spill space).
     #[error("dedup engine: {0}")]
     Engine(#[from] datafusion::error::DataFusionError),
+    /// Encoding or uploading the Parquet bucket.
+    #[error("writing the bucket: {0}")]
+    Parquet(#[from] datafusion::parquet::errors::ParquetError),
 }
 
 /// What a dedup did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Closed {
-    /// This run closed the hour.
-    Now(Marker),
+    /// This run closed the hour, spilling this much of its aggregation to disk.
+    Now(Marker, Spilled),
     /// The hour was already closed; nothing written.
     Before(Marker),
+}
+
+/// What the dedup's aggregation wrote to spill files (DataFusion's operator metrics): zero
+/// when the hour fitted the memory pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spilled {
+    /// Spill files written.
+    pub files: u64,
+    /// Bytes written to them.
+    pub bytes: u64,
+}
+
+/// The Parquet writer's share of a memory limit: an eighth, at least 1 MiB (below that a row
+/// group holds too few rows to compress well) and at most 32 MiB (row groups of ~16 MiB
+/// encoded, plenty for readers; more buys nothing). At the 256 MiB default its upload parts
+/// are 8 MiB, above S3's 5 MiB minimum for multipart uploads.
+pub fn writer_budget(memory_limit: usize) -> usize {
+    (memory_limit / 8).clamp(1 << 20, 32 << 20)
+}
+
+/// Rows per DataFusion batch: one limit's 64th in rows of 1 KiB, between 256 and DataFusion's
+/// default 8192. The final aggregation must hold at least one batch's groups before it can
+/// spill; with the default, an hour of ~800-byte events under 16 MiB failed ("Failed to
+/// allocate 6.7 MB for FinalHashAggregateStream") without ever spilling.
+pub fn batch_rows(memory_limit: usize) -> usize {
+    (memory_limit >> 16).clamp(256, 8192)
 }
 
 /// Closes `hour` of `type_name`: see the module docs.
@@ -127,7 +169,7 @@ pub async fn dedup(
             .map_err(std::io::Error::other)??
     };
     std::fs::create_dir_all(&opts.spill_dir)?;
-    let ctx = session(store, opts)?;
+    let ctx = session(opts)?;
     let schema = staged_schema();
     let dir = staging.hour_dir(type_name, hour);
     if files.is_empty() {
@@ -159,21 +201,17 @@ pub async fn dedup(
              FROM staged GROUP BY id",
         )
         .await?;
-    let part = format!("gabo://out/{}/{PART0}", hour.bucket_path(type_name));
-    let written = df
-        .write_parquet(
-            &part,
-            DataFrameWriteOptions::new().with_single_file_output(true),
-            None,
-        )
-        .await?;
-    let unique = written
-        .first()
-        .and_then(|b| {
-            let c = b.column(0);
-            c.as_any().downcast_ref::<UInt64Array>().map(|a| a.value(0))
-        })
-        .unwrap_or(0);
+    let plan = df.create_physical_plan().await?;
+    let part = format!("{}/{PART0}", hour.bucket_path(type_name));
+    let unique = write_bucket(
+        store,
+        &part,
+        plan.clone(),
+        &ctx,
+        writer_budget(opts.memory_limit),
+    )
+    .await?;
+    let spilled = spilled(&plan);
     let ledger = store.accepted(type_name, hour).await?;
     let late = store.late(type_name, hour).await?;
     let marker = Marker {
@@ -202,7 +240,76 @@ pub async fn dedup(
     l(crate::metrics::UNIQUE).increment(marker.unique);
     l(crate::metrics::DUPLICATES).increment(marker.duplicates);
     l(crate::metrics::HOURS_CLOSED).increment(1);
-    Ok(Closed::Now(marker))
+    tracing::info!(
+        r#type = type_name, %hour, unique, spill_files = spilled.files,
+        spill_bytes = spilled.bytes, "bucket written"
+    );
+    Ok(Closed::Now(marker, spilled))
+}
+
+/// Runs `plan` (one row per ID) into the Parquet object `path` of `store`, holding about
+/// `budget` bytes of buffers (module docs); returns the rows written. The object appears
+/// whole or not at all: a local store renames a finished temporary file, a remote one
+/// completes a multipart upload.
+async fn write_bucket(
+    store: &Store,
+    path: &str,
+    plan: Arc<dyn ExecutionPlan>,
+    ctx: &SessionContext,
+    budget: usize,
+) -> Result<u64, DedupError> {
+    let schema = plan.schema();
+    let mut rows = execute_stream(plan, ctx.task_ctx())?;
+    let upload = BufWriter::with_capacity(store.inner.clone(), ObjPath::from(path), budget / 4)
+        // One part in flight: the upload holds at most two parts (half the budget).
+        .with_max_concurrency(1);
+    let props = WriterProperties::builder()
+        // DataFusion's default for the Parquet files it writes.
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).expect("3 is a zstd level"),
+        ))
+        .build();
+    let mut w = AsyncArrowWriter::try_new(upload, schema, Some(props))?;
+    let wrote = async {
+        let mut n = 0u64;
+        while let Some(batch) = rows.next().await {
+            let batch = batch?;
+            n += batch.num_rows() as u64;
+            w.write(&batch).await?;
+            if w.memory_size() >= budget / 2 {
+                w.flush().await?;
+            }
+        }
+        Ok::<_, DedupError>(n)
+    }
+    .await;
+    match wrote {
+        Ok(n) => {
+            w.close().await?;
+            Ok(n)
+        }
+        Err(e) => {
+            // Leave no partial upload behind; the error that stopped the write is the one to
+            // report.
+            let _ = w.into_inner().abort().await;
+            Err(e)
+        }
+    }
+}
+
+/// Sums the spill metrics of every operator in `plan` (after it ran).
+fn spilled(plan: &Arc<dyn ExecutionPlan>) -> Spilled {
+    let own = plan.metrics().map_or(Spilled::default(), |m| Spilled {
+        files: m.spill_count().unwrap_or(0) as u64,
+        bytes: m.spilled_bytes().unwrap_or(0) as u64,
+    });
+    plan.children().into_iter().fold(own, |acc, c| {
+        let s = spilled(c);
+        Spilled {
+            files: acc.files + s.files,
+            bytes: acc.bytes + s.bytes,
+        }
+    })
 }
 
 /// The staging line's columns (see [`crate::envelope::StagedLine`]).
@@ -215,29 +322,27 @@ fn staged_schema() -> Schema {
     ])
 }
 
-fn session(store: &Store, opts: &DedupOptions) -> Result<SessionContext, DedupError> {
+fn session(opts: &DedupOptions) -> Result<SessionContext, DedupError> {
     let runtime = RuntimeEnvBuilder::new()
         // A fair pool, not the greedy one of `with_memory_limit`: with the greedy pool the
         // partial aggregation took the whole pool and the final one, holding nothing it could
         // spill, failed ("Failed to allocate … for FinalHashAggregateStream") on an hour 10x
-        // the limit. The fair pool gives each spilling operator its share. KNOWN LIMIT: on
-        // such an hour (2 M events, 32 MiB) the Parquet writer, which cannot spill, still
-        // fails to get memory after the aggregation (docs/BENCHMARKS.md, GABO 2026-11-30).
-        .with_memory_pool(Arc::new(FairSpillPool::new(opts.memory_limit)))
+        // the limit. The fair pool gives each spilling operator its share. The Parquet
+        // writer, which cannot spill, is outside it (module docs): inside, it failed to get
+        // memory after the aggregation on such an hour (2 M events, 32 MiB).
+        .with_memory_pool(Arc::new(FairSpillPool::new(
+            opts.memory_limit
+                .saturating_sub(writer_budget(opts.memory_limit)),
+        )))
         .with_disk_manager_builder(
             DiskManagerBuilder::default()
                 .with_mode(DiskManagerMode::Directories(vec![opts.spill_dir.clone()])),
         )
         .build_arc()?;
-    // Row groups of 64 Ki rows instead of 1 Mi: the Parquet writer buffers a whole row group
-    // in the same memory pool; smaller groups shrink that buffer (not yet enough, see above).
     let config = SessionConfig::new()
         .with_target_partitions(opts.target_partitions.max(1))
-        .set_usize("datafusion.execution.parquet.max_row_group_size", 64 * 1024);
+        .with_batch_size(batch_rows(opts.memory_limit));
     let ctx = SessionContext::new_with_config_rt(config, runtime);
-    // Buckets are written through the output store, whatever it is.
-    let url = ObjectStoreUrl::parse("gabo://out")?;
-    ctx.register_object_store(url.as_ref(), store.inner.clone());
     Ok(ctx)
 }
 
@@ -258,4 +363,25 @@ async fn count(ctx: &SessionContext, sql: &str) -> Result<u64, DedupError> {
         c.data_type()
     ))
     .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_writer_gets_an_eighth_of_the_limit_within_bounds() {
+        const MIB: usize = 1 << 20;
+        assert_eq!(writer_budget(256 * MIB), 32 * MIB, "the default limit");
+        assert_eq!(writer_budget(32 * MIB), 4 * MIB);
+        assert_eq!(writer_budget(4 * MIB), MIB, "at least 1 MiB");
+        assert_eq!(writer_budget(4096 * MIB), 32 * MIB, "at most 32 MiB");
+        assert_eq!(batch_rows(256 * MIB), 4096);
+        assert_eq!(batch_rows(16 * MIB), 256);
+        assert_eq!(batch_rows(4096 * MIB), 8192, "DataFusion's default at most");
+        // The pool keeps the rest: the two never exceed the limit.
+        for limit in [MIB, 4 * MIB, 256 * MIB] {
+            assert!(writer_budget(limit) <= limit);
+        }
+    }
 }

@@ -367,8 +367,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             o.grace = grace;
             o.memory_limit = memory_limit;
             match gabo::dedup::dedup(&name, hour, &staging, &store, &o).await {
-                Ok(Closed::Now(m)) => {
-                    println!("closed {name} {hour}: {}", serde_json::to_string(&m)?)
+                Ok(Closed::Now(m, spilled)) => {
+                    println!("closed {name} {hour}: {}", serde_json::to_string(&m)?);
+                    println!("spilled {} files, {} bytes", spilled.files, spilled.bytes);
                 }
                 Ok(Closed::Before(m)) => println!(
                     "{name} {hour} was already closed (never rewritten): {}",

@@ -73,7 +73,7 @@ async fn events_reach_a_deduplicated_bucket_and_the_counts_balance() {
     .await;
     let opts = dedup_options(&dirs);
     let closed = close_when_complete("clicks", &dirs, &opts).await;
-    let Closed::Now(m) = closed else {
+    let Closed::Now(m, _) = closed else {
         panic!("expected this run to close the hour: {closed:?}")
     };
     assert_eq!(
@@ -253,7 +253,7 @@ async fn an_incomplete_hour_is_refused_unless_forced() {
     assert!(e.to_string().contains("not complete"), "{e}");
     let mut forced = opts.clone();
     forced.force = true;
-    let Closed::Now(m) = dedup::dedup("clicks", hour(), &dirs.staging, &dirs.store, &forced)
+    let Closed::Now(m, _) = dedup::dedup("clicks", hour(), &dirs.staging, &dirs.store, &forced)
         .await
         .unwrap()
     else {
@@ -265,4 +265,85 @@ async fn an_incomplete_hour_is_refused_unless_forced() {
         "an empty hour gets an empty bucket"
     );
     assert!(bucket_ids(&dirs.root(), "clicks").await.is_empty());
+}
+
+/// An hour several times larger than the dedup's memory limit closes: the aggregation spills
+/// to disk, the Parquet writer stays within its own share (many small row groups rather than
+/// one large one), and the bucket holds each ID once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hour_several_times_the_memory_limit_spills_and_closes() {
+    const N: usize = 120_000;
+    const LIMIT: usize = 16 << 20;
+    let dirs = Dirs::new();
+    // Every 10th event repeats the ID of the event 5 before it (a client's retry: another
+    // Kafka position, same ID), spread over 4 partitions as the writer stages them.
+    let pad = "x".repeat(400);
+    let mut staged_bytes = 0;
+    for p in 0..4 {
+        let mut lines = Vec::new();
+        for k in (p..N).step_by(4) {
+            let i = if k % 10 == 9 { k - 5 } else { k };
+            let line = gabo::envelope::StagedLine {
+                id: format!("e{i:08}"),
+                received_at: "2026-11-29T14:05:00.000Z".into(),
+                src: format!("{p}:{k}:0"),
+                payload: format!(r#"{{"user":"u{}","n":{i},"pad":"{pad}"}}"#, i % 1000),
+            };
+            serde_json::to_writer(&mut lines, &line).unwrap();
+            lines.push(b'\n');
+        }
+        staged_bytes += lines.len();
+        dirs.staging
+            .append("clicks", hour(), p as i32, &lines)
+            .unwrap();
+    }
+    assert!(
+        staged_bytes > 3 * LIMIT,
+        "the hour ({staged_bytes} bytes) must be several times the limit"
+    );
+    let mut opts = dedup_options(&dirs);
+    opts.memory_limit = LIMIT;
+    opts.force = true;
+    let closed = dedup::dedup("clicks", hour(), &dirs.staging, &dirs.store, &opts)
+        .await
+        .expect("an hour larger than the memory limit closes");
+    let Closed::Now(m, spilled) = closed else {
+        panic!("closed by this run: {closed:?}")
+    };
+    assert!(
+        spilled.files > 0 && spilled.bytes > 0,
+        "the aggregation spilled: {spilled:?}"
+    );
+    assert_eq!(
+        (m.staged, m.unique, m.duplicates),
+        (N as u64, (N - N / 10) as u64, (N / 10) as u64),
+        "{m:?}"
+    );
+    let ids = bucket_ids(&dirs.root(), "clicks").await;
+    assert_eq!(ids.len(), N - N / 10);
+    let mut distinct = ids.clone();
+    distinct.dedup();
+    assert_eq!(distinct.len(), ids.len(), "each ID once in the bucket");
+    let part = std::fs::File::open(format!(
+        "{}/{}/{}",
+        dirs.root(),
+        hour().bucket_path("clicks"),
+        gabo::hour::PART0
+    ))
+    .unwrap();
+    let groups = datafusion::parquet::file::reader::SerializedFileReader::new(part)
+        .map(|r| {
+            use datafusion::parquet::file::reader::FileReader as _;
+            r.metadata().num_row_groups()
+        })
+        .unwrap();
+    assert!(
+        groups > 1,
+        "the writer ends row groups at its memory share, not at a row count ({groups} groups)"
+    );
+    // Spill files are removed with the run.
+    let left: Vec<_> = std::fs::read_dir(&opts.spill_dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "spill files left behind: {left:?}");
 }

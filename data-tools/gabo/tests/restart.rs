@@ -66,7 +66,7 @@ async fn a_killed_writer_loses_nothing_and_duplicates_are_removed() {
     let closed = close_when_complete("clicks", &dirs, &opts).await;
     let _ = w.kill();
     let _ = w.wait();
-    let dedup::Closed::Now(m) = closed else {
+    let dedup::Closed::Now(m, _) = closed else {
         panic!("closed by this run: {closed:?}")
     };
     assert_eq!(m.accepted, 2100);
