@@ -44,13 +44,17 @@ echo "staged: $N events, $(du -sh "$DIR/staging" | cut -f1) of NDJSON; memory li
 echo "--- gabo dedup ($GABO)"
 # The spill directory's largest size during the run, sampled every 0.2 s (spill files are
 # removed when the dedup ends); gabo also prints what its aggregation spilled.
-mkdir -p "$DIR/staging/_spill"
-( max=0; while :; do
-    s=$(du -sb "$DIR/staging/_spill" 2>/dev/null | cut -f1); s=${s:-0}
-    [ "$s" -gt "$max" ] && max=$s && echo "$max" > "$DIR/spill_max"
-    sleep 0.2
-  done ) &
-MONITOR=$!
+# watch_max DIR FILE: in the background, keeps in FILE the largest size DIR reached.
+watch_max() {
+  mkdir -p "$1"
+  ( max=0; while :; do
+      s=$(du -sb "$1" 2>/dev/null | cut -f1); s=${s:-0}
+      [ "$s" -gt "$max" ] && max=$s && echo "$max" > "$2"
+      sleep 0.2
+    done ) &
+  MONITOR=$!
+}
+watch_max "$DIR/staging/_spill" "$DIR/spill_max"
 TIMEFMT="wall %e s, user %U s, sys %S s, peak RSS %M KiB"
 if ! /usr/bin/time -f "$TIMEFMT" -o "$DIR/gabo.time" \
   "$GABO" --root "$DIR/out" --staging "$DIR/staging" dedup bench 2026-11-29T14 --force \
@@ -67,13 +71,7 @@ rate "$DIR/gabo.time"
 # dedup compares bytes. sort spills sorted runs to $TMPDIR: sample that like the above.
 SORTLIMIT=${LIMIT%iB}
 echo "--- sort -u -S $SORTLIMIT on the same IDs"
-mkdir -p "$DIR/sorttmp"
-( max=0; while :; do
-    s=$(du -sb "$DIR/sorttmp" 2>/dev/null | cut -f1); s=${s:-0}
-    [ "$s" -gt "$max" ] && max=$s && echo "$max" > "$DIR/sort_spill_max"
-    sleep 0.2
-  done ) &
-MONITOR=$!
+watch_max "$DIR/sorttmp" "$DIR/sort_spill_max"
 LC_ALL=C /usr/bin/time -f "$TIMEFMT" -o "$DIR/sort.time" \
   sort -u -S "$SORTLIMIT" -T "$DIR/sorttmp" "$DIR/ids.txt" -o "$DIR/ids.sorted"
 kill "$MONITOR"; wait "$MONITOR" 2>/dev/null || true; MONITOR=
