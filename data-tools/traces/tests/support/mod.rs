@@ -31,13 +31,22 @@ pub fn now_ns() -> u64 {
         .as_nanos() as u64
 }
 
-/// One service's spans: (span id byte, parent byte or 0, name, offset µs, duration µs).
+/// Five seconds before the first request this test binary built. Every request's offsets count
+/// from this one instant, so spans of one trace sent in several requests line up however long
+/// the test took between building them.
+fn base_ns() -> u64 {
+    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| now_ns() - 5_000_000_000)
+}
+
+/// One service's spans: (span id byte, parent byte or 0, name, offset µs, duration µs), offsets
+/// counted from [`base_ns`].
 pub fn request(
     service: &str,
     trace: u8,
     spans: &[(u8, u8, &str, u64, u64)],
 ) -> ExportTraceServiceRequest {
-    let t0 = now_ns() - 5_000_000_000;
+    let t0 = base_ns();
     ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
             resource: Some(Resource {
