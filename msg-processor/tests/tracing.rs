@@ -12,13 +12,11 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures_util::StreamExt as _;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
 use push_lib::SendOptions;
 use testkit::otlp::StandInCollector;
-use tokio_tungstenite::tungstenite::Message;
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
@@ -46,12 +44,7 @@ async fn one_push_is_one_trace_from_push_lib_to_the_client() {
     kafka.create_topic("push-dlq", 1);
     let redis = testkit::RedisServer::start();
     let node_a = node("node-a", &redis.url(), None).await;
-    let token = node_a.mint_token("trudy", Some("d"), Duration::from_secs(3600));
-    let url = format!("ws://{}/ws?token={token}", node_a.client_addr());
-    let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
-        .await
-        .expect("connect in time")
-        .expect("websocket handshake");
+    let mut ws = connect_ws(&node_a, "trudy").await;
     wait_registered(&redis.url(), &[("trudy".into(), "node-a".into())]).await;
     let p = processor(settings(&kafka.brokers(), "push", &redis.url())).await;
 
@@ -63,19 +56,7 @@ async fn one_push_is_one_trace_from_push_lib_to_the_client() {
         .send("trudy", "traced", &opts)
         .await
         .expect("broker acknowledges");
-    let msg = loop {
-        let frame = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("message in time")
-            .expect("open")
-            .expect("frame");
-        if let Message::Text(t) = frame {
-            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-            if v["type"] == "message" {
-                break v;
-            }
-        }
-    };
+    let msg = next_message(&mut ws).await;
     assert_eq!(msg["data"], "traced");
     let seen = msg["traceparent"]
         .as_str()

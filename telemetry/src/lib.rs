@@ -7,6 +7,7 @@
 //! |---|---|
 //! | [`LogFormat`], [`init_logging`] | the tracing subscriber: human or JSON lines on stderr, `RUST_LOG` or a default filter |
 //! | [`init_logging_with_traces`], [`otel`] | the same, plus span export over OTLP/HTTP when `--otlp-endpoint` / `OTEL_EXPORTER_OTLP_ENDPOINT` is set |
+//! | [`trace_dispatch`] | span export alone, as a per-thread subscriber: several services with their own names in one process |
 //! | [`propagation`] | W3C `traceparent`/`tracestate` and B3 headers ↔ [`propagation::TraceContext`] (pure); [`otel::set_parent`] and [`otel::outgoing`] join it to `tracing` spans |
 //! | [`install_recorder`] | the process-wide Prometheus recorder, installed once per binary's cell, with its descriptions |
 //!
@@ -98,6 +99,22 @@ pub fn init_logging_with_traces(
     };
     tracing_subscriber::registry().with(otel).with(fmt).init();
     Ok(guard)
+}
+
+/// A subscriber that exports spans (INFO and above, as [`init_logging_with_traces`] does)
+/// and logs nothing, for running several services in one process with one `service.name`
+/// each (tests of a whole pipeline, an embedding program): make it a thread's default with
+/// `tracing::dispatcher::set_default` (e.g. in a tokio runtime's `on_thread_start`) rather
+/// than the global one. `None` when `traces` has no endpoint.
+pub fn trace_dispatch(
+    traces: &TraceExport,
+) -> Result<Option<(tracing::Dispatch, TraceGuard)>, TraceError> {
+    let Some((layer, guard)) = otel::layer(traces)? else {
+        return Ok(None);
+    };
+    let subscriber = tracing_subscriber::registry()
+        .with(layer.with_filter(tracing_subscriber::filter::LevelFilter::INFO));
+    Ok(Some((tracing::Dispatch::new(subscriber), guard)))
 }
 
 /// Builds the recorder from `builder`, makes it the process's global recorder, runs

@@ -143,6 +143,13 @@ impl Strategies {
         Ok(())
     }
 
+    /// Whether a rule names `service` (else the default applies to it).
+    pub fn names(&self, service: &str) -> bool {
+        self.service_strategies
+            .iter()
+            .any(|s| s.service.as_deref() == Some(service))
+    }
+
     /// The rules that apply to `service`.
     pub fn for_service(&self, service: &str) -> &ServiceStrategy {
         self.service_strategies
@@ -482,5 +489,13 @@ mod tests {
         assert_eq!(r["rateLimitingSampling"]["maxTracesPerSecond"], 5);
         let r = rules.remote_response("unknown");
         assert_eq!(r["probabilisticSampling"]["samplingRate"], 0.01);
+    }
+
+    #[test]
+    fn only_services_with_a_rule_are_named() {
+        let rules = Strategies::parse(RULES).unwrap();
+        assert!(rules.names("push-server"));
+        assert!(rules.names("msg-processor"));
+        assert!(!rules.names("unknown"), "the default applies to it");
     }
 }

@@ -322,10 +322,18 @@ async fn handle(app: &App, req: Request<Incoming>) -> Resp {
     match route {
         Route::Ingest => ingest(app, req).await,
         Route::Sampling => match params.get("service").filter(|s| !s.is_empty()) {
-            Some(service) => json(
-                StatusCode::OK,
-                &app.sampler.rules().remote_response(service),
-            ),
+            Some(service) => {
+                let rules = app.sampler.rules();
+                // Labelled by the service only when the rules name it: the query string is
+                // the caller's, and a label per made-up name would grow without bound.
+                let label = if rules.names(service) {
+                    service.clone()
+                } else {
+                    "other".to_owned()
+                };
+                counter!("traces_sampling_requests_total", "service" => label).increment(1);
+                json(StatusCode::OK, &rules.remote_response(service))
+            }
             None => respond(
                 StatusCode::BAD_REQUEST,
                 "text/plain",

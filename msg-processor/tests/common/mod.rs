@@ -68,6 +68,46 @@ pub async fn node(id: &str, registry: &str, advertise: Option<SocketAddr>) -> Se
     Server::start(cfg).await.expect("node starts")
 }
 
+/// A client's WebSocket to a node.
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// Connects `user` (device `d`) to `server` and waits for `hello`.
+pub async fn connect_ws(server: &Server, user: &str) -> Ws {
+    let token = server.mint_token(user, Some("d"), Duration::from_secs(3600));
+    let url = format!("ws://{}/ws?token={token}", server.client_addr());
+    let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("connect in time")
+        .expect("websocket handshake");
+    let hello = next_text(&mut ws).await;
+    assert_eq!(hello["type"], "hello", "{hello}");
+    ws
+}
+
+/// The next text frame on `ws`, as JSON (pings and other frames skipped).
+async fn next_text(ws: &mut Ws) -> serde_json::Value {
+    loop {
+        let frame = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("open")
+            .expect("frame");
+        if let Message::Text(t) = frame {
+            return serde_json::from_str(&t).unwrap();
+        }
+    }
+}
+
+/// The next `message` the node sends on `ws` (control messages skipped), whole.
+pub async fn next_message(ws: &mut Ws) -> serde_json::Value {
+    loop {
+        let v = next_text(ws).await;
+        if v["type"] == "message" {
+            return v;
+        }
+    }
+}
+
 /// What one client saw: `(mid, data)` per message, in arrival order.
 pub type Inbox = Arc<Mutex<Vec<(String, serde_json::Value)>>>;
 
@@ -87,24 +127,7 @@ impl Drop for Client {
 impl Client {
     /// Connects `user` (device `d`) to `server` and waits for `hello`.
     pub async fn connect(server: &Server, user: &str, inbox: Inbox) -> Self {
-        let token = server.mint_token(user, Some("d"), Duration::from_secs(3600));
-        let url = format!("ws://{}/ws?token={token}", server.client_addr());
-        let (mut ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
-            .await
-            .expect("connect in time")
-            .expect("websocket handshake");
-        loop {
-            let frame = tokio::time::timeout(WAIT, ws.next())
-                .await
-                .expect("hello in time")
-                .expect("open")
-                .expect("frame");
-            if let Message::Text(t) = frame {
-                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                assert_eq!(v["type"], "hello", "{v}");
-                break;
-            }
-        }
+        let mut ws = connect_ws(server, user).await;
         let sink = inbox.clone();
         let task = tokio::spawn(async move {
             while let Some(Ok(frame)) = ws.next().await {
