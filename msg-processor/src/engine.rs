@@ -155,7 +155,12 @@ impl Engine {
     fn outcome(&self, env: &Envelope, kind: Kind) {
         if let Some(o) = &self.outcomes {
             let at = push_lib::envelope::now_ms();
-            o.send(&outcomes::Outcome::new(env.id.as_str(), &env.user, kind, at));
+            o.send(&outcomes::Outcome::new(
+                env.id.as_str(),
+                &env.user,
+                kind,
+                at,
+            ));
         }
     }
 

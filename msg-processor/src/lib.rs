@@ -101,7 +101,10 @@ impl Processor {
         let stats = Arc::new(Stats::default());
         let outcomes = match &settings.outcomes_topic {
             Some(t) => Some(Outcomes::new(
-                settings.outcomes_brokers.as_deref().unwrap_or(&settings.brokers),
+                settings
+                    .outcomes_brokers
+                    .as_deref()
+                    .unwrap_or(&settings.brokers),
                 t,
                 settings.outcomes_queue,
                 &settings.kafka,

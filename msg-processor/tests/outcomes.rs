@@ -75,7 +75,11 @@ async fn every_finished_message_has_one_outcome_on_the_outcomes_topic() {
             let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
             assert_eq!(s("id"), format!("{}:{}", s("mid"), s("outcome")), "{v}");
             assert!(v["at_ms"].as_u64().unwrap() > 0, "{v}");
-            assert_eq!(m.key().unwrap_or_default(), s("user").as_bytes(), "keyed by user");
+            assert_eq!(
+                m.key().unwrap_or_default(),
+                s("user").as_bytes(),
+                "keyed by user"
+            );
             let prev = got.insert(s("mid"), (s("user"), s("outcome")));
             assert!(prev.is_none(), "one outcome per message: {v}");
         }
@@ -125,13 +129,16 @@ async fn a_dead_outcomes_broker_drops_outcomes_and_delivery_goes_on() {
             .collect();
         send_raw(&kafka.brokers(), &envs).await;
         let stats = p.stats().clone();
-        eventually("20 messages delivered and their outcomes queued or dropped", || {
-            let st = &stats;
-            std::future::ready(
-                Stats::get(&st.delivered) == 20
-                    && Stats::get(&st.outcomes_queued) + Stats::get(&st.outcomes_dropped) == 20,
-            )
-        })
+        eventually(
+            "20 messages delivered and their outcomes queued or dropped",
+            || {
+                let st = &stats;
+                std::future::ready(
+                    Stats::get(&st.delivered) == 20
+                        && Stats::get(&st.outcomes_queued) + Stats::get(&st.outcomes_dropped) == 20,
+                )
+            },
+        )
         .await;
         assert_eq!(first_seen(&client.inbox), (0..20).collect::<Vec<u64>>());
         assert_eq!(Stats::get(&stats.outcomes_queued), 3, "the queue's bound");
