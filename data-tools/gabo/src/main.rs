@@ -1,12 +1,5 @@
 //! `gabo`: apply, delete, types, serve, dedup, audit. See docs/gabo.md.
 
-/// jemalloc rather than glibc malloc (feature `jemalloc`, on by default): the dedup frees and
-/// reallocates Arrow batches on every worker thread, and glibc's per-thread arenas kept that
-/// memory, so the process grew well past `--memory-limit` (docs/BENCHMARKS.md).
-#[cfg(feature = "jemalloc")]
-#[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::PathBuf;
