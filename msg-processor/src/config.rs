@@ -23,6 +23,12 @@ pub struct Settings {
     pub peer_nets: push_registry::PeerNets,
     /// Where malformed, refused and undeliverable messages go; `None` drops them (counted).
     pub dead_letter_topic: Option<String>,
+    /// Where push outcomes go (one record per finished message, for GABO); `None`: nowhere.
+    pub outcomes_topic: Option<String>,
+    /// Brokers of the outcomes topic; `None`: [`Settings::brokers`].
+    pub outcomes_brokers: Option<String>,
+    /// Most outcome records queued for the broker; beyond it they are dropped (counted).
+    pub outcomes_queue: usize,
     /// Most messages of one partition processed as one batch (one registry round trip).
     pub batch_size: usize,
     /// How long a partition waits to fill a batch once it has a message. Zero: take what
@@ -75,6 +81,9 @@ impl Settings {
             internal_secret: None,
             peer_nets: push_registry::PeerNets::default(),
             dead_letter_topic: None,
+            outcomes_topic: None,
+            outcomes_brokers: None,
+            outcomes_queue: 100_000,
             batch_size: 500,
             batch_linger: Duration::from_millis(2),
             concurrency: 64,
@@ -101,6 +110,7 @@ impl Settings {
             ("partition-buffer", self.partition_buffer),
             ("node-batch-max", self.node_batch_max),
             ("max-attempts", self.max_attempts as usize),
+            ("outcomes-queue", self.outcomes_queue),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -177,6 +187,18 @@ pub struct Args {
     /// (and counted).
     #[arg(long, env = "MSGPROC_DEAD_LETTER_TOPIC")]
     pub dead_letter_topic: Option<String>,
+    /// Topic for push outcomes (one JSON record per finished message: delivered, stored,
+    /// expired, dead_lettered), e.g. `push-outcomes` for GABO; off by default. Never slows
+    /// delivery: when the queue is full or the broker is down, outcomes are dropped (counted
+    /// in `msgproc_outcomes_dropped_total`).
+    #[arg(long, env = "MSGPROC_OUTCOMES_TOPIC")]
+    pub outcomes_topic: Option<String>,
+    /// Brokers of the outcomes topic (default: `--brokers`).
+    #[arg(long, env = "MSGPROC_OUTCOMES_BROKERS")]
+    pub outcomes_brokers: Option<String>,
+    /// Most outcome records waiting for the broker; more are dropped.
+    #[arg(long, env = "MSGPROC_OUTCOMES_QUEUE", default_value_t = 100_000)]
+    pub outcomes_queue: usize,
     /// Most messages of a partition per batch.
     #[arg(long, env = "MSGPROC_BATCH_SIZE", default_value_t = 500)]
     pub batch_size: usize,
@@ -242,6 +264,9 @@ impl Args {
         s.peer_nets = push_registry::PeerNets::parse(&self.peer_nets)
             .map_err(|e| SettingsError::PeerNets(e.to_string()))?;
         s.dead_letter_topic = self.dead_letter_topic.clone();
+        s.outcomes_topic = self.outcomes_topic.clone();
+        s.outcomes_brokers = self.outcomes_brokers.clone();
+        s.outcomes_queue = self.outcomes_queue;
         s.batch_size = self.batch_size;
         s.batch_linger = self.batch_linger;
         s.concurrency = self.concurrency;
@@ -296,6 +321,8 @@ mod tests {
         assert_eq!(s.batch_size, 50);
         assert_eq!(s.retry_backoff, Duration::from_millis(10));
         assert_eq!(s.kafka, [("fetch.wait.max.ms".into(), "10".into())]);
+        assert_eq!(s.outcomes_topic, None, "outcomes are off by default");
+        assert_eq!(s.outcomes_queue, 100_000);
     }
 
     #[test]
@@ -351,5 +378,8 @@ mod tests {
         s.node_batch_max = 1;
         s.batch_size = 0;
         assert_eq!(s.validate(), Err(SettingsError::Zero("batch-size")));
+        s.batch_size = 1;
+        s.outcomes_queue = 0;
+        assert_eq!(s.validate(), Err(SettingsError::Zero("outcomes-queue")));
     }
 }

@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 use crate::config::Settings;
 use crate::dead_letter::{DeadLetters, Source};
 use crate::metrics::{self as m, Stats};
+use crate::outcomes::{self, Kind, Outcomes};
 use crate::route::{self, Delivery, Final, Next};
 
 /// Largest deliver request body we build, roughly. push-server accepts 64 messages of its
@@ -36,6 +37,8 @@ pub struct Engine {
     pub nodes: DeliverClient,
     /// The dead-letter producer, if a topic is configured.
     pub dead_letters: Option<DeadLetters>,
+    /// The push outcomes producer, if `--outcomes-topic` is set.
+    pub outcomes: Option<Outcomes>,
     /// Counts for tests and logs.
     pub stats: Arc<Stats>,
     /// Bounds the batches in flight over all partitions (`--concurrency`).
@@ -62,7 +65,7 @@ impl Engine {
             };
             match decoded {
                 Err(reason) => self.dead_letter(msg, &reason).await,
-                Ok(env) if env.is_expired(now) => self.expired(),
+                Ok(env) if env.is_expired(now) => self.expired(&env),
                 Ok(env) => {
                     let mut d = Delivery::new(env, wire_len);
                     if telemetry::otel::is_on() {
@@ -73,15 +76,19 @@ impl Engine {
             }
         }
         self.append(&mut active).await;
-        for (i, _delivery, outcome) in self.deliver(active).await {
+        for (i, delivery, outcome) in self.deliver(active).await {
             match outcome {
-                Final::Delivered => Stats::add(&self.stats.delivered, 1),
+                Final::Delivered => {
+                    Stats::add(&self.stats.delivered, 1);
+                    self.outcome(&delivery.env, Kind::Delivered);
+                }
                 Final::Stored => {
                     // In the user's history: their clients get it when they (re)connect.
                     metrics::counter!(m::STORED).increment(1);
                     Stats::add(&self.stats.stored, 1);
+                    self.outcome(&delivery.env, Kind::Stored);
                 }
-                Final::Expired => self.expired(),
+                Final::Expired => self.expired(&delivery.env),
                 Final::DeadLetter(reason) => self.dead_letter(&batch[i], &reason).await,
             }
         }
@@ -138,9 +145,23 @@ impl Engine {
         }
     }
 
-    fn expired(&self) {
+    fn expired(&self, env: &Envelope) {
         metrics::counter!(m::EXPIRED).increment(1);
         Stats::add(&self.stats.expired, 1);
+        self.outcome(env, Kind::Expired);
+    }
+
+    /// Queues `env`'s push outcome, if outcomes are on (never waits: see [`crate::outcomes`]).
+    fn outcome(&self, env: &Envelope, kind: Kind) {
+        if let Some(o) = &self.outcomes {
+            let at = push_lib::envelope::now_ms();
+            o.send(&outcomes::Outcome::new(
+                env.id.as_str(),
+                &env.user,
+                kind,
+                at,
+            ));
+        }
     }
 
     /// Delivery rounds until every message is finished (see [`crate::route`]).
@@ -353,6 +374,13 @@ impl Engine {
             partition: msg.partition(),
             offset: msg.offset(),
         };
+        if let Some(o) = &self.outcomes {
+            // The record may not have decoded: its names come from its bytes (module docs).
+            let position = format!("{}/{}/{}", source.topic, source.partition, source.offset);
+            let (mid, user) = outcomes::undecoded_names(msg.payload(), position);
+            let at = push_lib::envelope::now_ms();
+            o.send(&outcomes::Outcome::new(&mid, &user, Kind::DeadLettered, at));
+        }
         let Some(dl) = &self.dead_letters else {
             tracing::warn!(?source, %reason, "dropping a message (no --dead-letter-topic)");
             return;

@@ -10,6 +10,7 @@
 //! | [`config`] | flags and `MSGPROC_*` environment → [`Settings`] |
 //! | [`metrics`] | metric names, `/metrics`, [`Stats`] |
 //! | [`dead_letter`] | the dead-letter producer |
+//! | [`outcomes`] | push outcomes for GABO: one record per finished message, never waited for |
 //! | [`engine`] | one partition's batch: decode, TTL, `lookup_many`, deliver rounds, dead letters |
 //! | [`consumer`] | group membership, per-partition workers, offsets, rebalances |
 //! | this file | [`Processor`]: wires them, starts and stops |
@@ -23,6 +24,7 @@ pub mod dead_letter;
 pub mod engine;
 pub mod metrics;
 pub mod offsets;
+pub mod outcomes;
 pub mod route;
 
 use std::net::SocketAddr;
@@ -40,6 +42,7 @@ pub use metrics::Stats;
 use consumer::{GroupConsumer, GroupContext};
 use dead_letter::DeadLetters;
 use engine::Engine;
+use outcomes::Outcomes;
 
 /// Why a processor could not start.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +78,7 @@ pub struct Processor {
     metrics_task: Option<JoinHandle<()>>,
     metrics_addr: Option<SocketAddr>,
     stats: Arc<Stats>,
+    outcomes: Option<Outcomes>,
 }
 
 impl Processor {
@@ -94,6 +98,20 @@ impl Processor {
             Some(t) => Some(DeadLetters::new(&settings.brokers, t, &settings.kafka)?),
             None => None,
         };
+        let stats = Arc::new(Stats::default());
+        let outcomes = match &settings.outcomes_topic {
+            Some(t) => Some(Outcomes::new(
+                settings
+                    .outcomes_brokers
+                    .as_deref()
+                    .unwrap_or(&settings.brokers),
+                t,
+                settings.outcomes_queue,
+                &settings.kafka,
+                stats.clone(),
+            )?),
+            None => None,
+        };
         let handle = metrics::install();
         let (metrics_task, metrics_addr) = match settings.metrics_listen {
             Some(addr) => {
@@ -105,7 +123,6 @@ impl Processor {
             }
             None => (None, None),
         };
-        let stats = Arc::new(Stats::default());
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let consumer = Arc::new(
             consumer_config(&settings).create_with_context::<_, GroupConsumer>(
@@ -120,6 +137,7 @@ impl Processor {
             history,
             nodes,
             dead_letters,
+            outcomes: outcomes.clone(),
             stats: stats.clone(),
         });
         tracing::info!(
@@ -136,6 +154,7 @@ impl Processor {
             metrics_task,
             metrics_addr,
             stats,
+            outcomes,
         })
     }
 
@@ -150,11 +169,15 @@ impl Processor {
     }
 
     /// Stops reading, lets batches in flight finish (up to the shutdown timeout), commits and
-    /// leaves the group.
+    /// leaves the group; then gives queued push outcomes up to 5 s to reach the broker.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
         if let Some(task) = self.task.take() {
             let _ = task.await;
+        }
+        if let Some(o) = &self.outcomes {
+            // Bounded: a dead broker must not hold the shutdown (what is left is dropped).
+            o.flush(std::time::Duration::from_secs(5)).await;
         }
     }
 

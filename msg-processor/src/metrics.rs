@@ -39,6 +39,9 @@ pub const REGISTRY_ERRORS: &str = "msgproc_registry_errors_total";
 /// Counter: deliveries not sent because the registry record named a node outside
 /// `--peer-nets` (the message stays in the history for the user's resume).
 pub const PEER_REFUSED: &str = "msgproc_peer_refused_total";
+/// Counter, label `reason` (`queue_full`, `undelivered`, `refused`): push outcomes not
+/// published (`--outcomes-topic`): the queue was full or the broker did not take them in time.
+pub const OUTCOMES_DROPPED: &str = "msgproc_outcomes_dropped_total";
 /// Gauge, labels `topic`, `partition`: messages between this consumer's position and the
 /// partition's end (from librdkafka statistics).
 pub const CONSUMER_LAG: &str = "msgproc_consumer_lag";
@@ -93,6 +96,10 @@ fn describe() {
         PEER_REFUSED,
         "Deliveries not sent to a node outside --peer-nets."
     );
+    describe_counter!(
+        OUTCOMES_DROPPED,
+        "Push outcomes not published to --outcomes-topic, by reason."
+    );
     describe_gauge!(CONSUMER_LAG, "Messages behind the partition's end.");
     describe_histogram!(BATCH_SIZE, "Messages per processed batch.");
     describe_histogram!(NODE_BATCH_SIZE, "Messages per deliver request.");
@@ -122,6 +129,10 @@ pub struct Stats {
     pub batches: AtomicU64,
     /// Partitions assigned to this processor now.
     pub partitions: AtomicU64,
+    /// Push outcomes queued for `--outcomes-topic`.
+    pub outcomes_queued: AtomicU64,
+    /// Push outcomes dropped (queue full, or not taken by the broker in time).
+    pub outcomes_dropped: AtomicU64,
 }
 
 impl Stats {

@@ -4,6 +4,8 @@
 # test: figures go to docs/BENCHMARKS.md.
 #   data-tools/gabo/bench/dedup.sh [events=2000000] [memory-limit=32MiB] [gabo binary]
 # The binary defaults to the release build, else the debug one, under $CARGO_TARGET_DIR.
+# DEDUP_DATA=DIR keeps the generated hour in DIR/gen-{events} and reuses it in later runs
+# (each run dedups a hard-linked copy, since the dedup removes the staging files it closed).
 set -euo pipefail
 N=${1:-2000000}
 LIMIT=${2:-32MiB}
@@ -21,8 +23,10 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+GEN=${DEDUP_DATA:+$DEDUP_DATA/gen-$N}
+GEN=${GEN:-$DIR/gen}
 # 10 % duplicates: every 10th event repeats the ID (and payload) of the event 5 before it.
-python3 - "$N" "$DIR" <<'EOF'
+[ -f "$GEN/done" ] || { rm -rf "$GEN"; mkdir -p "$GEN"; python3 - "$N" "$GEN" <<'EOF'
 import json, os, sys
 n, d = int(sys.argv[1]), sys.argv[2]
 hour = os.path.join(d, "staging", "bench", "2026-11-29", "14")
@@ -40,6 +44,9 @@ for k in range(n):
 for f in parts: f.close()
 ids.close()
 EOF
+touch "$GEN/done"; }
+cp -al "$GEN/staging" "$DIR/staging"
+ln -s "$GEN/ids.txt" "$DIR/ids.txt"
 echo "staged: $N events, $(du -sh "$DIR/staging" | cut -f1) of NDJSON; memory limit $LIMIT"
 echo "--- gabo dedup ($GABO)"
 # The spill directory's largest size during the run, sampled every 0.2 s (spill files are
@@ -64,6 +71,9 @@ fi
 kill "$MONITOR"; wait "$MONITOR" 2>/dev/null || true; MONITOR=
 grep -E '^(closed|spilled) ' "$DIR/gabo.out"
 cat "$DIR/gabo.time"
+# Peak RSS against the limit (the limit in MiB or GiB, as passed).
+awk -v lim="$LIMIT" '/peak RSS/ { kib = $(NF-1); n = lim + 0; if (lim ~ /GiB$/) n *= 1024;
+  printf "peak RSS %.0f MiB = %.2fx the %s limit\n", kib / 1024, kib / 1024 / n, lim }' "$DIR/gabo.time"
 echo "spill directory at most $(( $(cat "$DIR/spill_max" 2>/dev/null || echo 0) / 1048576 )) MiB"
 rate() { awk -v n="$N" '/^wall/ { gsub(",", ""); printf "%.0f events/s, %.0f events per CPU-second\n", n / $2, n / ($5 + $8) }' "$1"; }
 rate "$DIR/gabo.time"

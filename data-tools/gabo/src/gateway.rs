@@ -4,8 +4,10 @@
 //!
 //! Answers: 200 `{"accepted":N,"ids":[…],"rejected":[{"index":i,"reason":…}]}` (valid events
 //! accepted, invalid ones listed); 422 when nothing was accepted (every event invalid, or any
-//! invalid with `?atomic=true`); 400 unusable body; 404 unknown type; 413 body over the limit;
-//! 503 broker unavailable (nothing accepted: the record was not acked).
+//! invalid with `?atomic=true`); 400 unusable body; 404 unknown type; 405 a type ingested from
+//! another topic (`source_topic`: its producer writes that topic, and the writer reads each
+//! record there as one raw event, so a gateway record would be skipped after a 200); 413 body
+//! over the limit; 503 broker unavailable (nothing accepted: the record was not acked).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -89,6 +91,8 @@ impl GatewaySettings {
 struct TypeEntry {
     topic: String,
     validator: jsonschema::Validator,
+    /// Ingested from `topic` (`source_topic`): not posted here.
+    ingested: bool,
 }
 
 struct Shared {
@@ -145,6 +149,7 @@ impl Gateway {
                     TypeEntry {
                         topic: t.topic(),
                         validator: t.validator(),
+                        ingested: t.source_topic.is_some(),
                     },
                 )
             })
@@ -235,6 +240,15 @@ async fn post_events(
             format!("unknown event type `{name}`"),
         );
     };
+    if ty.ingested {
+        return reason(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!(
+                "event type `{name}` is ingested from Kafka topic {}: its producer writes there",
+                ty.topic
+            ),
+        );
+    }
     let atomic = req.uri().query().is_some_and(|q| {
         q.split('&')
             .any(|kv| kv == "atomic=true" || kv == "atomic=1")

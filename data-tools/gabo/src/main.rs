@@ -51,6 +51,15 @@ struct Cli {
         global = true
     )]
     staging: PathBuf,
+    /// How long one Kafka admin request (apply, types, delete) may take.
+    #[arg(
+        long,
+        env = "GABO_ADMIN_TIMEOUT",
+        default_value = "15s",
+        value_parser = humantime::parse_duration,
+        global = true
+    )]
+    admin_timeout: Duration,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -190,6 +199,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let types = gabo::types::load(&file)?;
             let mut admin = Admin::connect(&cli.brokers, &cli.kafka)?;
+            admin.timeout = cli.admin_timeout;
             admin.replication = replication;
             let topics = admin.topics(&types, true).await?;
             let applied = provision::applied(&store)
@@ -237,7 +247,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(1));
                 }
             }
-            let admin = Admin::connect(&cli.brokers, &cli.kafka)?;
+            let mut admin = Admin::connect(&cli.brokers, &cli.kafka)?;
+            admin.timeout = cli.admin_timeout;
             for d in admin.delete(t).await? {
                 println!("{d}");
             }
@@ -251,7 +262,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Types => {
             let types = provision::applied(&store).await?;
-            let admin = Admin::connect(&cli.brokers, &cli.kafka)?;
+            let mut admin = Admin::connect(&cli.brokers, &cli.kafka)?;
+            admin.timeout = cli.admin_timeout;
             let topics = admin.topics(&types, false).await.unwrap_or_default();
             let staging = Staging::open(&cli.staging)?;
             println!(

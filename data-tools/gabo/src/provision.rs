@@ -179,6 +179,9 @@ pub struct Admin {
     client: AdminClient<DefaultClientContext>,
     /// Replication of created topics (-1: the broker's default).
     pub replication: i32,
+    /// How long one admin request (create, describe, alter, delete) may take: see
+    /// [`ADMIN_TIMEOUT`].
+    pub timeout: Duration,
 }
 
 impl fmt::Debug for Admin {
@@ -187,8 +190,11 @@ impl fmt::Debug for Admin {
     }
 }
 
-/// How long one admin request may take.
-const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long one admin request may take by default (`--admin-timeout`), and the metadata
+/// request always: a broker busy creating topics answers within seconds. A broker that lacks
+/// a request (librdkafka's mock has no DescribeConfigs or DeleteTopics) never answers it, and
+/// each such request waits this long.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl Admin {
     /// Connects to `brokers` with extra librdkafka settings.
@@ -201,11 +207,12 @@ impl Admin {
         Ok(Self {
             client: cc.create()?,
             replication: -1,
+            timeout: ADMIN_TIMEOUT,
         })
     }
 
-    fn opts() -> AdminOptions {
-        AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT))
+    fn opts(&self) -> AdminOptions {
+        AdminOptions::new().request_timeout(Some(self.timeout))
     }
 
     /// The topics of `types` that exist, with partitions and, when `retention` is asked for
@@ -248,7 +255,7 @@ impl Admin {
     async fn retention(&self, topic: &str) -> Option<i64> {
         let r = self
             .client
-            .describe_configs(&[ResourceSpecifier::Topic(topic)], &Self::opts())
+            .describe_configs(&[ResourceSpecifier::Topic(topic)], &self.opts())
             .await;
         match r {
             Ok(v) => v
@@ -288,13 +295,13 @@ impl Admin {
                         TopicReplication::Fixed(self.replication),
                     )
                     .set("retention.ms", &ms);
-                    for r in self.client.create_topics(&[nt], &Self::opts()).await? {
+                    for r in self.client.create_topics(&[nt], &self.opts()).await? {
                         r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
                     }
                 }
                 Change::AddPartitions { topic, to, .. } => {
                     let np = NewPartitions::new(topic, *to as usize);
-                    for r in self.client.create_partitions(&[np], &Self::opts()).await? {
+                    for r in self.client.create_partitions(&[np], &self.opts()).await? {
                         r.map_err(|(t, e)| anyhow::anyhow!("adding partitions to {t}: {e}"))?;
                     }
                 }
@@ -302,7 +309,7 @@ impl Admin {
                     let ms = to.to_string();
                     let ac =
                         AlterConfig::new(ResourceSpecifier::Topic(topic)).set("retention.ms", &ms);
-                    for r in self.client.alter_configs(&[ac], &Self::opts()).await? {
+                    for r in self.client.alter_configs(&[ac], &self.opts()).await? {
                         r.map_err(|(_, e)| anyhow::anyhow!("setting retention of {topic}: {e}"))?;
                     }
                 }
@@ -333,7 +340,7 @@ impl Admin {
             let topic = t.topic();
             let results = self
                 .client
-                .delete_topics(&[topic.as_str()], &Self::opts())
+                .delete_topics(&[topic.as_str()], &self.opts())
                 .await
                 .map_err(|e| anyhow::anyhow!("deleting topic {topic}: {e}; nothing deleted"))?;
             for r in results {
@@ -351,7 +358,7 @@ impl Admin {
         let group = t.group();
         match self
             .client
-            .delete_groups(&[group.as_str()], &Self::opts())
+            .delete_groups(&[group.as_str()], &self.opts())
             .await
         {
             Ok(rs) => {

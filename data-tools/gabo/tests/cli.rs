@@ -16,14 +16,27 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 
 fn gabo(kafka: &Kafka, dirs: &Dirs, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gabo"))
-        .args(["--brokers", &kafka.brokers(), "--root", &dirs.root()])
+    gabo_cmd(kafka)
+        .args(["--root", &dirs.root()])
         .arg("--staging")
         .arg(dirs.staging_dir())
         .args(args)
         .env("RUST_LOG", "error")
         .output()
         .expect("gabo runs")
+}
+
+/// `gabo --brokers …`. On the mock cluster, admin requests time out after 2 s instead of 15:
+/// the mock never answers DescribeConfigs or DeleteTopics (they are the only admin requests
+/// that wait out the timeout there), and each `apply` of a type that owns its topic asks
+/// DescribeConfigs once. With 15 s the apply test took a minute.
+fn gabo_cmd(kafka: &Kafka) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gabo"));
+    cmd.args(["--brokers", &kafka.brokers()]);
+    if kafka.is_mock() {
+        cmd.env("GABO_ADMIN_TIMEOUT", "2s");
+    }
+    cmd
 }
 
 fn text(o: &Output) -> String {
@@ -44,15 +57,10 @@ async fn apply_shows_the_plan_then_applies_once() {
         return;
     }
     let dirs = Dirs::new();
-    let types = gabo::types::load(std::path::Path::new(SHIPPED)).expect("shipped types parse");
-    // The receipts topic belongs to push-server; the outcomes topic is GABO's (created by the
-    // test on the mock, which has no CreateTopics; by apply on a real broker).
-    kafka.create_topic("push-receipts", 3);
-    for t in types.iter().filter(|t| t.source_topic.is_none()) {
-        kafka.create_topic(&t.topic(), t.partitions);
-    }
+    let file = shipped_and_clicks(&kafka, &dirs);
+    let file = file.as_str();
 
-    let dry = gabo(&kafka, &dirs, &["apply", "-f", SHIPPED, "--dry-run"]);
+    let dry = gabo(&kafka, &dirs, &["apply", "-f", file, "--dry-run"]);
     assert!(dry.status.success(), "{}", text(&dry));
     assert!(text(&dry).contains("+ type receipts"), "{}", text(&dry));
     assert!(text(&dry).contains("dry run"));
@@ -64,14 +72,14 @@ async fn apply_shows_the_plan_then_applies_once() {
         "a dry run applies nothing"
     );
 
-    let first = gabo(&kafka, &dirs, &["apply", "-f", SHIPPED]);
+    let first = gabo(&kafka, &dirs, &["apply", "-f", file]);
     assert!(first.status.success(), "{}", text(&first));
     assert!(
-        text(&first).contains("applied 2 changes"),
+        text(&first).contains("applied 3 changes"),
         "{}",
         text(&first)
     );
-    let second = gabo(&kafka, &dirs, &["apply", "-f", SHIPPED]);
+    let second = gabo(&kafka, &dirs, &["apply", "-f", file]);
     assert!(
         text(&second).contains("nothing to change"),
         "{}",
@@ -82,11 +90,12 @@ async fn apply_shows_the_plan_then_applies_once() {
     assert!(list.status.success(), "{}", text(&list));
     let t = text(&list);
     assert!(t.contains("receipts") && t.contains("push-receipts"), "{t}");
-    assert!(t.contains("gabo.outcomes"), "{t}");
+    assert!(t.contains("outcomes") && t.contains("push-outcomes"), "{t}");
+    assert!(t.contains("gabo.clicks"), "{t}");
 
     // Without --yes the name must be typed; anything else deletes nothing.
-    let mut no = Command::new(env!("CARGO_BIN_EXE_gabo"))
-        .args(["--brokers", &kafka.brokers(), "--root", &dirs.root()])
+    let mut no = gabo_cmd(&kafka)
+        .args(["--root", &dirs.root()])
         .args(["delete", "receipts"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -97,19 +106,24 @@ async fn apply_shows_the_plan_then_applies_once() {
     let no = no.wait_with_output().unwrap();
     assert_eq!(no.status.code(), Some(1), "{}", text(&no));
     assert!(text(&no).contains("not confirmed"), "{}", text(&no));
-    assert_eq!(applied_names(&dirs).await, ["outcomes", "receipts"]);
+    assert_eq!(
+        applied_names(&dirs).await,
+        ["clicks", "outcomes", "receipts"]
+    );
 
     // librdkafka's mock cluster has no DeleteTopics: deleting a type that owns its topic
     // stops there and keeps the type whole, so the delete can be retried.
-    let del = gabo(&kafka, &dirs, &["delete", "outcomes", "--yes"]);
+    let del = gabo(&kafka, &dirs, &["delete", "clicks", "--yes"]);
     assert_eq!(del.status.code(), Some(1), "{}", text(&del));
     assert!(
-        text(&del).contains("deleting topic gabo.outcomes")
-            && text(&del).contains("nothing deleted"),
+        text(&del).contains("deleting topic gabo.clicks") && text(&del).contains("nothing deleted"),
         "{}",
         text(&del)
     );
-    assert_eq!(applied_names(&dirs).await, ["outcomes", "receipts"]);
+    assert_eq!(
+        applied_names(&dirs).await,
+        ["clicks", "outcomes", "receipts"]
+    );
 
     // An ingested type has no topic of its own: its consumer group and location go.
     let del = gabo(&kafka, &dirs, &["delete", "receipts", "--yes"]);
@@ -119,9 +133,38 @@ async fn apply_shows_the_plan_then_applies_once() {
         "{}",
         text(&del)
     );
-    assert_eq!(applied_names(&dirs).await, ["outcomes"]);
+    assert_eq!(applied_names(&dirs).await, ["clicks", "outcomes"]);
     assert!(dirs.store.list("receipts").await.unwrap().is_empty());
 }
+
+/// Writes the shipped types (both ingested from the platform's topics) plus `clicks`, a type
+/// fed over HTTP that owns its topic, to a file, and makes their topics on the mock: the
+/// platform's belong to push-server and msg-processor; `clicks`'s is GABO's (made by the
+/// test on the mock, which has no CreateTopics; by apply on a real broker).
+fn shipped_and_clicks(kafka: &Kafka, dirs: &Dirs) -> String {
+    let mut decl = yaml(SHIPPED);
+    decl["types"]
+        .as_array_mut()
+        .expect("a list of types")
+        .push(serde_yaml_ng::from_str(CLICKS).unwrap());
+    let file = dirs.tmp.path().join("types.yaml");
+    std::fs::write(&file, serde_yaml_ng::to_string(&decl).unwrap()).unwrap();
+    let types = gabo::types::load(&file).expect("the types parse");
+    assert_eq!(types.len(), 3);
+    for t in &types {
+        kafka.create_topic(&t.topic(), t.partitions);
+    }
+    file.display().to_string()
+}
+
+/// A type fed over HTTP, owning its topic `gabo.clicks`.
+const CLICKS: &str = r#"
+name: clicks
+owner: growth
+retention: 7d
+partitions: 3
+schema: { type: object, required: [user], properties: { user: { type: string } } }
+"#;
 
 async fn applied_names(dirs: &Dirs) -> Vec<String> {
     gabo::provision::applied(&dirs.store)
@@ -226,11 +269,8 @@ async fn serve_closes_hours_of_the_shipped_types_and_the_audit_balances() {
         return;
     }
     let dirs = Dirs::new();
-    // push-server's receipts topic exists before GABO; the outcomes topic is made on the
-    // mock directly (it has no CreateTopics; `apply` then finds it).
-    kafka.create_topic("push-receipts", 3);
-    kafka.create_topic("gabo.outcomes", 3);
-    let o = gabo(&kafka, &dirs, &["apply", "-f", SHIPPED]);
+    let file = shipped_and_clicks(&kafka, &dirs);
+    let o = gabo(&kafka, &dirs, &["apply", "-f", &file]);
     assert!(o.status.success(), "{}", text(&o));
 
     let (_server, addr) = serve(&kafka, &dirs);
@@ -260,11 +300,40 @@ async fn serve_closes_hours_of_the_shipped_types_and_the_audit_balances() {
             .await
             .expect("receipt produced");
     }
-    let marker = format!("{}/receipts/2026-11-29/14/_SUCCESS", dirs.root());
-    eventually("the completionist to close the receipts hour", || async {
-        std::path::Path::new(&marker).exists()
-    })
-    .await;
+    // Push outcomes of the same hour, as msg-processor writes them (`--outcomes-topic`):
+    // m1 redelivered and delivered again (a duplicate), m2 kept for its user's resume.
+    for (i, (mid, user, outcome)) in [
+        ("m1", "alice", "delivered"),
+        ("m2", "bob", "stored"),
+        ("m1", "alice", "delivered"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let o = serde_json::json!({
+            "id": format!("{mid}:{outcome}"), "mid": mid, "user": user, "outcome": outcome,
+            "at_ms": at_ms + i as i64,
+        })
+        .to_string();
+        producer
+            .send(
+                FutureRecord::to("push-outcomes")
+                    .key(user)
+                    .payload(&o)
+                    .timestamp(at_ms + i as i64),
+                Duration::from_secs(20),
+            )
+            .await
+            .expect("outcome produced");
+    }
+    for ty in ["receipts", "outcomes"] {
+        let marker = format!("{}/{ty}/2026-11-29/14/_SUCCESS", dirs.root());
+        eventually(
+            &format!("the completionist to close the {ty} hour"),
+            || async { std::path::Path::new(&marker).exists() },
+        )
+        .await;
+    }
     assert_eq!(
         bucket_ids(&dirs.root(), "receipts").await,
         [
@@ -273,6 +342,20 @@ async fn serve_closes_hours_of_the_shipped_types_and_the_audit_balances() {
             "alice:phone:3",
             "alice:phone:4"
         ],
+    );
+    assert_eq!(
+        bucket_ids(&dirs.root(), "outcomes").await,
+        ["m1:delivered", "m2:stored"]
+    );
+    let a = gabo(&kafka, &dirs, &["audit", "outcomes", HOUR]);
+    assert!(a.status.success(), "{}", text(&a));
+    let t = text(&a);
+    assert!(
+        t.contains("accepted    3")
+            && t.contains("unique      2")
+            && t.contains("duplicates  1")
+            && t.contains("balanced"),
+        "{t}"
     );
     let a = gabo(&kafka, &dirs, &["audit", "receipts", HOUR]);
     assert!(a.status.success(), "{}", text(&a));
@@ -283,44 +366,55 @@ async fn serve_closes_hours_of_the_shipped_types_and_the_audit_balances() {
         "{t}"
     );
 
-    // Outcomes over HTTP, stamped now: one sent twice on purpose.
+    // An ingested type is not posted to: its events would be skipped by the writer.
     let (s, v) = post(
         addr,
         "/v1/events/outcomes",
-        r#"[{"id":"m1:delivered","mid":"m1","user":"alice","outcome":"delivered","at_ms":1},
-            {"id":"m2:stored","mid":"m2","user":"bob","outcome":"stored","at_ms":2},
-            {"id":"m1:delivered","mid":"m1","user":"alice","outcome":"delivered","at_ms":1}]"#,
+        r#"[{"mid":"m3","user":"carol","outcome":"delivered","at_ms":1}]"#,
+    )
+    .await;
+    assert_eq!(s, 405, "{v}");
+    assert!(
+        v["reason"].as_str().unwrap().contains("push-outcomes"),
+        "{v}"
+    );
+
+    // Clicks over HTTP, stamped now: one sent twice on purpose.
+    let (s, v) = post(
+        addr,
+        "/v1/events/clicks",
+        r#"[{"id":"c1","user":"alice"},{"id":"c2","user":"bob"},{"id":"c1","user":"alice"}]"#,
     )
     .await;
     assert_eq!((s, v["accepted"].as_u64()), (200, Some(3)), "{v}");
-    let current: Hour = eventually_some("the outcomes staged", || async {
-        let open = dirs.staging.hours("outcomes").unwrap();
-        (open.len() == 1 && dirs.staging.has_files("outcomes", open[0].0)).then(|| open[0].0)
+    let current: Hour = eventually_some("the clicks staged", || async {
+        let open = dirs.staging.hours("clicks").unwrap();
+        (open.len() == 1 && dirs.staging.has_files("clicks", open[0].0)).then(|| open[0].0)
     })
     .await;
     let name = current.to_string();
-    let o = gabo(&kafka, &dirs, &["dedup", "outcomes", &name]);
+    let o = gabo(&kafka, &dirs, &["dedup", "clicks", &name]);
     // The hour is open until its end plus the 2 min grace: only a run that began that late
     // may find it complete.
     if Utc::now() < current.end() + chrono::Duration::minutes(2) {
         assert_eq!(o.status.code(), Some(20), "{}", text(&o));
         assert!(text(&o).contains("not complete"), "{}", text(&o));
-        let o = gabo(&kafka, &dirs, &["dedup", "outcomes", &name, "--force"]);
+        let o = gabo(&kafka, &dirs, &["dedup", "clicks", &name, "--force"]);
         assert!(o.status.success(), "{}", text(&o));
     } else {
         assert!(o.status.success(), "{}", text(&o));
     }
     // The bucket of the HTTP events: each ID once in the Parquet part, then the marker.
-    let bucket = format!("{}/{}", dirs.root(), current.bucket_path("outcomes"));
+    let bucket = format!("{}/{}", dirs.root(), current.bucket_path("clicks"));
     assert!(
         std::path::Path::new(&format!("{bucket}/_SUCCESS")).is_file(),
         "no marker in {bucket}"
     );
     assert_eq!(
         parquet_ids(&format!("{bucket}/{}", gabo::hour::PART0)).await,
-        ["m1:delivered", "m2:stored"]
+        ["c1", "c2"]
     );
-    let a = gabo(&kafka, &dirs, &["audit", "outcomes", &name]);
+    let a = gabo(&kafka, &dirs, &["audit", "clicks", &name]);
     assert!(a.status.success(), "{}", text(&a));
     let t = text(&a);
     assert!(
