@@ -15,6 +15,7 @@
 //! | [`hold`] | the connection loop, and `bench hold` (hidden): a process that opens and holds the clients |
 //! | [`receive`] | `bench hold --account`: per user, counts, orders and times the pipeline's messages |
 //! | [`sys`] | `/proc` readings, the open-files limit, free ports, process trees, temporary directories, `redis-server` children, HTTP `GET` |
+//! | [`zmtp`] | a ZeroMQ PUSH socket (ZMTP 3.0, NULL), for Pushpin's ZeroMQ publish input |
 //!
 //! Higher rows use lower ones, never the reverse. The clients live in their own process so
 //! that the server's RSS is all the server's, and so that each process stays under this
@@ -37,6 +38,7 @@ mod registry;
 mod side;
 mod sys;
 mod systems;
+mod zmtp;
 
 /// Scenario benchmarks for push-server.
 #[derive(Parser, Debug)]

@@ -34,7 +34,8 @@ use crate::hold::{self, Tally, Transport};
 use crate::receive::{RunStats, Seen as Arrival};
 use crate::side::{self, CommonArgs, PeerResult, PeersArg, Plan};
 use crate::sys::{self, CpuMeter};
-use crate::systems::{self, Running};
+use crate::systems::{self, Peer, Running};
+use crate::zmtp;
 
 /// How far behind schedule a publisher lane may fall before the step stops sending: the
 /// rest counts as not sent, and the achieved rate shows it.
@@ -61,12 +62,81 @@ pub struct Args {
     /// Nchan's worker processes (DESIGN.md: 2 for throughput).
     #[arg(long, default_value_t = 2)]
     pub nchan_workers: u32,
-    /// Pushpin's `message_rate` (the package's 2,500/s would cap every step above it).
-    #[arg(long, default_value_t = 200_000)]
+    /// Pushpin's `message_rate`; 0 (the default) turns its rate limiter off. With any
+    /// positive rate (the package has 2,500), Pushpin 1.36 delivers nothing while
+    /// publishes keep arriving less than 25 ms apart (docs/BENCHMARKS.md, "A fair Pushpin").
+    #[arg(long, default_value_t = 0)]
     pub pushpin_message_rate: u32,
+    /// How to publish to Pushpin: its HTTP API (`POST /publish/`, a new connection per
+    /// message: the API closes it after every answer) or its ZeroMQ input (a PUSH
+    /// connection per publisher lane, no answer per message).
+    #[arg(long, value_enum, default_value_t = PushpinPublish::Http)]
+    pub pushpin_publish: PushpinPublish,
     /// Draw p50 and p99 against rate per system into this PNG.
     #[arg(long)]
     pub chart: Option<PathBuf>,
+}
+
+/// Pushpin's publish inputs (the other systems have HTTP only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PushpinPublish {
+    /// `POST /publish/` on 127.0.0.1:5561.
+    Http,
+    /// ZeroMQ PUSH to `push_in_spec`, 127.0.0.1:5560.
+    Zmq,
+}
+
+/// One publisher lane's connection: HTTP (kept alive where the system allows), or a ZeroMQ
+/// PUSH socket (Pushpin only); opened on first use and again after a failure.
+#[derive(Debug)]
+enum Lane {
+    Http(Option<TcpStream>),
+    Zmq(Option<zmtp::Push>),
+}
+
+impl Lane {
+    fn new(running: &Running, pushpin: PushpinPublish) -> Self {
+        if running.peer == Peer::Pushpin && pushpin == PushpinPublish::Zmq {
+            Self::Zmq(None)
+        } else {
+            Self::Http(None)
+        }
+    }
+
+    /// Publishes `payload` to `user`; the error is the kind counted in the step's errors
+    /// (`HTTP <status>` or the failure).
+    async fn publish(
+        &mut self,
+        running: &Running,
+        user: &str,
+        payload: &str,
+    ) -> Result<(), String> {
+        match self {
+            Self::Http(stream) => {
+                let request = running.publish_request(user, payload);
+                match loadtest::pusher::exchange(stream, running.publish, request.as_bytes()).await
+                {
+                    Ok(r) if (200..300).contains(&r.status) => Ok(()),
+                    Ok(r) => Err(format!("HTTP {}", r.status)),
+                    Err(e) => Err(format!("{e:#}")),
+                }
+            }
+            Self::Zmq(push) => {
+                let message = systems::pushpin_zmq_message(user, payload);
+                let result = async {
+                    if push.is_none() {
+                        *push = Some(zmtp::Push::connect(systems::PUSHPIN_ZMQ).await?);
+                    }
+                    push.as_mut().expect("just set").send(&message).await
+                }
+                .await;
+                result.map_err(|e| {
+                    *push = None;
+                    format!("{e:#}")
+                })
+            }
+        }
+    }
 }
 
 /// The steps of the push scenario: `peers-push` and `compare` take the same flags.
@@ -327,7 +397,17 @@ async fn measure(running: Running, args: &Args) -> anyhow::Result<Push> {
         subscribe_errors: subscribed.errors.clone(),
         closed_during_run: seen.closed.load(Ordering::Relaxed),
         foreign: seen.foreign.load(Ordering::Relaxed),
-        config: running.config.clone(),
+        config: match peer {
+            Peer::Pushpin => format!(
+                "{}; published over {}",
+                running.config,
+                match args.pushpin_publish {
+                    PushpinPublish::Http => "HTTP (POST /publish/, one connection per message)",
+                    PushpinPublish::Zmq => "ZeroMQ (PUSH to push_in_spec, one per lane)",
+                }
+            ),
+            _ => running.config.clone(),
+        },
         p99_bound_ms: args.steps.p99_bound_ms,
         max_sustained_rate: max_sustained,
         p50_ms_at_max: at_max.map(|s| s.p50_ms),
@@ -404,9 +484,10 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
     for lane in 0..lanes.min(total) {
         let running = running.clone();
         let users = args.steps.subscribers as u64;
+        let pushpin = args.pushpin_publish;
         tasks.spawn(async move {
             let mut counts = LaneCounts::default();
-            let mut stream: Option<TcpStream> = None;
+            let mut lane_conn = Lane::new(&running, pushpin);
             let mut m = lane;
             while m < total {
                 let offset = Duration::from_secs_f64(m as f64 / f64::from(rate));
@@ -418,23 +499,12 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
                 let stamp = start_unix + offset.as_micros() as u64;
                 let user = format!("u{}", m % users);
                 let payload = format!(r#"{{"k":{k},"s":{m},"t":{stamp}}}"#);
-                let request = running.publish_request(&user, &payload);
                 let sent = Instant::now();
-                // One `POST` on a kept-alive connection (opened if needed).
-                let to = running.publish;
-                match loadtest::pusher::exchange(&mut stream, to, request.as_bytes()).await {
-                    Ok(r) if (200..300).contains(&r.status) => counts.accepted += 1,
-                    Ok(r) => {
-                        counts.failed += 1;
-                        *counts
-                            .errors
-                            .entry(format!("HTTP {}", r.status))
-                            .or_default() += 1;
-                    }
+                match lane_conn.publish(&running, &user, &payload).await {
+                    Ok(()) => counts.accepted += 1,
                     Err(e) => {
-                        stream = None;
                         counts.failed += 1;
-                        *counts.errors.entry(format!("{e:#}")).or_default() += 1;
+                        *counts.errors.entry(e).or_default() += 1;
                     }
                 }
                 counts.request_us.push(sent.elapsed().as_micros() as u64);
@@ -582,7 +652,6 @@ pub fn ratios(results: &[PeerResult<Push>]) -> Vec<(String, Option<f64>, Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::systems::Peer;
     use clap::Parser as _;
     use serde_json::json;
 
@@ -662,7 +731,7 @@ mod tests {
     async fn nchan_if_installed_gets_every_message() {
         let args = tiny(&["--peers", "nchan", "--nchan-workers", "1"]);
         let bin = std::path::PathBuf::from("/nonexistent");
-        if let Some(why) = systems::missing(Peer::Nchan, Transport::Sse, &bin) {
+        if let Some(why) = systems::missing(Peer::Nchan, &bin) {
             eprintln!("skipped: {why}");
             return;
         }
@@ -670,5 +739,33 @@ mod tests {
         let running = systems::start(Peer::Nchan, &opts).await.expect("starts");
         let r = measure(running, &args).await.expect("runs");
         check(&r, 2);
+    }
+
+    /// Both transports and both publish inputs in one test: one Pushpin runs at a time (its
+    /// publish ports and zurl's sockets are fixed). WebSocket checks the backend's
+    /// WebSocket-over-HTTP and the `ws-message` format end to end; ZeroMQ the ZMTP handshake
+    /// and message framing against Pushpin's own PULL socket.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pushpin_if_installed_gets_every_message_over_sse_and_websocket() {
+        let bin = std::path::PathBuf::from("/nonexistent");
+        if let Some(why) = systems::missing(Peer::Pushpin, &bin) {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        for (transport, publish) in [("sse", "http"), ("ws", "http"), ("sse", "zmq")] {
+            eprintln!("{transport}, published over {publish}");
+            let args = tiny(&[
+                "--peers",
+                "pushpin",
+                "--transport",
+                transport,
+                "--pushpin-publish",
+                publish,
+            ]);
+            let opts = systems::Options::new(bin.clone(), 20);
+            let running = systems::start(Peer::Pushpin, &opts).await.expect("starts");
+            let r = measure(running, &args).await.expect("runs");
+            check(&r, 2);
+        }
     }
 }

@@ -18,7 +18,7 @@ use crate::systems::{self, Peer};
 /// `--transport`, `--sources` and `--concurrency` where they differ (see `main.rs`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {
-    /// Transport of the client connections (Pushpin: SSE only here).
+    /// Transport of the client connections.
     #[arg(long, value_enum, default_value_t = Transport::Sse)]
     pub transport: Transport,
     /// Client source addresses, 127.0.0.2 onwards (avoids ephemeral-port exhaustion).
@@ -124,7 +124,7 @@ pub fn rows<T>(results: &[PeerResult<T>], row: impl Fn(&T) -> String) -> String 
 pub struct Plan<'a, T> {
     /// The scenario's name, for the lines.
     pub name: &'a str,
-    /// The client transport (Pushpin is SSE only) and the push-server binary.
+    /// The client transport and the push-server binary.
     pub common: &'a CommonArgs,
     /// The systems, in order.
     pub peers: &'a [Peer],
@@ -156,7 +156,7 @@ where
     let mut results = Vec::new();
     for &peer in plan.peers {
         eprintln!("== {}: {}", plan.name, peer.as_str());
-        let why = systems::missing(peer, plan.common.transport, &server_bin)
+        let why = systems::missing(peer, &server_bin)
             .or_else(|| (plan.not_here)(peer).map(str::to_owned));
         let outcome = match why {
             Some(skipped) => Outcome::Skipped { skipped },

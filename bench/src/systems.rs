@@ -9,11 +9,19 @@
 //!   (1 for memory, so that the figure is one worker's; 2 for throughput, DESIGN.md), an
 //!   `nchan_subscriber` location `/sub/(\w+)` keyed by user and an `nchan_publisher` location
 //!   `/pub/(\w+)`.
-//! - Pushpin: a backend inside this process answers every subscription with `Grip-Hold:
-//!   stream` and `Grip-Channel: <user>`; `pushpin` runs with the package's config with port,
-//!   directories, routes, `client_maxconn` and `message_rate` changed, and `zurl` (which the
-//!   proxy reaches the backend through) with a copy of `/etc/zurl.conf` that allows
-//!   127.0.0.1. Publish is Pushpin's HTTP API, `POST /publish/` on 127.0.0.1:5561.
+//! - Pushpin: a backend inside this process speaks GRIP: an SSE subscription (`GET
+//!   /sub/<user>`) gets `Grip-Hold: stream` and `Grip-Channel: <user>`; a WebSocket one
+//!   arrives as WebSocket-over-HTTP (the route's `over_http`: `POST` of `OPEN`, `TEXT`,
+//!   `CLOSE` events) and its `OPEN` is answered with `OPEN` and the control message
+//!   `c:{"type":"subscribe","channel":"<user>"}`. `pushpin` runs with the package's config
+//!   with port, directories, routes, `client_maxconn` and `message_rate` changed, and `zurl`
+//!   (which the proxy reaches the backend through) with a copy of `/etc/zurl.conf` that
+//!   allows 127.0.0.1. Publish is Pushpin's HTTP API, `POST /publish/` on 127.0.0.1:5561,
+//!   one item with both formats (`http-stream`, `ws-message`); the API closes the
+//!   connection after every answer.
+//! - Pushpin's `message_rate` is 0 (its handler's rate limiter off) unless asked: with any
+//!   positive rate, Pushpin 1.36's limiter holds every delivery for as long as publishes
+//!   keep arriving less than 25 ms apart (docs/BENCHMARKS.md, "A fair Pushpin").
 //!
 //! Nothing is installed here: [`missing`] says why a peer cannot run, and the scenarios
 //! skip it with that line. Every process started is stopped (SIGTERM, then SIGKILL, with
@@ -54,6 +62,10 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// package's pushpin.conf (left as they are: one Pushpin runs at a time).
 const PUSHPIN_PUBLISH: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5561);
 
+/// Pushpin's ZeroMQ publish input, a PULL socket: `push_in_spec` of the package's
+/// pushpin.conf (left as it is, like the HTTP port).
+pub const PUSHPIN_ZMQ: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5560);
+
 /// The servers compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Peer {
@@ -76,8 +88,8 @@ impl Peer {
     }
 }
 
-/// Why `peer` cannot run here with `transport`, if it cannot.
-pub fn missing(peer: Peer, transport: Transport, server_bin: &Path) -> Option<String> {
+/// Why `peer` cannot run here, if it cannot (every system runs both transports).
+pub fn missing(peer: Peer, server_bin: &Path) -> Option<String> {
     match peer {
         Peer::PushServer => (!server_bin.is_file()).then(|| {
             format!(
@@ -95,9 +107,7 @@ pub fn missing(peer: Peer, transport: Transport, server_bin: &Path) -> Option<St
             }
         }
         Peer::Pushpin => {
-            if transport == Transport::Ws {
-                Some("WebSocket through Pushpin needs WebSocket-over-HTTP in the backend, not written yet; SSE only".into())
-            } else if which("pushpin").is_none() || which("zurl").is_none() {
+            if which("pushpin").is_none() || which("zurl").is_none() {
                 Some("pushpin or zurl is not installed (apt-get install pushpin zurl)".into())
             } else if !Path::new("/etc/pushpin/pushpin.conf").is_file() {
                 Some("no /etc/pushpin/pushpin.conf (apt-get install pushpin)".into())
@@ -124,7 +134,10 @@ pub struct Options {
     /// Nchan's `worker_processes`.
     pub nchan_workers: u32,
     /// Pushpin handler's `message_rate` (messages per second to subscribers; the package
-    /// has 2,500) and `message_hwm`.
+    /// has 2,500) and `message_hwm` (10 s of it). 0 turns the rate limiter off: Pushpin
+    /// 1.36's limiter restarts its 25 ms batch timer on every publish (Qt's
+    /// `QTimer::setInterval` restarts an active timer), so with any positive rate nothing is
+    /// delivered while publishes keep arriving less than 25 ms apart (docs/BENCHMARKS.md).
     pub pushpin_message_rate: u32,
     /// The push-server binary.
     pub server_bin: PathBuf,
@@ -134,12 +147,13 @@ pub struct Options {
 
 impl Options {
     /// `max_conns` on `server_bin`, with one Nchan worker (so that a memory figure is one
-    /// process's), Pushpin's packaged `message_rate` (2,500/s) and no extra arguments.
+    /// process's), Pushpin's rate limiter off (see `pushpin_message_rate`) and no extra
+    /// arguments.
     pub fn new(server_bin: PathBuf, max_conns: usize) -> Self {
         Self {
             max_conns,
             nchan_workers: 1,
-            pushpin_message_rate: 2500,
+            pushpin_message_rate: 0,
             server_bin,
             server_args: Vec::new(),
         }
@@ -247,18 +261,10 @@ impl Running {
         let (path, body) = match self.peer {
             Peer::PushServer => (format!("/v1/push/{user}"), payload.to_owned()),
             Peer::Nchan => (format!("/pub/{user}"), payload.to_owned()),
-            Peer::Pushpin => {
-                // One item per request, formatted as the SSE event the subscriber reads.
-                let content = format!("event: message\ndata: {payload}\n\n");
-                let item = serde_json::json!({
-                    "channel": user,
-                    "formats": {"http-stream": {"content": content}},
-                });
-                (
-                    "/publish/".to_owned(),
-                    serde_json::json!({"items": [item]}).to_string(),
-                )
-            }
+            Peer::Pushpin => (
+                "/publish/".to_owned(),
+                serde_json::json!({"items": [pushpin_item(user, payload)]}).to_string(),
+            ),
         };
         format!(
             "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
@@ -266,6 +272,27 @@ impl Running {
             body.len()
         )
     }
+}
+
+/// The message that publishes `payload` to `user` through Pushpin's ZeroMQ input: `J` (the
+/// input's JSON marker) and the item.
+pub fn pushpin_zmq_message(user: &str, payload: &str) -> Vec<u8> {
+    let mut m = b"J".to_vec();
+    m.extend_from_slice(pushpin_item(user, payload).to_string().as_bytes());
+    m
+}
+
+/// One Pushpin publish item for `user`'s channel, in both formats: the SSE event an SSE
+/// subscriber reads, the bare payload as a WebSocket subscriber's text message.
+fn pushpin_item(user: &str, payload: &str) -> serde_json::Value {
+    let content = format!("event: message\ndata: {payload}\n\n");
+    serde_json::json!({
+        "channel": user,
+        "formats": {
+            "http-stream": {"content": content},
+            "ws-message": {"content": payload},
+        },
+    })
 }
 
 /// Starts `peer` (check [`missing`] first).
@@ -426,8 +453,10 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
             "a zurl is already running (its /var/run/zurl sockets would be shared): stop it first"
         );
     }
-    if std::net::TcpListener::bind(PUSHPIN_PUBLISH).is_err() {
-        bail!("{PUSHPIN_PUBLISH} (Pushpin's publish port) is taken: is another Pushpin running?");
+    for port in [PUSHPIN_PUBLISH, PUSHPIN_ZMQ] {
+        if std::net::TcpListener::bind(port).is_err() {
+            bail!("{port} (Pushpin's publish input) is taken: is another Pushpin running?");
+        }
     }
     let dir = sys::temp_dir("pushpin")?;
 
@@ -463,47 +492,53 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
     for sub in ["run", "log"] {
         std::fs::create_dir_all(dir.path().join(sub))?;
     }
-    std::fs::write(dir.path().join("routes"), format!("* {backend}\n"))?;
-    let rate = opts.pushpin_message_rate.max(1);
-    let conf = rewrite_ini(
-        &pushpin_conf,
-        &[
-            (
-                "global",
-                "rundir",
-                dir.path().join("run").display().to_string(),
-            ),
-            ("runner", "http_port", port.to_string()),
-            (
-                "runner",
-                "logdir",
-                dir.path().join("log").display().to_string(),
-            ),
-            (
-                "runner",
-                "client_maxconn",
-                (opts.max_conns + 1000).to_string(),
-            ),
-            (
-                "proxy",
-                "routesfile",
-                dir.path().join("routes").display().to_string(),
-            ),
-            ("handler", "message_rate", rate.to_string()),
-            // The queue in front of the rate limit: 10 s of messages at that rate.
-            (
-                "handler",
-                "message_hwm",
-                (rate.saturating_mul(10)).to_string(),
-            ),
-        ],
-    );
+    // `over_http`: WebSocket clients reach the backend as WebSocket-over-HTTP (plain HTTP
+    // requests are proxied as they are).
+    std::fs::write(
+        dir.path().join("routes"),
+        format!("* {backend},over_http\n"),
+    )?;
+    let rate = opts.pushpin_message_rate;
+    let mut set = vec![
+        (
+            "global",
+            "rundir",
+            dir.path().join("run").display().to_string(),
+        ),
+        ("runner", "http_port", port.to_string()),
+        (
+            "runner",
+            "logdir",
+            dir.path().join("log").display().to_string(),
+        ),
+        (
+            "runner",
+            "client_maxconn",
+            (opts.max_conns + 1000).to_string(),
+        ),
+        (
+            "proxy",
+            "routesfile",
+            dir.path().join("routes").display().to_string(),
+        ),
+        ("handler", "message_rate", rate.to_string()),
+    ];
+    if rate > 0 {
+        // The queue in front of the rate limit: 10 s of messages at that rate.
+        set.push((
+            "handler",
+            "message_hwm",
+            rate.saturating_mul(10).to_string(),
+        ));
+    }
+    let conf = rewrite_ini(&pushpin_conf, &set);
     let conf_path = dir.path().join("pushpin.conf");
     std::fs::write(&conf_path, conf)?;
     eprintln!(
-        "starting {} --config {} (backend {backend}, message_rate {rate})",
+        "starting {} --config {} (backend {backend}, message_rate {rate}{})",
         pushpin.display(),
-        conf_path.display()
+        conf_path.display(),
+        if rate == 0 { ": rate limiter off" } else { "" }
     );
     // Its services' logs (`-m`: merged) go to a file, shown if it fails to start.
     let out_path = dir.path().join("pushpin.out");
@@ -523,10 +558,14 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
         publish: PUSHPIN_PUBLISH,
         procs: Vec::new(),
         config: format!(
-            "pushpin.conf from the package with port, rundir, logdir, routes, client_maxconn {}, \
-             message_rate {rate}, message_hwm {} changed; zurl.conf with deny= emptied",
+            "pushpin.conf from the package with port, rundir, logdir, routes (over_http), \
+             client_maxconn {}, message_rate {rate}{} changed; zurl.conf with deny= emptied",
             opts.max_conns + 1000,
-            rate.saturating_mul(10)
+            if rate == 0 {
+                " (rate limiter off)".to_owned()
+            } else {
+                format!(", message_hwm {}", rate.saturating_mul(10))
+            }
         ),
         auth: None,
         trees: Vec::new(),
@@ -547,32 +586,40 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
     running.procs.push(("zurl".to_owned(), zurl_tree.pid));
     running.trees = vec![tree, zurl_tree];
     running._dir = Some(dir);
-    // One probe subscription end to end (client → condure → proxy → zurl → backend).
+    // One probe subscription per transport end to end (client → condure → proxy → zurl →
+    // backend; WebSocket-over-HTTP for the WebSocket one).
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let probe = conn::open_raw(
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            addr,
-            Transport::Sse,
-            "/sub/probe",
-            Duration::from_secs(5),
-        )
-        .await;
-        match probe {
-            Ok(conn) => {
-                drop(conn);
-                break;
+    for transport in [Transport::Sse, Transport::Ws] {
+        loop {
+            let probe = conn::open_raw(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                addr,
+                transport,
+                "/sub/probe",
+                Duration::from_secs(5),
+            )
+            .await;
+            match probe {
+                Ok(conn) => {
+                    drop(conn);
+                    break;
+                }
+                Err(e) if Instant::now() > deadline => {
+                    bail!(
+                        "Pushpin's {} probe subscription failed: {e:#}",
+                        transport.as_str()
+                    )
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
             }
-            Err(e) if Instant::now() > deadline => {
-                bail!("Pushpin's probe subscription failed: {e:#}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     }
-    // The publish API too.
-    running.trees[0]
-        .wait_listening(PUSHPIN_PUBLISH, Duration::from_secs(10))
-        .await?;
+    // The publish inputs too.
+    for port in [PUSHPIN_PUBLISH, PUSHPIN_ZMQ] {
+        running.trees[0]
+            .wait_listening(port, Duration::from_secs(10))
+            .await?;
+    }
     if let Some(status) = running.trees[1].exited() {
         bail!("zurl exited with {status}");
     }
@@ -602,8 +649,9 @@ fn nchan_module() -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
-/// A GRIP backend: every request for `/sub/<user>` gets `200`, `Grip-Hold: stream` and
-/// `Grip-Channel: <user>`; HTTP/1.1 keep-alive (zurl reuses connections).
+/// A GRIP backend: a `GET /sub/<user>` (SSE) gets `200`, `Grip-Hold: stream` and
+/// `Grip-Channel: <user>`; a `POST /sub/<user>` is WebSocket-over-HTTP ([`ws_over_http`]).
+/// HTTP/1.1 keep-alive (zurl reuses connections).
 async fn grip_backend(listener: TcpListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -615,26 +663,92 @@ async fn grip_backend(listener: TcpListener) {
     }
 }
 
+/// Largest request head or WebSocket-over-HTTP body the backend reads: zurl's requests
+/// carry the client's headers and a few events of a few dozen bytes.
+const BACKEND_MAX_REQUEST: usize = 64 * 1024;
+
 async fn grip_connection(mut stream: TcpStream) -> anyhow::Result<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(2048);
     loop {
-        // zurl forwards the subscribers' bodiless GETs: a head is the whole request.
         let (head, used) = loop {
-            if let Some(parsed) = parse_request_head(&buf, 16 * 1024)? {
+            if let Some(parsed) = parse_request_head(&buf, BACKEND_MAX_REQUEST)? {
                 break parsed;
             }
             if stream.read_buf(&mut buf).await? == 0 {
                 return Ok(());
             }
         };
-        buf.drain(..used);
+        let length = content_length(&buf[..used])?;
+        if length > BACKEND_MAX_REQUEST {
+            bail!("request body of {length} bytes (at most {BACKEND_MAX_REQUEST})");
+        }
+        while buf.len() < used + length {
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Ok(());
+            }
+        }
+        let body: Vec<u8> = buf.drain(..used + length).skip(used).collect();
         let user = head.path.rsplit('/').next().unwrap_or("none");
-        let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nGrip-Hold: stream\r\n\
-             Grip-Channel: {user}\r\nContent-Length: 0\r\n\r\n"
-        );
+        let response = if head.method == "POST" {
+            let events = ws_over_http(&body, user);
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/websocket-events\r\n\
+                 Sec-WebSocket-Extensions: grip\r\nContent-Length: {}\r\n\r\n{events}",
+                events.len()
+            )
+        } else {
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nGrip-Hold: stream\r\n\
+                 Grip-Channel: {user}\r\nContent-Length: 0\r\n\r\n"
+            )
+        };
         stream.write_all(response.as_bytes()).await?;
     }
+}
+
+/// The `Content-Length` of a request head (0 without one).
+fn content_length(head: &[u8]) -> anyhow::Result<usize> {
+    let text = String::from_utf8_lossy(head);
+    for line in text.lines() {
+        if let Some((name, value)) = line.split_once(':') {
+            if name.trim().eq_ignore_ascii_case("content-length") {
+                return value
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("bad Content-Length `{}`", value.trim()));
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// The answer to one WebSocket-over-HTTP request (Pushpin's protocol: events `TYPE\r\n` or
+/// `TYPE <hex length>\r\n<content>\r\n`): `OPEN` is accepted and subscribes the
+/// connection to `user`'s channel with a GRIP control message (enabled by the response's
+/// `Sec-WebSocket-Extensions: grip`); `CLOSE` is answered with `CLOSE`; anything else
+/// (client text, pings) needs no answer.
+fn ws_over_http(body: &[u8], user: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let line = String::from_utf8_lossy(&rest[..eol]);
+        let (kind, length) = match line.split_once(' ') {
+            Some((kind, hex)) => (kind, usize::from_str_radix(hex, 16).unwrap_or(0)),
+            None => (line.as_ref(), 0),
+        };
+        match kind {
+            "OPEN" => {
+                let control = format!(r#"c:{{"type":"subscribe","channel":"{user}"}}"#);
+                let _ = write!(out, "OPEN\r\nTEXT {:x}\r\n{control}\r\n", control.len());
+            }
+            "CLOSE" => out.push_str("CLOSE\r\n"),
+            _ => {}
+        }
+        // The content and its `\r\n`, if the event has one.
+        let next = eol + 2 + if length > 0 { length + 2 } else { 0 };
+        rest = rest.get(next..).unwrap_or_default();
+    }
+    out
 }
 
 /// `/etc/<file>` with `key=value` lines replaced (or added under their section).
@@ -682,5 +796,28 @@ mod tests {
         let text = "[a]\nx=1\ny=2\n[b]\nx=3\n";
         let out = rewrite_ini(text, &[("b", "x", "9".into()), ("a", "z", "5".into())]);
         assert_eq!(out, "[a]\nx=1\ny=2\nz=5\n[b]\nx=9\n");
+    }
+
+    #[test]
+    fn websocket_over_http_open_subscribes_and_close_is_answered() {
+        let open = ws_over_http(b"OPEN\r\n", "u7");
+        let control = r#"c:{"type":"subscribe","channel":"u7"}"#;
+        assert_eq!(
+            open,
+            format!("OPEN\r\nTEXT {:x}\r\n{control}\r\n", control.len())
+        );
+        assert_eq!(ws_over_http(b"CLOSE 2\r\n\x03\xe8\r\n", "u7"), "CLOSE\r\n");
+        assert_eq!(ws_over_http(b"TEXT 5\r\nCLOSE\r\n", "u7"), "");
+    }
+
+    #[test]
+    fn content_length_is_read_from_the_head() {
+        let head = b"POST /sub/u1 HTTP/1.1\r\nHost: x\r\ncontent-length: 6\r\n\r\n";
+        assert_eq!(content_length(head).expect("parses"), 6);
+        assert_eq!(
+            content_length(b"GET / HTTP/1.1\r\n\r\n").expect("parses"),
+            0
+        );
+        assert!(content_length(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n").is_err());
     }
 }
