@@ -67,7 +67,9 @@ impl Staging {
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(dir.join(format!("p{partition}.ndjson")))?;
+        drop_torn_tail(&f)?;
         f.write_all(lines)?;
         // Offsets are committed only after this returns: the data must be on disk first.
         f.sync_data()?;
@@ -82,6 +84,13 @@ impl Staging {
             let _lock = HourLock::take(&dir)?;
             let f = File::create(dir.join(FENCE))?;
             f.sync_all()?;
+            // A writer killed for good may have left a torn line: the dedup reads whole lines.
+            for e in std::fs::read_dir(&dir)? {
+                let p = e?.path();
+                if p.extension().is_some_and(|x| x == "ndjson") {
+                    drop_torn_tail(&OpenOptions::new().read(true).write(true).open(&p)?)?;
+                }
+            }
         }
         let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -181,6 +190,34 @@ impl Staging {
     }
 }
 
+/// Cuts a staging file back to its last complete line. A writer killed during `write_all`
+/// leaves part of a line at the end; its offsets were never committed, so Kafka delivers those
+/// records again, and the next append would otherwise glue them onto the torn bytes.
+/// Called under the hour's lock. Reads only the file's last bytes in the common case.
+fn drop_torn_tail(f: &File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let len = f.metadata()?.len();
+    let mut end = len;
+    let mut buf = [0u8; 4096];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        f.read_exact_at(chunk, start)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            let keep = start + i as u64 + 1;
+            if keep != len {
+                f.set_len(keep)?;
+            }
+            return Ok(());
+        }
+        end = start;
+    }
+    if len > 0 {
+        f.set_len(0)?; // no newline at all: the file's only line is torn
+    }
+    Ok(())
+}
+
 fn read_time(path: &Path) -> Option<DateTime<Utc>> {
     let s = std::fs::read_to_string(path).ok()?;
     DateTime::parse_from_rfc3339(s.trim())
@@ -230,6 +267,32 @@ mod tests {
         assert_eq!(s.append("t", h, 0, b"c\n").unwrap(), Appended::Closed);
         assert_eq!(std::fs::read_to_string(&files[0]).unwrap(), "a\n");
         assert_eq!(s.hours("t").unwrap(), vec![(h, true)]);
+    }
+
+    #[test]
+    fn a_torn_line_from_a_killed_writer_is_cut_before_the_next_append_and_at_close() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Staging::open(tmp.path()).unwrap();
+        let h: Hour = "2026-11-29T14".parse().unwrap();
+        s.append("t", h, 0, b"{\"id\":\"a\"}\n").unwrap();
+        let file = s.hour_dir("t", h).join("p0.ndjson");
+        // The writer died in the middle of its next write.
+        let mut f = OpenOptions::new().append(true).open(&file).unwrap();
+        f.write_all(b"{\"id\":\"b").unwrap();
+        s.append("t", h, 0, b"{\"id\":\"b\"}\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            "{\"id\":\"a\"}\n{\"id\":\"b\"}\n"
+        );
+        f.write_all(b"{\"id\":\"c").unwrap();
+        let only = s.hour_dir("t", h).join("p1.ndjson");
+        std::fs::write(&only, b"{\"id\"").unwrap();
+        s.close("t", h).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            "{\"id\":\"a\"}\n{\"id\":\"b\"}\n"
+        );
+        assert_eq!(std::fs::read_to_string(&only).unwrap(), "");
     }
 
     #[test]
