@@ -11,7 +11,6 @@ use common::*;
 use msg_processor::Stats;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::{Headers as _, Message as _};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
 /// Whole-test deadline.
@@ -238,10 +237,6 @@ async fn malformed_and_refused_messages_go_to_the_dead_letter_topic_and_the_part
         wait_registered(&redis.url(), &[("u".into(), "node-a".into())]).await;
         let p = processor(settings(&kafka.brokers(), "push", &redis.url())).await;
 
-        let raw: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", kafka.brokers())
-            .create()
-            .unwrap();
         let good = |n: u64| {
             push_lib::Envelope::new("u", serde_json::json!({ "seq": n }))
                 .encode()
@@ -265,13 +260,7 @@ async fn malformed_and_refused_messages_go_to_the_dead_letter_topic_and_the_part
             None,
             Some(good(4)),
         ];
-        for r in &records {
-            let mut rec: FutureRecord<'_, str, [u8]> = FutureRecord::to("push").key("u");
-            if let Some(p) = r {
-                rec = rec.payload(p);
-            }
-            raw.send(rec, Duration::from_secs(5)).await.expect("ack");
-        }
+        produce_raw(&kafka.brokers(), &records).await;
 
         wait_complete(&clients, 5).await;
         assert_complete_in_order(&clients, 0..5);

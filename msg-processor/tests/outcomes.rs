@@ -11,20 +11,13 @@ use common::*;
 use msg_processor::Stats;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::Message as _;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
 const TEST_DEADLINE: Duration = Duration::from_secs(150);
 
 async fn send_raw(brokers: &str, records: &[Vec<u8>]) {
-    let raw: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    for r in records {
-        let rec: FutureRecord<'_, str, [u8]> = FutureRecord::to("push").key("u").payload(r);
-        raw.send(rec, Duration::from_secs(5)).await.expect("ack");
-    }
+    let records: Vec<Option<Vec<u8>>> = records.iter().cloned().map(Some).collect();
+    produce_raw(brokers, &records).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

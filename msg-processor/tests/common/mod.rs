@@ -264,3 +264,20 @@ impl Proxy {
         }
     }
 }
+
+/// Produces `records` to topic `push`, keyed `u`, as a producer without push-lib would: any
+/// bytes, or none (`None`: a record without a payload). Each one acknowledged.
+pub async fn produce_raw(brokers: &str, records: &[Option<Vec<u8>>]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let raw: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    for r in records {
+        let mut rec: FutureRecord<'_, str, [u8]> = FutureRecord::to("push").key("u");
+        if let Some(p) = r {
+            rec = rec.payload(p);
+        }
+        raw.send(rec, Duration::from_secs(5)).await.expect("ack");
+    }
+}
