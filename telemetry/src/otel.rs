@@ -10,8 +10,6 @@
 //! (`telemetry_spans_dropped_total{reason="queue_full"}`), a batch the collector did not take
 //! within the export timeout is counted too (`reason="export_failed"`).
 
-use std::io::{Read as _, Write as _};
-use std::net::{TcpStream, ToSocketAddrs as _};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,9 +127,7 @@ pub fn provider(cfg: &TraceExport, endpoint: &str) -> Result<SdkTracerProvider, 
     if parsed.uri().scheme_str() != Some("http") || parsed.uri().host().is_none() {
         return Err(TraceError::Endpoint(endpoint.to_string()));
     }
-    let client = StdHttpClient {
-        timeout: cfg.export_timeout,
-    };
+    let client = BlockingClient::new(cfg.export_timeout);
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_http_client(client.clone())
@@ -353,113 +349,69 @@ impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
     }
 }
 
-/// Largest response read (the sampling rules; an export answer is near empty).
+/// Largest response read (the sampling rules; an export answer is near empty): a larger
+/// one is an error, not memory taken from the service.
 const MAX_RESPONSE: u64 = 4 << 20;
 
-/// A blocking HTTP/1.1 client over `std::net`, one connection per request (`Connection:
-/// close`): the batch processor exports from a plain thread with no async runtime, and the
-/// sampler's updates run on their own thread too, so blocking is harmless there and no HTTP
-/// crate (reqwest, which brings its own runtime and TLS) is compiled. Plain `http://` only;
-/// responses must carry `Content-Length` or end at close (no chunked bodies: the collector's
-/// answers are fixed-size). Every socket operation is bounded by `timeout`.
+/// The exporter's and the sampler's HTTP client: one blocking `ureq` agent (keep-alive pool
+/// shared by both). The batch processor exports from a plain thread with no async runtime,
+/// and the sampler's updates run on their own thread too, so blocking is harmless there and
+/// no async HTTP stack (reqwest, hyper: a runtime and TLS) is compiled. Plain `http://` only
+/// (ureq is built without TLS). Each request, from connecting to the last byte of the
+/// answer, is bounded by the agent's timeout; 4xx and 5xx answers reach the exporter as
+/// responses (OTLP's retry rules need the status), redirects are not followed.
 #[derive(Debug, Clone)]
-struct StdHttpClient {
-    timeout: Duration,
+struct BlockingClient {
+    agent: ureq::Agent,
+}
+
+impl BlockingClient {
+    fn new(timeout: Duration) -> Self {
+        let agent = ureq::Agent::config_builder()
+            // One budget for the whole call: DNS, connect, send, headers and body.
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .build()
+            .new_agent();
+        BlockingClient { agent }
+    }
+
+    fn send(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+        let uri = request.uri().clone();
+        if uri.scheme_str() != Some("http") {
+            return Err(format!("{uri}: only http:// is supported").into());
+        }
+        let (parts, body) = request.into_parts();
+        let response = self
+            .agent
+            .run(Request::from_parts(parts, body.as_ref()))
+            .map_err(|e| format!("{uri}: {e}"))?;
+        let (parts, body) = response.into_parts();
+        let body = body
+            .into_with_config()
+            .limit(MAX_RESPONSE)
+            .read_to_vec()
+            .map_err(|e| match e {
+                ureq::Error::BodyExceedsLimit(_) => {
+                    format!("{uri}: response larger than 4 MiB")
+                }
+                e => format!("{uri}: reading the response: {e}"),
+            })?;
+        Ok(Response::from_parts(parts, Bytes::from(body)))
+    }
 }
 
 #[async_trait::async_trait]
-impl HttpClient for StdHttpClient {
+impl HttpClient for BlockingClient {
     async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
-        send_blocking(&request, self.timeout)
+        self.send(request)
     }
-}
-
-fn send_blocking(
-    request: &Request<Bytes>,
-    timeout: Duration,
-) -> Result<Response<Bytes>, HttpError> {
-    let uri = request.uri();
-    if uri.scheme_str() != Some("http") {
-        return Err(format!("{uri}: only http:// is supported").into());
-    }
-    let host = uri.host().ok_or("no host in the URL")?;
-    let port = uri.port_u16().unwrap_or(80);
-    let addr = (host, port)
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| format!("{host}: no address"))?;
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let body = request.body();
-    let mut head = format!(
-        "{} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        request.method(),
-        body.len()
-    );
-    for (name, value) in request.headers() {
-        if let Ok(v) = value.to_str() {
-            head.push_str(&format!("{name}: {v}\r\n"));
-        }
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    let mut raw = Vec::new();
-    stream.take(MAX_RESPONSE + 1).read_to_end(&mut raw)?;
-    if raw.len() as u64 > MAX_RESPONSE {
-        return Err("response larger than 4 MiB".into());
-    }
-    parse_response(&raw)
-}
-
-/// Status, headers and body of a complete HTTP/1.1 response read to the connection's close.
-fn parse_response(raw: &[u8]) -> Result<Response<Bytes>, HttpError> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut parsed = httparse::Response::new(&mut headers);
-    let header_len = match parsed.parse(raw)? {
-        httparse::Status::Complete(n) => n,
-        httparse::Status::Partial => return Err("truncated HTTP response".into()),
-    };
-    let mut body = &raw[header_len..];
-    let mut builder = Response::builder().status(parsed.code.unwrap_or(500));
-    for h in parsed.headers.iter() {
-        if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err("chunked HTTP responses are not supported".into());
-        }
-        if h.name.eq_ignore_ascii_case("content-length") {
-            let n: usize = std::str::from_utf8(h.value)?.trim().parse()?;
-            if n > body.len() {
-                return Err("HTTP response body shorter than its Content-Length".into());
-            }
-            body = &body[..n];
-        }
-        builder = builder.header(h.name, h.value);
-    }
-    Ok(builder.body(Bytes::copy_from_slice(body))?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_response_is_cut_at_its_content_length() {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}extra").unwrap();
-        assert_eq!(r.status(), 200);
-        assert_eq!(r.body().as_ref(), b"{}");
-    }
-
-    #[test]
-    fn truncated_and_chunked_responses_are_errors() {
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Le").is_err());
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{}").is_err());
-        assert!(parse_response(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n"
-        )
-        .is_err());
-    }
 
     #[test]
     fn an_endpoint_must_be_plain_http() {
@@ -482,7 +434,9 @@ mod tests {
         let request = Request::post(format!("http://127.0.0.1:{port}/v1/traces"))
             .body(Bytes::from_static(b"x"))
             .unwrap();
-        assert!(send_blocking(&request, Duration::from_secs(2)).is_err());
+        assert!(BlockingClient::new(Duration::from_secs(2))
+            .send(request)
+            .is_err());
     }
 
     /// A batch processor that keeps nothing and never exports: the gate's count only rises.
@@ -525,40 +479,147 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_client_posts_and_reads_the_answer() {
+    /// A server on 127.0.0.1:0 that takes one request, answers `answer` (unless `None`: then
+    /// it holds the connection unanswered until `release` is dropped or sent to) and returns
+    /// the request it read.
+    fn one_shot(
+        answer: Option<Vec<u8>>,
+    ) -> (
+        String,
+        std::sync::mpsc::Sender<()>,
+        std::thread::JoinHandle<String>,
+    ) {
+        use std::io::{Read as _, Write as _};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (release, released) = std::sync::mpsc::channel::<()>();
         let server = std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
             let mut got = Vec::new();
             let mut buf = [0u8; 1024];
-            while !got.ends_with(b"\r\n\r\nhello") {
-                let n = conn.read(&mut buf).unwrap();
-                assert!(n > 0, "closed early: {got:?}");
+            loop {
+                let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len: usize = text[..end]
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if got.len() >= end + 4 + len {
+                        break;
+                    }
+                }
+                // A client that gave up early: the test's own assertions say what went wrong.
+                let n = conn.read(&mut buf).unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
                 got.extend_from_slice(&buf[..n]);
             }
-            conn.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 3\r\n\r\nok!")
-                .unwrap();
-            String::from_utf8(got).unwrap()
+            match answer {
+                // The client may stop reading an answer it refuses: a failed write is fine.
+                Some(answer) => drop(conn.write_all(&answer)),
+                None => drop(released.recv()),
+            }
+            String::from_utf8_lossy(&got).into_owned()
         });
-        let request = Request::post(format!("http://127.0.0.1:{port}/v1/traces?x=1"))
+        (base, release, server)
+    }
+
+    fn post(url: String, body: &'static [u8]) -> Request<Bytes> {
+        Request::post(url)
             .header("Content-Type", "application/x-protobuf")
-            .body(Bytes::from_static(b"hello"))
+            .body(Bytes::from_static(body))
+            .unwrap()
+    }
+
+    #[test]
+    fn the_client_posts_and_reads_the_answer() {
+        let (base, _release, server) = one_shot(Some(
+            b"HTTP/1.1 202 Accepted\r\nContent-Length: 3\r\n\r\nok!".to_vec(),
+        ));
+        let client = BlockingClient::new(Duration::from_secs(30));
+        let response = client
+            .send(post(format!("{base}/v1/traces?x=1"), b"hello"))
             .unwrap();
-        let response = send_blocking(&request, Duration::from_secs(30)).unwrap();
         assert_eq!(response.status(), 202);
         assert_eq!(response.body().as_ref(), b"ok!");
-        let head = server.join().unwrap();
+        let request = server.join().unwrap();
         assert!(
-            head.starts_with("POST /v1/traces?x=1 HTTP/1.1\r\n"),
-            "{head}"
+            request.starts_with("POST /v1/traces?x=1 HTTP/1.1\r\n"),
+            "{request}"
         );
+        let lower = request.to_ascii_lowercase();
         assert!(
-            head.contains("content-type: application/x-protobuf\r\n"),
-            "{head}"
+            lower.contains("content-type: application/x-protobuf\r\n"),
+            "{request}"
         );
-        assert!(head.contains("Content-Length: 5\r\n"), "{head}");
+        assert!(lower.contains("content-length: 5\r\n"), "{request}");
+        assert!(request.ends_with("\r\n\r\nhello"), "{request}");
+    }
+
+    #[test]
+    fn a_503_reaches_the_caller_as_a_response() {
+        // OTLP's exporter retries on 503 with Retry-After: it must see the status, not an error.
+        let (base, _release, server) = one_shot(Some(
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 4\r\n\r\nbusy"
+                .to_vec(),
+        ));
+        let client = BlockingClient::new(Duration::from_secs(30));
+        let response = client
+            .send(post(format!("{base}/v1/traces"), b"x"))
+            .unwrap();
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()["retry-after"], "1");
+        assert_eq!(response.body().as_ref(), b"busy");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn an_answer_over_4_mib_is_an_error_and_one_at_the_limit_is_read() {
+        let client = BlockingClient::new(Duration::from_secs(60));
+        for (len, fits) in [(MAX_RESPONSE, true), (MAX_RESPONSE + 1, false)] {
+            let mut answer =
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n").into_bytes();
+            answer.resize(answer.len() + len as usize, b'r');
+            let (base, _release, server) = one_shot(Some(answer));
+            let result = client.send(
+                Request::get(format!("{base}/sampling?service=t"))
+                    .body(Bytes::new())
+                    .unwrap(),
+            );
+            if fits {
+                assert_eq!(result.unwrap().body().len() as u64, len);
+            } else {
+                let err = result.unwrap_err().to_string();
+                assert!(err.contains("response larger than"), "{err}");
+            }
+            server.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_silent_collector_times_out_instead_of_hanging() {
+        // The server keeps the connection open and never answers until the client returned:
+        // only the client's own bound can end the call.
+        let (base, release, server) = one_shot(None);
+        let client = BlockingClient::new(Duration::from_secs(2));
+        let err = client
+            .send(post(format!("{base}/v1/traces"), b"x"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("timeout"), "{err}");
+        release.send(()).unwrap();
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn the_client_refuses_other_schemes() {
+        let client = BlockingClient::new(Duration::from_secs(2));
+        let err = client
+            .send(post("https://127.0.0.1:1/v1/traces".into(), b"x"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only http:// is supported"), "{err}");
     }
 
     #[test]
