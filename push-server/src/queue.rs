@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::lifecycle::{Clock, DisconnectReason, Millis};
 use crate::protocol::message;
+use crate::trace::FrameSpans;
 
 pub use push_proto::Transport;
 
@@ -115,6 +116,9 @@ pub struct Outbound {
     pub fate: Option<Arc<Fate>>,
     /// Part of it is on the socket already (`bytes` is the unwritten rest).
     pub partial: bool,
+    /// The `queue` / `socket write` spans of a sampled message (trace.rs); `None` for every
+    /// other frame: one null pointer, no allocation or span.
+    pub trace: Option<Box<FrameSpans>>,
 }
 
 impl Outbound {
@@ -126,6 +130,7 @@ impl Outbound {
             id: 0,
             fate: None,
             partial: false,
+            trace: None,
         }
     }
 
@@ -145,6 +150,7 @@ impl Outbound {
             id: m.id,
             fate: None,
             partial: false,
+            trace: None,
         }
     }
 

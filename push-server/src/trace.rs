@@ -1,0 +1,231 @@
+//! The node's spans of one message (docs/tracing.md, "Spans on the node"):
+//!
+//! - `admin receive` / `internal receive`: from the request until the message is handed to
+//!   its connections' outbound queues (history append and catch-ups included);
+//! - then, per connection, `queue` (in the connection's outbound queue, until the driver
+//!   starts writing the frame), `socket write` (until the socket took the whole frame) and
+//!   `receipt` (from the client's ack reaching the node until the receipt task handled it).
+//!
+//! The last three are children of the receive span, which has ended by then: they are opened
+//! with no `tracing` parent and the receive span's context as their OpenTelemetry parent, so
+//! they neither keep the receive span open (a `tracing` child holds its parent until it
+//! closes) nor need it to be alive.
+//!
+//! Cost: all of it exists only for a message whose receive span is exported and sampled.
+//! Otherwise a frame's [`FrameSpans`] slot is `None` (the `Option<Box<_>>` is one pointer,
+//! null), a request's receive spans are an empty `Vec` (no allocation), and an ack looks for
+//! a receipt context only when sampled messages were delivered lately (one relaxed load):
+//! no allocation, clock read or span object per message.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use telemetry::propagation::TraceContext;
+
+/// The receive spans of one push request, one per message in request order, and what each
+/// message's clients are shown. Empty when span export is off: then each client is shown the
+/// sender's `traceparent` unchanged, at no cost.
+#[derive(Debug, Default)]
+pub struct ReceiveSpans {
+    /// Open until the message is handed to the queues ([`ReceiveSpans::end`]).
+    spans: Vec<tracing::Span>,
+    /// What each message's clients see.
+    pub seen: Seen,
+}
+
+/// The trace context each message of a request passes on.
+#[derive(Debug, Default)]
+pub struct Seen {
+    traceparents: Vec<Option<String>>,
+    /// The receive span's own context, when it is sampled: the parent of the node's later
+    /// spans. `None` for a message that is not traced here.
+    sampled: Vec<Option<TraceContext>>,
+}
+
+impl ReceiveSpans {
+    /// Spans opened by `open`, one per incoming context (the caller's, if any). Nothing is
+    /// opened when span export is off.
+    pub fn open(
+        incoming: impl Iterator<Item = Option<TraceContext>>,
+        open: impl Fn() -> tracing::Span,
+    ) -> Self {
+        if !telemetry::otel::is_on() {
+            return Self::default();
+        }
+        let mut out = Self::default();
+        for incoming in incoming {
+            let span = open();
+            if let Some(parent) = &incoming {
+                telemetry::otel::set_parent(&span, parent);
+            }
+            // The span's own context when it is exported, else the caller's unchanged.
+            let own = telemetry::otel::outgoing(&span, None);
+            let passed = own.as_ref().or(incoming.as_ref());
+            out.seen.traceparents.push(passed.map(|c| c.traceparent()));
+            out.seen.sampled.push(own.filter(|c| c.sampled));
+            out.spans.push(span);
+        }
+        out
+    }
+
+    /// The receive span of message `k` while it is open (a parent for its history append).
+    pub fn span(&self, k: usize) -> Option<&tracing::Span> {
+        self.spans.get(k).filter(|s| !s.is_disabled())
+    }
+
+    /// Message `k` was handed to its connections' queues: its receive span ends.
+    pub fn end(&mut self, k: usize) {
+        if let Some(s) = self.spans.get_mut(k) {
+            *s = tracing::Span::none();
+        }
+    }
+}
+
+impl Seen {
+    /// What the clients of message `k` see; `sent` (the sender's) when not traced here.
+    pub fn traceparent<'b>(&'b self, k: usize, sent: Option<&'b str>) -> Option<&'b str> {
+        match self.traceparents.get(k) {
+            Some(tp) => tp.as_deref(),
+            None => sent,
+        }
+    }
+
+    /// The receive span's context of message `k`, when sampled.
+    pub fn sampled(&self, k: usize) -> Option<&TraceContext> {
+        self.sampled.get(k).and_then(Option::as_ref)
+    }
+}
+
+/// The spans of a sampled message on one connection: `queue` from creation, then
+/// `socket write` from [`FrameSpans::writing`]; the open one ends when the frame is written
+/// or dropped (its [`crate::queue::Outbound`] goes).
+#[derive(Debug)]
+pub struct FrameSpans {
+    parent: TraceContext,
+    span: tracing::Span,
+    writing: bool,
+}
+
+impl FrameSpans {
+    /// The `queue` span of a frame for connection `conn`, under `parent` (the receive span).
+    pub fn queued(parent: &TraceContext, conn: u64) -> Box<Self> {
+        let span = tracing::info_span!(parent: None, "queue", conn);
+        telemetry::otel::set_parent(&span, parent);
+        Box::new(Self {
+            parent: parent.clone(),
+            span,
+            writing: false,
+        })
+    }
+
+    /// The driver starts writing the frame: `queue` ends, `socket write` starts (once: a
+    /// frame the socket takes in parts keeps its write span).
+    pub fn writing(&mut self) {
+        if self.writing {
+            return;
+        }
+        self.writing = true;
+        // Ended before the next one starts, so the two never overlap.
+        self.span = tracing::Span::none();
+        let span = tracing::info_span!(parent: None, "socket write");
+        telemetry::otel::set_parent(&span, &self.parent);
+        self.span = span;
+    }
+}
+
+/// Sampled messages remembered for their receipt span. Each entry is ~100 bytes; 4,096 of
+/// them (400 KiB) cover the acks of far more sampled messages than a node sees between a
+/// write and its ack; an older one gets no receipt span (its message and receipt are
+/// unaffected).
+const TRACED: usize = 4096;
+
+/// Which sampled messages may still be acked: (user, ID) → the receive span's context.
+#[derive(Debug, Default)]
+pub struct ReceiptTraces {
+    /// Entries in `map`, read without the lock so that an ack costs one load when nothing
+    /// sampled is waiting.
+    len: AtomicUsize,
+    map: Mutex<Traced>,
+}
+
+#[derive(Debug, Default)]
+struct Traced {
+    map: HashMap<(Box<str>, u64), TraceContext>,
+    order: VecDeque<(Box<str>, u64)>,
+}
+
+impl ReceiptTraces {
+    /// Message `id` of `user`, traced under `cx`, may be acked.
+    pub fn remember(&self, user: &str, id: u64, cx: &TraceContext) {
+        let mut t = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let key: (Box<str>, u64) = (user.into(), id);
+        if t.map.insert(key.clone(), cx.clone()).is_none() {
+            t.order.push_back(key);
+        }
+        while t.order.len() > TRACED {
+            if let Some(old) = t.order.pop_front() {
+                t.map.remove(&old);
+            }
+        }
+        self.len.store(t.map.len(), Ordering::Relaxed);
+    }
+
+    /// The `receipt` span of an ack of message `id` of `user`, if that message was sampled
+    /// here; the first ack takes it (later ones, from other devices, get none). Ends when
+    /// the receipt task has handled the ack.
+    pub fn receipt_span(&self, user: &str, id: u64) -> Option<Box<tracing::Span>> {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let cx = {
+            let mut t = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            let cx = t.map.remove(&(user.into(), id))?;
+            // Its place in `order` goes when it is the oldest; `map` is what is counted.
+            self.len.store(t.map.len(), Ordering::Relaxed);
+            cx
+        };
+        let span = tracing::info_span!(parent: None, "receipt", id);
+        telemetry::otel::set_parent(&span, &cx);
+        Some(Box::new(span))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cx(n: u8) -> TraceContext {
+        TraceContext::new_root([n; 16], [n; 8], true)
+    }
+
+    #[test]
+    fn receipt_contexts_are_taken_once_and_bounded() {
+        let t = ReceiptTraces::default();
+        assert!(t.receipt_span("u", 1).is_none(), "nothing remembered");
+        t.remember("u", 1, &cx(1));
+        assert!(t.receipt_span("v", 1).is_none(), "another user's message");
+        assert!(t.receipt_span("u", 1).is_some());
+        assert!(t.receipt_span("u", 1).is_none(), "the first ack took it");
+        assert_eq!(t.len.load(Ordering::Relaxed), 0);
+        for id in 0..(TRACED as u64 + 10) {
+            t.remember("w", id, &cx(2));
+        }
+        assert_eq!(t.len.load(Ordering::Relaxed), TRACED);
+        assert!(
+            t.receipt_span("w", 0).is_none(),
+            "the oldest were forgotten"
+        );
+        assert!(t.receipt_span("w", TRACED as u64 + 9).is_some());
+    }
+
+    #[test]
+    fn nothing_is_opened_or_allocated_when_export_is_off() {
+        let spans = ReceiveSpans::open([None, None].into_iter(), || {
+            tracing::info_span!("admin receive")
+        });
+        assert_eq!(spans.spans.capacity(), 0);
+        assert_eq!(spans.seen.traceparent(1, Some("sent")), Some("sent"));
+        assert!(spans.seen.sampled(0).is_none());
+    }
+}
