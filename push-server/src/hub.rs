@@ -329,7 +329,9 @@ impl Hub {
                     })
                     .clone(),
                 Transport::Sse => sse_frame
-                    .get_or_insert_with(|| message::message_sse_event(id, req.payload))
+                    .get_or_insert_with(|| {
+                        message::message_sse_event_traced(id, req.traceparent, req.payload)
+                    })
                     .clone(),
             };
             let fate = Arc::new(Fate::default());

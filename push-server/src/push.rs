@@ -140,6 +140,10 @@ async fn push(
             user: r.user,
             mid: r.message_id,
             device: r.device,
+            // Only a well-formed one is kept: a sender's string of any length is not.
+            traceparent: r
+                .traceparent
+                .filter(|t| t.len() == 55 && telemetry::propagation::parse_traceparent(t).is_ok()),
             json: r.payload.is_json,
             data: &r.payload.bytes,
         })

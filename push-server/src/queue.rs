@@ -141,8 +141,15 @@ impl Outbound {
             is_json: m.json,
         };
         let bytes = match transport {
-            Transport::Ws => message::message_ws_frame(m.id, m.mid.as_deref(), None, &payload),
-            Transport::Sse => message::message_sse_event(m.id, &payload),
+            Transport::Ws => message::message_ws_frame(
+                m.id,
+                m.mid.as_deref(),
+                m.traceparent.as_deref(),
+                &payload,
+            ),
+            Transport::Sse => {
+                message::message_sse_event_traced(m.id, m.traceparent.as_deref(), &payload)
+            }
         };
         Self {
             bytes,
