@@ -162,10 +162,12 @@ impl Outbound {
     }
 
     /// The socket took the whole frame.
-    pub fn written(self) {
+    pub fn written(mut self) {
         if let Some(f) = &self.fate {
             f.settle(WRITTEN);
         }
+        // Its `socket write` span ends here, not as a dropped frame's.
+        self.trace = None;
     }
 }
 
@@ -174,6 +176,10 @@ impl Drop for Outbound {
         // Written frames settled already; anything else dropped here was not written.
         if let Some(f) = &self.fate {
             f.settle(DROPPED);
+        }
+        // Its open span ends with it, just after (the field is dropped after this).
+        if let Some(spans) = &self.trace {
+            spans.dropped();
         }
     }
 }

@@ -23,18 +23,15 @@ use std::sync::Mutex;
 
 use telemetry::propagation::TraceContext;
 
-/// The receive spans of one push request, one per message in request order, and what each
-/// message's clients are shown. Empty when span export is off: then each client is shown the
-/// sender's `traceparent` unchanged, at no cost.
+/// The receive spans of one push request, one per message in request order, each open until
+/// its message is handed to the queues ([`ReceiveSpans::end`]). Empty when span export is off.
 #[derive(Debug, Default)]
 pub struct ReceiveSpans {
-    /// Open until the message is handed to the queues ([`ReceiveSpans::end`]).
     spans: Vec<tracing::Span>,
-    /// What each message's clients see.
-    pub seen: Seen,
 }
 
-/// The trace context each message of a request passes on.
+/// The trace context each message of a request passes on. Empty when span export is off: then
+/// each client is shown the sender's `traceparent` unchanged, at no cost.
 #[derive(Debug, Default)]
 pub struct Seen {
     traceparents: Vec<Option<String>>,
@@ -44,16 +41,17 @@ pub struct Seen {
 }
 
 impl ReceiveSpans {
-    /// Spans opened by `open`, one per incoming context (the caller's, if any). Nothing is
-    /// opened when span export is off.
+    /// Spans opened by `open`, one per incoming context (the caller's, if any), and what
+    /// each message passes on. Nothing is opened when span export is off.
     pub fn open(
         incoming: impl Iterator<Item = Option<TraceContext>>,
         open: impl Fn() -> tracing::Span,
-    ) -> Self {
-        if !telemetry::otel::is_on() {
-            return Self::default();
-        }
+    ) -> (Self, Seen) {
         let mut out = Self::default();
+        let mut seen = Seen::default();
+        if !telemetry::otel::is_on() {
+            return (out, seen);
+        }
         for incoming in incoming {
             let span = open();
             if let Some(parent) = &incoming {
@@ -62,11 +60,11 @@ impl ReceiveSpans {
             // The span's own context when it is exported, else the caller's unchanged.
             let own = telemetry::otel::outgoing(&span, None);
             let passed = own.as_ref().or(incoming.as_ref());
-            out.seen.traceparents.push(passed.map(|c| c.traceparent()));
-            out.seen.sampled.push(own.filter(|c| c.sampled));
+            seen.traceparents.push(passed.map(|c| c.traceparent()));
+            seen.sampled.push(own.filter(|c| c.sampled));
             out.spans.push(span);
         }
-        out
+        (out, seen)
     }
 
     /// The receive span of message `k` while it is open (a parent for its history append).
@@ -98,8 +96,8 @@ impl Seen {
 }
 
 /// The spans of a sampled message on one connection: `queue` from creation, then
-/// `socket write` from [`FrameSpans::writing`]; the open one ends when the frame is written
-/// or dropped (its [`crate::queue::Outbound`] goes).
+/// `socket write` from [`FrameSpans::writing`]; the open one ends when the frame is written,
+/// or is dropped (slow consumer, connection gone: then marked `dropped = true`).
 #[derive(Debug)]
 pub struct FrameSpans {
     parent: TraceContext,
@@ -110,7 +108,8 @@ pub struct FrameSpans {
 impl FrameSpans {
     /// The `queue` span of a frame for connection `conn`, under `parent` (the receive span).
     pub fn queued(parent: &TraceContext, conn: u64) -> Box<Self> {
-        let span = tracing::info_span!(parent: None, "queue", conn);
+        let span =
+            tracing::info_span!(parent: None, "queue", conn, dropped = tracing::field::Empty);
         telemetry::otel::set_parent(&span, parent);
         Box::new(Self {
             parent: parent.clone(),
@@ -128,9 +127,15 @@ impl FrameSpans {
         self.writing = true;
         // Ended before the next one starts, so the two never overlap.
         self.span = tracing::Span::none();
-        let span = tracing::info_span!(parent: None, "socket write");
+        let span =
+            tracing::info_span!(parent: None, "socket write", dropped = tracing::field::Empty);
         telemetry::otel::set_parent(&span, &self.parent);
         self.span = span;
+    }
+
+    /// The frame will not be written: the open span says so as it ends.
+    pub fn dropped(&self) {
+        self.span.record("dropped", true);
     }
 }
 
@@ -221,11 +226,12 @@ mod tests {
 
     #[test]
     fn nothing_is_opened_or_allocated_when_export_is_off() {
-        let spans = ReceiveSpans::open([None, None].into_iter(), || {
+        let (spans, seen) = ReceiveSpans::open([None, None].into_iter(), || {
             tracing::info_span!("admin receive")
         });
         assert_eq!(spans.spans.capacity(), 0);
-        assert_eq!(spans.seen.traceparent(1, Some("sent")), Some("sent"));
-        assert!(spans.seen.sampled(0).is_none());
+        assert_eq!(seen.traceparents.capacity(), 0);
+        assert_eq!(seen.traceparent(1, Some("sent")), Some("sent"));
+        assert!(seen.sampled(0).is_none());
     }
 }

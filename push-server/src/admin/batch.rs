@@ -57,7 +57,7 @@ pub(super) fn push_request<'b>(
 pub(super) fn receive_spans<'i>(
     items: impl Iterator<Item = &'i BatchItem<'i>>,
     open: impl Fn() -> tracing::Span,
-) -> ReceiveSpans {
+) -> (ReceiveSpans, Seen) {
     let incoming = items.map(|item| {
         item.traceparent
             .as_deref()

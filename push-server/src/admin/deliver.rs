@@ -88,10 +88,9 @@ async fn deliver_items(
         .zip(&payloads)
         .filter_map(|(item, p)| p.as_ref().ok().map(|p| (item, p)))
         .collect();
-    let mut spans = receive_spans(valid.iter().map(|(i, _)| *i), || {
+    let (spans, seen) = receive_spans(valid.iter().map(|(i, _)| *i), || {
         tracing::info_span!("internal receive")
     });
-    let seen = std::mem::take(&mut spans.seen);
     let reqs: Vec<PushRequest<'_>> = valid
         .iter()
         .enumerate()

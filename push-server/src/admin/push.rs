@@ -32,10 +32,9 @@ pub(super) async fn one(
         req.headers().get(name).and_then(|v| v.to_str().ok())
     });
     let sent = incoming.as_ref().map(|c| c.traceparent());
-    let mut spans = ReceiveSpans::open(std::iter::once(incoming), || {
+    let (spans, seen) = ReceiveSpans::open(std::iter::once(incoming), || {
         tracing::info_span!("admin receive", user)
     });
-    let seen = std::mem::take(&mut spans.seen);
     let wait = match receipt_wait(req.uri().query()) {
         Ok(w) => w,
         Err(e) => return e.into_response(),
@@ -107,8 +106,7 @@ async fn batch_items(
         })
         .collect::<Result<Vec<_>, _>>()?;
     metrics::counter!(m::PUSHES).increment(items.len() as u64);
-    let mut spans = receive_spans(items.iter(), || tracing::info_span!("admin receive"));
-    let seen = std::mem::take(&mut spans.seen);
+    let (spans, seen) = receive_spans(items.iter(), || tracing::info_span!("admin receive"));
     let reqs: Vec<PushRequest<'_>> = items
         .iter()
         .zip(&payloads)
