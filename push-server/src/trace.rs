@@ -139,10 +139,11 @@ impl FrameSpans {
     }
 }
 
-/// Sampled messages remembered for their receipt span. Each entry is ~100 bytes; 4,096 of
-/// them (400 KiB) cover the acks of far more sampled messages than a node sees between a
-/// write and its ack; an older one gets no receipt span (its message and receipt are
-/// unaffected).
+/// Sampled messages remembered for their receipt span. An entry is about 120 bytes (its ID in
+/// the map and the FIFO, the user's name, the context); 4,096 of them (about 500 KiB, and
+/// only while sampled traffic flows) cover the acks of far more sampled messages
+/// than a node sees between a write and its ack; an older one gets no receipt span (its
+/// message and receipt are unaffected).
 const TRACED: usize = 4096;
 
 /// Which sampled messages may still be acked: (user, ID) → the receive span's context.
@@ -154,26 +155,51 @@ pub struct ReceiptTraces {
     map: Mutex<Traced>,
 }
 
+/// Keyed by ID, then user: an ack's lookup needs no key of its own (no allocation). IDs are
+/// per user but seeded from the clock, so one ID rarely has more than one user.
 #[derive(Debug, Default)]
 struct Traced {
-    map: HashMap<(Box<str>, u64), TraceContext>,
-    order: VecDeque<(Box<str>, u64)>,
+    map: HashMap<u64, Vec<(Box<str>, TraceContext)>>,
+    /// IDs in the order remembered, oldest first out.
+    order: VecDeque<u64>,
+    entries: usize,
+}
+
+impl Traced {
+    fn take(&mut self, user: &str, id: u64) -> Option<TraceContext> {
+        let list = self.map.get_mut(&id)?;
+        let at = list.iter().position(|(u, _)| &**u == user)?;
+        let (_, cx) = list.swap_remove(at);
+        if list.is_empty() {
+            self.map.remove(&id);
+        }
+        self.entries -= 1;
+        Some(cx)
+    }
 }
 
 impl ReceiptTraces {
     /// Message `id` of `user`, traced under `cx`, may be acked.
     pub fn remember(&self, user: &str, id: u64, cx: &TraceContext) {
         let mut t = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let key: (Box<str>, u64) = (user.into(), id);
-        if t.map.insert(key.clone(), cx.clone()).is_none() {
-            t.order.push_back(key);
-        }
+        t.take(user, id);
+        t.map.entry(id).or_default().push((user.into(), cx.clone()));
+        t.entries += 1;
+        t.order.push_back(id);
         while t.order.len() > TRACED {
-            if let Some(old) = t.order.pop_front() {
-                t.map.remove(&old);
+            // The oldest entry under that ID, if an ack has not taken it already.
+            let Some(old) = t.order.pop_front() else {
+                break;
+            };
+            if let Some(list) = t.map.get_mut(&old) {
+                list.remove(0);
+                if list.is_empty() {
+                    t.map.remove(&old);
+                }
+                t.entries -= 1;
             }
         }
-        self.len.store(t.map.len(), Ordering::Relaxed);
+        self.len.store(t.entries, Ordering::Relaxed);
     }
 
     /// The `receipt` span of an ack of message `id` of `user`, if that message was sampled
@@ -185,9 +211,9 @@ impl ReceiptTraces {
         }
         let cx = {
             let mut t = self.map.lock().unwrap_or_else(|e| e.into_inner());
-            let cx = t.map.remove(&(user.into(), id))?;
-            // Its place in `order` goes when it is the oldest; `map` is what is counted.
-            self.len.store(t.map.len(), Ordering::Relaxed);
+            let cx = t.take(user, id)?;
+            // Its place in `order` goes when it is the oldest; `entries` is what is counted.
+            self.len.store(t.entries, Ordering::Relaxed);
             cx
         };
         let span = tracing::info_span!(parent: None, "receipt", id);
@@ -212,6 +238,12 @@ mod tests {
         assert!(t.receipt_span("v", 1).is_none(), "another user's message");
         assert!(t.receipt_span("u", 1).is_some());
         assert!(t.receipt_span("u", 1).is_none(), "the first ack took it");
+        // Two users' messages under one ID are told apart.
+        t.remember("u", 2, &cx(1));
+        t.remember("v", 2, &cx(3));
+        assert!(t.receipt_span("v", 2).is_some());
+        assert!(t.receipt_span("u", 2).is_some());
+        assert!(t.receipt_span("u", 2).is_none());
         assert_eq!(t.len.load(Ordering::Relaxed), 0);
         for id in 0..(TRACED as u64 + 10) {
             t.remember("w", id, &cx(2));
