@@ -119,6 +119,11 @@ impl Engine {
                 user: &d.env.user,
                 mid: Some(d.env.id.as_str()),
                 device: d.env.device.as_deref(),
+                // The sender's (no node has seen it yet), shown again on a replay; only a
+                // well-formed one is kept, so the history never holds a long string for it.
+                traceparent: d.env.traceparent.as_deref().filter(|t| {
+                    t.len() == 55 && telemetry::propagation::parse_traceparent(t).is_ok()
+                }),
                 json: *json,
                 data,
             })

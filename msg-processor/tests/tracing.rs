@@ -63,11 +63,22 @@ async fn one_push_is_one_trace_from_push_lib_to_the_client() {
         .expect("a traceparent")
         .to_owned();
 
-    // Every hop's span, by name, until the node's receive span is in.
+    // Every hop's span, by name, until all are in (the node's receive span ends when the
+    // message is queued, before the deliver batch that sent it is answered).
     guard.flush();
     let mut by_name: HashMap<String, Span> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !by_name.contains_key("internal receive") {
+    let hops = [
+        "push send",
+        "consume",
+        "history append",
+        "registry lookup",
+        "deliver batch",
+        "internal receive",
+        "queue",
+        "socket write",
+    ];
+    while !hops.iter().all(|h| by_name.contains_key(*h)) {
         assert!(
             Instant::now() < deadline,
             "spans so far: {:?}",
@@ -99,6 +110,9 @@ async fn one_push_is_one_trace_from_push_lib_to_the_client() {
         assert_eq!(parent_of(child), id_of("consume"), "{child}");
     }
     assert_eq!(parent_of("internal receive"), id_of("deliver batch"));
+    for child in ["queue", "socket write"] {
+        assert_eq!(parent_of(child), id_of("internal receive"), "{child}");
+    }
     assert_eq!(
         seen,
         format!("00-{TRACE}-{}-01", id_of("internal receive")),

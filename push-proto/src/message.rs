@@ -191,7 +191,19 @@ pub fn message_ws_frame(
 
 /// The SSE event for a data message: `id: N`, `event: message`, the payload as `data:`.
 pub fn message_sse_event(id: u64, payload: &Payload) -> Bytes {
-    sse::encode_event("message", Some(id), &payload.bytes)
+    message_sse_event_traced(id, None, payload)
+}
+
+/// [`message_sse_event`] with the message's W3C `traceparent` as a `traceparent:` field
+/// (`EventSource` ignores it; a client that parses the stream reads it). A value with a line
+/// break is left out.
+pub fn message_sse_event_traced(id: u64, traceparent: Option<&str>, payload: &Payload) -> Bytes {
+    match traceparent {
+        Some(tp) => {
+            sse::encode_event_with("message", Some(id), &[("traceparent", tp)], &payload.bytes)
+        }
+        None => sse::encode_event("message", Some(id), &payload.bytes),
+    }
 }
 
 /// A message from a WebSocket client.
@@ -341,7 +353,7 @@ impl Received {
             (Some("message") | None, Some(id)) => Some(Self::Message {
                 id,
                 mid: None,
-                traceparent: None,
+                traceparent: event.traceparent.clone(),
                 data: event.data.clone(),
             }),
             (Some(_), _) => parse_server_message(&event.data).ok(),
@@ -517,6 +529,25 @@ mod tests {
                 data: r#"{"a":1}"#.into()
             })
         );
+        // A traced message's SSE event carries its traceparent; one with a line break (a
+        // forged field) is left out rather than splitting the event.
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let traced = message_sse_event_traced(6, Some(tp), &p);
+        let (event, used) = sse::parse_event(&traced).unwrap();
+        assert_eq!(used, traced.len(), "one event");
+        assert_eq!(
+            Received::from_sse(&event),
+            Some(Received::Message {
+                id: 6,
+                mid: None,
+                traceparent: Some(tp.into()),
+                data: r#"{"a":1}"#.into()
+            })
+        );
+        let forged = message_sse_event_traced(7, Some("x\n\nevent: gap\ndata: {}"), &p);
+        let (event, used) = sse::parse_event(&forged).unwrap();
+        assert_eq!(used, forged.len(), "still one event");
+        assert_eq!((event.traceparent, event.id.as_deref()), (None, Some("7")));
         let (heartbeat, _) = sse::parse_event(sse::HEARTBEAT).unwrap();
         assert_eq!(Received::from_sse(&heartbeat), None);
     }

@@ -21,7 +21,20 @@ pub const HEARTBEAT: &[u8] = b": hb\n\n";
 /// Encodes one event. `data` is split on line breaks (`\n`, `\r\n` or `\r`) into several
 /// `data:` lines, which the client joins back with `\n`.
 pub fn encode_event(event: &str, id: Option<u64>, data: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(data.len() + event.len() + 40);
+    encode_event_with(event, id, &[], data)
+}
+
+/// [`encode_event`] with more fields (`name: value` lines before the data; `EventSource`
+/// ignores names it does not know, other parsers read them). A field whose value holds a
+/// line break is left out: it would end the field, and could forge the rest of an event.
+pub fn encode_event_with(
+    event: &str,
+    id: Option<u64>,
+    fields: &[(&str, &str)],
+    data: &[u8],
+) -> Bytes {
+    let extra: usize = fields.iter().map(|(n, v)| n.len() + v.len() + 3).sum();
+    let mut out = BytesMut::with_capacity(data.len() + event.len() + extra + 40);
     if let Some(id) = id {
         out.put_slice(b"id: ");
         out.put_slice(id.to_string().as_bytes());
@@ -30,6 +43,15 @@ pub fn encode_event(event: &str, id: Option<u64>, data: &[u8]) -> Bytes {
     out.put_slice(b"event: ");
     out.put_slice(event.as_bytes());
     out.put_u8(b'\n');
+    for (name, value) in fields {
+        if value.contains(['\n', '\r']) {
+            continue;
+        }
+        out.put_slice(name.as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_u8(b'\n');
+    }
     let mut rest = data;
     loop {
         out.put_slice(b"data: ");
@@ -64,6 +86,8 @@ pub struct SseEvent {
     pub id: Option<String>,
     /// The `data:` lines joined with `\n`; empty for a comment-only block (a heartbeat).
     pub data: String,
+    /// The `traceparent:` field (push-server's `message` events of a traced message).
+    pub traceparent: Option<String>,
 }
 
 impl SseEvent {
@@ -102,6 +126,7 @@ pub fn parse_event(buf: &[u8]) -> Option<(SseEvent, usize)> {
             "event" => event.event = Some(value.to_owned()),
             "id" => event.id = Some(value.to_owned()),
             "data" => data.push(value.to_owned()),
+            "traceparent" => event.traceparent = Some(value.to_owned()),
             _ => {}
         }
     }
@@ -126,7 +151,8 @@ mod tests {
             SseEvent {
                 event: Some("message".into()),
                 id: Some("7".into()),
-                data: "a\nb".into()
+                data: "a\nb".into(),
+                traceparent: None,
             }
         );
         // Incomplete until the blank line; CRLF line ends are accepted.

@@ -47,6 +47,10 @@ pub struct Buffered {
     /// Only this device may receive it, if set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// The W3C `traceparent` its clients were shown (55 bytes; kept only when the message
+    /// had one), shown again when it is replayed on resume.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     /// `data` is a JSON document (embedded as-is in WebSocket messages) rather than text.
     pub json: bool,
     /// The payload, UTF-8.
@@ -68,6 +72,8 @@ pub struct NewMessage<'a> {
     pub mid: Option<&'a str>,
     /// Only this device may receive it, if set.
     pub device: Option<&'a str>,
+    /// The W3C `traceparent` its clients are shown, if any.
+    pub traceparent: Option<&'a str>,
     /// `data` is JSON rather than text.
     pub json: bool,
     /// The payload, UTF-8.
@@ -142,6 +148,7 @@ impl UserBuffer {
             at_ms: now_ms,
             mid: msg.mid.map(str::to_owned),
             device: msg.device.map(str::to_owned),
+            traceparent: msg.traceparent.map(str::to_owned),
             json: msg.json,
             data: Bytes::copy_from_slice(msg.data),
         });
@@ -252,6 +259,7 @@ mod tests {
             user: "u",
             mid,
             device: None,
+            traceparent: None,
             json: false,
             data,
         }

@@ -103,6 +103,7 @@ async fn history_prints_kept_messages_with_exit_codes() {
             user: "hal",
             mid: None,
             device: Some("phone"),
+            traceparent: None,
             json: false,
             data: d.as_bytes(),
         })

@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::time::Instant;
 
 use crate::protocol::message::{self, Payload};
+use crate::trace::FrameSpans;
+use telemetry::propagation::TraceContext;
 
 pub use crate::queue::{
     AckRefused, AckSlot, ConnHandle, ConnState, Enqueued, Fate, Next, Offer, Outbound, QueueLimits,
@@ -111,6 +113,9 @@ pub struct PushRequest<'a> {
     /// W3C `traceparent` shown to WebSocket clients with the message (the node's receive
     /// span when traced here, else the sender's).
     pub traceparent: Option<&'a str>,
+    /// The node's receive span, when it is sampled: the parent of each connection's
+    /// `queue` and `socket write` spans (trace.rs). `None` costs nothing per connection.
+    pub trace: Option<&'a TraceContext>,
 }
 
 impl<'a> PushRequest<'a> {
@@ -123,6 +128,7 @@ impl<'a> PushRequest<'a> {
             payload,
             id: None,
             traceparent: None,
+            trace: None,
         }
     }
 }
@@ -323,7 +329,9 @@ impl Hub {
                     })
                     .clone(),
                 Transport::Sse => sse_frame
-                    .get_or_insert_with(|| message::message_sse_event(id, req.payload))
+                    .get_or_insert_with(|| {
+                        message::message_sse_event_traced(id, req.traceparent, req.payload)
+                    })
                     .clone(),
             };
             let fate = Arc::new(Fate::default());
@@ -333,6 +341,7 @@ impl Hub {
                 id,
                 fate: Some(fate.clone()),
                 partial: false,
+                trace: req.trace.map(|cx| FrameSpans::queued(cx, conn.id)),
             };
             let leaving = conn.state().clock.asked_at.is_some();
             match conn.enqueue_message(out, limits, deadline).await {
@@ -731,6 +740,7 @@ mod tests {
                 id,
                 fate: None,
                 partial: false,
+                trace: None,
             })
             .collect();
         c.resume(Some(Bytes::from_static(b"gap")), backlog, Some(11));

@@ -14,6 +14,7 @@
 //! | [`clock`] | the node's clock: milliseconds since start, the `now` the policy is given |
 //! | [`drain`] | the drain state beside the policy: in progress since when, its deadline |
 //! | [`ratelimit`] | per-IP connect token buckets (pure) |
+//! | [`trace`] | the node's spans of one message: receive, then per connection queue, socket write, receipt |
 //! | [`queue`] | each connection's bounded outbound queue and its [`queue::ConnHandle`] |
 //! | [`hub`] | user → local connections, delivery to them (re-exports [`queue`]'s types) |
 //! | [`config`] | one settings list → flags, `PUSH_*` environment, TOML file → [`Config`] (the registry as a [`config::Registry`]) |
@@ -51,6 +52,7 @@ pub mod ratelimit;
 pub mod receipts;
 pub mod server;
 pub mod sweeper;
+pub mod trace;
 
 mod connection;
 mod demo;

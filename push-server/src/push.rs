@@ -26,6 +26,7 @@ use crate::hub::{ConnHandle, Hub, Outbound, PushOutcome, PushRequest, QueueLimit
 use crate::metrics as m;
 use crate::protocol::message::ServerMessage;
 use crate::receipts::{Receipt, Receipts};
+use crate::trace::ReceiveSpans;
 
 /// Lock shards for per-user order. Two users in one shard wait for each other's appends;
 /// 256 shards keep that rare at the concurrency a node sees (the message processor sends a
@@ -111,13 +112,17 @@ impl Pusher {
     ///
     /// Fails only if the history cannot be written: then nothing was queued, and the caller
     /// answers with an error so that the sender retries.
+    ///
+    /// `spans` holds each message's receive span (empty when not traced): each ends as its
+    /// message is handed to the connections' queues.
     pub async fn push(
         &self,
         reqs: &[PushRequest<'_>],
         received_at: Instant,
         wait_receipts: bool,
+        spans: ReceiveSpans,
     ) -> Result<Vec<Pushed>, push_registry::Error> {
-        push(self, reqs, received_at, wait_receipts).await
+        push(self, reqs, received_at, wait_receipts, spans).await
     }
 }
 
@@ -126,6 +131,7 @@ async fn push(
     reqs: &[PushRequest<'_>],
     received_at: Instant,
     wait_receipts: bool,
+    mut spans: ReceiveSpans,
 ) -> Result<Vec<Pushed>, push_registry::Error> {
     let new: Vec<NewMessage<'_>> = reqs
         .iter()
@@ -134,6 +140,10 @@ async fn push(
             user: r.user,
             mid: r.message_id,
             device: r.device,
+            // Only a well-formed one is kept: a sender's string of any length is not.
+            traceparent: r
+                .traceparent
+                .filter(|t| t.len() == 55 && telemetry::propagation::parse_traceparent(t).is_ok()),
             json: r.payload.is_json,
             data: &r.payload.bytes,
         })
@@ -146,14 +156,16 @@ async fn push(
         Vec::new()
     } else {
         let append = p.store.append(&new);
-        // Under the current span (a single push's admin receive); a batch has one receive
-        // span per item and no current one, and a root span here would be a trace of its own.
-        let append = if telemetry::otel::is_on() && !tracing::Span::current().is_none() {
-            append
-                .instrument(tracing::info_span!("history append"))
-                .await
-        } else {
-            append.await
+        // Under the receive span of a single message; a batch's append is for many receive
+        // spans, and a root span here would be a trace of its own.
+        let parent = spans.span(0).filter(|_| reqs.len() == 1);
+        let append = match parent {
+            Some(parent) => {
+                append
+                    .instrument(tracing::info_span!(parent: parent, "history append"))
+                    .await
+            }
+            None => append.await,
         };
         append.inspect_err(|_| {
             metrics::counter!(m::HISTORY_ERRORS, "op" => "append").increment(1);
@@ -166,7 +178,7 @@ async fn push(
     let deadline = Instant::now() + p.limits.slow_after;
     let mut deliveries = Vec::with_capacity(reqs.len());
     let mut receipts = Vec::with_capacity(reqs.len());
-    for req in reqs {
+    for (k, req) in reqs.iter().enumerate() {
         let (id, duplicate) = match req.id {
             Some(id) => (id, false),
             None => {
@@ -178,6 +190,11 @@ async fn push(
             catch_up(p, &conn, at, id, deadline).await;
         }
         let receipt = wait_receipts.then(|| p.receipts.wait(req.user, id));
+        // Handed to the queues now: the receive span ends, `queue` spans start (hub.rs).
+        spans.end(k);
+        if let Some(cx) = req.trace {
+            p.receipts.traces.remember(req.user, id, cx);
+        }
         let delivery = p
             .hub
             .deliver(req, id, received_at, p.limits, deadline)

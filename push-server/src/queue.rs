@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::lifecycle::{Clock, DisconnectReason, Millis};
 use crate::protocol::message;
+use crate::trace::FrameSpans;
 
 pub use push_proto::Transport;
 
@@ -115,6 +116,9 @@ pub struct Outbound {
     pub fate: Option<Arc<Fate>>,
     /// Part of it is on the socket already (`bytes` is the unwritten rest).
     pub partial: bool,
+    /// The `queue` / `socket write` spans of a sampled message (trace.rs); `None` for every
+    /// other frame: one null pointer, no allocation or span.
+    pub trace: Option<Box<FrameSpans>>,
 }
 
 impl Outbound {
@@ -126,6 +130,7 @@ impl Outbound {
             id: 0,
             fate: None,
             partial: false,
+            trace: None,
         }
     }
 
@@ -136,8 +141,15 @@ impl Outbound {
             is_json: m.json,
         };
         let bytes = match transport {
-            Transport::Ws => message::message_ws_frame(m.id, m.mid.as_deref(), None, &payload),
-            Transport::Sse => message::message_sse_event(m.id, &payload),
+            Transport::Ws => message::message_ws_frame(
+                m.id,
+                m.mid.as_deref(),
+                m.traceparent.as_deref(),
+                &payload,
+            ),
+            Transport::Sse => {
+                message::message_sse_event_traced(m.id, m.traceparent.as_deref(), &payload)
+            }
         };
         Self {
             bytes,
@@ -145,14 +157,17 @@ impl Outbound {
             id: m.id,
             fate: None,
             partial: false,
+            trace: None,
         }
     }
 
     /// The socket took the whole frame.
-    pub fn written(self) {
+    pub fn written(mut self) {
         if let Some(f) = &self.fate {
             f.settle(WRITTEN);
         }
+        // Its `socket write` span ends here, not as a dropped frame's.
+        self.trace = None;
     }
 }
 
@@ -161,6 +176,10 @@ impl Drop for Outbound {
         // Written frames settled already; anything else dropped here was not written.
         if let Some(f) = &self.fate {
             f.settle(DROPPED);
+        }
+        // Its open span ends with it, just after (the field is dropped after this).
+        if let Some(spans) = &self.trace {
+            spans.dropped();
         }
     }
 }

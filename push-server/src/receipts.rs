@@ -17,8 +17,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::hub::{AckSlot, Transport};
 use crate::metrics as m;
+use crate::trace::ReceiptTraces;
 
-/// Acknowledgements waiting for the receipt task. At 64 bytes each, 64 Ki of them is 4 MiB:
+/// Acknowledgements waiting for the receipt task. At 72 bytes each, 64 Ki of them is 4.5 MiB:
 /// far more than a node receives between two passes of the task, unless it is overloaded.
 const ACK_QUEUE: usize = 64 * 1024;
 
@@ -49,6 +50,9 @@ pub struct Ack {
     pub at_ms: u64,
     /// The connection's place in the queue (WebSocket acks), given back once handled.
     pub slot: Option<AckSlot>,
+    /// The `receipt` span, when the message was sampled here ([`ReceiptTraces`]); it ends
+    /// once the ack is handled. `None` (a null pointer) for every other ack.
+    pub span: Option<Box<tracing::Span>>,
 }
 
 type WaiterKey = (Box<str>, u64);
@@ -59,6 +63,8 @@ pub struct Receipts {
     tx: mpsc::Sender<Ack>,
     rx: Mutex<Option<mpsc::Receiver<Ack>>>,
     waiters: Mutex<HashMap<WaiterKey, Vec<oneshot::Sender<Receipt>>>>,
+    /// Sampled messages that may still be acked: the parents of their `receipt` spans.
+    pub traces: ReceiptTraces,
 }
 
 impl Default for Receipts {
@@ -75,6 +81,7 @@ impl Receipts {
             tx,
             rx: Mutex::new(Some(rx)),
             waiters: Mutex::new(HashMap::new()),
+            traces: ReceiptTraces::default(),
         }
     }
 

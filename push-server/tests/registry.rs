@@ -311,6 +311,7 @@ async fn append_undelivered(url: &str, user: &str, device: Option<&str>, data: &
         user,
         mid: None,
         device,
+        traceparent: None,
         json: false,
         data: data.as_bytes(),
     };

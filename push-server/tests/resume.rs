@@ -167,6 +167,68 @@ async fn sse_resumes_from_last_event_id() {
     }
 }
 
+/// A message's `traceparent` (docs/protocol.md) reaches SSE clients as a `traceparent:`
+/// field, and is kept in the history: a replay after resume carries it, over WebSocket and
+/// SSE alike. A message pushed without one shows none, live or replayed.
+#[tokio::test]
+async fn the_traceparent_reaches_sse_clients_and_replays_after_resume() {
+    let server = start(config()).await;
+    let want = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let t = token(&server, "tia", None);
+    let mut sse = sse_connect(&server, &t).await;
+    assert_eq!(sse.next_event().await.unwrap().event, "hello");
+    let r = http(
+        server.admin_addr(),
+        "POST",
+        "/v1/push/tia",
+        &[("traceparent", want)],
+        b"traced",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    push(&server, "tia", "plain").await;
+    let seen = |e: &Event| (e.data.clone(), e.traceparent.clone());
+    let live = [
+        sse.next_event().await.unwrap(),
+        sse.next_event().await.unwrap(),
+    ];
+    let want_seen = [
+        ("traced".to_owned(), Some(want.to_owned())),
+        ("plain".to_owned(), None),
+    ];
+    assert_eq!(live.each_ref().map(seen), want_seen, "live over SSE");
+    drop(sse);
+
+    // Replayed from the history (since=0: everything kept).
+    let mut ws = ws_since(&server, &t, 0).await;
+    assert_eq!(ws_next_json(&mut ws).await["type"], "hello");
+    let traced = ws_next_json(&mut ws).await;
+    assert_eq!(traced["data"], "traced", "{traced}");
+    assert_eq!(traced["traceparent"], want, "{traced}");
+    let plain = ws_next_json(&mut ws).await;
+    assert_eq!(plain["data"], "plain", "{plain}");
+    assert!(plain.get("traceparent").is_none(), "{plain}");
+
+    let auth = format!("Bearer {t}");
+    let mut sse = sse_connect_raw(
+        server.client_addr(),
+        "/sse?since=0",
+        &[("Authorization", &auth)],
+    )
+    .await;
+    assert_eq!(sse.status, 200, "{}", sse.head);
+    assert_eq!(sse.next_event().await.unwrap().event, "hello");
+    let replayed = [
+        sse.next_event().await.unwrap(),
+        sse.next_event().await.unwrap(),
+    ];
+    assert_eq!(
+        replayed.each_ref().map(seen),
+        want_seen,
+        "replayed over SSE"
+    );
+}
+
 #[tokio::test]
 async fn messages_for_one_device_are_not_resumed_on_another() {
     let mut cfg = config();

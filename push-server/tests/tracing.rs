@@ -1,6 +1,7 @@
 //! Span export from a node, end to end in one process: the node's spans reach an OTLP
 //! collector (testkit's stand-in, decoded with the OTLP protobuf types) under the caller's
-//! trace, the WebSocket client sees the node's span as the message's parent, and when the
+//! trace, the WebSocket client sees the node's span as the message's parent, the message's
+//! `queue`, `socket write` and `receipt` spans follow its receive span, and when the
 //! collector dies pushes still arrive while the dropped spans are counted. One test: the
 //! tracing subscriber is process-global.
 
@@ -81,19 +82,43 @@ async fn a_nodes_spans_continue_the_callers_trace_and_a_dead_collector_costs_no_
     let parts: Vec<&str> = seen.split('-').collect();
     assert_eq!(parts[1], TRACE, "same trace: {seen}");
     assert_ne!(parts[2], CALLER_SPAN, "the node's own span: {seen}");
+    // The client acks it: the node's `receipt` span.
+    let id = msg["id"].as_u64().expect("a message id");
+    ws_send_json(&mut ws, serde_json::json!({"type": "ack", "id": id})).await;
 
-    guard.flush();
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    let receive = loop {
+    let node_spans = ["admin receive", "queue", "socket write", "receipt"];
+    let [receive, queue, write, receipt] = loop {
+        guard.flush();
         spans(&collector, &mut got);
-        if let Some((service, s)) = got.iter().find(|(_, s)| s.name == "admin receive") {
-            break (service.clone(), s.clone());
+        let found = node_spans.map(|name| got.iter().find(|(_, s)| s.name == name).cloned());
+        if found.iter().all(Option::is_some) {
+            break found.map(Option::unwrap);
         }
-        assert!(Instant::now() < deadline, "no admin receive span: {got:?}");
+        assert!(Instant::now() < deadline, "missing node spans: {got:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let (service, receive) = receive;
+    // Queue, socket write and receipt are children of the receive span, one after the other:
+    // the receive span ends when the message is handed to the queue.
+    for (_, child) in [&queue, &write, &receipt] {
+        assert_eq!(child.trace_id, receive.trace_id, "{}", child.name);
+        assert_eq!(child.parent_span_id, receive.span_id, "{}", child.name);
+    }
+    let (queue, write, receipt) = (queue.1, write.1, receipt.1);
+    assert!(
+        queue.start_time_unix_nano >= receive.end_time_unix_nano,
+        "queue starts after receive ends: {receive:?} {queue:?}"
+    );
+    assert!(
+        write.start_time_unix_nano >= queue.end_time_unix_nano,
+        "socket write after queue: {queue:?} {write:?}"
+    );
+    assert!(
+        receipt.start_time_unix_nano >= write.end_time_unix_nano,
+        "receipt after socket write: {write:?} {receipt:?}"
+    );
     assert!(service.contains("push-server-test"), "{service}");
     assert_eq!(hex(&receive.trace_id), TRACE);
     assert_eq!(hex(&receive.parent_span_id), CALLER_SPAN);

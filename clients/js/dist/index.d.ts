@@ -18,6 +18,11 @@ export interface PushMessage {
     id: number;
     /** The envelope's message ID when it came through the queue (push-lib). */
     mid?: string;
+    /**
+     * The W3C `traceparent` of a traced push (WebSocket field or SSE `traceparent:` field, live
+     * or replayed on resume): report a receive span under it to continue the trace.
+     */
+    traceparent?: string;
     /** The payload: a string for text, or the JSON value. */
     data: unknown;
     /** Acknowledges this message (a delivery receipt); a no-op when it was already acknowledged. */
@@ -180,6 +185,8 @@ export interface SseEvent {
     event: string;
     data: string;
     id: string | null;
+    /** The `traceparent:` field, present only when the event had one. */
+    traceparent?: string;
 }
 /**
  * Incremental `text/event-stream` parser (the WHATWG rules used here: fields, multi-line `data`,
@@ -190,6 +197,7 @@ export declare class SseParser {
     private event;
     private data;
     private id;
+    private traceparent;
     private sawField;
     /** Feeds decoded text; returns the complete events and the number of comment lines seen. */
     feed(text: string): {
@@ -210,6 +218,7 @@ export type ServerMessage = {
     type: "message";
     id: number;
     mid?: string;
+    traceparent?: string;
     data: unknown;
 } | {
     type: "reconnect";
@@ -240,11 +249,16 @@ type ShareMsg = {
     kind: "message";
     id: number;
     mid?: string;
+    traceparent?: string;
     data: unknown;
 } | {
     kind: "ack";
     id: number;
 };
+/** A message as the tabs pass it on: optional fields only when set. */
+export declare function shareMessage(m: Pick<PushMessage, "id" | "mid" | "traceparent" | "data">): Extract<ShareMsg, {
+    kind: "message";
+}>;
 /** The options a tab hands the shared worker: {@link PushClientOptions} without functions. */
 export type SharedOptions = Pick<PushClientOptions, "url" | "transport" | "autoAck" | "lastId" | "backoff" | "heartbeatFactor" | "tokenRefreshMarginMs" | "connectTimeoutMs">;
 /** Tab → shared worker, over the worker's `MessagePort`. */

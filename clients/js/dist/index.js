@@ -87,6 +87,7 @@ export class SseParser {
         this.event = "";
         this.data = [];
         this.id = null;
+        this.traceparent = null;
         this.sawField = false;
     }
     /** Feeds decoded text; returns the complete events and the number of comment lines seen. */
@@ -105,11 +106,15 @@ export class SseParser {
             this.buf = this.buf.slice(m.index + m[0].length);
             if (line === "") {
                 if (this.sawField && this.data.length > 0) {
-                    events.push({ event: this.event || "message", data: this.data.join("\n"), id: this.id });
+                    const ev = { event: this.event || "message", data: this.data.join("\n"), id: this.id };
+                    if (this.traceparent !== null)
+                        ev.traceparent = this.traceparent;
+                    events.push(ev);
                 }
                 this.event = "";
                 this.data = [];
                 this.id = null;
+                this.traceparent = null;
                 this.sawField = false;
                 continue;
             }
@@ -129,6 +134,8 @@ export class SseParser {
                 this.data.push(value);
             else if (field === "id")
                 this.id = value;
+            else if (field === "traceparent")
+                this.traceparent = value;
         }
         return { events, comments };
     }
@@ -150,7 +157,9 @@ export function sseToMessage(ev) {
         const id = Number(ev.id);
         if (ev.id === null || !Number.isSafeInteger(id))
             throw new Error("SSE `message` without a numeric `id:`");
-        return { type: "message", id, data: ev.data };
+        return ev.traceparent === undefined
+            ? { type: "message", id, data: ev.data }
+            : { type: "message", id, traceparent: ev.traceparent, data: ev.data };
     }
     return parseServerMessage(ev.data);
 }
@@ -310,6 +319,15 @@ function openSse(f, base, url, since, token, h) {
             abort.abort();
         },
     };
+}
+/** A message as the tabs pass it on: optional fields only when set. */
+export function shareMessage(m) {
+    const out = { kind: "message", id: m.id, data: m.data };
+    if (m.mid !== undefined)
+        out.mid = m.mid;
+    if (m.traceparent !== undefined)
+        out.traceparent = m.traceparent;
+    return out;
 }
 const DEFAULT_HEARTBEAT_MS = 30000;
 /**
@@ -598,7 +616,7 @@ export class PushClient {
                 return;
             }
             case "message":
-                this.deliver(m.id, m.mid, m.data);
+                this.deliver(m.id, m.mid, m.traceparent, m.data);
                 return;
             case "gap":
                 this.emit("gap", { after: m.after, oldest: m.oldest });
@@ -620,7 +638,7 @@ export class PushClient {
                 return;
         }
     }
-    deliver(id, mid, data) {
+    deliver(id, mid, traceparent, data) {
         if (!this.resume.accept(id))
             return;
         let acked = false;
@@ -636,8 +654,10 @@ export class PushClient {
         };
         if (mid !== undefined)
             msg.mid = mid;
+        if (traceparent !== undefined)
+            msg.traceparent = traceparent;
         if (this._role === "leader")
-            this.post(mid === undefined ? { kind: "message", id, data } : { kind: "message", id, mid, data });
+            this.post(shareMessage(msg));
         this.emit("message", msg);
         if (this.opts.autoAck)
             msg.ack();
@@ -863,6 +883,8 @@ export class PushClient {
             };
             if (m.mid !== undefined)
                 msg.mid = m.mid;
+            if (m.traceparent !== undefined)
+                msg.traceparent = m.traceparent;
             this.emit("message", msg);
             return;
         }

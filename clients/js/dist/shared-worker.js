@@ -11,7 +11,7 @@
  *   while it lives (closed, crashed, navigated away); or a token request it leaves unanswered.
  *   When no tab is left the connection closes; the next tab resumes from the last ID seen.
  */
-import { PushClient } from "./index.js";
+import { PushClient, shareMessage } from "./index.js";
 /** A tab that does not answer a token request within this long is taken for gone. Generous:
  * a background tab's event loop may be throttled, and the token callback may call a backend. */
 export const TOKEN_ANSWER_MS = 20000;
@@ -114,7 +114,7 @@ export class SharedConnectionHub {
         });
         client.on("gap", (payload) => this.broadcast({ kind: "event", type: "gap", payload }));
         client.on("error", (payload) => this.broadcast({ kind: "event", type: "error", payload }));
-        client.on("message", (m) => this.broadcast(m.mid === undefined ? { kind: "message", id: m.id, data: m.data } : { kind: "message", id: m.id, mid: m.mid, data: m.data }));
+        client.on("message", (m) => this.broadcast(shareMessage(m)));
         client.start();
     }
     /** A token from the oldest tab; a tab that does not answer in time is dropped and the next one asked. */

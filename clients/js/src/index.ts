@@ -20,6 +20,11 @@ export interface PushMessage {
   id: number;
   /** The envelope's message ID when it came through the queue (push-lib). */
   mid?: string;
+  /**
+   * The W3C `traceparent` of a traced push (WebSocket field or SSE `traceparent:` field, live
+   * or replayed on resume): report a receive span under it to continue the trace.
+   */
+  traceparent?: string;
   /** The payload: a string for text, or the JSON value. */
   data: unknown;
   /** Acknowledges this message (a delivery receipt); a no-op when it was already acknowledged. */
@@ -229,6 +234,8 @@ export interface SseEvent {
   event: string;
   data: string;
   id: string | null;
+  /** The `traceparent:` field, present only when the event had one. */
+  traceparent?: string;
 }
 
 /**
@@ -240,6 +247,7 @@ export class SseParser {
   private event = "";
   private data: string[] = [];
   private id: string | null = null;
+  private traceparent: string | null = null;
   private sawField = false;
 
   /** Feeds decoded text; returns the complete events and the number of comment lines seen. */
@@ -256,11 +264,14 @@ export class SseParser {
       this.buf = this.buf.slice(m.index + m[0].length);
       if (line === "") {
         if (this.sawField && this.data.length > 0) {
-          events.push({ event: this.event || "message", data: this.data.join("\n"), id: this.id });
+          const ev: SseEvent = { event: this.event || "message", data: this.data.join("\n"), id: this.id };
+          if (this.traceparent !== null) ev.traceparent = this.traceparent;
+          events.push(ev);
         }
         this.event = "";
         this.data = [];
         this.id = null;
+        this.traceparent = null;
         this.sawField = false;
         continue;
       }
@@ -276,6 +287,7 @@ export class SseParser {
       if (field === "event") this.event = value;
       else if (field === "data") this.data.push(value);
       else if (field === "id") this.id = value;
+      else if (field === "traceparent") this.traceparent = value;
     }
     return { events, comments };
   }
@@ -292,7 +304,7 @@ export type ServerMessage =
       lifetime_ms?: number;
       heartbeat_ms?: number;
     }
-  | { type: "message"; id: number; mid?: string; data: unknown }
+  | { type: "message"; id: number; mid?: string; traceparent?: string; data: unknown }
   | { type: "reconnect"; reason: string; grace_ms?: number }
   | { type: "gap"; after: number; oldest: number | null }
   | { type: "error"; code?: string; message?: string }
@@ -314,7 +326,9 @@ export function sseToMessage(ev: SseEvent): ServerMessage | null {
   if (ev.event === "message") {
     const id = Number(ev.id);
     if (ev.id === null || !Number.isSafeInteger(id)) throw new Error("SSE `message` without a numeric `id:`");
-    return { type: "message", id, data: ev.data };
+    return ev.traceparent === undefined
+      ? { type: "message", id, data: ev.data }
+      : { type: "message", id, traceparent: ev.traceparent, data: ev.data };
   }
   return parseServerMessage(ev.data);
 }
@@ -519,8 +533,18 @@ interface Attempt {
 /** Messages between the tabs of one shared client (and from a shared worker to its tabs). */
 type ShareMsg =
   | { kind: "event"; type: "connected" | "gap" | "disconnected" | "error"; payload: unknown }
-  | { kind: "message"; id: number; mid?: string; data: unknown }
+  | { kind: "message"; id: number; mid?: string; traceparent?: string; data: unknown }
   | { kind: "ack"; id: number };
+
+/** A message as the tabs pass it on: optional fields only when set. */
+export function shareMessage(
+  m: Pick<PushMessage, "id" | "mid" | "traceparent" | "data">,
+): Extract<ShareMsg, { kind: "message" }> {
+  const out: Extract<ShareMsg, { kind: "message" }> = { kind: "message", id: m.id, data: m.data };
+  if (m.mid !== undefined) out.mid = m.mid;
+  if (m.traceparent !== undefined) out.traceparent = m.traceparent;
+  return out;
+}
 
 /** The options a tab hands the shared worker: {@link PushClientOptions} without functions. */
 export type SharedOptions = Pick<
@@ -847,7 +871,7 @@ export class PushClient {
         return;
       }
       case "message":
-        this.deliver(m.id, m.mid, m.data);
+        this.deliver(m.id, m.mid, m.traceparent, m.data);
         return;
       case "gap":
         this.emit("gap", { after: m.after, oldest: m.oldest });
@@ -868,7 +892,7 @@ export class PushClient {
     }
   }
 
-  private deliver(id: number, mid: string | undefined, data: unknown): void {
+  private deliver(id: number, mid: string | undefined, traceparent: string | undefined, data: unknown): void {
     if (!this.resume.accept(id)) return;
     let acked = false;
     const msg: PushMessage = {
@@ -881,7 +905,8 @@ export class PushClient {
       },
     };
     if (mid !== undefined) msg.mid = mid;
-    if (this._role === "leader") this.post(mid === undefined ? { kind: "message", id, data } : { kind: "message", id, mid, data });
+    if (traceparent !== undefined) msg.traceparent = traceparent;
+    if (this._role === "leader") this.post(shareMessage(msg));
     this.emit("message", msg);
     if (this.opts.autoAck) msg.ack();
   }
@@ -1093,6 +1118,7 @@ export class PushClient {
         },
       };
       if (m.mid !== undefined) msg.mid = m.mid;
+      if (m.traceparent !== undefined) msg.traceparent = m.traceparent;
       this.emit("message", msg);
       return;
     }

@@ -11,7 +11,7 @@
  *   while it lives (closed, crashed, navigated away); or a token request it leaves unanswered.
  *   When no tab is left the connection closes; the next tab resumes from the last ID seen.
  */
-import { PushClient } from "./index.js";
+import { PushClient, shareMessage } from "./index.js";
 import type { PortLike, PushClientOptions, SharedOptions, TabToWorker, WorkerToTab } from "./index.js";
 
 /** A tab that does not answer a token request within this long is taken for gone. Generous:
@@ -122,9 +122,7 @@ export class SharedConnectionHub {
     });
     client.on("gap", (payload) => this.broadcast({ kind: "event", type: "gap", payload }));
     client.on("error", (payload) => this.broadcast({ kind: "event", type: "error", payload }));
-    client.on("message", (m) =>
-      this.broadcast(m.mid === undefined ? { kind: "message", id: m.id, data: m.data } : { kind: "message", id: m.id, mid: m.mid, data: m.data }),
-    );
+    client.on("message", (m) => this.broadcast(shareMessage(m)));
     client.start();
   }
 

@@ -58,6 +58,15 @@ test("SSE parser: multi-line data, ids, comments, CRLF split over chunks", () =>
   assert.deepEqual(sseToMessage(r.events[0]), { type: "message", id: 5, data: "a\nb" });
   assert.deepEqual(sseToMessage(r.events[1]), { type: "gap", after: 1, oldest: 3 });
   assert.throws(() => sseToMessage({ event: "message", data: "x", id: null }), /numeric `id:`/);
+  // A traced message's `traceparent:` field, for that event only.
+  const tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+  r = p.feed(`id: 6\nevent: message\ntraceparent: ${tp}\ndata: t\n\nid: 7\nevent: message\ndata: u\n\n`);
+  assert.deepEqual(r.events, [
+    { event: "message", data: "t", id: "6", traceparent: tp },
+    { event: "message", data: "u", id: "7" },
+  ]);
+  assert.deepEqual(sseToMessage(r.events[0]), { type: "message", id: 6, traceparent: tp, data: "t" });
+  assert.deepEqual(sseToMessage(r.events[1]), { type: "message", id: 7, data: "u" });
 });
 
 test("server messages are checked for what the client relies on", () => {
@@ -106,11 +115,14 @@ test("token as a subprotocol, hello, messages deduplicated in order and acked", 
   assert.ok(c.connected);
   ws.serverSends({ type: "message", id: 5, data: "a" });
   ws.serverSends({ type: "message", id: 5, data: "a again" });
-  ws.serverSends({ type: "message", id: 6, mid: "m6", data: { n: 1 } });
+  const tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+  ws.serverSends({ type: "message", id: 6, mid: "m6", traceparent: tp, data: { n: 1 } });
   ws.serverSends({ type: "gap", after: 6, oldest: 9 });
   const msgs = events.filter((e) => e.type === "message").map((e) => [e.ev.id, e.ev.data]);
   assert.deepEqual(msgs, [[5, "a"], [6, { n: 1 }]]);
   assert.equal(events.find((e) => e.type === "message" && e.ev.id === 6).ev.mid, "m6");
+  assert.equal(events.find((e) => e.type === "message" && e.ev.id === 6).ev.traceparent, tp);
+  assert.equal(events.find((e) => e.type === "message" && e.ev.id === 5).ev.traceparent, undefined);
   assert.deepEqual(ws.sent, [{ type: "ack", id: 5 }, { type: "ack", id: 6 }]);
   assert.deepEqual(events.find((e) => e.type === "gap").ev, { after: 6, oldest: 9 });
   assert.equal(c.lastId, 6);
@@ -249,16 +261,17 @@ test("SSE: token in the Authorization header, resume point in Last-Event-ID and 
   };
   const c = new PushClient({ url: "http://h:1", token: "t", transport: "sse", lastId: 41, fetch });
   const got = [];
-  c.on("message", (m) => got.push([m.id, m.data]));
+  c.on("message", (m) => got.push([m.id, m.data, m.traceparent]));
   c.start();
   await until("the SSE request", () => requests.length === 1);
   assert.equal(requests[0].url, "http://h:1/sse?since=41");
   assert.equal(requests[0].init.headers.Authorization, "Bearer t");
   assert.equal(requests[0].init.headers["Last-Event-ID"], "41");
   push('event: hello\ndata: {"type":"hello","heartbeat_ms":30000}\n\n: hb\n\n');
-  push("id: 42\nevent: message\ndata: a\ndata: b\n\nid: 43\nevent: message\ndata: c\n\n");
+  const tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+  push(`id: 42\nevent: message\ndata: a\ndata: b\n\nid: 43\nevent: message\ntraceparent: ${tp}\ndata: c\n\n`);
   await until("two messages", () => got.length === 2);
-  assert.deepEqual(got, [[42, "a\nb"], [43, "c"]]);
+  assert.deepEqual(got, [[42, "a\nb", undefined], [43, "c", tp]]);
   await until("one ack request for both", () => requests.length === 2);
   assert.equal(requests[1].url, "http://h:1/ack?id=42,43");
   assert.equal(requests[1].init.headers.Authorization, "Bearer t");

@@ -34,14 +34,17 @@ const RULES_SEND_OFF: &str = r#"{"service_strategies": [
      "operation_strategies": [{"operation": "push send", "type": "probabilistic", "param": 0.0}]}],
   "default_strategy": {"type": "probabilistic", "param": 1.0}}"#;
 
-/// The spans of one push through the pipeline, with the service that reports each.
-const HOPS: [(&str, &str); 6] = [
+/// The spans of one push through the pipeline, with the service that reports each (the
+/// client does not ack, so the node reports no `receipt`).
+const HOPS: [(&str, &str); 8] = [
     ("push send", "push-send"),
     ("consume", "msg-processor"),
     ("history append", "msg-processor"),
     ("registry lookup", "msg-processor"),
     ("deliver batch", "msg-processor"),
     ("internal receive", "push-server"),
+    ("queue", "push-server"),
+    ("socket write", "push-server"),
 ];
 
 /// One service of the pipeline: a runtime whose threads export their spans as `name`.
@@ -274,7 +277,8 @@ fn hops(trace: &Value) -> HashMap<String, Hop> {
 }
 
 /// The parent links of one push: push send → consume → (history append, registry lookup,
-/// deliver batch); deliver batch → internal receive; and each span's service.
+/// deliver batch); deliver batch → internal receive → (queue, socket write); and each span's
+/// service.
 fn assert_push_path(h: &HashMap<String, Hop>) {
     for (name, service) in HOPS {
         assert_eq!(h[name].service, service, "{name}'s service");
@@ -291,6 +295,13 @@ fn assert_push_path(h: &HashMap<String, Hop>) {
         h["internal receive"].parent,
         Some(h["deliver batch"].span_id.clone())
     );
+    for child in ["queue", "socket write"] {
+        assert_eq!(
+            h[child].parent,
+            Some(h["internal receive"].span_id.clone()),
+            "{child}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

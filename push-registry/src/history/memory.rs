@@ -135,6 +135,7 @@ mod tests {
             user,
             mid: None,
             device: None,
+            traceparent: None,
             json: false,
             data,
         }

@@ -6,7 +6,7 @@
 //! registry's `pr:{<user>}`):
 //! - every kept message is one member, scored by its ID. The member is the message as JSON
 //!   with its fields in a fixed order, `{"id":N,"at_ms":T,"mid":…,"device":…,"json":…,
-//!   "data":…}` (`mid` and `device` only when set), so a script can read `at_ms` and find a
+//!   "traceparent":…,"data":…}` (`mid`, `device` and `traceparent` only when set), so a script can read `at_ms` and find a
 //!   `mid` with plain string matching instead of decoding every member;
 //! - one reserved member, `~last` (the scripts' `COUNTER`), scored by the last ID given out. Keeping the counter in
 //!   the same key is what lets one single-key EVAL allocate the ID, deduplicate and trim
@@ -225,6 +225,8 @@ struct Tail<'a> {
     mid: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     device: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<&'a str>,
     json: bool,
     data: &'a str,
 }
@@ -238,6 +240,9 @@ struct Member {
     mid: Option<String>,
     #[serde(default)]
     device: Option<String>,
+    /// Absent from members written before it was kept.
+    #[serde(default)]
+    traceparent: Option<String>,
     json: bool,
     data: String,
 }
@@ -257,6 +262,7 @@ pub(crate) fn append_cmd(
     let tail = Tail {
         mid: msg.mid,
         device: msg.device,
+        traceparent: msg.traceparent,
         json: msg.json,
         data: &data,
     };
@@ -384,6 +390,7 @@ pub(crate) fn decode_member(node: &str, user: &str, member: &str) -> Result<Buff
         at_ms: m.at_ms,
         mid: m.mid,
         device: m.device,
+        traceparent: m.traceparent,
         json: m.json,
         data: Bytes::from(m.data),
     })
@@ -471,6 +478,7 @@ mod tests {
             user: "u",
             mid: Some("m\"1"),
             device: None,
+            traceparent: None,
             json: true,
             data: b"{\"a\":1}",
         };

@@ -7,6 +7,9 @@ use push_registry::history::first_id_now;
 use push_registry::{open_store, Appended, BufferLimits, MessageStore, NewMessage, Resume};
 
 /// Count-limited: five kept per user, nothing ages out during the suite.
+/// A W3C traceparent kept with a message.
+const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 pub const FIVE: BufferLimits = BufferLimits {
     max_messages: 5,
     max_age: Duration::from_secs(60),
@@ -23,6 +26,7 @@ pub fn msg<'a>(user: &'a str, data: &'a str) -> NewMessage<'a> {
         user,
         mid: None,
         device: None,
+        traceparent: None,
         json: false,
         data: data.as_bytes(),
     }
@@ -89,6 +93,7 @@ pub async fn history_suite(url: &str, tag: &str) {
         user: &c,
         mid: Some("env-1"),
         device: Some("phone"),
+        traceparent: Some(TP),
         json: true,
         data: payload.as_bytes(),
     };
@@ -100,6 +105,7 @@ pub async fn history_suite(url: &str, tag: &str) {
     assert_eq!(m.id, id);
     assert_eq!(m.mid.as_deref(), Some("env-1"));
     assert_eq!(m.device.as_deref(), Some("phone"));
+    assert_eq!(m.traceparent.as_deref(), Some(TP));
     assert!(m.json);
     assert_eq!(&m.data[..], payload.as_bytes());
     assert!((t0..=t1).contains(&m.at_ms), "{t0} ≤ {} ≤ {t1}", m.at_ms);
@@ -111,6 +117,7 @@ pub async fn history_suite(url: &str, tag: &str) {
         (m.mid.as_deref(), m.device.as_deref(), m.json),
         (None, None, false)
     );
+    assert_eq!(m.traceparent, None);
 
     // Dedup by mid: a redelivery gets the earlier ID and takes none; a mid that only starts
     // the same, or a mid quoted inside a payload, is not the same message.

@@ -13,6 +13,7 @@ use crate::hub::{PushOutcome, PushRequest};
 use crate::protocol::message::Payload;
 use crate::push::{Pushed, Pusher};
 use crate::receipts::Receipts;
+use crate::trace::{ReceiveSpans, Seen};
 
 /// Most messages in one batch request.
 pub(super) const MAX_BATCH: usize = 10_000;
@@ -33,12 +34,13 @@ pub(super) struct PushPath<'a> {
 /// One item of a push or deliver batch: the wire type from push-proto.
 pub(super) type BatchItem<'a> = push_proto::api::DeliverItem<'a>;
 
-/// The push request for a checked item; `traceparent` is what its client sees (see
-/// [`ReceiveSpans`]).
+/// The push request for checked item `k`; `seen` says what its client sees and whether it
+/// is traced here.
 pub(super) fn push_request<'b>(
+    k: usize,
     item: &'b BatchItem<'_>,
     payload: &'b Payload,
-    traceparent: Option<&'b str>,
+    seen: &'b Seen,
 ) -> PushRequest<'b> {
     PushRequest {
         user: &item.user,
@@ -46,52 +48,22 @@ pub(super) fn push_request<'b>(
         message_id: item.message_id.as_deref(),
         payload,
         id: item.id,
-        traceparent,
+        traceparent: seen.traceparent(k, item.traceparent.as_deref()),
+        trace: seen.sampled(k),
     }
 }
 
-/// One receive span per item of a batch, under the item's `traceparent`, open until the
-/// batch is answered; each item's client is shown its span's context. Empty when span export
-/// is off: then each client is shown the sender's `traceparent` unchanged, at no cost.
-#[derive(Debug, Default)]
-pub(super) struct ReceiveSpans {
-    spans: Vec<tracing::Span>,
-    traceparents: Vec<Option<String>>,
-}
-
-impl ReceiveSpans {
-    /// Spans opened by `open` for `items` (an admin or internal receive).
-    pub(super) fn open<'i>(
-        items: impl Iterator<Item = &'i BatchItem<'i>>,
-        open: impl Fn() -> tracing::Span,
-    ) -> Self {
-        if !telemetry::otel::is_on() {
-            return Self::default();
-        }
-        let mut out = Self::default();
-        for item in items {
-            let span = open();
-            let incoming = item
-                .traceparent
-                .as_deref()
-                .and_then(|t| telemetry::propagation::parse_traceparent(t).ok());
-            if let Some(parent) = &incoming {
-                telemetry::otel::set_parent(&span, parent);
-            }
-            let out_tp = telemetry::otel::outgoing(&span, incoming.as_ref());
-            out.traceparents.push(out_tp.map(|c| c.traceparent()));
-            out.spans.push(span);
-        }
-        out
-    }
-
-    /// What the client of item `k` sees.
-    pub(super) fn traceparent<'b>(&'b self, k: usize, item: &'b BatchItem<'_>) -> Option<&'b str> {
-        match self.traceparents.get(k) {
-            Some(tp) => tp.as_deref(),
-            None => item.traceparent.as_deref(),
-        }
-    }
+/// The receive spans of a batch's items, each under its item's `traceparent`.
+pub(super) fn receive_spans<'i>(
+    items: impl Iterator<Item = &'i BatchItem<'i>>,
+    open: impl Fn() -> tracing::Span,
+) -> (ReceiveSpans, Seen) {
+    let incoming = items.map(|item| {
+        item.traceparent
+            .as_deref()
+            .and_then(|t| telemetry::propagation::parse_traceparent(t).ok())
+    });
+    ReceiveSpans::open(incoming, open)
 }
 
 /// Reads a batch's body: many messages of the maximum size, up to a bound.

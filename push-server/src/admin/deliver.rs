@@ -8,8 +8,8 @@ use push_registry::MessageStore;
 use serde_json::json;
 
 use super::batch::{
-    parse_batch, push_request, read_batch, receipt_wait, receipts_json, BatchItem, PushPath,
-    ReceiveSpans,
+    parse_batch, push_request, read_batch, receipt_wait, receipts_json, receive_spans, BatchItem,
+    PushPath,
 };
 use super::http::{history_unavailable, json_response, ApiError, BodyLimits, Resp};
 use crate::hub::PushRequest;
@@ -88,15 +88,16 @@ async fn deliver_items(
         .zip(&payloads)
         .filter_map(|(item, p)| p.as_ref().ok().map(|p| (item, p)))
         .collect();
-    let spans = ReceiveSpans::open(valid.iter().map(|(i, _)| *i), || {
+    let (spans, seen) = receive_spans(valid.iter().map(|(i, _)| *i), || {
         tracing::info_span!("internal receive")
     });
     let reqs: Vec<PushRequest<'_>> = valid
         .iter()
         .enumerate()
-        .map(|(k, (i, p))| push_request(i, p, spans.traceparent(k, i)))
+        .map(|(k, (i, p))| push_request(k, i, p, &seen))
         .collect();
-    let mut pushed = match path.pusher.push(&reqs, received, wait.is_some()).await {
+    let pushed = path.pusher.push(&reqs, received, wait.is_some(), spans);
+    let mut pushed = match pushed.await {
         Ok(p) => p,
         Err(e) => return Ok(history_unavailable(e)),
     };

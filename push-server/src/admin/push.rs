@@ -4,11 +4,10 @@
 use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
 use serde_json::json;
-use tracing::Instrument as _;
 
 use super::batch::{
-    outcome_json, parse_batch, push_request, read_batch, receipt_wait, receipts_json, PushPath,
-    ReceiveSpans,
+    outcome_json, parse_batch, push_request, read_batch, receipt_wait, receipts_json,
+    receive_spans, PushPath,
 };
 use super::http::{
     error, history_unavailable, is_json, json_response, read_body, ApiError, BodyLimits, Resp,
@@ -17,6 +16,7 @@ use crate::hub::PushRequest;
 use crate::metrics as m;
 use crate::protocol::message::Payload;
 use crate::push::Pusher;
+use crate::trace::ReceiveSpans;
 
 /// `POST /v1/push/{user}`: one message; a JSON content type makes it a JSON payload, else text.
 pub(super) async fn one(
@@ -31,16 +31,10 @@ pub(super) async fn one(
     let incoming = telemetry::propagation::extract(|name| {
         req.headers().get(name).and_then(|v| v.to_str().ok())
     });
-    let span = if telemetry::otel::is_on() {
-        let span = tracing::info_span!("admin receive", user);
-        if let Some(parent) = &incoming {
-            telemetry::otel::set_parent(&span, parent);
-        }
-        span
-    } else {
-        tracing::Span::none()
-    };
-    let traceparent = telemetry::otel::outgoing(&span, incoming.as_ref()).map(|c| c.traceparent());
+    let sent = incoming.as_ref().map(|c| c.traceparent());
+    let (spans, seen) = ReceiveSpans::open(std::iter::once(incoming), || {
+        tracing::info_span!("admin receive", user)
+    });
     let wait = match receipt_wait(req.uri().query()) {
         Ok(w) => w,
         Err(e) => return e.into_response(),
@@ -60,12 +54,13 @@ pub(super) async fn one(
     };
     metrics::counter!(m::PUSHES).increment(1);
     let request = PushRequest {
-        traceparent: traceparent.as_deref(),
+        traceparent: seen.traceparent(0, sent.as_deref()),
+        trace: seen.sampled(0),
         ..PushRequest::to_user(user, &payload)
     };
     let requests = [request];
-    let pushed = path.pusher.push(&requests, received, wait.is_some());
-    let mut pushed = match pushed.instrument(span).await {
+    let pushed = path.pusher.push(&requests, received, wait.is_some(), spans);
+    let mut pushed = match pushed.await {
         Ok(p) => p,
         Err(e) => return history_unavailable(e),
     };
@@ -111,14 +106,14 @@ async fn batch_items(
         })
         .collect::<Result<Vec<_>, _>>()?;
     metrics::counter!(m::PUSHES).increment(items.len() as u64);
-    let spans = ReceiveSpans::open(items.iter(), || tracing::info_span!("admin receive"));
+    let (spans, seen) = receive_spans(items.iter(), || tracing::info_span!("admin receive"));
     let reqs: Vec<PushRequest<'_>> = items
         .iter()
         .zip(&payloads)
         .enumerate()
-        .map(|(k, (item, payload))| push_request(item, payload, spans.traceparent(k, item)))
+        .map(|(k, (item, payload))| push_request(k, item, payload, &seen))
         .collect();
-    let pushed = match pusher.push(&reqs, received, false).await {
+    let pushed = match pusher.push(&reqs, received, false, spans).await {
         Ok(p) => p,
         Err(e) => return Ok(history_unavailable(e)),
     };

@@ -82,6 +82,7 @@ pub(super) fn ack(head: &RequestHead, shared: &Shared) -> Result<usize, Box<Refu
             id,
             at_ms,
             slot: None,
+            span: shared.receipts.traces.receipt_span(&user, id),
         }));
     }
     Ok(accepted)

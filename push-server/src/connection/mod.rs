@@ -215,6 +215,9 @@ fn flush(stream: &TcpStream, handle: &ConnHandle, shared: &Shared) -> Flush {
             Next::Close(reason) => return Flush::Close(reason),
             Next::Frame(out) => out,
         };
+        if let Some(spans) = out.trace.as_deref_mut() {
+            spans.writing();
+        }
         match stream.try_write(&out.bytes) {
             Ok(n) if n == out.bytes.len() => {
                 if let Some(received) = out.received_at {
@@ -314,6 +317,7 @@ fn on_bytes(
                                 id,
                                 at_ms: push_registry::now_ms(),
                                 slot: Some(slot),
+                                span: shared.receipts.traces.receipt_span(&handle.user, id),
                             });
                         }
                         Err(why) => {

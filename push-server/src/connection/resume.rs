@@ -94,6 +94,7 @@ mod tests {
             id,
             fate: None,
             partial: false,
+            trace: None,
         }
     }
 

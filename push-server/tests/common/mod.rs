@@ -113,6 +113,8 @@ pub struct Event {
     pub event: String,
     pub id: Option<String>,
     pub data: String,
+    /// The `traceparent:` field of a traced message.
+    pub traceparent: Option<String>,
     /// Comment lines seen before this event (heartbeats).
     pub comments: usize,
 }
@@ -193,6 +195,8 @@ impl Sse {
                 ev.event = v.to_owned();
             } else if let Some(v) = line.strip_prefix("id: ") {
                 ev.id = Some(v.to_owned());
+            } else if let Some(v) = line.strip_prefix("traceparent: ") {
+                ev.traceparent = Some(v.to_owned());
             } else if let Some(v) = line.strip_prefix("data: ") {
                 data_lines.push(v.to_owned());
             }
