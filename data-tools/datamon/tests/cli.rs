@@ -201,7 +201,12 @@ fn the_shipped_platform_declarations_load_and_are_watched() {
         .cmd("2026-11-29T16:30:00Z")
         .args(["--window", "2", "status"]));
     assert_eq!(code, 0, "{out}{err}");
-    for id in ["gabo.receipts", "gabo.outcomes", "reports.delivered"] {
+    for id in [
+        "gabo.receipts",
+        "gabo.outcomes",
+        "gabo.client-events",
+        "reports.delivered",
+    ] {
         assert!(out.contains(id), "{id} missing from:\n{out}");
     }
     let receipts: Vec<&str> = out

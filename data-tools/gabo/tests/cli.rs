@@ -57,8 +57,7 @@ async fn apply_shows_the_plan_then_applies_once() {
         return;
     }
     let dirs = Dirs::new();
-    let file = shipped_and_clicks(&kafka, &dirs);
-    let file = file.as_str();
+    let file = shipped(&kafka);
 
     let dry = gabo(&kafka, &dirs, &["apply", "-f", file, "--dry-run"]);
     assert!(dry.status.success(), "{}", text(&dry));
@@ -91,7 +90,7 @@ async fn apply_shows_the_plan_then_applies_once() {
     let t = text(&list);
     assert!(t.contains("receipts") && t.contains("push-receipts"), "{t}");
     assert!(t.contains("outcomes") && t.contains("push-outcomes"), "{t}");
-    assert!(t.contains("gabo.clicks"), "{t}");
+    assert!(t.contains("gabo.client-events"), "{t}");
 
     // Without --yes the name must be typed; anything else deletes nothing.
     let mut no = gabo_cmd(&kafka)
@@ -108,21 +107,22 @@ async fn apply_shows_the_plan_then_applies_once() {
     assert!(text(&no).contains("not confirmed"), "{}", text(&no));
     assert_eq!(
         applied_names(&dirs).await,
-        ["clicks", "outcomes", "receipts"]
+        ["client-events", "outcomes", "receipts"]
     );
 
     // librdkafka's mock cluster has no DeleteTopics: deleting a type that owns its topic
     // stops there and keeps the type whole, so the delete can be retried.
-    let del = gabo(&kafka, &dirs, &["delete", "clicks", "--yes"]);
+    let del = gabo(&kafka, &dirs, &["delete", "client-events", "--yes"]);
     assert_eq!(del.status.code(), Some(1), "{}", text(&del));
     assert!(
-        text(&del).contains("deleting topic gabo.clicks") && text(&del).contains("nothing deleted"),
+        text(&del).contains("deleting topic gabo.client-events")
+            && text(&del).contains("nothing deleted"),
         "{}",
         text(&del)
     );
     assert_eq!(
         applied_names(&dirs).await,
-        ["clicks", "outcomes", "receipts"]
+        ["client-events", "outcomes", "receipts"]
     );
 
     // An ingested type has no topic of its own: its consumer group and location go.
@@ -133,38 +133,21 @@ async fn apply_shows_the_plan_then_applies_once() {
         "{}",
         text(&del)
     );
-    assert_eq!(applied_names(&dirs).await, ["clicks", "outcomes"]);
+    assert_eq!(applied_names(&dirs).await, ["client-events", "outcomes"]);
     assert!(dirs.store.list("receipts").await.unwrap().is_empty());
 }
 
-/// Writes the shipped types (both ingested from the platform's topics) plus `clicks`, a type
-/// fed over HTTP that owns its topic, to a file, and makes their topics on the mock: the
-/// platform's belong to push-server and msg-processor; `clicks`'s is GABO's (made by the
-/// test on the mock, which has no CreateTopics; by apply on a real broker).
-fn shipped_and_clicks(kafka: &Kafka, dirs: &Dirs) -> String {
-    let mut decl = yaml(SHIPPED);
-    decl["types"]
-        .as_array_mut()
-        .expect("a list of types")
-        .push(serde_yaml_ng::from_str(CLICKS).unwrap());
-    let file = dirs.tmp.path().join("types.yaml");
-    std::fs::write(&file, serde_yaml_ng::to_string(&decl).unwrap()).unwrap();
-    let types = gabo::types::load(&file).expect("the types parse");
+/// The shipped types' file, with their topics made on the mock: `receipts`' and `outcomes`'
+/// belong to push-server and msg-processor (GABO ingests them); `client-events`' is GABO's own
+/// (made here because the mock has no CreateTopics; by `gabo apply` on a real broker).
+fn shipped(kafka: &Kafka) -> &'static str {
+    let types = gabo::types::load(std::path::Path::new(SHIPPED)).expect("the types parse");
     assert_eq!(types.len(), 3);
     for t in &types {
         kafka.create_topic(&t.topic(), t.partitions);
     }
-    file.display().to_string()
+    SHIPPED
 }
-
-/// A type fed over HTTP, owning its topic `gabo.clicks`.
-const CLICKS: &str = r#"
-name: clicks
-owner: growth
-retention: 7d
-partitions: 3
-schema: { type: object, required: [user], properties: { user: { type: string } } }
-"#;
 
 async fn applied_names(dirs: &Dirs) -> Vec<String> {
     gabo::provision::applied(&dirs.store)
@@ -269,8 +252,7 @@ async fn serve_closes_hours_of_the_shipped_types_and_the_audit_balances() {
         return;
     }
     let dirs = Dirs::new();
-    let file = shipped_and_clicks(&kafka, &dirs);
-    let o = gabo(&kafka, &dirs, &["apply", "-f", &file]);
+    let o = gabo(&kafka, &dirs, &["apply", "-f", shipped(&kafka)]);
     assert!(o.status.success(), "{}", text(&o));
 
     let (_server, addr) = serve(&kafka, &dirs);
@@ -379,42 +361,53 @@ async fn serve_closes_hours_of_the_shipped_types_and_the_audit_balances() {
         "{v}"
     );
 
-    // Clicks over HTTP, stamped now: one sent twice on purpose.
-    let (s, v) = post(
-        addr,
-        "/v1/events/clicks",
-        r#"[{"id":"c1","user":"alice"},{"id":"c2","user":"bob"},{"id":"c1","user":"alice"}]"#,
-    )
-    .await;
+    // What clients did, posted by the apps over HTTP and stamped now. An event that breaks the
+    // schema is rejected by its index; the others in the request are accepted, the client's
+    // retry of "m1 opened" among them (a duplicate).
+    let event = |mid: &str, device: &str, action: &str| {
+        serde_json::json!({
+            "id": format!("{mid}:{device}:{action}"), "mid": mid, "user": "alice",
+            "device": device, "action": action, "at_ms": 1_764_428_400_000u64,
+        })
+    };
+    let body = serde_json::json!([
+        event("m1", "phone", "opened"),
+        event("m2", "web", "displayed"),
+        event("m3", "web", "liked"),
+        event("m1", "phone", "opened"),
+    ])
+    .to_string();
+    let (s, v) = post(addr, "/v1/events/client-events", &body).await;
     assert_eq!((s, v["accepted"].as_u64()), (200, Some(3)), "{v}");
-    let current: Hour = eventually_some("the clicks staged", || async {
-        let open = dirs.staging.hours("clicks").unwrap();
-        (open.len() == 1 && dirs.staging.has_files("clicks", open[0].0)).then(|| open[0].0)
+    assert_eq!(v["rejected"][0]["index"], 2, "{v}");
+    let current: Hour = eventually_some("the client events staged", || async {
+        let open = dirs.staging.hours("client-events").unwrap();
+        (open.len() == 1 && dirs.staging.has_files("client-events", open[0].0)).then(|| open[0].0)
     })
     .await;
     let name = current.to_string();
-    let o = gabo(&kafka, &dirs, &["dedup", "clicks", &name]);
+    let o = gabo(&kafka, &dirs, &["dedup", "client-events", &name]);
     // The hour is open until its end plus the 2 min grace: only a run that began that late
     // may find it complete.
     if Utc::now() < current.end() + chrono::Duration::minutes(2) {
         assert_eq!(o.status.code(), Some(20), "{}", text(&o));
         assert!(text(&o).contains("not complete"), "{}", text(&o));
-        let o = gabo(&kafka, &dirs, &["dedup", "clicks", &name, "--force"]);
+        let o = gabo(&kafka, &dirs, &["dedup", "client-events", &name, "--force"]);
         assert!(o.status.success(), "{}", text(&o));
     } else {
         assert!(o.status.success(), "{}", text(&o));
     }
     // The bucket of the HTTP events: each ID once in the Parquet part, then the marker.
-    let bucket = format!("{}/{}", dirs.root(), current.bucket_path("clicks"));
+    let bucket = format!("{}/{}", dirs.root(), current.bucket_path("client-events"));
     assert!(
         std::path::Path::new(&format!("{bucket}/_SUCCESS")).is_file(),
         "no marker in {bucket}"
     );
     assert_eq!(
         parquet_ids(&format!("{bucket}/{}", gabo::hour::PART0)).await,
-        ["c1", "c2"]
+        ["m1:phone:opened", "m2:web:displayed"]
     );
-    let a = gabo(&kafka, &dirs, &["audit", "clicks", &name]);
+    let a = gabo(&kafka, &dirs, &["audit", "client-events", &name]);
     assert!(a.status.success(), "{}", text(&a));
     let t = text(&a);
     assert!(
