@@ -119,27 +119,45 @@ fn fit_open_files(max_connections: usize) -> usize {
 }
 
 async fn serve(cfg: push_server::Config) -> anyhow::Result<()> {
+    // Listen for signals before the banner: scripts and orchestrators take the banner as "up",
+    // and a SIGTERM that arrived before tokio's handler existed would kill the process without
+    // a drain (its default action).
+    let mut signals = Signals::new()?;
     let server = Server::start(cfg).await?;
     print_banner(&server);
-    wait_for_signal().await?;
+    signals.next().await;
     tracing::info!("signal received: draining");
     server.drain();
     tokio::select! {
         () = server.drained() => tracing::info!("drain complete"),
-        _ = wait_for_signal() => tracing::warn!("second signal: exiting without waiting for the drain"),
+        () = signals.next() => tracing::warn!("second signal: exiting without waiting for the drain"),
     }
     server.stop();
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        r = tokio::signal::ctrl_c() => r.context("cannot listen for SIGINT")?,
+/// SIGTERM and SIGINT, caught from the moment this is made.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+        })
     }
-    Ok(())
+
+    /// The next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 /// What an operator trying the server for the first time needs: where it listens, a token,
