@@ -159,22 +159,40 @@ pub struct ReceiptTraces {
 /// per user but seeded from the clock, so one ID rarely has more than one user.
 #[derive(Debug, Default)]
 struct Traced {
-    map: HashMap<u64, Vec<(Box<str>, TraceContext)>>,
-    /// IDs in the order remembered, oldest first out.
-    order: VecDeque<u64>,
+    /// ID → (user, context, the entry's sequence number).
+    map: HashMap<u64, Vec<(Box<str>, TraceContext, u64)>>,
+    /// (ID, sequence number) in the order remembered, oldest first out. The sequence number
+    /// tells the entry apart from a later one under the same ID once an ack has taken it.
+    order: VecDeque<(u64, u64)>,
+    next: u64,
     entries: usize,
 }
 
 impl Traced {
     fn take(&mut self, user: &str, id: u64) -> Option<TraceContext> {
         let list = self.map.get_mut(&id)?;
-        let at = list.iter().position(|(u, _)| &**u == user)?;
-        let (_, cx) = list.swap_remove(at);
+        let at = list.iter().position(|(u, _, _)| &**u == user)?;
+        let (_, cx, _) = list.swap_remove(at);
         if list.is_empty() {
             self.map.remove(&id);
         }
         self.entries -= 1;
         Some(cx)
+    }
+
+    /// Forgets entry `seq` under `id`, unless an ack took it already.
+    fn evict(&mut self, id: u64, seq: u64) {
+        let Some(list) = self.map.get_mut(&id) else {
+            return;
+        };
+        let Some(at) = list.iter().position(|e| e.2 == seq) else {
+            return;
+        };
+        list.swap_remove(at);
+        if list.is_empty() {
+            self.map.remove(&id);
+        }
+        self.entries -= 1;
     }
 }
 
@@ -183,21 +201,19 @@ impl ReceiptTraces {
     pub fn remember(&self, user: &str, id: u64, cx: &TraceContext) {
         let mut t = self.map.lock().unwrap_or_else(|e| e.into_inner());
         t.take(user, id);
-        t.map.entry(id).or_default().push((user.into(), cx.clone()));
+        let seq = t.next;
+        t.next += 1;
+        t.map
+            .entry(id)
+            .or_default()
+            .push((user.into(), cx.clone(), seq));
         t.entries += 1;
-        t.order.push_back(id);
+        t.order.push_back((id, seq));
         while t.order.len() > TRACED {
-            // The oldest entry under that ID, if an ack has not taken it already.
-            let Some(old) = t.order.pop_front() else {
+            let Some((old, seq)) = t.order.pop_front() else {
                 break;
             };
-            if let Some(list) = t.map.get_mut(&old) {
-                list.remove(0);
-                if list.is_empty() {
-                    t.map.remove(&old);
-                }
-                t.entries -= 1;
-            }
+            t.evict(old, seq);
         }
         self.len.store(t.entries, Ordering::Relaxed);
     }
@@ -254,6 +270,19 @@ mod tests {
             "the oldest were forgotten"
         );
         assert!(t.receipt_span("w", TRACED as u64 + 9).is_some());
+    }
+
+    #[test]
+    fn an_acked_entry_leaving_the_fifo_does_not_take_a_newer_one_under_its_id() {
+        let t = ReceiptTraces::default();
+        t.remember("u", 1, &cx(1));
+        assert!(t.receipt_span("u", 1).is_some());
+        t.remember("v", 1, &cx(2));
+        // The acked entry's place is the oldest: these push it out, and only it.
+        for id in 2..=(TRACED as u64) {
+            t.remember("w", id, &cx(3));
+        }
+        assert!(t.receipt_span("v", 1).is_some(), "the newer entry stays");
     }
 
     #[test]
