@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use loadtest::stats::{new_histogram, unix_micros};
+use push_proto::api::{DeliverAnswer, OutcomeKind};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -75,6 +76,18 @@ pub struct Args {
     /// Draw p50 and p99 against rate per system into this PNG.
     #[arg(long)]
     pub chart: Option<PathBuf>,
+    /// Pin each system to this CPU (`taskset -c`; push-server with one runtime worker, so
+    /// pass `--nchan-workers 1` for the same footing) and report its CPU per message: the
+    /// per-core measurement. Run `bench` itself on the other core: `taskset -c 1 bench …`.
+    #[arg(long)]
+    pub server_cpu: Option<usize>,
+    /// Publish to push-server in batches of this many messages, one
+    /// `POST /internal/v1/deliver` per batch (the message processor's path), instead of one
+    /// `POST /v1/push/{user}` each; 0 (the default) publishes one by one. A batch is sent at
+    /// the scheduled time of its first message, and its messages carry that time. The other
+    /// systems have no such route and are skipped.
+    #[arg(long, default_value_t = 0)]
+    pub deliver_batch: usize,
 }
 
 /// Pushpin's publish inputs (the other systems have HTTP only).
@@ -100,6 +113,33 @@ impl Lane {
             Self::Zmq(None)
         } else {
             Self::Http(None)
+        }
+    }
+
+    /// Publishes `items` (`(user, payload)`), one publish each, or all in one
+    /// `/internal/v1/deliver` when `batched`; per item, `Ok` or the error counted in the
+    /// step's errors (`HTTP <status>`, an item's outcome, or the failure).
+    async fn publish_all(
+        &mut self,
+        running: &Running,
+        items: &[(String, String)],
+        batched: bool,
+    ) -> Vec<Result<(), String>> {
+        if !batched {
+            let mut out = Vec::with_capacity(items.len());
+            for (user, payload) in items {
+                out.push(self.publish(running, user, payload).await);
+            }
+            return out;
+        }
+        let Self::Http(stream) = self else {
+            return vec![Err("batched delivery is push-server's, over HTTP".into()); items.len()];
+        };
+        let request = running.deliver_request(items);
+        match loadtest::pusher::exchange(stream, running.publish, request.as_bytes()).await {
+            Ok(r) if (200..300).contains(&r.status) => deliver_outcomes(&r.body, items.len()),
+            Ok(r) => vec![Err(format!("HTTP {}", r.status)); items.len()],
+            Err(e) => vec![Err(format!("{e:#}")); items.len()],
         }
     }
 
@@ -137,6 +177,33 @@ impl Lane {
             }
         }
     }
+}
+
+/// Per item of a `/internal/v1/deliver` answer: `delivered` and `stored` are accepted (a
+/// stored message reaches its user on resume; the bench's users are all connected, so the
+/// losses show it), anything else is an error named by its outcome.
+fn deliver_outcomes(body: &[u8], items: usize) -> Vec<Result<(), String>> {
+    let answer: DeliverAnswer = match serde_json::from_slice(body) {
+        Ok(a) => a,
+        Err(e) => return vec![Err(format!("unreadable answer: {e}")); items],
+    };
+    if answer.results.len() != items {
+        return vec![
+            Err(format!(
+                "{} results for {items} items",
+                answer.results.len()
+            ));
+            items
+        ];
+    }
+    answer
+        .results
+        .iter()
+        .map(|r| match r.outcome {
+            OutcomeKind::Delivered | OutcomeKind::Stored => Ok(()),
+            other => Err(format!("outcome {other:?}")),
+        })
+        .collect()
 }
 
 /// The steps of the push scenario: `peers-push` and `compare` take the same flags.
@@ -188,6 +255,8 @@ pub struct Push {
     pub p50_ms_at_max: Option<f64>,
     /// Latency at that rate.
     pub p99_ms_at_max: Option<f64>,
+    /// The system's CPU per message at that rate, µs.
+    pub server_us_per_msg_at_max: Option<f64>,
     /// Every step run.
     pub steps: Vec<Step>,
 }
@@ -232,6 +301,9 @@ pub struct Step {
     pub cpu_cores: BTreeMap<String, f64>,
     /// The CPU readings' window: sending and the settle after it (absent in older reports).
     pub wall_secs: Option<f64>,
+    /// The system's processes' CPU over the window per message received, µs (absent in
+    /// older reports). Idle time (heartbeats, timers) counts too, so low rates overstate it.
+    pub server_us_per_msg: Option<f64>,
     /// ≥ 95 % of the target, nothing lost, p99 within the bound.
     pub sustained: bool,
 }
@@ -272,7 +344,11 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<PeerResult<Push>>> {
                 + SETTLE
                 + Duration::from_secs(2))
                 * args.steps.rates.len() as u32,
-        not_here: side::every,
+        not_here: if args.deliver_batch > 0 {
+            push_server_only
+        } else {
+            side::every
+        },
         line: |r: &Push| {
             format!(
                 "highest sustained rate {:?}/s, p99 there {:?} ms",
@@ -284,11 +360,17 @@ pub async fn all(args: &Args) -> anyhow::Result<Vec<PeerResult<Push>>> {
         let opts = systems::Options {
             nchan_workers: args.nchan_workers,
             pushpin_message_rate: args.pushpin_message_rate,
+            cpu: args.server_cpu,
             ..systems::Options::new(server_bin, args.steps.subscribers)
         };
         measure(systems::start(peer, &opts).await?, args).await
     })
     .await
+}
+
+/// `--deliver-batch`: the batched route is push-server's.
+fn push_server_only(peer: Peer) -> Option<&'static str> {
+    (peer != Peer::PushServer).then_some("--deliver-batch: no batched delivery route")
 }
 
 /// What the subscribers saw of one step: the pipeline receiver's tally, and one bit per
@@ -412,6 +494,7 @@ async fn measure(running: Running, args: &Args) -> anyhow::Result<Push> {
         max_sustained_rate: max_sustained,
         p50_ms_at_max: at_max.map(|s| s.p50_ms),
         p99_ms_at_max: at_max.map(|s| s.p99_ms),
+        server_us_per_msg_at_max: at_max.and_then(|s| s.server_us_per_msg),
         steps,
     })
     // Dropping the last handle of `running` stops the system.
@@ -480,35 +563,47 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
     let start = Instant::now();
     let start_unix = unix_micros();
     let lanes = args.http_conns.max(1) as u64;
+    // Messages go out in batches of consecutive sequence numbers (one message each unless
+    // `--deliver-batch`); lane `l` sends batches `l`, `l + lanes`, …
+    let batched = args.deliver_batch > 0;
+    let batch = args.deliver_batch.max(1) as u64;
+    let batches = total.div_ceil(batch);
     let mut tasks = tokio::task::JoinSet::new();
-    for lane in 0..lanes.min(total) {
+    for lane in 0..lanes.min(batches) {
         let running = running.clone();
         let users = args.steps.subscribers as u64;
         let pushpin = args.pushpin_publish;
         tasks.spawn(async move {
             let mut counts = LaneCounts::default();
             let mut lane_conn = Lane::new(&running, pushpin);
-            let mut m = lane;
-            while m < total {
-                let offset = Duration::from_secs_f64(m as f64 / f64::from(rate));
+            let mut j = lane;
+            while j < batches {
+                let first = j * batch;
+                let offset = Duration::from_secs_f64(first as f64 / f64::from(rate));
                 if Instant::now() > start + duration + MAX_LAG {
-                    counts.unsent = (total - m).div_ceil(lanes);
+                    counts.unsent = (batches - j).div_ceil(lanes) * batch;
                     break;
                 }
                 tokio::time::sleep_until(start + offset).await;
                 let stamp = start_unix + offset.as_micros() as u64;
-                let user = format!("u{}", m % users);
-                let payload = format!(r#"{{"k":{k},"s":{m},"t":{stamp}}}"#);
+                let items: Vec<(String, String)> = (first..(first + batch).min(total))
+                    .map(|m| {
+                        let user = format!("u{}", m % users);
+                        (user, format!(r#"{{"k":{k},"s":{m},"t":{stamp}}}"#))
+                    })
+                    .collect();
                 let sent = Instant::now();
-                match lane_conn.publish(&running, &user, &payload).await {
-                    Ok(()) => counts.accepted += 1,
-                    Err(e) => {
-                        counts.failed += 1;
-                        *counts.errors.entry(e).or_default() += 1;
+                for result in lane_conn.publish_all(&running, &items, batched).await {
+                    match result {
+                        Ok(()) => counts.accepted += 1,
+                        Err(e) => {
+                            counts.failed += 1;
+                            *counts.errors.entry(e).or_default() += 1;
+                        }
                     }
                 }
                 counts.request_us.push(sent.elapsed().as_micros() as u64);
-                m += lanes;
+                j += lanes;
             }
             counts
         });
@@ -556,6 +651,17 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
     for (label, cores) in cpu {
         *cpu_cores.entry(label).or_default() += cores;
     }
+    // The system's own processes (not `bench`, not `others`): its CPU per message received.
+    let server_cores: f64 = running
+        .procs
+        .iter()
+        .map(|(label, _)| label)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .filter_map(|label| cpu_cores.get(label))
+        .sum();
+    let server_us_per_msg = (received > 0 && !running.procs.is_empty())
+        .then(|| sys::round2(server_cores * wall_secs * 1e6 / received as f64));
     cpu_cores.values_mut().for_each(|c| *c = sys::round2(*c));
     Step {
         rate,
@@ -576,13 +682,14 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
         request_p99_ms: ms(request_us.value_at_quantile(0.99)),
         cpu_cores,
         wall_secs: Some(sys::round2(wall_secs)),
+        server_us_per_msg,
         sustained,
     }
 }
 
 fn step_line(s: &Step) -> String {
     format!(
-        "{:>6}/s: achieved {:>7}/s, lost {} (failed {} {}, unsent {}), latency p50 {} p99 {} max {} ms, request p99 {} ms, cpu {:?} -> {}",
+        "{:>6}/s: achieved {:>7}/s, lost {} (failed {} {}, unsent {}), latency p50 {} p99 {} max {} ms, request p99 {} ms, cpu {:?}, server {} µs/msg -> {}",
         s.rate,
         s.achieved,
         s.lost,
@@ -594,6 +701,7 @@ fn step_line(s: &Step) -> String {
         s.max_ms,
         s.request_p99_ms,
         s.cpu_cores,
+        s.server_us_per_msg.map_or("-".into(), |x| x.to_string()),
         if s.sustained { "sustained" } else { "NOT sustained" }
     )
 }
@@ -603,14 +711,15 @@ fn step_line(s: &Step) -> String {
 pub fn table(results: &[PeerResult<Push>], bound_ms: f64) -> String {
     let opt = |x: Option<f64>| x.map_or("-".into(), |x| x.to_string());
     let mut out = format!(
-        "system        max sustained/s   p50 ms   p99 ms   (sustained: ≥95 % of target, 0 lost, p99 ≤ {bound_ms} ms)\n"
+        "system        max sustained/s   p50 ms   p99 ms   server µs/msg   (sustained: ≥95 % of target, 0 lost, p99 ≤ {bound_ms} ms)\n"
     ) + &side::rows(results, |r| {
         format!(
-            " {:>15}   {:>6}   {:>6}",
+            " {:>15}   {:>6}   {:>6}   {:>13}",
             r.max_sustained_rate
                 .map_or("none".into(), |n| n.to_string()),
             opt(r.p50_ms_at_max),
-            opt(r.p99_ms_at_max)
+            opt(r.p99_ms_at_max),
+            opt(r.server_us_per_msg_at_max)
         )
     });
     for (peer, ratio, p99) in ratios(results) {
@@ -704,6 +813,40 @@ mod tests {
             Running::attach_push_server(server.client_addr(), server.admin_addr(), SECRET);
         let r = measure(running, &tiny(&[])).await.expect("runs");
         check(&r, 2);
+    }
+
+    /// `--deliver-batch`: the same messages in batches of 7 through `/internal/v1/deliver`
+    /// (300 is not a multiple of 7: the last batch of a step is short), each arriving once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batched_delivery_gets_every_message_once() {
+        const SECRET: &str = "bench-peers-push-test-secret-0123";
+        let server = push_server::Server::start(push_server::Config::local_test(SECRET))
+            .await
+            .expect("server starts");
+        let running =
+            Running::attach_push_server(server.client_addr(), server.admin_addr(), SECRET);
+        let r = measure(running, &tiny(&["--deliver-batch", "7"]))
+            .await
+            .expect("runs");
+        check(&r, 2);
+        assert!(
+            r.steps.iter().all(|s| s.server_us_per_msg.is_none()),
+            "an attached server has no process of its own to measure: {r:?}"
+        );
+    }
+
+    #[test]
+    fn deliver_answers_count_per_item() {
+        let body = br#"{"results":[{"outcome":"delivered","id":1,"delivered":1},{"outcome":"stored","id":2},{"outcome":"invalid","reason":"bad"}]}"#;
+        let r = deliver_outcomes(body, 3);
+        assert_eq!(r[..2], [Ok(()), Ok(())]);
+        assert_eq!(r[2], Err("outcome Invalid".to_owned()));
+        // An answer that does not match the batch fails every item, with the reason.
+        let r = deliver_outcomes(body, 4);
+        assert_eq!(r, vec![Err("3 results for 4 items".to_owned()); 4]);
+        assert!(deliver_outcomes(b"<html>", 2)[0]
+            .as_ref()
+            .is_err_and(|e| e.starts_with("unreadable answer")));
     }
 
     #[test]

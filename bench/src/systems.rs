@@ -143,6 +143,9 @@ pub struct Options {
     pub server_bin: PathBuf,
     /// Extra push-server arguments.
     pub server_args: Vec<String>,
+    /// Pin every process of the system to this CPU (`taskset -c`), and run push-server with
+    /// one runtime worker (`TOKIO_WORKER_THREADS=1`): the per-core measurement of issue 16.
+    pub cpu: Option<usize>,
 }
 
 impl Options {
@@ -156,7 +159,29 @@ impl Options {
             pushpin_message_rate: 0,
             server_bin,
             server_args: Vec::new(),
+            cpu: None,
         }
+    }
+
+    /// The command that runs `program`: under `taskset -c CPU` when pinned. `taskset` execs
+    /// the program, so the pid stays the program's, and every process and thread it starts
+    /// (nginx's workers, Pushpin's services) inherits the mask.
+    fn command(&self, program: &Path) -> Command {
+        match self.cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(cpu.to_string()).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// What pinning adds to a system's `config` line.
+    fn pinned(&self) -> String {
+        self.cpu.map_or_else(String::new, |cpu| {
+            format!("; pinned to CPU {cpu} (taskset)")
+        })
     }
 }
 
@@ -255,6 +280,28 @@ impl Running {
         }
     }
 
+    /// push-server's batched delivery: one `POST /internal/v1/deliver` with an item per
+    /// `(user, payload)`, each payload a JSON value (the node has no internal secret or admin
+    /// token here, so the route is open, as on a node behind a private network).
+    pub fn deliver_request(&self, items: &[(String, String)]) -> String {
+        let mut body = String::with_capacity(items.len() * 64 + 2);
+        body.push('[');
+        for (i, (user, payload)) in items.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            let user = serde_json::Value::from(user.as_str());
+            let _ = write!(body, r#"{{"user":{user},"data":{payload}}}"#);
+        }
+        body.push(']');
+        format!(
+            "POST /internal/v1/deliver HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            self.publish,
+            body.len()
+        )
+    }
+
     /// The whole HTTP/1.1 request (keep-alive) that publishes `payload` (JSON) to `user`.
     pub fn publish_request(&self, user: &str, payload: &str) -> String {
         let host = self.publish;
@@ -313,7 +360,7 @@ async fn start_push_server(opts: &Options) -> anyhow::Result<Running> {
     );
     let mut tree = Tree::spawn(
         "push-server",
-        Command::new(&opts.server_bin)
+        opts.command(&opts.server_bin)
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--admin-listen")
@@ -324,6 +371,7 @@ async fn start_push_server(opts: &Options) -> anyhow::Result<Running> {
             .args(&opts.server_args)
             // Warnings (accept errors, say) still reach the terminal; per-connection logs do not.
             .env("RUST_LOG", "warn")
+            .envs(opts.cpu.map(|_| ("TOKIO_WORKER_THREADS", "1")))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit()),
     )?;
@@ -342,7 +390,11 @@ async fn start_push_server(opts: &Options) -> anyhow::Result<Running> {
             opts.server_args.join(" ")
         )
         .trim()
-        .to_owned(),
+        .to_owned()
+            + &opts
+                .cpu
+                .map_or_else(String::new, |_| "; one runtime worker".to_owned())
+            + &opts.pinned(),
         auth: Some(Authenticator::new(SECRET.as_bytes(), false)),
         trees: vec![tree],
         backend: None,
@@ -406,7 +458,7 @@ http {{
     );
     let mut tree = Tree::spawn(
         "nginx",
-        Command::new(&nginx)
+        opts.command(&nginx)
             .arg("-p")
             .arg(dir.path())
             .arg("-e")
@@ -433,7 +485,7 @@ http {{
         config: format!(
             "worker_processes {workers}, worker_connections 19000, worker_rlimit_nofile 19000{}, nchan defaults",
             if workers > 1 { ", listen reuseport" } else { "" }
-        ),
+        ) + &opts.pinned(),
         auth: None,
         trees: vec![tree],
         backend: None,
@@ -480,7 +532,7 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
     );
     let zurl_tree = Tree::spawn(
         "zurl",
-        Command::new(&zurl)
+        opts.command(&zurl)
             .arg(format!("--config={}", zurl_conf_path.display()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit()),
@@ -545,7 +597,7 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
     let out = std::fs::File::create(&out_path)?;
     let mut tree = Tree::spawn(
         "pushpin",
-        Command::new(&pushpin)
+        opts.command(&pushpin)
             .arg("--config")
             .arg(&conf_path)
             .arg("-m")
@@ -566,7 +618,7 @@ async fn start_pushpin(opts: &Options) -> anyhow::Result<Running> {
             } else {
                 format!(", message_hwm {}", rate.saturating_mul(10))
             }
-        ),
+        ) + &opts.pinned(),
         auth: None,
         trees: Vec::new(),
         backend: Some(backend_task),

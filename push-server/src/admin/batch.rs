@@ -91,16 +91,31 @@ pub(super) fn parse_batch(body: &[u8]) -> Result<Vec<BatchItem<'_>>, ApiError> {
     Ok(items)
 }
 
+/// One message's outcome on the push routes: `{"user","id","delivered","dropped","stored",
+/// "duplicate"}`, and `"receipt"` when the caller waited for one (`null` if none came).
+#[derive(Debug, serde::Serialize)]
+pub(super) struct OutcomeJson<'a> {
+    user: &'a str,
+    id: Option<u64>,
+    delivered: usize,
+    dropped: usize,
+    stored: bool,
+    duplicate: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) receipt: Option<serde_json::Value>,
+}
+
 /// One message's outcome on the push routes.
-pub(super) fn outcome_json(user: &str, o: PushOutcome) -> serde_json::Value {
-    json!({
-        "user": user,
-        "id": o.id,
-        "delivered": o.delivered,
-        "dropped": o.dropped,
-        "stored": o.delivered == 0,
-        "duplicate": o.duplicate,
-    })
+pub(super) fn outcome_json(user: &str, o: PushOutcome) -> OutcomeJson<'_> {
+    OutcomeJson {
+        user,
+        id: o.id,
+        delivered: o.delivered,
+        dropped: o.dropped,
+        stored: o.delivered == 0,
+        duplicate: o.duplicate,
+        receipt: None,
+    }
 }
 
 /// `?wait_receipt=5s` (or `?wait_receipt_ms=5000`) in the request's query: how long to wait

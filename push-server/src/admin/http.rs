@@ -15,13 +15,21 @@ use crate::metrics as m;
 /// Every admin answer: a complete body.
 pub(super) type Resp = Response<Full<Bytes>>;
 
-/// `body` as `application/json` with `status`.
-pub(super) fn json_response(status: StatusCode, body: serde_json::Value) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+/// `body` as `application/json` with `status`, written straight from its type: answers on
+/// the push path use their wire types, as building a `serde_json::Value` map per item costs
+/// a measurable share of a batch's CPU.
+pub(super) fn typed_json_response(status: StatusCode, body: &impl serde::Serialize) -> Resp {
+    let bytes = serde_json::to_vec(body).expect("answers serialize");
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
+}
+
+/// `body` as `application/json` with `status`.
+pub(super) fn json_response(status: StatusCode, body: serde_json::Value) -> Resp {
+    typed_json_response(status, &body)
 }
 
 /// `{"error": code, "message": …}` with `status`.

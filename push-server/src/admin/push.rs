@@ -3,14 +3,13 @@
 
 use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
-use serde_json::json;
 
 use super::batch::{
     outcome_json, parse_batch, push_request, read_batch, receipt_wait, receipts_json,
-    receive_spans, PushPath,
+    receive_spans, OutcomeJson, PushPath,
 };
 use super::http::{
-    error, history_unavailable, is_json, json_response, read_body, ApiError, BodyLimits, Resp,
+    error, history_unavailable, is_json, read_body, typed_json_response, ApiError, BodyLimits, Resp,
 };
 use crate::hub::PushRequest;
 use crate::metrics as m;
@@ -68,9 +67,9 @@ pub(super) async fn one(
     if let Some(wait) = wait {
         let users = std::iter::once(user.to_owned());
         let r = receipts_json(path.receipts, users, &mut pushed, wait).await;
-        body["receipt"] = r.into_iter().next().unwrap_or_default();
+        body.receipt = Some(r.into_iter().next().unwrap_or_default());
     }
-    json_response(StatusCode::OK, body)
+    typed_json_response(StatusCode::OK, &body)
 }
 
 /// `POST /v1/push`: validated whole, then applied; one bad item refuses the batch.
@@ -123,8 +122,13 @@ async fn batch_items(
         .zip(&pushed)
         .map(|(item, p)| outcome_json(&item.user, p.outcome))
         .collect();
-    Ok(json_response(
+    #[derive(serde::Serialize)]
+    struct Answer<'a> {
+        delivered: usize,
+        results: Vec<OutcomeJson<'a>>,
+    }
+    Ok(typed_json_response(
         StatusCode::OK,
-        json!({"delivered": delivered, "results": results}),
+        &Answer { delivered, results },
     ))
 }
