@@ -89,6 +89,67 @@ async fn a_burst_of_a_thousand_in_one_batch_reaches_a_reading_sse_client_in_orde
     assert!(got.windows(2).all(|w| w[1].0 > w[0].0), "IDs increase");
 }
 
+/// Frames queued behind each other leave in one `writev` (up to 16), and a socket that takes
+/// only part of them gets the rest later, the partial frame first: a client with a 4 KiB
+/// receive buffer that reads late and pauses now and then gets all of 1,000 messages of 8 KiB
+/// (twice what the server's socket buffer grows to on loopback, so writes end part-way),
+/// each whole and in order.
+#[tokio::test]
+async fn a_slow_reader_with_a_small_window_gets_every_queued_frame_whole_and_in_order() {
+    const N: usize = 1000;
+    let server = start(config()).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(server.client_addr()).await.unwrap();
+    let url = format!(
+        "ws://{}/ws?token={}",
+        server.client_addr(),
+        token(&server, "narrow", None)
+    );
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .expect("websocket handshake");
+    assert_eq!(ws_next_json(&mut ws).await["type"], "hello");
+    let sent: Vec<String> = (0..N)
+        .map(|i| format!("{i:04}{}", "x".repeat(8 * 1024)))
+        .collect();
+    let reader = tokio::spawn(async move {
+        // Not reading at first, then pausing now and then: the server's queue fills and its
+        // socket buffer stays full, so gathered writes end part-way through a frame.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut got = Vec::new();
+        while got.len() < N {
+            let m = ws_next_json(&mut ws).await;
+            if m["type"] == "message" {
+                got.push(m["data"].as_str().unwrap().to_owned());
+                if got.len() % 100 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        got
+    });
+    // In four batches: one would pass the admin API's body limit.
+    for part in sent.chunks(N / 4) {
+        let items: Vec<Value> = part
+            .iter()
+            .map(|d| json!({"user": "narrow", "data": d}))
+            .collect();
+        let r = push_batch(&server, &serde_json::to_vec(&items).unwrap()).await;
+        assert_eq!(r["delivered"], part.len(), "{r}");
+    }
+    let got = reader.await.unwrap();
+    assert_eq!(got.len(), N);
+    for (i, (g, s)) in got.iter().zip(&sent).enumerate() {
+        assert!(
+            g == s,
+            "message {i} arrived as {:?}…",
+            &g[..g.len().min(12)]
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_off_and_nothing_it_missed_counts_as_delivered() {
     let mut cfg = config();
