@@ -646,20 +646,16 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
         && lost == 0
         && all.failed == 0
         && p99_ms <= args.steps.p99_bound_ms;
-    // Summed by label: Nchan's workers share one.
+    // Summed by label: Nchan's workers share one. The system's own processes (not `bench`,
+    // not `others`) make its CPU per message received.
     let mut cpu_cores = BTreeMap::<String, f64>::new();
+    let mut server_cores = 0.0;
     for (label, cores) in cpu {
+        if running.procs.iter().any(|(l, _)| *l == label) {
+            server_cores += cores;
+        }
         *cpu_cores.entry(label).or_default() += cores;
     }
-    // The system's own processes (not `bench`, not `others`): its CPU per message received.
-    let server_cores: f64 = running
-        .procs
-        .iter()
-        .map(|(label, _)| label)
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .filter_map(|label| cpu_cores.get(label))
-        .sum();
     let server_us_per_msg = (received > 0 && !running.procs.is_empty())
         .then(|| sys::round2(server_cores * wall_secs * 1e6 / received as f64));
     cpu_cores.values_mut().for_each(|c| *c = sys::round2(*c));
@@ -803,14 +799,21 @@ mod tests {
         assert_eq!(r.foreign, 0, "{r:?}");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn push_server_in_process_gets_every_message() {
+    /// A push-server in this process, and the bench's handle on it (kept together: dropping
+    /// the server stops it).
+    async fn in_process() -> (push_server::Server, Running) {
         const SECRET: &str = "bench-peers-push-test-secret-0123";
         let server = push_server::Server::start(push_server::Config::local_test(SECRET))
             .await
             .expect("server starts");
         let running =
             Running::attach_push_server(server.client_addr(), server.admin_addr(), SECRET);
+        (server, running)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn push_server_in_process_gets_every_message() {
+        let (_server, running) = in_process().await;
         let r = measure(running, &tiny(&[])).await.expect("runs");
         check(&r, 2);
     }
@@ -819,12 +822,7 @@ mod tests {
     /// (300 is not a multiple of 7: the last batch of a step is short), each arriving once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn batched_delivery_gets_every_message_once() {
-        const SECRET: &str = "bench-peers-push-test-secret-0123";
-        let server = push_server::Server::start(push_server::Config::local_test(SECRET))
-            .await
-            .expect("server starts");
-        let running =
-            Running::attach_push_server(server.client_addr(), server.admin_addr(), SECRET);
+        let (_server, running) = in_process().await;
         let r = measure(running, &tiny(&["--deliver-batch", "7"]))
             .await
             .expect("runs");

@@ -6,13 +6,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::StatusCode;
-use serde_json::json;
 
 use super::http::{read_body, ApiError, BodyLimits};
 use crate::hub::{PushOutcome, PushRequest};
 use crate::protocol::message::Payload;
 use crate::push::{Pushed, Pusher};
-use crate::receipts::Receipts;
+use crate::receipts::{Receipt, Receipts};
 use crate::trace::{ReceiveSpans, Seen};
 
 /// Most messages in one batch request.
@@ -102,7 +101,7 @@ pub(super) struct OutcomeJson<'a> {
     stored: bool,
     duplicate: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) receipt: Option<serde_json::Value>,
+    pub(super) receipt: Option<Option<Receipt>>,
 }
 
 /// One message's outcome on the push routes.
@@ -146,24 +145,24 @@ pub(super) fn receipt_wait(query: Option<&str>) -> Result<Option<Duration>, ApiE
     Ok(None)
 }
 
-/// Waits for each message's receipt (all at once, up to `wait`); `null` for those that did
-/// not come in time.
-pub(super) async fn receipts_json(
+/// Waits for each message's receipt (all at once, up to `wait`); `None` for those that did
+/// not come in time (`null` in the answers).
+pub(super) async fn wait_receipts(
     receipts: &Receipts,
     users: impl Iterator<Item = String>,
     pushed: &mut [Pushed],
     wait: Duration,
-) -> Vec<serde_json::Value> {
+) -> Vec<Option<Receipt>> {
     let deadline = tokio::time::Instant::now() + wait;
     let waits = users.zip(pushed.iter_mut()).map(|(user, p)| async move {
         let (Some(rx), Some(id)) = (p.receipt.take(), p.outcome.id) else {
-            return serde_json::Value::Null;
+            return None;
         };
         match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(receipt)) => json!(receipt),
+            Ok(Ok(receipt)) => Some(receipt),
             _ => {
                 receipts.forget(&user, id);
-                serde_json::Value::Null
+                None
             }
         }
     });

@@ -7,7 +7,7 @@ use push_proto::api::{DeliverAnswer, DeliverResult, ItemError, OutcomeKind};
 use push_registry::MessageStore;
 
 use super::batch::{
-    parse_batch, push_request, read_batch, receipt_wait, receipts_json, receive_spans, BatchItem,
+    parse_batch, push_request, read_batch, receipt_wait, receive_spans, wait_receipts, BatchItem,
     PushPath,
 };
 use super::http::{history_unavailable, typed_json_response, ApiError, BodyLimits, Resp};
@@ -103,7 +103,7 @@ async fn deliver_items(
     let receipts = match wait {
         Some(w) => {
             let users = valid.iter().map(|(i, _)| i.user.to_string());
-            receipts_json(path.receipts, users, &mut pushed, w).await
+            wait_receipts(path.receipts, users, &mut pushed, w).await
         }
         None => Vec::new(),
     };
@@ -130,11 +130,7 @@ async fn deliver_items(
                 } else {
                     OutcomeKind::Delivered
                 };
-                let receipt = if wait.is_some() {
-                    receipts.next().and_then(|r| serde_json::from_value(r).ok())
-                } else {
-                    None
-                };
+                let receipt = receipts.next().flatten();
                 DeliverResult {
                     outcome,
                     id: o.id,

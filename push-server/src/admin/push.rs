@@ -5,8 +5,8 @@ use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
 
 use super::batch::{
-    outcome_json, parse_batch, push_request, read_batch, receipt_wait, receipts_json,
-    receive_spans, OutcomeJson, PushPath,
+    outcome_json, parse_batch, push_request, read_batch, receipt_wait, receive_spans,
+    wait_receipts, OutcomeJson, PushPath,
 };
 use super::http::{
     error, history_unavailable, is_json, read_body, typed_json_response, ApiError, BodyLimits, Resp,
@@ -66,8 +66,8 @@ pub(super) async fn one(
     let mut body = outcome_json(user, pushed[0].outcome);
     if let Some(wait) = wait {
         let users = std::iter::once(user.to_owned());
-        let r = receipts_json(path.receipts, users, &mut pushed, wait).await;
-        body.receipt = Some(r.into_iter().next().unwrap_or_default());
+        let r = wait_receipts(path.receipts, users, &mut pushed, wait).await;
+        body.receipt = Some(r.into_iter().next().flatten());
     }
     typed_json_response(StatusCode::OK, &body)
 }
