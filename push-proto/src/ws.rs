@@ -267,6 +267,12 @@ impl WsReader {
         Ok(())
     }
 
+    /// No frame or fragmented message is under way: the reader holds nothing, and a
+    /// fresh one would read the next bytes the same way.
+    pub fn is_idle(&self) -> bool {
+        self.partial.is_empty() && self.fragments.is_none()
+    }
+
     /// Bytes held between reads (for metrics and tests).
     pub fn buffered(&self) -> usize {
         self.partial.capacity() + self.fragments.as_ref().map_or(0, |f| f.data.capacity())
@@ -668,6 +674,35 @@ mod tests {
         assert!(r.buffered() > 0);
         r.feed(&wire[3..], 1024, |_| {}).unwrap();
         assert_eq!(r.buffered(), 0);
+    }
+
+    #[test]
+    fn a_reader_is_idle_only_between_whole_messages() {
+        let mut r = WsReader::default();
+        assert!(r.is_idle());
+        let whole = encode_client_frame(true, OpCode::Text, b"hi", MASK);
+        r.feed(&whole[..2], 1024, |_| {}).unwrap();
+        assert!(!r.is_idle(), "half a frame is held");
+        r.feed(&whole[2..], 1024, |_| {}).unwrap();
+        assert!(r.is_idle());
+        // An empty first fragment holds no bytes, but a message is under way.
+        r.feed(
+            &encode_client_frame(false, OpCode::Text, b"", MASK),
+            1024,
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(r.buffered(), 0);
+        assert!(!r.is_idle());
+        let mut got = Vec::new();
+        r.feed(
+            &encode_client_frame(true, OpCode::Continuation, b"end", MASK),
+            1024,
+            |m| got.push(m),
+        )
+        .unwrap();
+        assert_eq!(got, vec![Message::Text("end".into())]);
+        assert!(r.is_idle());
     }
 
     #[test]

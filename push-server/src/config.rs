@@ -84,6 +84,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Let several processes bind the same client port (SO_REUSEPORT).
     pub reuse_port: bool,
+    /// Park idle connections: no task of their own until they have something to do.
+    pub park_idle: bool,
     /// Listen backlog of the client port.
     pub backlog: u32,
     /// Lifetimes, heartbeats and drain.
@@ -236,6 +238,11 @@ settings! {
     /// Set SO_REUSEPORT so several processes can share the client port.
     #[arg(long, env = "PUSH_REUSE_PORT", num_args = 0..=1, default_missing_value = "true")]
     reuse_port: bool = false,
+    /// Park idle connections: a connection with nothing to write or read gives up its task
+    /// and its socket's registration, and is served by a reactor per worker until it has
+    /// (about 0.75 KiB less per idle connection). `false` keeps a task per connection.
+    #[arg(long, env = "PUSH_PARK_IDLE", num_args = 0..=1, default_missing_value = "true")]
+    park_idle: bool = true,
     /// Listen backlog for the client port (capped by net.core.somaxconn).
     #[arg(long, env = "PUSH_BACKLOG")]
     // Reconnect storms (a peer node dies, its clients all come here) arrive faster than
@@ -431,6 +438,7 @@ impl Values {
             admin_token: self.admin_token,
             max_connections: self.max_connections,
             reuse_port: self.reuse_port,
+            park_idle: self.park_idle,
             backlog: self.backlog,
             lifecycle: Policy {
                 lifetime: self.lifetime,

@@ -24,7 +24,7 @@
 //! | [`push`] | the push path ([`push::Pusher`]): append to the history for an ID, then queue, per user in order, then forward |
 //! | [`sweeper`] | lifecycle checks over every connection: heartbeats, reconnects, closes, the drain |
 //! | `state` | `Shared`: what the connection driver, listener and admin API share, below them |
-//! | `connection` | one socket: handshake (pure admission, refusals, `/ack`, registration, resume), then the driver loop (I/O) |
+//! | `connection` | one socket: handshake (pure admission, refusals, `/ack`, registration, resume), then the driver loop (I/O); idle connections parked without a task |
 //! | `listener` | client port socket options and accept loop |
 //! | `demo` | the `--demo` page on the admin port, built on `clients/js` |
 //! | [`admin`] | admin HTTP on hyper, one module per route group: the parsed routes ([`admin::route`], pure), push, deliver, history, users, probes |

@@ -46,11 +46,17 @@ fn configure(stream: &TcpStream) {
 /// its source (connect rate, handshakes in progress) first, before it reads a byte
 /// (`connection::handshake`), so a refused source holds no shared handshake slot.
 pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let parking = connection::Parking::start(shared.config.park_idle);
     loop {
         match listener.accept().await {
             Ok((stream, remote)) => {
                 configure(&stream);
-                tokio::spawn(connection::serve(stream, remote, shared.clone()));
+                tokio::spawn(connection::serve(
+                    stream,
+                    remote,
+                    shared.clone(),
+                    parking.clone(),
+                ));
             }
             Err(e) => {
                 metrics::counter!(m::ACCEPT_ERRORS).increment(1);

@@ -2,7 +2,8 @@
 
 /// jemalloc rather than glibc malloc: an idle node is hundreds of thousands of small, long-
 /// lived allocations spread over worker threads, which jemalloc packs tighter (1.60 against
-/// 1.84 KiB of RSS per idle WebSocket connection, docs/BENCHMARKS.md).
+/// 1.84 KiB of RSS per idle WebSocket connection, docs/BENCHMARKS.md), with its background
+/// thread on (Cargo.toml) so that freed pages go back to the kernel while the node is idle.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -9,6 +9,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Gauge, label `transport` (`ws`, `sse`): connections open now.
 pub const CONNECTIONS_OPEN: &str = "push_connections_open";
+/// Gauge: open connections parked now (idle, without a task: `--park-idle`); part of
+/// [`CONNECTIONS_OPEN`].
+pub const CONNECTIONS_PARKED: &str = "push_connections_parked";
 /// Gauge: the node's `--max-connections`.
 pub const CONNECTIONS_CAPACITY: &str = "push_connections_capacity";
 /// Gauge: 1 while the node drains.
@@ -107,6 +110,10 @@ fn describe() {
     describe_gauge!(
         CONNECTIONS_OPEN,
         "Client connections open now, by transport."
+    );
+    describe_gauge!(
+        CONNECTIONS_PARKED,
+        "Open connections parked now: idle, held by a reactor without a task of their own."
     );
     describe_gauge!(
         CONNECTIONS_CAPACITY,

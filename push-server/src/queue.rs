@@ -122,6 +122,11 @@ pub struct Outbound {
 }
 
 impl Outbound {
+    /// A message to the user (live or from the history), not a control frame.
+    pub fn is_message(&self) -> bool {
+        self.id != 0 || self.received_at.is_some()
+    }
+
     /// A control frame (heartbeat, `reconnect`, `error`, `gap`, `pong`).
     pub fn control(bytes: Bytes) -> Self {
         Self {

@@ -240,6 +240,14 @@ impl Server {
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Open connections parked now: idle, held by a reactor without a task of their own
+    /// (`--park-idle`; also the `push_connections_parked` gauge).
+    pub fn parked_connections(&self) -> usize {
+        self.shared
+            .parked
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The shared state, for the crate's own unit tests.
     #[cfg(test)]
     pub(crate) fn shared(&self) -> &Arc<Shared> {

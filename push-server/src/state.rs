@@ -44,6 +44,8 @@ pub(crate) struct Shared {
     pub conns_per_ip: Mutex<PerSource>,
     /// Connections in their handshake now.
     pub pending_handshakes: AtomicUsize,
+    /// Connections parked now (idle, without a task: connection/park.rs).
+    pub parked: AtomicUsize,
     pub prometheus: PrometheusHandle,
     pub hot: HotMetrics,
     /// The registry link.
@@ -106,6 +108,7 @@ impl Shared {
             clock,
             drain,
             pending_handshakes: AtomicUsize::new(0),
+            parked: AtomicUsize::new(0),
             prometheus,
         }
     }

@@ -1,5 +1,10 @@
 //! Heartbeats, dead peers, rotation and drain, end to end. Time-driven tests run with
 //! tokio's paused clock: timers fire in order, as fast as the machine allows, with no sleeps.
+//!
+//! Connections here keep their tasks (`park_idle` off): a parked connection's writes and
+//! reads happen on its reactor's thread, outside the runtime, and a paused clock jumps ahead
+//! whenever the runtime itself has nothing to do, before that thread's work lands. The same
+//! lifecycle on parked connections, in real time: tests/parking.rs.
 
 mod common;
 
@@ -16,6 +21,7 @@ fn fast_lifecycle() -> Config {
     cfg.lifecycle.heartbeat_interval = Duration::from_millis(500);
     cfg.lifecycle.heartbeat_timeout = Duration::from_millis(1500);
     cfg.lifecycle.lifetime = Duration::from_secs(3600);
+    cfg.park_idle = false;
     cfg
 }
 

@@ -1,8 +1,14 @@
 //! One client connection: the handshake, then the driver loop that moves bytes between the
 //! socket and the connection's [`ConnHandle`].
 //!
-//! Memory is the design constraint here (see docs/BENCHMARKS.md). An idle connection is one
-//! tokio task whose future holds the socket, the handle and a frame reader with no buffer:
+//! Memory is the design constraint here (see docs/BENCHMARKS.md). An idle connection holds
+//! no task: once its queue is written, its reader holds no partial frame and it was written
+//! no message for a second, the driver parks it (park.rs) and ends. A parked connection is
+//! its socket, its handle and its registration guard in a reactor shared by many, which
+//! writes heartbeats and reads pongs with the same code as the driver, and hands the
+//! connection back to a new driver task when a message arrives, a write blocks, a frame
+//! arrives in parts, or the connection ends.
+//! While a task drives it:
 //! - the handshake runs in a boxed future that is freed before the connection goes idle,
 //!   so its request buffer and parsing state are not part of the long-lived task;
 //! - reads go into a per-worker-thread scratch buffer; only an incomplete frame is copied
@@ -23,17 +29,19 @@
 //! | `resume` | what a resuming client is owed, from the history |
 //! | `register` | an admitted client's place, hub and registry entries, RAII guards |
 //! | `handshake` | one socket's handshake: source checks, head, then `/ack` or admission |
+//! | `park` | idle connections without a task: one reactor (an epoll set) per runtime worker |
 
 mod ack;
 mod admission;
 mod handshake;
 mod io;
+mod park;
 mod refusal;
 mod register;
 mod resume;
 
 use std::cell::RefCell;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::Poll;
@@ -52,6 +60,9 @@ use crate::receipts::Ack;
 use crate::state::Shared;
 use handshake::handshake;
 use io::wait_eof;
+use park::Parked;
+pub(crate) use park::Parking;
+use register::Registered;
 
 /// Size of the per-worker read buffer. One read takes up to this much; a larger message
 /// arrives over several reads and is assembled in the connection's reader.
@@ -60,6 +71,14 @@ const SCRATCH_LEN: usize = 16 * 1024;
 /// Reads per wake-up before yielding, so one busy client cannot starve the others on its
 /// worker thread. 8 × 16 KiB covers any message up to the default size limit.
 const MAX_READS_PER_WAKE: usize = 8;
+
+/// How long a connection that was written a message stays a task after it, before it may
+/// park (`--park-idle`). A connection that gets messages often would otherwise go back and
+/// forth between its task and the reactor, and each message would cost a hand-over between
+/// threads (3–4 µs of CPU more per message in `bench peers-push`, docs/BENCHMARKS.md). The
+/// heartbeat is what looks again: a connection parks at its first heartbeat after this much
+/// quiet.
+const QUIET_BEFORE_PARK: crate::lifecycle::Millis = 1_000;
 
 /// How long the server waits, after answering a client's close, for the client to close
 /// TCP first (so the client, not the server, holds TIME_WAIT).
@@ -75,72 +94,188 @@ thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH_LEN].into_boxed_slice());
 }
 
-/// Serves one accepted socket to the end.
-pub(crate) async fn serve(stream: TcpStream, remote: SocketAddr, shared: Arc<Shared>) {
-    // Boxed so the handshake's state is freed when it ends instead of sizing this task.
-    let Some(accepted) = Box::pin(handshake(&stream, remote, &shared)).await else {
-        return;
-    };
-    drop(shared);
-    let guard = accepted.guard;
-    let handle = &guard.handle;
-    let shared = &guard.shared;
-    let mut reader = WsReader::default();
-    let mut end = if accepted.leftover.is_empty() {
-        None
-    } else {
-        on_bytes(&accepted.leftover, &mut reader, handle, shared)
-    };
-    drop(accepted.leftover);
-    let end = loop {
-        if let Some(mut end) = end.take() {
-            // Replies to what the client sent before its close or its error (pongs, echoes)
-            // go out first, as far as the socket takes them now (RFC 6455 5.5.1: data may
-            // precede a close frame). A frame left half-written leaves no room for a close
-            // frame after it: then the socket is just closed.
-            if let Flush::Blocked | Flush::Failed = flush(&stream, handle, shared) {
-                end.close = None;
-                end.server_initiated = false;
-            }
-            break end;
-        }
-        let blocked = match flush(&stream, handle, shared) {
-            Flush::Idle => false,
-            Flush::Blocked => true,
-            Flush::Close(reason) => break End::server(reason),
-            Flush::Failed => break End::io(),
+/// A nonblocking client socket as the driver uses it: tokio's while a task drives the
+/// connection, the standard library's while it is parked, so that writing the queue and
+/// reading frames are one code for both.
+trait Socket {
+    fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize>;
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize>;
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize>;
+}
+
+impl Socket for TcpStream {
+    fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        TcpStream::try_read(self, buf)
+    }
+
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        TcpStream::try_write(self, buf)
+    }
+
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        TcpStream::try_write_vectored(self, bufs)
+    }
+}
+
+/// A parked connection's socket: nonblocking (tokio set it so), so these return
+/// `WouldBlock` instead of waiting.
+impl Socket for std::net::TcpStream {
+    fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        (&*self).read(buf)
+    }
+
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        (&*self).write(buf)
+    }
+
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        (&*self).write_vectored(bufs)
+    }
+}
+
+/// Serves one accepted socket to the end (or until it is parked).
+pub(crate) async fn serve(
+    stream: TcpStream,
+    remote: SocketAddr,
+    shared: Arc<Shared>,
+    parking: Parking,
+) {
+    // Boxed, and owning the socket until it hands it back, so that the handshake's state is
+    // freed when it ends and this future is the driver's size, not the sum of both.
+    let accepted = Box::pin(async move {
+        let accepted = handshake(&stream, remote, &shared).await?;
+        let guard = accepted.guard;
+        let mut reader = WsReader::default();
+        let end = if accepted.leftover.is_empty() {
+            None
+        } else {
+            on_bytes(
+                &accepted.leftover,
+                &mut reader,
+                &guard.handle,
+                &guard.shared,
+            )
         };
-        // One poll_fn instead of `select!` over three futures: the readiness of the socket
-        // and the handle's wake are polled in place, so the task carries no future state
-        // for them (this halved the task's size).
-        let event = std::future::poll_fn(|cx| {
-            if handle.poll_woken(cx).is_ready() {
-                return Poll::Ready(Event::Woken);
+        Some((stream, guard, reader, end))
+    })
+    .await;
+    if let Some((stream, guard, reader, end)) = accepted {
+        drive(stream, guard, reader, end, parking, false, false).await;
+    }
+}
+
+/// What the driver loop ended with.
+enum Outcome {
+    End(End),
+    /// Idle: parked with this waker registered on the handle.
+    Park(Arc<park::ParkWake>),
+}
+
+/// The driver loop: writes what is queued, reads what the client sends, until the
+/// connection ends (then closes it) or goes idle (then parks it, if parking is on).
+/// `end` is how it already ended, if it did (its replies are still written first).
+/// `resumed`: the socket comes from the parked set, just registered with tokio; `busy`: it
+/// was unparked because it got a message (more may follow: it stays a task for a while).
+///
+/// Not an `async fn`: its arguments would be stored twice in the future (as arguments,
+/// then as locals); an `async move` block keeps one copy, and this future lives as long as
+/// the connection is not parked (504 bytes against 664 in a debug build).
+#[allow(clippy::manual_async_fn)]
+fn drive(
+    stream: TcpStream,
+    guard: Registered,
+    mut reader: WsReader,
+    mut end: Option<End>,
+    parking: Parking,
+    resumed: bool,
+    busy: bool,
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        if resumed {
+            // tokio knows a socket it was just given as neither readable nor writable until
+            // its next look at epoll, and its `try_write` does not write before then: a
+            // close frame written at once would be lost. Wait for that look (or, if the
+            // client does not read, for as long as a close waits for its FIN).
+            let _ = Box::pin(tokio::time::timeout(CLOSE_LINGER, stream.writable())).await;
+        }
+        let handle = &guard.handle;
+        let shared = &guard.shared;
+        // Parked only when idle and no message was written for `QUIET_BEFORE_PARK`.
+        let mut busy_until = if busy {
+            shared.now() + QUIET_BEFORE_PARK
+        } else {
+            0
+        };
+        let outcome = loop {
+            if let Some(mut end) = end.take() {
+                // Replies to what the client sent before its close or its error (pongs, echoes)
+                // go out first, as far as the socket takes them now (RFC 6455 5.5.1: data may
+                // precede a close frame). A frame left half-written leaves no room for a close
+                // frame after it: then the socket is just closed.
+                if let Flush::Blocked | Flush::Failed = flush(&stream, handle, shared, &mut false) {
+                    end.close = None;
+                    end.server_initiated = false;
+                }
+                break Outcome::End(end);
             }
-            match stream.poll_read_ready(cx) {
-                Poll::Ready(Ok(())) => return Poll::Ready(Event::Readable),
-                Poll::Ready(Err(_)) => return Poll::Ready(Event::Failed),
-                Poll::Pending => {}
+            let mut wrote_message = false;
+            let blocked = match flush(&stream, handle, shared, &mut wrote_message) {
+                Flush::Idle => false,
+                Flush::Blocked => true,
+                Flush::Close(reason) => break Outcome::End(End::server(reason)),
+                Flush::Failed => break Outcome::End(End::io()),
+            };
+            if wrote_message && parking.is_on() {
+                busy_until = shared.now() + QUIET_BEFORE_PARK;
             }
-            if blocked {
-                match stream.poll_write_ready(cx) {
-                    Poll::Ready(Ok(())) => return Poll::Ready(Event::Woken),
+            if !blocked && reader.is_idle() && parking.is_on() && shared.now() >= busy_until {
+                match parking.prepare(handle) {
+                    Some(wake) => break Outcome::Park(wake),
+                    // Woken since the flush: there is more to write.
+                    None => continue,
+                }
+            }
+            // One poll_fn instead of `select!` over three futures: the readiness of the socket
+            // and the handle's wake are polled in place, so the task carries no future state
+            // for them (this halved the task's size).
+            let event = std::future::poll_fn(|cx| {
+                if handle.poll_woken(cx).is_ready() {
+                    return Poll::Ready(Event::Woken);
+                }
+                match stream.poll_read_ready(cx) {
+                    Poll::Ready(Ok(())) => return Poll::Ready(Event::Readable),
                     Poll::Ready(Err(_)) => return Poll::Ready(Event::Failed),
                     Poll::Pending => {}
                 }
-            }
-            Poll::Pending
-        })
-        .await;
-        end = match event {
-            Event::Woken => None,
-            Event::Readable => on_readable(&stream, &mut reader, handle, shared),
-            Event::Failed => Some(End::io()),
+                if blocked {
+                    match stream.poll_write_ready(cx) {
+                        Poll::Ready(Ok(())) => return Poll::Ready(Event::Woken),
+                        Poll::Ready(Err(_)) => return Poll::Ready(Event::Failed),
+                        Poll::Pending => {}
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            end = match event {
+                Event::Woken => None,
+                Event::Readable => on_readable(&stream, &mut reader, handle, shared).0,
+                Event::Failed => Some(End::io()),
+            };
         };
-    };
-    // Boxed: the close path's timer and buffers are needed once, not for the whole life.
-    Box::pin(finish(&stream, handle, end)).await;
-    guard.set_reason(end.reason);
+        match outcome {
+            Outcome::Park(wake) => match stream.into_std() {
+                Ok(stream) => parking.park(Parked::new(stream, guard, wake)),
+                Err(_) => guard.set_reason(DisconnectReason::IoError),
+            },
+            Outcome::End(end) => {
+                // Boxed: the close path's timer and buffers are needed once, not for the whole
+                // life.
+                Box::pin(finish(&stream, handle, end)).await;
+                guard.set_reason(end.reason);
+            }
+        }
+    }
 }
 
 /// How a connection ended.
@@ -221,11 +356,17 @@ thread_local! {
 }
 
 /// Writes queued frames until the queue is empty or the socket would block, up to
-/// [`FRAMES_PER_WRITE`] per system call.
-fn flush(stream: &TcpStream, handle: &ConnHandle, shared: &Shared) -> Flush {
+/// [`FRAMES_PER_WRITE`] per system call. Sets `wrote_message` if one of the frames written
+/// whole was a message (not a heartbeat or another control frame).
+fn flush(
+    stream: &impl Socket,
+    handle: &ConnHandle,
+    shared: &Shared,
+    wrote_message: &mut bool,
+) -> Flush {
     GATHER.with(|gather| {
         let mut frames = gather.borrow_mut();
-        let result = flush_with(stream, handle, shared, &mut frames);
+        let result = flush_with(stream, handle, shared, &mut frames, wrote_message);
         // Frames left here after a failed write were not written: dropping them settles
         // their fates as dropped, as the queue's would.
         frames.clear();
@@ -234,10 +375,11 @@ fn flush(stream: &TcpStream, handle: &ConnHandle, shared: &Shared) -> Flush {
 }
 
 fn flush_with(
-    stream: &TcpStream,
+    stream: &impl Socket,
     handle: &ConnHandle,
     shared: &Shared,
     frames: &mut Vec<Outbound>,
+    wrote_message: &mut bool,
 ) -> Flush {
     loop {
         match handle.next_outbound() {
@@ -261,9 +403,9 @@ fn flush_with(
         let written = if let [one] = frames.as_slice() {
             stream.try_write(&one.bytes)
         } else {
-            let mut slices = [std::io::IoSlice::new(&[]); FRAMES_PER_WRITE];
+            let mut slices = [IoSlice::new(&[]); FRAMES_PER_WRITE];
             for (slice, out) in slices.iter_mut().zip(frames.iter()) {
-                *slice = std::io::IoSlice::new(&out.bytes);
+                *slice = IoSlice::new(&out.bytes);
             }
             stream.try_write_vectored(&slices[..frames.len()])
         };
@@ -276,6 +418,7 @@ fn flush_with(
         for mut out in rest.by_ref() {
             if n >= out.bytes.len() {
                 n -= out.bytes.len();
+                *wrote_message |= out.is_message();
                 if let Some(received) = out.received_at {
                     let t = handle.transport.index();
                     shared.hot.delivered[t].increment(1);
@@ -297,21 +440,25 @@ fn flush_with(
     }
 }
 
-/// Reads what the socket has, into the worker's scratch buffer.
+/// Reads what the socket has, into the worker's scratch buffer. Returns how the
+/// connection ended, if it did, and whether the socket may hold more (the reads per wake
+/// ran out before it was emptied).
 fn on_readable(
-    stream: &TcpStream,
+    stream: &impl Socket,
     reader: &mut WsReader,
     handle: &Arc<ConnHandle>,
     shared: &Shared,
-) -> Option<End> {
+) -> (Option<End>, bool) {
     SCRATCH.with(|scratch| {
         let mut buf = scratch.borrow_mut();
         let mut heard = false;
         let mut end = None;
+        let mut more = true;
         for _ in 0..MAX_READS_PER_WAKE {
             match stream.try_read(&mut buf) {
                 Ok(0) => {
                     end = Some(End::client(handle, None));
+                    more = false;
                     break;
                 }
                 Ok(n) => {
@@ -322,12 +469,17 @@ fn on_readable(
                     // SSE clients have nothing to say after their request; what they send
                     // is read and dropped so it cannot pile up.
                     if end.is_some() || n < buf.len() {
+                        more = false;
                         break;
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    more = false;
+                    break;
+                }
                 Err(_) => {
                     end = Some(End::io());
+                    more = false;
                     break;
                 }
             }
@@ -335,7 +487,7 @@ fn on_readable(
         if heard {
             handle.state().clock.last_heard = shared.now();
         }
-        end
+        (end, more)
     })
 }
 
@@ -497,7 +649,12 @@ mod tests {
         let server = crate::Server::start(Config::local_test("0123456789abcdef0123"))
             .await
             .unwrap();
-        let fut = serve(server_side, remote, server.shared().clone());
+        let fut = serve(
+            server_side,
+            remote,
+            server.shared().clone(),
+            Parking::start(true),
+        );
         let size = std::mem::size_of_val(&fut);
         eprintln!("connection future: {size} bytes");
         assert!(size <= 512, "connection future is {size} bytes");
