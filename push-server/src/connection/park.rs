@@ -175,6 +175,10 @@ impl Parking {
             polls.push(poll);
         }
         let reactors = Arc::new(Reactors(inboxes.into()));
+        // The spans and logs of the node's threads go to the starting thread's subscriber:
+        // the global one in the binary; a test's per-service one where several nodes and
+        // services share a process (data-tools/traces/tests/push_path.rs).
+        let dispatch = tracing::dispatcher::get_default(|d| d.clone());
         for (i, poll) in polls.into_iter().enumerate() {
             let reactor = Reactor {
                 poll,
@@ -183,12 +187,14 @@ impl Parking {
                 parking: Arc::downgrade(&reactors),
             };
             let runtime = runtime.clone();
+            let dispatch = dispatch.clone();
             std::thread::Builder::new()
                 .name(format!("push-parked-{i}"))
                 .spawn(move || {
                     // Drivers it starts are tasks of the node's runtime, and the node's
                     // clock reads the runtime's time.
                     let _entered = runtime.enter();
+                    let _traced = tracing::dispatcher::set_default(&dispatch);
                     reactor.run();
                 })?;
         }
