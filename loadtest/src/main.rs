@@ -3,6 +3,12 @@
 //! Exit status: 0 when every check held, 1 when a message was lost or a check failed, 2 on
 //! a setup error (bad flags, unreachable targets, a worker that would not start).
 
+/// jemalloc, as in push-server: a worker process is up to ~19,900 clients' small, long-lived
+/// allocations, and the million needs the load generator as lean as the nodes (2.32 KiB of
+/// RSS per idle client with glibc malloc, XX with jemalloc: docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +53,13 @@ enum Command {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!("`{s}` is not a fraction in (0, 1], e.g. 0.5")),
+    }
 }
 
 /// Flags of every scenario.
@@ -119,6 +132,10 @@ struct Common {
     /// Kafka mode: extra librdkafka producer property, KEY=VALUE (repeatable).
     #[arg(long = "kafka-set", value_name = "KEY=VALUE")]
     kafka_set: Vec<String>,
+    /// Kafka mode: the fraction of messages sent through Kafka, spread evenly; the others
+    /// go through the admin API (both paths in one run).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_share)]
+    kafka_share: f64,
     /// Worker processes; each must stay under the open-files limit.
     #[arg(long, default_value_t = 1)]
     procs: usize,
@@ -241,6 +258,7 @@ fn config(scenario: Scenario, a: Common) -> RunConfig {
                     .filter_map(|kv| kv.split_once('='))
                     .map(|(k, v)| (k.to_owned(), v.to_owned()))
                     .collect(),
+                share: a.kafka_share,
             }),
         procs: a.procs,
         prefix: a.prefix,

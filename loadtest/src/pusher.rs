@@ -8,7 +8,9 @@
 //!
 //! With `--kafka-brokers`, messages go through push-lib and Kafka instead (one envelope per
 //! message, key = user), and a message processor delivers them: the same payload and the same
-//! end-to-end latency, measured across the whole pipeline.
+//! end-to-end latency, measured across the whole pipeline. `--kafka-share` sends only that
+//! fraction through Kafka, spread evenly over the messages, and the rest through the admin
+//! API, so that one run exercises both paths.
 //!
 //! A user's pushes go to the node its client started on; if that node answers
 //! `delivered: 0` or fails (the client moved after a drain), the other nodes are tried in
@@ -50,7 +52,8 @@ pub struct PushConfig {
     pub prefix: String,
     /// How long to push.
     pub duration: Duration,
-    /// Push through Kafka (push-lib) instead of the admin API.
+    /// Push through Kafka (push-lib) instead of the admin API (all messages, or the
+    /// target's `share` of them).
     pub kafka: Option<KafkaTarget>,
 }
 
@@ -63,6 +66,18 @@ pub struct KafkaTarget {
     pub topic: String,
     /// Extra librdkafka producer properties.
     pub extra: Vec<(String, String)>,
+    /// Fraction of the messages sent through Kafka, in (0, 1]; the others go through the
+    /// admin API.
+    pub share: f64,
+}
+
+impl KafkaTarget {
+    /// Whether message `m` goes through Kafka: message `m` does when `floor((m + 1) × share)`
+    /// passes `floor(m × share)`, so the Kafka messages are spread evenly (share 0.25: every
+    /// fourth message) and their count over `n` messages is `floor(n × share)`.
+    pub fn takes(&self, m: u64) -> bool {
+        ((m + 1) as f64 * self.share).floor() > (m as f64 * self.share).floor()
+    }
 }
 
 /// Counters of the pusher.
@@ -162,9 +177,11 @@ pub async fn run(cfg: PushConfig, stats: Arc<PushStats>) {
                 let offset = Duration::from_secs_f64(m as f64 / cfg.rate);
                 tokio::time::sleep_until(start + offset).await;
                 let stamp = start_unix + offset.as_micros() as u64;
-                match &kafka {
-                    Some(client) => enqueue_one(&cfg, &stats, client, m, stamp).await,
-                    None => push_one(&cfg, &stats, &mut streams, m, stamp).await,
+                match (&kafka, &cfg.kafka) {
+                    (Some(client), Some(target)) if target.takes(m) => {
+                        enqueue_one(&cfg, &stats, client, m, stamp).await;
+                    }
+                    _ => push_one(&cfg, &stats, &mut streams, m, stamp).await,
                 }
                 m += conns;
             }
@@ -387,6 +404,34 @@ pub async fn read_response(stream: &mut TcpStream) -> anyhow::Result<Response> {
         }
         if buf.len() > 64 * 1024 {
             bail!("response head too large");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(share: f64) -> KafkaTarget {
+        KafkaTarget {
+            brokers: String::new(),
+            topic: String::new(),
+            extra: Vec::new(),
+            share,
+        }
+    }
+
+    #[test]
+    fn a_kafka_share_takes_that_fraction_of_the_messages_spread_evenly() {
+        let all = target(1.0);
+        assert!((0..1000).all(|m| all.takes(m)));
+        let quarter = target(0.25);
+        let taken: Vec<u64> = (0..16).filter(|&m| quarter.takes(m)).collect();
+        assert_eq!(taken, [3, 7, 11, 15]);
+        for share in [0.1, 0.3, 0.5, 0.9] {
+            let t = target(share);
+            let n = (0..10_000).filter(|&m| t.takes(m)).count() as f64;
+            assert!((n - 10_000.0 * share).abs() <= 1.0, "{share}: {n}");
         }
     }
 }

@@ -489,8 +489,10 @@ pub fn table(r: &Report) -> String {
         ("clients connected", format!("{} (open at end {})", c.clients_connected, c.open)),
         ("connect attempts", format!("{} ({} failed: {})", c.connect_attempts, c.connect_failures, map(&r.workers.connect_errors))),
         ("connect latency", l(&r.connect_latency)),
-        ("pushed", if r.push.queued > 0 {
+        ("pushed", if r.push.queued > 0 && r.push.queued + r.push.failed == r.push.attempted {
             format!("{} (through Kafka: queued {}, failed {})", r.push.attempted, r.push.queued, r.push.failed)
+        } else if r.push.queued > 0 {
+            format!("{} (through Kafka: queued {}; through the admin API: delivered {}, not connected {}, rerouted {}; failed {})", r.push.attempted, r.push.queued, r.push.delivered, r.push.not_connected, r.push.rerouted, r.push.failed)
         } else {
             format!("{} (delivered {}, not connected {}, failed {}, rerouted {})", r.push.attempted, r.push.delivered, r.push.not_connected, r.push.failed, r.push.rerouted)
         }),

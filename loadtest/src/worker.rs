@@ -78,9 +78,7 @@ pub struct WorkerConfig {
     pub max_run_ms: u64,
 }
 
-/// The device ID of every load-test client: one client per user, so (user, device) is
-/// unique, and a reconnect with the same device takes over delivery at once.
-pub const DEVICE: &str = "lt";
+pub use crate::client::DEVICE;
 
 /// A running worker in this process.
 #[derive(Debug)]
@@ -91,7 +89,7 @@ pub struct LocalWorker {
 }
 
 impl LocalWorker {
-    /// Mints the tokens and starts every client (first connects bounded by `concurrency`).
+    /// Starts every client (first connects bounded by `concurrency`; each connect mints its token).
     pub fn start(cfg: &WorkerConfig) -> Self {
         let stats = Arc::new(Stats::default());
         stats.count(|c| c.clients = cfg.clients);
@@ -103,16 +101,16 @@ impl LocalWorker {
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             ack: cfg.ack,
             client_lifetime: cfg.client_lifetime_ms.map(Duration::from_millis),
+            auth: Authenticator::new(cfg.secret.as_bytes(), false),
+            prefix: cfg.prefix.clone(),
+            // Tokens outlive the run by far: expiry is not what this measures.
+            token_ttl: Duration::from_millis(cfg.max_run_ms) + Duration::from_secs(3600),
         });
         let (control, rx) = watch::channel(Control::default());
-        let auth = Authenticator::new(cfg.secret.as_bytes(), false);
-        // Tokens outlive the run by far: expiry is not what this measures.
-        let ttl = Duration::from_millis(cfg.max_run_ms) + Duration::from_secs(3600);
         let mut clients = JoinSet::new();
         for index in cfg.first_client..cfg.first_client + cfg.clients {
             let spec = Spec {
                 index,
-                token: auth.mint(&format!("{}{index}", cfg.prefix), Some(DEVICE), ttl),
                 source: IpAddr::V4(Ipv4Addr::new(
                     127,
                     0,

@@ -15,17 +15,27 @@ async fn start(cfg: Config) -> Server {
 
 fn config(server: &Server, scenario: Scenario, clients: u64, rate: f64) -> RunConfig {
     RunConfig {
-        scenario,
-        clients,
         targets: vec![server.client_addr()],
         admin_targets: vec![server.admin_addr()],
+        rate,
+        ..config_for(scenario, clients)
+    }
+}
+
+/// A run's settings without a node (targets empty: the caller fills them).
+fn config_for(scenario: Scenario, clients: u64) -> RunConfig {
+    RunConfig {
+        scenario,
+        clients,
+        targets: Vec::new(),
+        admin_targets: Vec::new(),
         admin_token: None,
         secret: SECRET.into(),
         transport: TransportMix::Mixed,
         duration: Duration::from_secs(1),
         ramp_timeout: Duration::from_secs(10),
         settle: Duration::from_secs(3),
-        rate,
+        rate: 0.0,
         http_conns: 8,
         ghost_users: 0,
         sources: 4,
@@ -197,7 +207,7 @@ async fn the_binary_exits_non_zero_on_loss_and_zero_otherwise() {
 /// a message processor and a node sharing a Redis registry: every message reaches its client.
 /// Its own runtime, shut down while the mock cluster still runs (Kafka clients close then).
 #[test]
-fn push_through_kafka_and_the_processor_reaches_every_client() {
+fn push_through_kafka_and_the_admin_api_at_once_reaches_every_client() {
     let cluster = testkit::kafka::MockKafka::start();
     cluster.create_topic("push", 2);
     let brokers = cluster.brokers();
@@ -227,6 +237,8 @@ fn push_through_kafka_and_the_processor_reaches_every_client() {
             brokers: brokers.clone(),
             topic: "push".into(),
             extra: Vec::new(),
+            // Half through Kafka, half through the admin API: both paths in one run.
+            share: 0.5,
         });
         // The processor joins its group while the first messages wait in Kafka.
         cfg.settle = Duration::from_secs(20);
@@ -235,11 +247,107 @@ fn push_through_kafka_and_the_processor_reaches_every_client() {
             .expect("run in time")
             .unwrap();
         assert!(r.passed(), "{}", explain(&r));
-        assert_eq!((r.push.attempted, r.push.queued), (100, 100));
+        let p = &r.push;
+        assert_eq!(
+            (p.attempted, p.queued, p.delivered),
+            (100, 50, 50),
+            "{}",
+            explain(&r)
+        );
         assert_eq!(r.lost, 0);
         assert_eq!(r.workers.counts.messages_unique, 100);
         processor.shutdown().await;
     });
     rt.shutdown_timeout(Duration::from_secs(10));
     drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_drop_their_connection_at_random_and_come_back() {
+    // Server lifetimes far beyond the run: every reconnect here is the client's own drop.
+    let server = start(Config::local_test(SECRET)).await;
+    let mut cfg = config(&server, Scenario::Churn, 20, 0.0);
+    cfg.client_lifetime = Some(Duration::from_millis(300));
+    cfg.duration = Duration::from_secs(2);
+    let r = run::run(cfg).await.unwrap();
+    let c = &r.workers.counts;
+    assert_eq!(c.clients_connected, 20, "{}", explain(&r));
+    // Lifetimes are uniform in [150, 450) ms: every client drops at least once in 2 s.
+    assert!(c.client_random_closes >= 20, "{}", explain(&r));
+    assert_eq!(c.clients_reconnected, 20, "{}", explain(&r));
+    assert!(r.workers.violations.is_empty(), "{}", explain(&r));
+    assert!(r.workers.server_close_codes.is_empty(), "{}", explain(&r));
+}
+
+/// A node that answers the WebSocket handshake with a `hello` announcing 100 ms heartbeats,
+/// then never sends another byte: a peer that hung, or a network that drops everything.
+async fn silent_node() -> std::net::SocketAddr {
+    use push_proto::message::ServerMessage;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let Some(key) = head.lines().find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.eq_ignore_ascii_case("sec-websocket-key")
+                    .then(|| v.trim().to_owned())
+            }) else {
+                continue;
+            };
+            let hello = ServerMessage::Hello {
+                version: 1,
+                conn_id: held.len() as u64 + 1,
+                node: "silent",
+                user: "u",
+                device: None,
+                lifetime_ms: 600_000,
+                heartbeat_ms: 100,
+            };
+            let mut out = push_proto::ws::upgrade_response(&push_proto::ws::accept_key(&key), None);
+            out.extend_from_slice(&hello.ws_frame());
+            if s.write_all(&out).await.is_ok() {
+                held.push(s);
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hears_nothing_for_three_heartbeats_takes_the_node_for_dead() {
+    let node = silent_node().await;
+    let cfg = RunConfig {
+        targets: vec![node],
+        admin_targets: vec![node],
+        transport: TransportMix::Ws,
+        duration: Duration::from_millis(1500),
+        settle: Duration::ZERO,
+        ..config_for(Scenario::Idle, 5)
+    };
+    let r = run::run(cfg).await.unwrap();
+    let c = &r.workers.counts;
+    assert_eq!(c.clients_connected, 5, "{}", explain(&r));
+    // Silent after 300 ms each time, then connected again to the same node: several times
+    // in 1.5 s for every client.
+    let silent = r
+        .workers
+        .server_close_codes
+        .get("silent")
+        .copied()
+        .unwrap_or(0);
+    assert!(silent >= 10, "{}", explain(&r));
+    assert_eq!(c.clients_reconnected, 5, "{}", explain(&r));
+    assert!(c.reconnects >= silent - 5, "{}", explain(&r));
+    assert!(r.workers.violations.is_empty(), "{}", explain(&r));
 }

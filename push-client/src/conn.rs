@@ -5,14 +5,17 @@
 //! about 19,900 connections (the 20,000 open-files limit), and tungstenite keeps read and
 //! write buffers per connection (128 KiB each by default, still KiBs when shrunk). Here an
 //! idle connection keeps only its socket and an empty `Vec`: reads go into a stack scratch
-//! buffer after `readable()`, and only a partial frame or event is kept between reads.
+//! buffer once the socket is readable, and only a partial frame or event is kept between
+//! reads.
 //!
-//! [`Conn::next_event`] is cancel-safe (it is raced in `select!`): it never writes, and all
-//! state between awaits lives in `self`. Writes (pongs, acks, close) are separate calls that
+//! [`Conn::next_event`] (and [`Conn::poll_event`], the same without a future of its own) is
+//! cancel-safe (it is raced in `select!`): it never writes, and all state between awaits
+//! lives in `self`. Writes (pongs, acks, close) are separate calls that
 //! the caller makes outside any `select!`, so a write is never cut in half.
 
 use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -283,6 +286,19 @@ async fn handshake(
     };
     // One source address has only ~28k ephemeral ports towards one server port; binding
     // each client to one of many 127.0.0.x addresses lifts that limit.
+    //
+    // IP_BIND_ADDRESS_NO_PORT: without it, `bind(addr, 0)` picks the port at once, one
+    // unique to the address whatever the destination, by walking the kernel's bind buckets;
+    // with ~14,000 sockets per address (the million over 64 addresses) that walk was half
+    // of a load process's CPU (`inet_bind2_bucket_find`, docs/BENCHMARKS.md). With it, the
+    // port is chosen at `connect`, for the 4-tuple, as for an unbound socket.
+    #[cfg(target_os = "linux")]
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    )
+    .context("cannot set IP_BIND_ADDRESS_NO_PORT")?;
     socket
         .bind(SocketAddr::new(source, 0))
         .with_context(|| format!("cannot bind {source}:0"))?;
@@ -372,30 +388,37 @@ fn request(server: SocketAddr, transport: Transport, token: &str, since: Option<
 impl Conn {
     /// The next event. Cancel-safe: a partial frame stays in `self.pending`.
     pub async fn next_event(&mut self) -> Event {
+        std::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    /// [`Conn::next_event`] as a poll: it keeps no state outside `self` (the waker is
+    /// registered with the socket), so a caller racing it in `select!` through `poll_fn`
+    /// holds a reference, not a ~180-byte readiness future, per connection.
+    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         loop {
             match self.parse_pending() {
-                Ok(Some(ev)) => return ev,
+                Ok(Some(ev)) => return Poll::Ready(ev),
                 Ok(None) => {}
-                Err(e) => return Event::Other(format!("protocol_error: {e}")),
+                Err(e) => return Poll::Ready(Event::Other(format!("protocol_error: {e}"))),
             }
             if self.pending.len() > MAX_PENDING {
-                return Event::Closed(None);
+                return Poll::Ready(Event::Closed(None));
             }
-            if self.stream.readable().await.is_err() {
-                return Event::Closed(None);
+            if ready!(self.stream.poll_read_ready(cx)).is_err() {
+                return Poll::Ready(Event::Closed(None));
             }
-            // The scratch buffer lives only in this block, never across an await, so it is
-            // not part of the client task's future: idle clients stay small.
+            // A scratch buffer on the stack: an idle connection keeps no read buffer.
             let mut buf = [0u8; 2048];
             match self.stream.try_read(&mut buf) {
-                Ok(0) => return Event::Closed(None),
+                Ok(0) => return Poll::Ready(Event::Closed(None)),
                 Ok(n) => {
                     if let Err(e) = self.take_bytes(&buf[..n]) {
-                        return Event::Other(format!("protocol_error: {e}"));
+                        return Poll::Ready(Event::Other(format!("protocol_error: {e}")));
                     }
                 }
+                // Readiness was cleared: the next `poll_read_ready` registers the waker.
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(_) => return Event::Closed(None),
+                Err(_) => return Poll::Ready(Event::Closed(None)),
             }
         }
     }
