@@ -257,6 +257,8 @@ pub struct Push {
     pub p99_ms_at_max: Option<f64>,
     /// The system's CPU per message at that rate, µs.
     pub server_us_per_msg_at_max: Option<f64>,
+    /// Of which in the kernel (system time), µs (absent in older reports).
+    pub server_kernel_us_per_msg_at_max: Option<f64>,
     /// Every step run.
     pub steps: Vec<Step>,
 }
@@ -304,6 +306,9 @@ pub struct Step {
     /// The system's processes' CPU over the window per message received, µs (absent in
     /// older reports). Idle time (heartbeats, timers) counts too, so low rates overstate it.
     pub server_us_per_msg: Option<f64>,
+    /// Of which the system's processes spent in the kernel (system time: its system calls and
+    /// the loopback TCP work they run), µs (absent in older reports).
+    pub server_kernel_us_per_msg: Option<f64>,
     /// ≥ 95 % of the target, nothing lost, p99 within the bound.
     pub sustained: bool,
 }
@@ -495,6 +500,7 @@ async fn measure(running: Running, args: &Args) -> anyhow::Result<Push> {
         p50_ms_at_max: at_max.map(|s| s.p50_ms),
         p99_ms_at_max: at_max.map(|s| s.p99_ms),
         server_us_per_msg_at_max: at_max.and_then(|s| s.server_us_per_msg),
+        server_kernel_us_per_msg_at_max: at_max.and_then(|s| s.server_kernel_us_per_msg),
         steps,
     })
     // Dropping the last handle of `running` stops the system.
@@ -629,7 +635,7 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
     while seen.received(k) < attempted && Instant::now() < settle_until {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let cpu = meter.stop();
+    let (cpu, kernel) = meter.stop_split();
     let wall_secs = start.elapsed().as_secs_f64();
     let s = {
         let steps = seen.steps.lock().unwrap_or_else(|e| e.into_inner());
@@ -656,8 +662,17 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
         }
         *cpu_cores.entry(label).or_default() += cores;
     }
-    let server_us_per_msg = (received > 0 && !running.procs.is_empty())
-        .then(|| sys::round2(server_cores * wall_secs * 1e6 / received as f64));
+    let server_kernel_cores: f64 = kernel
+        .iter()
+        .filter(|(label, _)| running.procs.iter().any(|(l, _)| l == label))
+        .map(|(_, cores)| cores)
+        .sum();
+    let per_msg = |cores: f64| {
+        (received > 0 && !running.procs.is_empty())
+            .then(|| sys::round2(cores * wall_secs * 1e6 / received as f64))
+    };
+    let server_us_per_msg = per_msg(server_cores);
+    let server_kernel_us_per_msg = per_msg(server_kernel_cores);
     cpu_cores.values_mut().for_each(|c| *c = sys::round2(*c));
     Step {
         rate,
@@ -679,13 +694,14 @@ async fn step(running: &Arc<Running>, args: &Args, seen: &Arc<Seen>, k: usize, r
         cpu_cores,
         wall_secs: Some(sys::round2(wall_secs)),
         server_us_per_msg,
+        server_kernel_us_per_msg,
         sustained,
     }
 }
 
 fn step_line(s: &Step) -> String {
     format!(
-        "{:>6}/s: achieved {:>7}/s, lost {} (failed {} {}, unsent {}), latency p50 {} p99 {} max {} ms, request p99 {} ms, cpu {:?}, server {} µs/msg -> {}",
+        "{:>6}/s: achieved {:>7}/s, lost {} (failed {} {}, unsent {}), latency p50 {} p99 {} max {} ms, request p99 {} ms, cpu {:?}, server {} µs/msg (kernel {}) -> {}",
         s.rate,
         s.achieved,
         s.lost,
@@ -698,6 +714,7 @@ fn step_line(s: &Step) -> String {
         s.request_p99_ms,
         s.cpu_cores,
         s.server_us_per_msg.map_or("-".into(), |x| x.to_string()),
+        s.server_kernel_us_per_msg.map_or("-".into(), |x| x.to_string()),
         if s.sustained { "sustained" } else { "NOT sustained" }
     )
 }
@@ -707,15 +724,16 @@ fn step_line(s: &Step) -> String {
 pub fn table(results: &[PeerResult<Push>], bound_ms: f64) -> String {
     let opt = |x: Option<f64>| x.map_or("-".into(), |x| x.to_string());
     let mut out = format!(
-        "system        max sustained/s   p50 ms   p99 ms   server µs/msg   (sustained: ≥95 % of target, 0 lost, p99 ≤ {bound_ms} ms)\n"
+        "system        max sustained/s   p50 ms   p99 ms   server µs/msg   of which kernel   (sustained: ≥95 % of target, 0 lost, p99 ≤ {bound_ms} ms)\n"
     ) + &side::rows(results, |r| {
         format!(
-            " {:>15}   {:>6}   {:>6}   {:>13}",
+            " {:>15}   {:>6}   {:>6}   {:>13}   {:>15}",
             r.max_sustained_rate
                 .map_or("none".into(), |n| n.to_string()),
             opt(r.p50_ms_at_max),
             opt(r.p99_ms_at_max),
-            opt(r.server_us_per_msg_at_max)
+            opt(r.server_us_per_msg_at_max),
+            opt(r.server_kernel_us_per_msg_at_max)
         )
     });
     for (peer, ratio, p99) in ratios(results) {
@@ -880,6 +898,13 @@ mod tests {
         let running = systems::start(Peer::Nchan, &opts).await.expect("starts");
         let r = measure(running, &args).await.expect("runs");
         check(&r, 2);
+        // Nchan runs as processes of its own: its CPU per message, and the kernel's part of it.
+        for s in &r.steps {
+            match (s.server_us_per_msg, s.server_kernel_us_per_msg) {
+                (Some(total), Some(kernel)) => assert!(kernel <= total, "{s:?}"),
+                _ => panic!("no CPU per message for Nchan's processes: {s:?}"),
+            }
+        }
     }
 
     /// Both transports and both publish inputs in one test: one Pushpin runs at a time (its

@@ -211,23 +211,27 @@ pub fn load_average() -> String {
 /// this runs on (the kernel fixes it for the `/proc` ABI, whatever `CONFIG_HZ` is).
 const USER_HZ: f64 = 100.0;
 
-/// CPU time a process has used so far (user + system), seconds, from `/proc/<pid>/stat`.
-pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+/// CPU time a process has used so far, seconds: (user, system). The system part includes
+/// the softirq work the kernel runs in the process's context (on loopback, a `send` runs
+/// the receiver's TCP input) unless the kernel accounts IRQ time apart
+/// (`CONFIG_IRQ_TIME_ACCOUNTING`, off in Debian's kernels).
+pub fn cpu_split_secs(pid: u32) -> anyhow::Result<(f64, f64)> {
     let path = format!("/proc/{pid}/stat");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {path} (has the process exited?)"))?;
     parse_cpu_secs(&text).with_context(|| format!("bad {path}: {text}"))
 }
 
-/// `utime + stime` of a `/proc/<pid>/stat` line, in seconds. The command name (field 2) is
-/// in parentheses and may hold spaces or parentheses, so fields are counted after the last `)`.
-fn parse_cpu_secs(stat: &str) -> Option<f64> {
+/// `utime` and `stime` of a `/proc/<pid>/stat` line, in seconds. The command name (field 2)
+/// is in parentheses and may hold spaces or parentheses, so fields are counted after the
+/// last `)`.
+fn parse_cpu_secs(stat: &str) -> Option<(f64, f64)> {
     let after = &stat[stat.rfind(')')? + 1..];
     // After the name: state is field 3, utime field 14, stime field 15 (1-based, man proc).
     let fields: Vec<&str> = after.split_whitespace().collect();
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / USER_HZ)
+    Some((utime as f64 / USER_HZ, stime as f64 / USER_HZ))
 }
 
 /// Busy CPU time of the whole machine so far (all cores, everything but idle and iowait),
@@ -250,13 +254,17 @@ fn parse_machine_busy(line: &str) -> Option<f64> {
     Some((total - idle) as f64 / USER_HZ)
 }
 
+/// Cores used, by label.
+pub type Cores = Vec<(String, f64)>;
+
 /// CPU used by a set of processes between two readings, as a share of one core; and what
 /// the rest of the machine used meanwhile (`others`), which shows a disturbed measurement:
 /// another engineer's build or benchmark on the same 2 cores.
 #[derive(Debug)]
 pub struct CpuMeter {
     start: std::time::Instant,
-    before: Vec<(String, u32, f64)>,
+    /// Label, pid, (user, system) seconds at the start.
+    before: Vec<(String, u32, (f64, f64))>,
     machine_before: Option<f64>,
 }
 
@@ -265,7 +273,10 @@ impl CpuMeter {
     pub fn start(procs: &[(String, u32)]) -> Self {
         let before = procs
             .iter()
-            .map(|(label, pid)| (label.clone(), *pid, cpu_secs(*pid).unwrap_or(0.0)))
+            .map(|(label, pid)| {
+                let split = cpu_split_secs(*pid).unwrap_or((0.0, 0.0));
+                (label.clone(), *pid, split)
+            })
             .collect();
         Self {
             start: std::time::Instant::now(),
@@ -277,20 +288,26 @@ impl CpuMeter {
     /// Per label: cores used on average since `start` (1.0 = one core busy all the time),
     /// then `others`: the machine's busy cores minus those of the labelled processes.
     pub fn stop(&self) -> Vec<(String, f64)> {
+        self.stop_split().0
+    }
+
+    /// As [`CpuMeter::stop`], and per label the cores spent in the kernel (system time), not
+    /// rounded: so that a caller can tell its own code's cost from the kernel's.
+    pub fn stop_split(&self) -> (Cores, Cores) {
         let wall = self.start.elapsed().as_secs_f64().max(1e-9);
-        let mut out: Vec<(String, f64)> = self
-            .before
-            .iter()
-            .map(|(label, pid, before)| {
-                let now = cpu_secs(*pid).unwrap_or(*before);
-                (label.clone(), (now - before) / wall)
-            })
-            .collect();
+        let mut out = Vec::with_capacity(self.before.len() + 1);
+        let mut kernel = Vec::with_capacity(self.before.len());
+        for (label, pid, (user0, sys0)) in &self.before {
+            let (user, sys) = cpu_split_secs(*pid).unwrap_or((*user0, *sys0));
+            out.push((label.clone(), (user - user0 + sys - sys0) / wall));
+            kernel.push((label.clone(), (sys - sys0) / wall));
+        }
         if let (Some(before), Some(now)) = (self.machine_before, machine_busy_secs()) {
             let ours: f64 = out.iter().map(|(_, c)| c).sum();
             out.push(("others".into(), ((now - before) / wall - ours).max(0.0)));
         }
-        out.into_iter().map(|(l, c)| (l, round2(c))).collect()
+        let out = out.into_iter().map(|(l, c)| (l, round2(c))).collect();
+        (out, kernel)
     }
 }
 
@@ -534,8 +551,32 @@ mod tests {
     fn reads_cpu_time_past_a_tricky_command_name() {
         // Fields 14 and 15 (utime, stime) are 250 and 50 ticks.
         let stat = "1234 (we ird) name)) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0";
-        assert_eq!(parse_cpu_secs(stat), Some(3.0));
+        assert_eq!(parse_cpu_secs(stat), Some((2.5, 0.5)));
         assert_eq!(parse_cpu_secs("garbage"), None);
+    }
+
+    #[test]
+    fn splits_a_process_cpu_into_the_kernels_part_and_the_rest() {
+        let meter = CpuMeter::start(&[("me".to_owned(), std::process::id())]);
+        // System calls (the kernel's time) and a loop of our own, for many clock ticks.
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(300) {
+            let _ = std::fs::metadata("/proc/self/stat");
+            for i in 0..1_000 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
+        }
+        std::hint::black_box(x);
+        let (cores, kernel) = meter.stop_split();
+        assert_eq!(cores[0].0, "me");
+        assert_eq!(kernel, vec![("me".to_owned(), kernel[0].1)]);
+        let (total, kernel) = (cores[0].1, kernel[0].1);
+        // `total` is rounded to 0.01 core.
+        assert!(
+            kernel > 0.0 && kernel <= total + 0.005,
+            "{kernel} of {total}"
+        );
     }
 
     #[test]

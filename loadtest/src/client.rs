@@ -256,7 +256,7 @@ impl Client {
                     timer.as_mut().reset(wake);
                 }
                 tokio::select! {
-                    ev = next(&mut current) => {
+                    ev = next(current.as_mut()) => {
                         let live = current.as_mut().expect("next() pends without a connection");
                         live.last_heard = Instant::now();
                         let (step, reply) = self.handle(live, ev);
@@ -281,8 +281,8 @@ impl Client {
                             }
                         }
                     }
-                    ev = next_closing(&mut closing) => {
-                        let (live, _) = closing.as_mut().expect("next_closing() pends without a connection");
+                    ev = next(closing.as_mut().map(|(l, _)| l)) => {
+                        let (live, _) = closing.as_mut().expect("next() pends without a connection");
                         let (step, reply) = self.handle(live, ev);
                         live.send(reply, &stats).await;
                         if let Step::Closed(_) = step {
@@ -495,16 +495,10 @@ enum Step {
 // `poll_fn` over `Conn::poll_event` rather than `next_event().await`: the futures of a
 // `select!` are stored side by side in the client's future, and these two hold a reference
 // each instead of a readiness future each.
-fn next(live: &mut Option<Live>) -> impl Future<Output = Event> + '_ {
-    std::future::poll_fn(move |cx| match live {
+/// The next event of `live`'s connection; pends for ever without one.
+fn next(mut live: Option<&mut Live>) -> impl Future<Output = Event> + '_ {
+    std::future::poll_fn(move |cx| match live.as_deref_mut() {
         Some(l) => l.conn.poll_event(cx),
-        None => Poll::Pending,
-    })
-}
-
-fn next_closing(live: &mut Option<(Live, Instant)>) -> impl Future<Output = Event> + '_ {
-    std::future::poll_fn(move |cx| match live {
-        Some((l, _)) => l.conn.poll_event(cx),
         None => Poll::Pending,
     })
 }

@@ -35,9 +35,11 @@ pub const ACKS: &str = "push_acks_total";
 pub const BAD_CLIENT_MESSAGES: &str = "push_bad_client_messages_total";
 /// Histogram (seconds): admin request received to message written to the socket.
 pub const DELIVERY_LATENCY: &str = "push_delivery_latency_seconds";
-/// Counter, label `op` (`register`, `unregister`, `refresh`): registry calls made.
+/// Counter, label `op` (`register`, `unregister`, `refresh`, `register_retry`: a failed
+/// registration tried again): registry calls made.
 pub const REGISTRY_OPS: &str = "push_registry_ops_total";
-/// Counter, label `op`: registry calls that failed (retried by the next refresh).
+/// Counter, label `op`: registry calls that failed (a registration is tried again after 1, 2,
+/// 4… s, then by the next refresh).
 pub const REGISTRY_ERRORS: &str = "push_registry_errors_total";
 /// Counter: messages kept in the history for a user with no connection on this node (they
 /// get them when they resume).

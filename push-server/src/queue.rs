@@ -464,6 +464,11 @@ impl ConnHandle {
         }
     }
 
+    /// Whether the connection is closing (or closed): set once, never cleared.
+    pub fn is_closing(&self) -> bool {
+        self.state().close.is_some()
+    }
+
     /// Locks the connection's state.
     pub fn state(&self) -> MutexGuard<'_, ConnState> {
         // A panic while holding this lock leaves plain data in a consistent state.

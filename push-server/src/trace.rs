@@ -170,29 +170,28 @@ struct Traced {
 
 impl Traced {
     fn take(&mut self, user: &str, id: u64) -> Option<TraceContext> {
+        self.remove(id, |(u, _, _)| &**u == user)
+    }
+
+    /// Forgets entry `seq` under `id`, unless an ack took it already.
+    fn evict(&mut self, id: u64, seq: u64) {
+        self.remove(id, |e| e.2 == seq);
+    }
+
+    /// Removes the first entry under `id` that `matches`, and `id` once it has none.
+    fn remove(
+        &mut self,
+        id: u64,
+        matches: impl Fn(&(Box<str>, TraceContext, u64)) -> bool,
+    ) -> Option<TraceContext> {
         let list = self.map.get_mut(&id)?;
-        let at = list.iter().position(|(u, _, _)| &**u == user)?;
+        let at = list.iter().position(matches)?;
         let (_, cx, _) = list.swap_remove(at);
         if list.is_empty() {
             self.map.remove(&id);
         }
         self.entries -= 1;
         Some(cx)
-    }
-
-    /// Forgets entry `seq` under `id`, unless an ack took it already.
-    fn evict(&mut self, id: u64, seq: u64) {
-        let Some(list) = self.map.get_mut(&id) else {
-            return;
-        };
-        let Some(at) = list.iter().position(|e| e.2 == seq) else {
-            return;
-        };
-        list.swap_remove(at);
-        if list.is_empty() {
-            self.map.remove(&id);
-        }
-        self.entries -= 1;
     }
 }
 

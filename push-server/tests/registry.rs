@@ -213,6 +213,36 @@ async fn clients_connect_while_the_registry_is_down_pushes_wait_for_it_and_both_
     drop(ws);
 }
 
+/// A registration that failed is tried again within seconds, not only by the periodic
+/// refresh (here 80–120 s away, past the wait of `eventually`): a user who connected while
+/// the registry was down can be found soon after it returns.
+#[tokio::test]
+async fn a_registration_that_failed_is_written_soon_after_the_registry_returns() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    redis.kill();
+    let mut cfg = node("node-a", &url);
+    cfg.registry_ttl = Duration::from_secs(300);
+    let a: Server = start(cfg).await;
+    let mut ws = ws_connect(&a, &token(&a, "fay", None)).await;
+    ws_next_json(&mut ws).await;
+    eventually("the failed registration to be counted", || async {
+        metric(&a, r#"push_registry_errors_total{op="register"}"#).await >= 1.0
+    })
+    .await;
+    redis.restart();
+    eventually("fay to be registered by a retry", || async {
+        lookup(&url, "fay").await.len() == 1
+    })
+    .await;
+    assert!(metric(&a, r#"push_registry_ops_total{op="register_retry"}"#).await >= 1.0);
+    assert_eq!(
+        metric(&a, r#"push_registry_ops_total{op="refresh"}"#).await,
+        0.0
+    );
+    drop(ws);
+}
+
 /// With a shared registry and history, any node's admin API reaches a user on another node:
 /// the message is kept once and arrives live, with the same ID sequence the user's own node
 /// continues, so a later resume finds no hole and no orphan.
