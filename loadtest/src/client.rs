@@ -492,10 +492,11 @@ enum Step {
     Closed(Option<u16>),
 }
 
-// `poll_fn` over `Conn::poll_event` rather than `next_event().await`: the futures of a
-// `select!` are stored side by side in the client's future, and these two hold a reference
-// each instead of a readiness future each.
 /// The next event of `live`'s connection; pends for ever without one.
+///
+/// A `poll_fn` over `Conn::poll_event` rather than `next_event().await`: the futures of a
+/// `select!` are stored side by side in the client's future, and the two calls hold a
+/// reference each instead of a readiness future each.
 fn next(mut live: Option<&mut Live>) -> impl Future<Output = Event> + '_ {
     std::future::poll_fn(move |cx| match live.as_deref_mut() {
         Some(l) => l.conn.poll_event(cx),
@@ -516,7 +517,7 @@ mod tests {
 
     /// A load process holds this future per client for the whole run: it was 4,536 bytes
     /// (5.9 KiB of RSS per client with its task), and a million clients need it small
-    /// (docs/BENCHMARKS.md, "The load client's bytes").
+    /// (docs/BENCHMARKS.md, "The load generator's bytes per client").
     #[test]
     fn client_future_stays_small() {
         let (_tx, rx) = watch::channel(Control::default());

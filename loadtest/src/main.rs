@@ -5,7 +5,8 @@
 
 /// jemalloc, as in push-server: a worker process is up to ~19,900 clients' small, long-lived
 /// allocations, and the million needs the load generator as lean as the nodes (2.32 KiB of
-/// RSS per idle client with glibc malloc, XX with jemalloc: docs/BENCHMARKS.md).
+/// RSS per idle client with glibc malloc, 1.6 KiB with jemalloc: docs/BENCHMARKS.md, "The load
+/// generator's bytes per client").
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

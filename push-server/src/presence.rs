@@ -320,17 +320,20 @@ async fn retry_due(
     for chunk in due.chunks(REFRESH_CHUNK) {
         let records: Vec<Record> = chunk.iter().map(|r| r.record.clone()).collect();
         metrics::counter!(m::REGISTRY_OPS, "op" => "register_retry").increment(1);
-        let outcomes = match registry.refresh(&records, ttl).await {
-            Ok(outcomes) => outcomes,
+        let written: Vec<bool> = match registry.refresh(&records, ttl).await {
+            Ok(outcomes) => outcomes
+                .into_iter()
+                .map(|o| o == RefreshOutcome::Owned)
+                .collect(),
             Err(e) => {
                 metrics::counter!(m::REGISTRY_ERRORS, "op" => "register_retry").increment(1);
                 tracing::warn!(error = %e, records = records.len(), "registry write failed again");
-                vec![RefreshOutcome::Superseded; records.len()]
+                vec![false; records.len()]
             }
         };
         let now = Instant::now();
-        for (r, outcome) in chunk.iter().zip(outcomes) {
-            if outcome == RefreshOutcome::Owned {
+        for (r, written) in chunk.iter().zip(written) {
+            if written {
                 continue;
             }
             // The periodic refresh comes first: it takes over.
