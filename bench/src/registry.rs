@@ -6,7 +6,8 @@
 //!    fill it with N users, one record each (batched `refresh`, which writes missing slots).
 //! 2. C concurrent callers call `lookup_many` on random batches of B users for D seconds (after
 //!    one unrecorded second to warm the connection): calls and users per second, latency per
-//!    call (p50/p99). Then the same with `register` (one record per call).
+//!    call (p50/p99). Then the same with `register` (one record per call), and with `refresh`
+//!    (1,000 records per call, the shape of a node's refresh pass).
 //! 3. `redis-benchmark -t get -P 16` against that same Redis: GET requests per second, the
 //!    reference the lookup rate is divided by.
 //! 4. Start 3 racks × K `redis-server`s, open `ring://…?racks=3&read=R&write=W`, fill it the
@@ -75,6 +76,10 @@ pub struct Args {
     /// Measure only the single Redis (no ring).
     #[arg(long)]
     no_ring: bool,
+    /// How the single Redis gets its Lua scripts (`redis://…?scripts=`): `text` (the
+    /// default, as behind Dynomite) or `hash` (EVALSHA). The ring always calls by hash.
+    #[arg(long, default_value = "text", value_parser = ["text", "hash"])]
+    scripts: String,
     /// Repeat the whole run this many times (fresh servers each time) and report medians.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     runs: u32,
@@ -120,6 +125,9 @@ struct Backend {
 struct PerOp<T> {
     lookup: T,
     register: T,
+    /// Absent from reports written before it was measured.
+    #[serde(default)]
+    refresh: T,
 }
 
 impl<T> PerOp<T> {
@@ -127,6 +135,7 @@ impl<T> PerOp<T> {
         match op {
             Op::Lookup => &self.lookup,
             Op::Register => &self.register,
+            Op::Refresh => &self.refresh,
         }
     }
 }
@@ -165,6 +174,8 @@ struct Output {
     secs: u64,
     /// The ring measured, unless `--no-ring`.
     ring: Option<Ring>,
+    /// How the single Redis got its scripts (`--scripts`).
+    scripts: String,
     redis_benchmark: String,
     redis_server: String,
     machine: String,
@@ -219,6 +230,7 @@ async fn scenario(args: Args) -> anyhow::Result<()> {
             read: args.read.clone(),
             write: args.write.clone(),
         }),
+        scripts: args.scripts.clone(),
         redis_benchmark: redis_benchmark_command("P", args.redis_benchmark_requests).join(" "),
         redis_server: sys::shell(&["redis-server", "--version"]),
         machine: sys::machine(),
@@ -232,7 +244,7 @@ async fn scenario(args: Args) -> anyhow::Result<()> {
 async fn one_run(args: &Args) -> anyhow::Result<Figures> {
     // The single Redis, then redis-benchmark on the same server.
     let single = sys::start_redis().await?;
-    let url = format!("redis://{}", single.addr());
+    let url = format!("redis://{}?scripts={}", single.addr(), args.scripts);
     let pids = vec![("redis".to_owned(), sys::redis_pid(&single)?)];
     let backend = measure_backend("single", &url, &pids, args).await?;
     let cpu = CpuMeter::start(&pids);
@@ -273,7 +285,7 @@ async fn one_run(args: &Args) -> anyhow::Result<Figures> {
             let (r, s) = (ring.ops.get(op), f.single.ops.get(op));
             // Lookups move `--batch` users per call: their throughput is users per second.
             let (rt, st) = match op {
-                Op::Lookup => (r.users_per_s, s.users_per_s),
+                Op::Lookup | Op::Refresh => (r.users_per_s, s.users_per_s),
                 Op::Register => (r.calls_per_s, s.calls_per_s),
             };
             Cost {
@@ -285,6 +297,7 @@ async fn one_run(args: &Args) -> anyhow::Result<Figures> {
         f.ring_over_single = Some(PerOp {
             lookup: cost(Op::Lookup),
             register: cost(Op::Register),
+            refresh: cost(Op::Refresh),
         });
         f.ring = Some(ring);
     }
@@ -312,14 +325,14 @@ async fn measure_backend(
     let mut procs = pids.to_vec();
     procs.push(("bench".into(), std::process::id()));
     let mut ops = PerOp::<OpFigures>::default();
-    for op in [Op::Lookup, Op::Register] {
+    for op in Op::ALL {
         drive(&registry, op, args, WARMUP).await?;
         let cpu = CpuMeter::start(&procs);
         let m = drive(&registry, op, args, Duration::from_secs(args.secs)).await?;
         let shares = cpu.stop();
         if m.misses > 0 {
             bail!(
-                "{name} {}: {} users of {} looked up had no record (the fill wrote them all)",
+                "{name} {}: {} users of {} had no record of theirs (the fill wrote them all)",
                 op.name(),
                 m.misses,
                 m.calls * op.users_per_call(args) as u64
@@ -347,6 +360,7 @@ async fn measure_backend(
         match op {
             Op::Lookup => ops.lookup = figures,
             Op::Register => ops.register = figures,
+            Op::Refresh => ops.refresh = figures,
         }
     }
     Ok(Backend {
@@ -394,13 +408,19 @@ enum Op {
     Lookup,
     /// `register` of one random user's record (overwriting it).
     Register,
+    /// `refresh` of [`FILL_CHUNK`] users' records from a random one on, as a node's refresh
+    /// pass sends them: one pipelined call (single Redis, ring) or concurrent calls (cluster).
+    Refresh,
 }
 
 impl Op {
+    const ALL: [Op; 3] = [Op::Lookup, Op::Register, Op::Refresh];
+
     fn name(self) -> &'static str {
         match self {
             Op::Lookup => "lookup",
             Op::Register => "register",
+            Op::Refresh => "refresh",
         }
     }
 
@@ -408,6 +428,7 @@ impl Op {
         match self {
             Op::Lookup => args.batch,
             Op::Register => 1,
+            Op::Refresh => FILL_CHUNK.min(args.users),
         }
     }
 }
@@ -472,6 +493,22 @@ async fn drive(
                         .register(&record(rng.random_range(0..users)), RECORD_TTL)
                         .await
                         .map(|()| 0),
+                    Op::Refresh => {
+                        let n = FILL_CHUNK.min(users);
+                        let first = rng.random_range(0..=users - n);
+                        let records: Vec<Record> = (first..first + n).map(record).collect();
+                        // A record refreshed by its own connection is owned: one that is not
+                        // (the fill wrote another conn_id) counts as a miss.
+                        registry
+                            .refresh(&records, RECORD_TTL)
+                            .await
+                            .map(|outcomes| {
+                                outcomes
+                                    .iter()
+                                    .filter(|o| **o != push_registry::RefreshOutcome::Owned)
+                                    .count() as u64
+                            })
+                    }
                 };
                 let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
                 m.latency_us.saturating_record(us.max(1));
@@ -611,12 +648,14 @@ fn medians(runs: &[Figures]) -> anyhow::Result<Figures> {
 /// The human report of one run or of the medians.
 fn table(f: &Figures, args: &Args) -> String {
     let mut out = format!(
-        "{} users, lookup_many of {} users, {} callers, {} s per operation\n\
-         {:<8} {:<12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10} {:>10} {:>10}\n",
+        "{} users, lookup_many of {} users, {} callers, {} s per operation, \
+         the single Redis's scripts by {}\n\
+         {:<8} {:<12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10} {:>13} {:>10} {:>10}\n",
         args.users,
         args.batch,
         args.callers,
         args.secs,
+        args.scripts,
         "backend",
         "operation",
         "calls/s",
@@ -625,18 +664,16 @@ fn table(f: &Figures, args: &Args) -> String {
         "p99 µs",
         "max µs",
         "redis cpu",
+        "redis µs/call",
         "bench cpu",
         "other cpu",
     );
     let backends = [("single", Some(&f.single)), ("ring", f.ring.as_ref())];
     for (backend, b) in backends {
-        for op in [Op::Lookup, Op::Register]
-            .into_iter()
-            .filter(|_| b.is_some())
-        {
+        for op in Op::ALL.into_iter().filter(|_| b.is_some()) {
             let k = b.map(|b| *b.ops.get(op)).unwrap_or_default();
             out += &format!(
-                "{:<8} {:<12} {:>10.0} {:>10.0} {:>8.0} {:>8.0} {:>8.0} {:>10.2} {:>10.2} {:>10.2}\n",
+                "{:<8} {:<12} {:>10.0} {:>10.0} {:>8.0} {:>8.0} {:>8.0} {:>10.2} {:>13.2} {:>10.2} {:>10.2}\n",
                 backend,
                 if op == Op::Lookup { "lookup_many" } else { op.name() },
                 k.calls_per_s,
@@ -645,6 +682,8 @@ fn table(f: &Figures, args: &Args) -> String {
                 k.p99_us,
                 k.max_us,
                 k.cpu_redis_cores,
+                // The storage's CPU per call: what a node's refresh pass or a register costs it.
+                k.cpu_redis_cores * 1e6 / k.calls_per_s.max(1.0),
                 k.cpu_bench_cores,
                 k.cpu_others_cores,
             );

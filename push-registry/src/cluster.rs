@@ -16,8 +16,9 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::IntoConnectionInfo;
 
-use crate::node::{Node, Timeouts};
+use crate::node::{Node, Request, Timeouts};
 use crate::record::{field_name, now_ms};
+use crate::script::{self, Scripts};
 use crate::store::{self, Removal};
 use crate::{Error, NodePing, Record, RefreshOutcome, Registry, Result, Stats};
 
@@ -56,8 +57,7 @@ impl ClusterRegistry {
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
-        let mut conn = self.conn.clone();
-        cmd.query_async(&mut conn).await.map_err(|e| self.fail(e))
+        query(&self.conn, cmd).await.map_err(|e| self.fail(e))
     }
 
     /// The masters as the cluster lists them (`CLUSTER NODES` on any node), as standalone
@@ -84,8 +84,29 @@ impl ClusterRegistry {
                 let addr = fields.get(1)?.split('@').next()?.to_string();
                 Some(addr)
             })
-            .map(|addr| Node::new(addr.clone(), &format!("redis://{addr}"), self.timeouts))
+            .map(|addr| {
+                Node::new(
+                    addr.clone(),
+                    &format!("redis://{addr}"),
+                    self.timeouts,
+                    Scripts::Hash,
+                )
+            })
             .collect()
+    }
+}
+
+/// Runs a command or a single-slot pipeline on the cluster; scripts the owning master does not
+/// hold (after a restart or a failover) are sent again with their text, which caches them
+/// there. Shared with the message store.
+pub(crate) async fn query<R: Request, T: redis::FromRedisValue>(
+    conn: &ClusterConnection,
+    request: &R,
+) -> redis::RedisResult<T> {
+    let mut conn = conn.clone();
+    match request.send(&mut conn).await {
+        Err(e) if script::is_no_script(&e) => request.with_text().send(&mut conn).await,
+        other => other,
     }
 }
 

@@ -11,6 +11,7 @@
 //! | [`buffer`] | a user's recent messages for resume: bounded buffer, the resume rule, first IDs (pure) |
 //! | [`shard`] | [`shard_of`]: a key's lock shard, for in-process sharding |
 //! | [`murmur3`] | MurmurHash3 x86 32-bit, for the ring's token placement |
+//! | `script` | Lua scripts called by hash (`EVALSHA`) or by text (`EVAL`), and [`Scripts`]: which a backend sends |
 //! | `store` | the Redis data model: keys, Lua scripts, command builders and decoders (no I/O) |
 //! | `node` | one standalone Redis connection with timeouts, reconnecting after failures |
 //! | [`memory`] | `memory`: in-process map with lazy expiry and a bound |
@@ -43,6 +44,7 @@ pub mod shard;
 pub mod url;
 
 mod node;
+mod script;
 mod store;
 
 use std::sync::Arc;
@@ -58,6 +60,7 @@ pub use record::{now_ms, Record};
 pub use redis_single::RedisRegistry;
 pub use registry::{NodePing, RefreshOutcome, Registry, Stats};
 pub use ring::{Consistency, RingRegistry};
+pub use script::Scripts;
 pub use shard::shard_of;
 pub use store::PRUNE_AT;
 
@@ -67,9 +70,14 @@ pub use store::PRUNE_AT;
 pub async fn open(url: &str) -> Result<Arc<dyn Registry>> {
     Ok(match url::parse(url)? {
         url::BackendUrl::Memory { max_entries } => Arc::new(MemoryRegistry::new(max_entries)),
-        url::BackendUrl::Redis { url, timeout_ms } => Arc::new(RedisRegistry::with_timeouts(
+        url::BackendUrl::Redis {
+            url,
+            timeout_ms,
+            scripts,
+        } => Arc::new(RedisRegistry::with_options(
             &url,
             url::timeouts(timeout_ms),
+            scripts,
         )?),
         url::BackendUrl::Cluster { nodes, timeout_ms } => {
             Arc::new(ClusterRegistry::connect(&nodes, url::timeouts(timeout_ms)).await?)
@@ -95,9 +103,16 @@ pub async fn open(url: &str) -> Result<Arc<dyn Registry>> {
 pub async fn open_store(url: &str, limits: BufferLimits) -> Result<Arc<dyn MessageStore>> {
     Ok(match url::parse(url)? {
         url::BackendUrl::Memory { .. } => Arc::new(MemoryStore::new(limits)),
-        url::BackendUrl::Redis { url, timeout_ms } => {
-            Arc::new(RedisStore::new(&url, url::timeouts(timeout_ms), limits)?)
-        }
+        url::BackendUrl::Redis {
+            url,
+            timeout_ms,
+            scripts,
+        } => Arc::new(RedisStore::new(
+            &url,
+            url::timeouts(timeout_ms),
+            scripts,
+            limits,
+        )?),
         url::BackendUrl::Cluster { nodes, timeout_ms } => {
             Arc::new(ClusterStore::connect(&nodes, url::timeouts(timeout_ms), limits).await?)
         }

@@ -1,12 +1,51 @@
 //! One standalone Redis node: a lazily (re)connected multiplexed connection with timeouts,
 //! whose errors name the node.
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, FromRedisValue, IntoConnectionInfo};
 
+use crate::script::{self, Scripts};
 use crate::{Error, NodePing, Result};
+
+/// What [`Node::run`] (and the cluster backends) send: a command or a pipeline.
+pub(crate) trait Request: Clone + Sync {
+    /// The same, with script calls in their text form.
+    fn with_text(&self) -> Self;
+    /// One attempt.
+    fn send<T: FromRedisValue, C: ConnectionLike + Send>(
+        &self,
+        c: &mut C,
+    ) -> impl std::future::Future<Output = redis::RedisResult<T>> + Send;
+}
+
+impl Request for redis::Cmd {
+    fn with_text(&self) -> Self {
+        script::with_text(self)
+    }
+
+    fn send<T: FromRedisValue, C: ConnectionLike + Send>(
+        &self,
+        c: &mut C,
+    ) -> impl std::future::Future<Output = redis::RedisResult<T>> + Send {
+        self.query_async(c)
+    }
+}
+
+impl Request for redis::Pipeline {
+    fn with_text(&self) -> Self {
+        script::pipeline_with_text(self)
+    }
+
+    fn send<T: FromRedisValue, C: ConnectionLike + Send>(
+        &self,
+        c: &mut C,
+    ) -> impl std::future::Future<Output = redis::RedisResult<T>> + Send {
+        self.query_async(c)
+    }
+}
 
 /// Connection and response timeouts. A killed node refuses at once; these bound a node that
 /// hangs (paused, partitioned) so a quorum operation is not held up by one slow replica.
@@ -34,6 +73,8 @@ pub(crate) struct Node {
     pub addr: String,
     client: redis::Client,
     config: AsyncConnectionConfig,
+    /// How script calls go out (see `script.rs`).
+    scripts: Scripts,
     /// tokio's mutex: it is held across the connect, so concurrent callers wait for one
     /// connection attempt instead of each making their own.
     conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
@@ -47,7 +88,7 @@ impl std::fmt::Debug for Node {
 
 impl Node {
     /// A node at `url` (`redis://host:port[/db]`); does not connect yet.
-    pub fn new(addr: String, url: &str, timeouts: Timeouts) -> Result<Self> {
+    pub fn new(addr: String, url: &str, timeouts: Timeouts, scripts: Scripts) -> Result<Self> {
         let invalid = |e: redis::RedisError| Error::InvalidUrl {
             url: url.to_string(),
             reason: e.to_string(),
@@ -64,6 +105,7 @@ impl Node {
             addr,
             client,
             config,
+            scripts,
             conn: tokio::sync::Mutex::new(None),
         })
     }
@@ -104,31 +146,37 @@ impl Node {
         dropped
     }
 
-    /// Runs one command.
+    /// Runs one command. A script called by hash that the node does not hold is sent again
+    /// with its text, once (after a restart or `SCRIPT FLUSH`; the text call caches it again).
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
-        let mut retried = false;
-        loop {
-            let mut c = self.connection().await?;
-            match cmd.query_async(&mut c).await {
-                Ok(v) => return Ok(v),
-                Err(e) => {
-                    if self.after_error(&e).await && !retried {
-                        retried = true;
-                        continue;
-                    }
-                    return Err(self.fail(e));
-                }
-            }
-        }
+        self.run(cmd).await
     }
 
-    /// Runs a pipeline (no MULTI/EXEC): one write, one read of all replies.
+    /// Runs a pipeline (no MULTI/EXEC): one write, one read of all replies. Scripts as in
+    /// [`Node::query`]: a pipeline that met `NOSCRIPT` goes again whole, with the texts (its
+    /// commands may all run twice).
     pub async fn pipeline<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T> {
+        self.run(pipe).await
+    }
+
+    /// Sends `request` (by hash or by text, see [`Scripts`]), again with the texts after
+    /// `NOSCRIPT`, and once more on a fresh connection after the connection dropped.
+    async fn run<R: Request, T: FromRedisValue>(&self, request: &R) -> Result<T> {
+        let mut with_text = self.scripts == Scripts::Text;
+        let mut request = if with_text {
+            Cow::Owned(request.with_text())
+        } else {
+            Cow::Borrowed(request)
+        };
         let mut retried = false;
         loop {
             let mut c = self.connection().await?;
-            match pipe.query_async(&mut c).await {
+            match request.send(&mut c).await {
                 Ok(v) => return Ok(v),
+                Err(e) if script::is_no_script(&e) && !with_text => {
+                    with_text = true;
+                    request = Cow::Owned(request.with_text());
+                }
                 Err(e) => {
                     if self.after_error(&e).await && !retried {
                         retried = true;

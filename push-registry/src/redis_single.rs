@@ -1,5 +1,6 @@
 //! `redis://host:port`: one Redis, or a Dynomite proxy in front of many (see `store.rs`
-//! for the data model and why every command it sends is one Dynomite proxies).
+//! for the data model and why every command it sends is one Dynomite proxies, and
+//! `script.rs` for why its scripts go as text unless the URL says `scripts=hash`).
 
 use std::time::Duration;
 
@@ -7,6 +8,7 @@ use async_trait::async_trait;
 
 use crate::node::{Node, Timeouts};
 use crate::record::{field_name, now_ms};
+use crate::script::Scripts;
 use crate::store::{self, Removal};
 use crate::{NodePing, Record, RefreshOutcome, Registry, Result, Stats};
 
@@ -20,22 +22,23 @@ pub struct RedisRegistry {
 }
 
 impl RedisRegistry {
-    /// A backend for the Redis at `url` (`redis://[user:pass@]host:port[/db]`). Does not
-    /// connect until first used.
+    /// A backend for the Redis at `url` (`redis://[user:pass@]host:port[/db]`), sending its
+    /// scripts as text (safe behind Dynomite, see `script.rs`). Does not connect until first
+    /// used.
     pub fn new(url: &str) -> Result<Self> {
-        Self::with_timeouts(url, Timeouts::default())
+        Self::with_options(url, Timeouts::default(), Scripts::Text)
     }
 
-    pub(crate) fn with_timeouts(url: &str, timeouts: Timeouts) -> Result<Self> {
+    pub(crate) fn with_options(url: &str, timeouts: Timeouts, scripts: Scripts) -> Result<Self> {
         Ok(RedisRegistry {
-            node: node_for_url(url, timeouts)?,
+            node: node_for_url(url, timeouts, scripts)?,
         })
     }
 }
 
 /// The node a `redis://` URL names, called by its `host:port` (without credentials) in
 /// errors. Shared with the message store.
-pub(crate) fn node_for_url(url: &str, timeouts: Timeouts) -> Result<Node> {
+pub(crate) fn node_for_url(url: &str, timeouts: Timeouts, scripts: Scripts) -> Result<Node> {
     let addr = url
         .trim_start_matches("redis://")
         .rsplit('@')
@@ -43,7 +46,7 @@ pub(crate) fn node_for_url(url: &str, timeouts: Timeouts) -> Result<Node> {
         .unwrap_or(url)
         .trim_end_matches('/')
         .to_string();
-    Node::new(addr, url, timeouts)
+    Node::new(addr, url, timeouts, scripts)
 }
 
 #[async_trait]

@@ -29,6 +29,7 @@ use redis::Value;
 use crate::murmur3::murmur3_32;
 use crate::node::{Node, Timeouts};
 use crate::record::{field_name, now_ms, Entry};
+use crate::script::Scripts;
 use crate::store::{self, Removal};
 use crate::{Error, NodePing, Record, RefreshOutcome, Registry, Result, Stats};
 
@@ -134,7 +135,11 @@ impl RingRegistry {
                 let k = addrs.len() as u64;
                 let nodes = addrs
                     .iter()
-                    .map(|a| Node::new(a.clone(), &format!("redis://{a}"), timeouts).map(Arc::new))
+                    .map(|a| {
+                        // Each node is reached directly and its NOSCRIPT seen: by hash.
+                        Node::new(a.clone(), &format!("redis://{a}"), timeouts, Scripts::Hash)
+                            .map(Arc::new)
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 let tokens = (0..k)
                     .map(|i| u32::try_from((i << 32) / k).unwrap_or(u32::MAX))

@@ -8,16 +8,17 @@
 //! itself; expired fields inside a live key are skipped by readers and pruned by writers,
 //! but only once the hash holds [`PRUNE_AT`] fields (see there).
 //!
-//! Only commands that Dynomite proxies are used: HGETALL, EVAL with exactly one key (whose
-//! scripts call HGET, HGETALL, HSET, HDEL, PTTL and PEXPIRE on that key), SCAN and PING.
-//! Scripts are sent with EVAL every time rather than EVALSHA + SCRIPT LOAD: Redis caches the
-//! compiled script by its hash anyway, and EVAL alone needs no "script missing" fallback on a
-//! node that restarted. Batches are plain pipelines, never MULTI/EXEC.
+//! Only commands that Dynomite proxies are used: HGETALL, EVALSHA and EVAL with exactly one
+//! key (whose scripts call HGET, HGETALL, HSET, HDEL, PTTL and PEXPIRE on that key), SCAN and
+//! PING. Script calls are built by hash (`EVALSHA`); `script.rs` says when the text goes
+//! instead. Batches are plain pipelines, never MULTI/EXEC.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use crate::record::Entry;
+use crate::script::Lua;
 use crate::{Error, Record, Result};
 
 /// The Redis key holding `user`'s entries.
@@ -46,7 +47,7 @@ pub(crate) fn user_of_key(key: &str) -> Option<&str> {
 /// hash never reaches it, so a normal user's writes never prune.
 pub const PRUNE_AT: usize = 64;
 
-/// Lua helpers prepended to the write scripts (after `PRUNE_AT`, see [`eval`]).
+/// Lua helpers prepended to the write scripts (after `PRUNE_AT`, see [`script`]).
 /// `expired(e, now)`: decoded entry `e` is past its expiry. `prune`: drops expired fields of
 /// the key when `field` is new and the hash holds `PRUNE_AT` fields or more (see
 /// [`PRUNE_AT`]). `keep`: makes the key live at least `ttl` ms more, never shortening it.
@@ -135,13 +136,15 @@ keep(KEYS[1], ttl)
 return 1
 "#;
 
-fn eval(body: &str, user: &str) -> redis::Cmd {
-    let mut cmd = redis::cmd("EVAL");
-    cmd.arg(format!("local PRUNE_AT = {PRUNE_AT}\n{LUA_HELPERS}{body}"))
-        .arg(1)
-        .arg(key(user));
-    cmd
+/// A write script: `PRUNE_AT`, the helpers, then `body`.
+fn script(body: &str) -> Lua {
+    Lua::new(format!("local PRUNE_AT = {PRUNE_AT}\n{LUA_HELPERS}{body}"))
 }
+
+static REGISTER_LUA: LazyLock<Lua> = LazyLock::new(|| script(REGISTER));
+static REFRESH_LUA: LazyLock<Lua> = LazyLock::new(|| script(REFRESH));
+static UNREGISTER_LUA: LazyLock<Lua> = LazyLock::new(|| script(UNREGISTER));
+static REPAIR_LUA: LazyLock<Lua> = LazyLock::new(|| script(REPAIR));
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -149,7 +152,7 @@ fn millis(d: Duration) -> u64 {
 
 /// `register` for one record.
 pub(crate) fn register_cmd(record: &Record, ttl: Duration, now: u64) -> redis::Cmd {
-    let mut cmd = eval(REGISTER, &record.user);
+    let mut cmd = REGISTER_LUA.call(&key(&record.user));
     cmd.arg(record.field())
         .arg(Entry::new(record, ttl, now).encode())
         .arg(now)
@@ -159,7 +162,7 @@ pub(crate) fn register_cmd(record: &Record, ttl: Duration, now: u64) -> redis::C
 
 /// `refresh` for one record; answers 1 (owned) or 0 (superseded).
 pub(crate) fn refresh_cmd(record: &Record, ttl: Duration, now: u64) -> redis::Cmd {
-    let mut cmd = eval(REFRESH, &record.user);
+    let mut cmd = REFRESH_LUA.call(&key(&record.user));
     cmd.arg(record.field())
         .arg(Entry::new(record, ttl, now).encode())
         .arg(now)
@@ -185,7 +188,7 @@ pub(crate) fn unregister_cmd(
     now: u64,
     removal: Removal,
 ) -> redis::Cmd {
-    let mut cmd = eval(UNREGISTER, user);
+    let mut cmd = UNREGISTER_LUA.call(&key(user));
     cmd.arg(field).arg(conn_id).arg(now).arg(match removal {
         Removal::Delete => "del",
         Removal::Tombstone => "tomb",
@@ -195,7 +198,7 @@ pub(crate) fn unregister_cmd(
 
 /// Read repair: writes `entry` unless the replica holds something at least as new.
 pub(crate) fn repair_cmd(field: &str, entry: &Entry, now: u64) -> redis::Cmd {
-    let mut cmd = eval(REPAIR, &entry.record.user);
+    let mut cmd = REPAIR_LUA.call(&key(&entry.record.user));
     cmd.arg(field)
         .arg(entry.encode())
         .arg(now)

@@ -5,6 +5,7 @@ mod common;
 use std::time::Duration;
 
 use push_registry::Error;
+use testkit::resp::Reply;
 use testkit::RedisServer;
 
 #[tokio::test]
@@ -80,7 +81,7 @@ async fn redis_backend_sends_only_dynomite_supported_commands() {
             DYNOMITE_ALLOWED.contains(&command.as_str()),
             "{command} is not proxied by Dynomite: {line}"
         );
-        if command == "EVAL" {
+        if command == "EVAL" || command == "EVALSHA" {
             // Dynomite routes a script by its one key: exactly one, and a registry or history
             // key. (MONITOR escapes the script's quotes, so the split lands on the arguments.)
             let numkeys_and_key = line.split("\" \"").skip(2).take(2).collect::<Vec<_>>();
@@ -111,6 +112,84 @@ async fn redis_backend_sends_only_dynomite_supported_commands() {
     ] {
         assert!(seen.contains(expected), "never saw {expected}: {seen:?}");
     }
+}
+
+/// A registry and history on `redis://…?scripts=hash` (the form for a plain Redis): the suites
+/// pass with every script called by its hash, the text goes only to a node that lacks the
+/// script (fresh, or after `SCRIPT FLUSH`), and a refresh call puts a small part of the bytes
+/// on the wire that it does by text.
+#[tokio::test]
+async fn scripts_by_hash_pass_the_suites_survive_a_flushed_cache_and_send_far_fewer_bytes() {
+    let server = RedisServer::start();
+    let url = format!("{}?scripts=hash", server.url());
+    let by_hash = push_registry::open(&url).await.unwrap();
+    common::behaviour_suite(by_hash.as_ref(), "hash").await;
+    common::history::history_suite(&url, "hash").await;
+
+    // The script cache emptied (as by a restart that kept the data): the next calls still
+    // answer, by sending the text once.
+    let monitor = server.monitor();
+    let rec = common::rec("flushed", Some("d"), "c1", "n");
+    by_hash.register(&rec, common::LONG).await.unwrap();
+    assert_eq!(
+        server.command(&["SCRIPT", "FLUSH"]),
+        Reply::Simple("OK".into())
+    );
+    let newer = common::rec("flushed", Some("d"), "c2", "n");
+    by_hash.register(&newer, common::LONG).await.unwrap();
+    assert_eq!(
+        by_hash.lookup("flushed").await.unwrap(),
+        vec![newer.clone()]
+    );
+    assert!(monitor.wait_for("\"HGETALL\" \"pr:{flushed}\"", Duration::from_secs(10)));
+    let calls: Vec<String> = monitor
+        .lines()
+        .iter()
+        .filter(|l| l.contains("pr:{flushed}") && l.contains("EVAL"))
+        .map(|l| {
+            l.split("] \"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    // The register before the flush by hash (the suites cached the script); the one after
+    // by hash (refused: NOSCRIPT), then by text.
+    assert_eq!(
+        calls,
+        ["EVALSHA", "EVALSHA", "EVAL"],
+        "{:?}",
+        monitor.lines()
+    );
+
+    // The bytes Redis reads for one refresh call of 1,000 records, by text and by hash.
+    let by_text = push_registry::open(&server.url()).await.unwrap();
+    let records: Vec<_> = (0..1000)
+        .map(|i| common::rec(&format!("bytes-{i}"), None, &format!("c{i}"), "n"))
+        .collect();
+    by_text.refresh(&records, common::LONG).await.unwrap();
+    let read = || -> u64 {
+        let Reply::Bulk(Some(info)) = server.command(&["INFO", "stats"]) else {
+            panic!("INFO is a bulk string");
+        };
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_net_input_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no total_net_input_bytes in {info}"))
+    };
+    let before = read();
+    by_text.refresh(&records, common::LONG).await.unwrap();
+    let text_bytes = read() - before;
+    let before = read();
+    by_hash.refresh(&records, common::LONG).await.unwrap();
+    let hash_bytes = read() - before;
+    assert!(
+        hash_bytes * 4 < text_bytes,
+        "a refresh of 1,000 read {hash_bytes} bytes by hash, {text_bytes} by text"
+    );
 }
 
 #[tokio::test]

@@ -425,13 +425,9 @@ mod tests {
 
     #[test]
     fn a_dead_collector_is_an_error_not_a_hang() {
-        // A port that was free a moment ago: connections are refused.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let request = Request::post(format!("http://127.0.0.1:{port}/v1/traces"))
+        // Connections to this port are refused.
+        let refused = testkit::RefusedPort::new();
+        let request = Request::post(format!("http://{}/v1/traces", refused.addr))
             .body(Bytes::from_static(b"x"))
             .unwrap();
         assert!(BlockingClient::new(Duration::from_secs(2))

@@ -3,12 +3,12 @@
 //! dead collector's spans are counted as dropped. One test (one process): the Prometheus
 //! recorder is process-global.
 
-use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use opentelemetry::trace::{Tracer as _, TracerProvider as _};
 use telemetry::{OtlpArgs, TraceExport};
 use testkit::otlp::StandInCollector;
+use testkit::RefusedPort;
 
 fn config(endpoint: &str) -> TraceExport {
     let mut cfg = TraceExport::from_args(
@@ -82,10 +82,9 @@ fn spans_reach_the_collector_follow_its_rules_and_a_dead_one_counts_drops() {
     drop(provider);
 
     // A collector that is not there: the span is dropped and counted, the caller unharmed.
-    let dead = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
-    };
+    // The port stays held (refusing) to the end, so no other test's server can take it.
+    let refused = RefusedPort::new();
+    let dead = format!("http://{}", refused.addr);
     let provider = telemetry::otel::provider(
         &{
             let mut c = config(&dead);

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | [`spawn_announced`] | start a server program and read the address it prints first |
 //! | [`free_port`] | a port nobody listens on, found by binding `127.0.0.1:0` |
+//! | [`RefusedPort`] | a port held where every connection is refused: a peer that is down |
 //! | [`RedisServer`] | one `redis-server` child: start, kill, restart empty, send a command |
 //! | [`Monitor`] | a `MONITOR` connection that records every command a server executes |
 //! | [`RedisCluster`] | N masters (+ replicas) joined with `redis-cli --cluster create` |
@@ -128,6 +129,47 @@ pub fn spawn_announced(cmd: &mut Command, prefix: &str) -> (Child, String) {
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local_addr").port()
+}
+
+/// A local TCP port where every connection is refused, held for as long as this value lives:
+/// the address of a collector, receiver or server that is down.
+///
+/// A port found by binding `127.0.0.1:0` and released at once (as [`free_port`] does) is free
+/// for anyone: the suite runs many test binaries at a time, and another test's server given
+/// that port a moment later answers what was meant for nobody. (It happened: a span sent to a
+/// "dead" collector was taken by the traces collector of a test running beside it, and both
+/// tests failed.) This socket is bound without listening and without `SO_REUSEADDR`, so the
+/// kernel refuses connections to it and gives its port to no other socket.
+#[derive(Debug)]
+pub struct RefusedPort {
+    _socket: socket2::Socket,
+    /// `127.0.0.1:port`.
+    pub addr: std::net::SocketAddr,
+}
+
+impl RefusedPort {
+    /// Holds a port of the kernel's choosing on 127.0.0.1.
+    #[expect(clippy::new_without_default, reason = "each call takes a port")]
+    pub fn new() -> Self {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+        let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        socket.bind(&any.into()).expect("bind 127.0.0.1:0");
+        let addr = socket
+            .local_addr()
+            .expect("local_addr")
+            .as_socket()
+            .expect("an IP address");
+        RefusedPort {
+            _socket: socket,
+            addr,
+        }
+    }
+
+    /// The port held.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
 }
 
 /// A free port whose cluster bus port (port + 10000) is free too, as Redis Cluster needs both.
@@ -555,4 +597,21 @@ fn replicas_caught_up(info: &str) -> bool {
         && replicas
             .iter()
             .all(|(state, offset)| state == "online" && *offset == master_offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_port_refuses_connections_and_is_taken_by_no_one_while_held() {
+        let held = RefusedPort::new();
+        let err = TcpStream::connect(held.addr).expect_err("nobody answers");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+        // A server (std sets SO_REUSEADDR, as tokio does) cannot take the port meanwhile.
+        assert!(TcpListener::bind(held.addr).is_err());
+        let port = held.port();
+        drop(held);
+        TcpListener::bind(("127.0.0.1", port)).expect("free once released");
+    }
 }

@@ -22,12 +22,10 @@ async fn metric_of(url: &str, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fires_once_retries_while_down_resolves_once_and_survives_restart() {
     let tree = Tree::new("alerts");
-    // A port nobody listens on yet: the receiver is down.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // The receiver is down: its port refuses connections, and is held until it comes up so
+    // that no other test's server answers in its place.
+    let down = testkit::RefusedPort::new();
+    let port = down.port();
     tree.declare(&format!(
         r#"
 datasets:
@@ -54,6 +52,7 @@ datasets:
     .await;
 
     // The receiver comes up on that port.
+    drop(down);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap();

@@ -172,12 +172,9 @@ async fn explain_with_styx_on_port_0() {
         "{out}"
     );
 
-    // Unreachable: a port with nobody listening.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let (code, out, _) = explain(Some(format!("http://{dead}")), "reports.delivered").await;
+    // Unreachable: a port where connections are refused.
+    let dead = testkit::RefusedPort::new();
+    let (code, out, _) = explain(Some(format!("http://{}", dead.addr)), "reports.delivered").await;
     assert_eq!(code, 0);
     assert!(
         out.contains("- Styx could not be asked about reports/delivered-hourly 2026-11-29T14:"),

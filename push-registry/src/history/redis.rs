@@ -26,6 +26,7 @@ use super::MessageStore;
 use crate::buffer::{first_id_now, now_ms, Appended, BufferLimits, Buffered, NewMessage, Resume};
 use crate::node::{Node, Timeouts};
 use crate::ring::RingRegistry;
+use crate::script::Scripts;
 use crate::{Error, Result};
 
 fn appended(r: &model::AppendReply) -> Appended {
@@ -43,11 +44,16 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// A store on the Redis at `url` (`redis://[user:pass@]host:port[/db]`). Does not connect
-    /// until first used.
-    pub fn new(url: &str, timeouts: Timeouts, limits: BufferLimits) -> Result<Self> {
+    /// A store on the Redis at `url` (`redis://[user:pass@]host:port[/db]`), its scripts sent
+    /// as `scripts` says. Does not connect until first used.
+    pub fn new(
+        url: &str,
+        timeouts: Timeouts,
+        scripts: Scripts,
+        limits: BufferLimits,
+    ) -> Result<Self> {
         Ok(RedisStore {
-            node: crate::redis_single::node_for_url(url, timeouts)?,
+            node: crate::redis_single::node_for_url(url, timeouts, scripts)?,
             limits,
         })
     }
@@ -134,8 +140,9 @@ impl ClusterStore {
     }
 
     async fn query(&self, cmd: &redis::Cmd) -> Result<Value> {
-        let mut conn = self.conn.clone();
-        cmd.query_async(&mut conn).await.map_err(|e| self.fail(e))
+        crate::cluster::query(&self.conn, cmd)
+            .await
+            .map_err(|e| self.fail(e))
     }
 }
 
@@ -156,8 +163,7 @@ impl MessageStore for ClusterStore {
             for &i in items {
                 pipe.add_command(model::append_cmd(&messages[i], now, seed, 0, self.limits));
             }
-            let mut conn = self.conn.clone();
-            async move { pipe.query_async::<Vec<Value>>(&mut conn).await }
+            async move { crate::cluster::query::<_, Vec<Value>>(&self.conn, &pipe).await }
         }))
         .await;
         let mut out = vec![None; messages.len()];

@@ -35,9 +35,11 @@
 //! it; the next append seeds it again from the caller's clock in microseconds, which is above
 //! every ID given before (see [`crate::buffer::first_id_now`]).
 //!
-//! Only commands Dynomite proxies are used, and only inside single-key EVALs: ZSCORE, ZCARD,
-//! ZCOUNT, ZRANGE, ZRANGEBYSCORE, ZADD, ZREMRANGEBYRANK, ZREMRANGEBYSCORE, PEXPIRE.
+//! Only commands Dynomite proxies are used, and only inside single-key EVALSHA or EVAL calls
+//! (`script.rs` says which goes out): ZSCORE, ZCARD, ZCOUNT, ZRANGE, ZRANGEBYSCORE, ZADD,
+//! ZREMRANGEBYRANK, ZREMRANGEBYSCORE, PEXPIRE.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -45,6 +47,7 @@ use redis::Value;
 use serde::{Deserialize, Serialize};
 
 use crate::buffer::{BufferLimits, Buffered, NewMessage, Resume};
+use crate::script::Lua;
 use crate::{Error, Result};
 
 /// The Redis key holding `user`'s history.
@@ -205,13 +208,21 @@ pub(crate) fn key_ttl(limits: BufferLimits) -> u64 {
     millis(limits.max_age).saturating_mul(2).min(1 << 53)
 }
 
-/// `EVAL <helpers + body> 1 <key> now max_age max_messages ttl`, more ARGV to follow.
-fn eval(body: &str, user: &str, now_ms: u64, limits: BufferLimits) -> redis::Cmd {
-    let mut cmd = redis::cmd("EVAL");
-    cmd.arg(format!("{LUA_HELPERS}{body}"))
-        .arg(1)
-        .arg(key(user))
-        .arg(now_ms)
+/// A script: the helpers, then `body`.
+fn script(body: &str) -> Lua {
+    Lua::new(format!("{LUA_HELPERS}{body}"))
+}
+
+static APPEND_LUA: LazyLock<Lua> = LazyLock::new(|| script(APPEND));
+static APPLY_LUA: LazyLock<Lua> = LazyLock::new(|| script(APPLY));
+static SINCE_LUA: LazyLock<Lua> = LazyLock::new(|| script(SINCE));
+static GET_LUA: LazyLock<Lua> = LazyLock::new(|| script(GET));
+static LAST_LUA: LazyLock<Lua> = LazyLock::new(|| script(LAST));
+
+/// `EVALSHA <hash of helpers + body> 1 <key> now max_age max_messages ttl`, more ARGV to follow.
+fn call(lua: &Lua, user: &str, now_ms: u64, limits: BufferLimits) -> redis::Cmd {
+    let mut cmd = lua.call(&key(user));
+    cmd.arg(now_ms)
         .arg(millis(limits.max_age))
         .arg(limits.max_messages)
         .arg(key_ttl(limits));
@@ -270,7 +281,7 @@ pub(crate) fn append_cmd(
     // `{"mid":…}` → `,"mid":…}`: the script puts id and at_ms in front.
     let tail = format!(",{}", &tail[1..]);
     let needle = msg.mid.map_or(String::new(), mid_index);
-    let mut cmd = eval(APPEND, msg.user, now_ms, limits);
+    let mut cmd = call(&APPEND_LUA, msg.user, now_ms, limits);
     cmd.arg(seed).arg(floor).arg(needle).arg(tail);
     cmd
 }
@@ -297,21 +308,21 @@ pub(crate) fn apply_cmd(
         .ok()
         .and_then(|m| m.mid)
         .map_or(String::new(), |mid| mid_index(&mid));
-    let mut cmd = eval(APPLY, user, now_ms, limits);
+    let mut cmd = call(&APPLY_LUA, user, now_ms, limits);
     cmd.arg(id).arg(member).arg(index);
     cmd
 }
 
 /// What a client that last saw `after` is owed (decode with [`decode_since`]).
 pub(crate) fn since_cmd(user: &str, after: u64, now_ms: u64, limits: BufferLimits) -> redis::Cmd {
-    let mut cmd = eval(SINCE, user, now_ms, limits);
+    let mut cmd = call(&SINCE_LUA, user, now_ms, limits);
     cmd.arg(after);
     cmd
 }
 
 /// The kept messages with these IDs (decode with [`decode_members`]).
 pub(crate) fn get_cmd(user: &str, ids: &[u64], now_ms: u64, limits: BufferLimits) -> redis::Cmd {
-    let mut cmd = eval(GET, user, now_ms, limits);
+    let mut cmd = call(&GET_LUA, user, now_ms, limits);
     for id in ids {
         cmd.arg(*id);
     }
@@ -320,7 +331,7 @@ pub(crate) fn get_cmd(user: &str, ids: &[u64], now_ms: u64, limits: BufferLimits
 
 /// The user's last ID (decode with [`decode_last`]).
 pub(crate) fn last_cmd(user: &str, now_ms: u64, limits: BufferLimits) -> redis::Cmd {
-    eval(LAST, user, now_ms, limits)
+    call(&LAST_LUA, user, now_ms, limits)
 }
 
 /// An append's outcome as the script answered it.
