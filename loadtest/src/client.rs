@@ -197,7 +197,7 @@ impl Client {
             drop(permit);
             match result {
                 Ok(conn) => {
-                    self.env.stats.connected(took.as_micros() as u64);
+                    self.env.stats.connected(took.as_micros() as u64, false);
                     return Some(self.live(conn, t));
                 }
                 Err(e) => self.failed(&e),
@@ -293,7 +293,7 @@ impl Client {
                         opening = None;
                         match result {
                             Ok(conn) => {
-                                stats.connected(took.as_micros() as u64);
+                                stats.connected(took.as_micros() as u64, current.is_some());
                                 stats.reconnected();
                                 if !self.reconnected {
                                     self.reconnected = true;
@@ -303,7 +303,6 @@ impl Client {
                                 if let Some(mut old) = current.replace(new) {
                                     // The new connection has its hello: now leave the old one.
                                     old.conn.start_close().await;
-                                    stats.count(|k| { k.client_initiated_closes += 1; k.open -= 1; });
                                     closing = Some((old, Instant::now() + CLOSE_WAIT));
                                 }
                                 random_close = self.random_close_at();
@@ -333,8 +332,9 @@ impl Client {
                         if drop_at <= now {
                             // An app killed or a network lost: drop first, reconnect after.
                             let mut old = current.take().expect("guarded by drop_at");
-                            old.conn.start_close().await;
+                            // Counted before the close's write, as the state it follows.
                             stats.count(|k| { k.client_random_closes += 1; k.open -= 1; });
+                            old.conn.start_close().await;
                             if opening.is_none() {
                                 opening = Some(self.opening(old.target, Duration::ZERO));
                             }
