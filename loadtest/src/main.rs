@@ -46,8 +46,8 @@ enum Command {
     /// A worker process (started by the parent with --procs).
     #[command(hide = true)]
     Worker {
-        /// The worker's settings, JSON.
-        #[arg(long)]
+        /// The worker's settings, JSON (from the parent, in the environment).
+        #[arg(long, env = run::WORKER_CONFIG_ENV, hide_env_values = true)]
         config: String,
     },
 }
@@ -73,10 +73,10 @@ struct Common {
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:9090")]
     admin_targets: Vec<SocketAddr>,
     /// Bearer token of the admin API, if the nodes run with --admin-token.
-    #[arg(long, env = "LOADTEST_ADMIN_TOKEN")]
+    #[arg(long, env = "LOADTEST_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
     /// HS256 secret of the nodes (their --auth-secret).
-    #[arg(long, env = "PUSH_AUTH_SECRET")]
+    #[arg(long, env = "PUSH_AUTH_SECRET", hide_env_values = true)]
     secret: String,
     /// Clients (one user each).
     #[arg(long, short = 'n', default_value_t = 100)]

@@ -33,6 +33,9 @@ pub enum Scenario {
     Drain,
 }
 
+/// The environment variable a worker process reads its settings from (JSON, with the secret).
+pub const WORKER_CONFIG_ENV: &str = "LOADTEST_WORKER_CONFIG";
+
 /// Settings of a run (validated command line).
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -103,10 +106,11 @@ enum Worker {
 impl Worker {
     fn spawn_child(cfg: &WorkerConfig) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find this executable")?;
+        // The settings hold the nodes' secret: through the environment, which only this user
+        // can read (/proc/PID/environ), not the command line, which every user can.
         let mut child = tokio::process::Command::new(exe)
             .arg("worker")
-            .arg("--config")
-            .arg(serde_json::to_string(cfg)?)
+            .env(WORKER_CONFIG_ENV, serde_json::to_string(cfg)?)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -141,37 +141,37 @@ async fn the_binary_exits_non_zero_on_loss_and_zero_otherwise() {
     let dir = std::env::temp_dir().join(format!("loadtest-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("report.json");
-    let run = |ghosts: &str, procs: &str| {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_loadtest"))
-            .args([
-                "push",
-                "--quiet",
-                "--clients",
-                "10",
-                "--rate",
-                "50",
-                "--duration",
-                "1s",
-            ])
-            .args([
-                "--settle",
-                "2s",
-                "--secret",
-                SECRET,
-                "--ghost-users",
-                ghosts,
-            ])
-            .args(["--procs", procs, "--sources", "2"])
-            .arg("--targets")
-            .arg(server.client_addr().to_string())
-            .arg("--admin-targets")
-            .arg(server.admin_addr().to_string())
-            .arg("--json-out")
-            .arg(&json)
-            .kill_on_drop(true)
-            .output()
+    let command = |ghosts: &str, procs: &str| {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_loadtest"));
+        c.args([
+            "push",
+            "--quiet",
+            "--clients",
+            "10",
+            "--rate",
+            "50",
+            "--duration",
+            "1s",
+        ])
+        .args([
+            "--settle",
+            "2s",
+            "--secret",
+            SECRET,
+            "--ghost-users",
+            ghosts,
+        ])
+        .args(["--procs", procs, "--sources", "2"])
+        .arg("--targets")
+        .arg(server.client_addr().to_string())
+        .arg("--admin-targets")
+        .arg(server.admin_addr().to_string())
+        .arg("--json-out")
+        .arg(&json)
+        .kill_on_drop(true);
+        c
     };
-    let lossy = tokio::time::timeout(Duration::from_secs(60), run("2", "1"))
+    let lossy = tokio::time::timeout(Duration::from_secs(60), command("2", "1").output())
         .await
         .unwrap()
         .unwrap();
@@ -182,8 +182,31 @@ async fn the_binary_exits_non_zero_on_loss_and_zero_otherwise() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert!(report["lost"].as_u64().unwrap() > 0);
 
-    // Two worker processes, merged: clean.
-    let clean = tokio::time::timeout(Duration::from_secs(60), run("0", "2"))
+    // Two worker processes, merged: clean. The workers get the secret through their
+    // environment: no worker's command line (readable by every user) holds it.
+    let parent = command("0", "2")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let parent_pid = parent.id().unwrap();
+    let mut workers = Vec::new();
+    for _ in 0..200 {
+        workers = child_command_lines(parent_pid);
+        if workers.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    for w in &workers {
+        assert!(w.contains("worker"), "{w}");
+        assert!(
+            !w.contains(SECRET),
+            "a worker's command line holds the secret"
+        );
+    }
+    let clean = tokio::time::timeout(Duration::from_secs(60), parent.wait_with_output())
         .await
         .unwrap()
         .unwrap();
@@ -350,4 +373,26 @@ async fn a_client_that_hears_nothing_for_three_heartbeats_takes_the_node_for_dea
     assert_eq!(c.clients_reconnected, 5, "{}", explain(&r));
     assert!(c.reconnects >= silent - 5, "{}", explain(&r));
     assert!(r.workers.violations.is_empty(), "{}", explain(&r));
+}
+
+/// The command lines of `parent`'s child processes (arguments joined by spaces), from /proc.
+fn child_command_lines(parent: u32) -> Vec<String> {
+    let parent = parent.to_string();
+    let mut lines = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // After the command's closing parenthesis: the state, then the parent's PID.
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        if rest.split(' ').nth(1) != Some(parent.as_str()) {
+            continue;
+        }
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            lines.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
+        }
+    }
+    lines
 }
