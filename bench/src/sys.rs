@@ -97,58 +97,7 @@ pub fn memory(pid: u32) -> anyhow::Result<Memory> {
     })
 }
 
-/// The parent pid and command name of `pid`, from `/proc/<pid>/stat`.
-fn ppid_and_name(pid: u32) -> Option<(u32, String)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_ppid_and_name(&stat)
-}
-
-/// `pid (name) state ppid …` → `(ppid, name)`; the name may hold spaces or parentheses.
-fn parse_ppid_and_name(stat: &str) -> Option<(u32, String)> {
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let name = stat.get(open + 1..close)?.to_owned();
-    let ppid = stat[close + 1..].split_whitespace().nth(1)?.parse().ok()?;
-    Some((ppid, name))
-}
-
-/// The command name of `pid` (`/proc/<pid>/comm`, at most 15 bytes).
-pub fn process_name(pid: u32) -> Option<String> {
-    ppid_and_name(pid).map(|(_, name)| name)
-}
-
-/// Every live descendant of `root` (children, their children, …), with its command name.
-pub fn descendants(root: u32) -> Vec<(u32, String)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let procs: Vec<(u32, u32, String)> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| ppid_and_name(pid).map(|(ppid, name)| (pid, ppid, name)))
-        .collect();
-    let mut out: Vec<(u32, String)> = Vec::new();
-    let mut frontier = vec![root];
-    while let Some(parent) = frontier.pop() {
-        for (pid, ppid, name) in &procs {
-            if *ppid == parent && !out.iter().any(|(p, _)| p == pid) {
-                out.push((*pid, name.clone()));
-                frontier.push(*pid);
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-/// Pids of live processes whose command name is `name`.
-pub fn pids_named(name: &str) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| process_name(*pid).as_deref() == Some(name))
-        .collect()
-}
+pub use testkit::procs::{descendants, pids_named};
 
 /// Two distinct free ports on 127.0.0.1 (a server's client and admin ports), from testkit's
 /// [`free_port`]: free a moment ago; another process could take one in between, and the
@@ -586,16 +535,6 @@ mod tests {
     }
 
     #[test]
-    fn reads_parent_and_name() {
-        let stat = "1234 (nginx: wor(k)er) S 77 1234 1234 0 -1";
-        assert_eq!(
-            parse_ppid_and_name(stat),
-            Some((77, "nginx: wor(k)er".into()))
-        );
-        assert_eq!(parse_ppid_and_name("garbage"), None);
-    }
-
-    #[test]
     fn medians() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
@@ -623,6 +562,9 @@ mod tests {
     async fn starts_redis_and_names_its_process() {
         let redis = start_redis().await.expect("redis-server starts");
         let pid = redis_pid(&redis).expect("pid");
-        assert_eq!(process_name(pid).as_deref(), Some("redis-server"));
+        assert_eq!(
+            testkit::procs::process_name(pid).as_deref(),
+            Some("redis-server")
+        );
     }
 }

@@ -190,15 +190,14 @@ async fn the_binary_exits_non_zero_on_loss_and_zero_otherwise() {
         .spawn()
         .unwrap();
     let parent_pid = parent.id().unwrap();
-    let mut workers = Vec::new();
-    for _ in 0..200 {
-        workers = child_command_lines(parent_pid);
-        if workers.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert_eq!(workers.len(), 2, "{workers:?}");
+    let workers = testkit::eventually_some("the two worker processes", async || {
+        let lines: Vec<String> = testkit::procs::descendants(parent_pid)
+            .into_iter()
+            .filter_map(|(pid, _)| testkit::procs::command_line(pid))
+            .collect();
+        (lines.len() == 2).then_some(lines)
+    })
+    .await;
     for w in &workers {
         assert!(w.contains("worker"), "{w}");
         assert!(
@@ -373,26 +372,4 @@ async fn a_client_that_hears_nothing_for_three_heartbeats_takes_the_node_for_dea
     assert_eq!(c.clients_reconnected, 5, "{}", explain(&r));
     assert!(c.reconnects >= silent - 5, "{}", explain(&r));
     assert!(r.workers.violations.is_empty(), "{}", explain(&r));
-}
-
-/// The command lines of `parent`'s child processes (arguments joined by spaces), from /proc.
-fn child_command_lines(parent: u32) -> Vec<String> {
-    let parent = parent.to_string();
-    let mut lines = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // After the command's closing parenthesis: the state, then the parent's PID.
-        let Some((_, rest)) = stat.rsplit_once(") ") else {
-            continue;
-        };
-        if rest.split(' ').nth(1) != Some(parent.as_str()) {
-            continue;
-        }
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            lines.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
-        }
-    }
-    lines
 }

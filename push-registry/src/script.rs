@@ -2,13 +2,13 @@
 //! does not hold the script yet, or always where the endpoint may be a Dynomite proxy. No I/O
 //! here: [`crate::node`] and the cluster backends decide which form goes out.
 //!
-//! Why both forms. A registry script with its helpers is 0.8–1.3 KB (refresh: 1.0 KB), and a
-//! node's refresh pass sends one per connection: with the text every time, a pass over 17,000
-//! connections puts ~19 MB on the wire to one Redis and its parser, against ~1.7 MB by hash. Redis keeps every
+//! Why both forms. A registry script with its helpers is 0.8–1.3 KB (refresh: 1.0 KB), and a node's
+//! refresh pass sends one per connection: with the text every time, a pass over 17,000 connections
+//! puts ~19 MB on the wire to one Redis and its parser, against ~1.7 MB by hash. Redis keeps every
 //! script it has run in its cache, so after a restart or a `SCRIPT FLUSH` a hash call answers
-//! `NOSCRIPT`; the caller then sends the same command with the text ([`with_text`]), which
-//! both answers and caches it again. Every script here may run twice (see `Node`), so a
-//! pipeline that met `NOSCRIPT` is sent again whole.
+//! `NOSCRIPT`; the caller then sends the same command with the text ([`with_text`]), which both
+//! answers and caches it again. Every script here may run twice (see `Node`), so a pipeline that
+//! met `NOSCRIPT` is sent again whole.
 //!
 //! Behind Dynomite a write goes on to the other racks' replicas, whose answers the client
 //! never sees (with Dynomite's default `DC_ONE`): a replica that restarted would answer

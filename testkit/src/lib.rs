@@ -10,6 +10,7 @@
 //! | [`Monitor`] | a `MONITOR` connection that records every command a server executes |
 //! | [`RedisCluster`] | N masters (+ replicas) joined with `redis-cli --cluster create` |
 //! | [`resp`] | the few lines of RESP the harness needs, over a blocking `TcpStream` |
+//! | [`procs`] | processes from `/proc`: a process's descendants, name and command line |
 //! | [`eventually`], [`eventually_some`], [`poll_until`] | poll a condition until it holds, for tests of asynchronous effects |
 //! | [`browser::Browser`] | a real headless Chromium driven over DevTools (feature `browser`): open a page, evaluate, screenshot |
 //! | [`kafka::MockKafka`] | librdkafka's mock cluster (feature `kafka`): a real Kafka protocol peer on a local port |
@@ -25,6 +26,7 @@ pub mod browser;
 pub mod kafka;
 #[cfg(feature = "otlp")]
 pub mod otlp;
+pub mod procs;
 pub mod resp;
 
 use std::io::{BufReader, Write};
